@@ -1,0 +1,1 @@
+"""The HTTP API: accepts, validates, persists and enqueues jobs; never imports torch."""

@@ -1,0 +1,47 @@
+"""The one module that owns queue routing and puts jobs on the broker."""
+
+import uuid
+from functools import lru_cache
+
+import structlog
+from celery import Celery
+
+from llmq.protocol import GENERATE_TASK, GenerateTask
+from llmq.registry import ModelSpec
+
+log = structlog.get_logger(__name__)
+
+
+@lru_cache
+def producer() -> Celery:
+    """A Celery app used only to send; it shares celeryconfig with the workers."""
+    app = Celery("llmq")
+    app.config_from_object("celeryconfig")
+    return app
+
+
+def route(spec: ModelSpec, live_queues: set[str]) -> str:
+    """The first of the model's devices with a live worker, else its first device."""
+    for device in spec.devices:
+        if spec.queue(device) in live_queues:
+            return spec.queue(device)
+    return spec.queue(spec.devices[0])
+
+
+def enqueue_generate(job_id: uuid.UUID, queue: str) -> bool:
+    """Send after the job row is committed. False if the broker is unreachable: the job row
+    stays queued and is sent again later, so the client's 202 still holds."""
+    payload = GenerateTask(job_id=job_id).model_dump(mode="json")
+    try:
+        producer().send_task(
+            GENERATE_TASK,
+            args=[payload],
+            task_id=str(job_id),
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        )
+    except Exception as exc:
+        log.warning("enqueue failed; job stays queued", job_id=str(job_id), error=str(exc))
+        return False
+    return True

@@ -1,0 +1,50 @@
+"""Liveness and readiness probes."""
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from redis import Redis
+from sqlalchemy import text
+
+from api.deps import SettingsDep
+from db.session import get_engine
+from llmq.settings import PROJECT_ROOT
+
+router = APIRouter(tags=["health"])
+
+
+def migration_head() -> str | None:
+    return ScriptDirectory.from_config(Config(str(PROJECT_ROOT / "alembic.ini"))).get_current_head()
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(settings: SettingsDep) -> JSONResponse:
+    """Postgres and Redis answer and the schema is at the newest migration."""
+    checks: dict[str, str] = {}
+    try:
+        with get_engine(settings.database_url).connect() as conn:
+            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        head = migration_head()
+        checks["postgres"] = "ok"
+        checks["migrations"] = "ok" if current == head else f"at {current}, head is {head}"
+    except Exception as exc:
+        checks["postgres"] = f"unavailable: {type(exc).__name__}"
+        checks["migrations"] = "unknown"
+    try:
+        Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": "5"},
+    )

@@ -1,0 +1,119 @@
+"""The job API: submit, read, list and cancel generation jobs."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import LiveQueuesDep, PromptCounterDep, RegistryDep, SessionDep
+from api.enqueue import enqueue_generate, route
+from api.schemas import JobCreate, JobPublic, JobsPublic
+from db.queries import jobs as job_queries
+from llmq.errors import JobNotCancellable, JobNotFound, ModelNotServed
+from llmq.protocol import JobKind, JobStatus, SamplingParams
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+def sampling_params(body: JobCreate, defaults) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=body.max_tokens if body.max_tokens is not None else defaults.max_tokens,
+        temperature=body.temperature if body.temperature is not None else defaults.temperature,
+        top_p=body.top_p if body.top_p is not None else defaults.top_p,
+        top_k=body.top_k if body.top_k is not None else defaults.top_k,
+        seed=body.seed,
+        stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
+    )
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    registry: RegistryDep,
+    counter: PromptCounterDep,
+    live: LiveQueuesDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    """Accept a generation job: it is stored, then queued for a worker of its model."""
+    spec = registry.get(body.model)
+    if spec is None:
+        raise ModelNotServed(body.model, registry.ids)
+    if idempotency_key is not None:
+        existing = job_queries.find_by_idempotency_key(session, None, idempotency_key)
+        if existing is not None:
+            response.status_code = status.HTTP_200_OK
+            return JobPublic.from_row(existing)
+    params = sampling_params(body, spec.defaults)
+    counter.check_fits(spec, body.prompt, params.max_tokens)
+    new_job = job_queries.NewJob(
+        kind=JobKind.GENERATE.value,
+        model=spec.id,
+        queue=route(spec, live.queues),
+        input={"prompt": body.prompt},
+        params=params.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+    )
+    try:
+        job = job_queries.create_job(session, new_job)
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        existing = job_queries.find_by_idempotency_key(session, None, idempotency_key or "")
+        if existing is None:
+            raise
+        response.status_code = status.HTTP_200_OK
+        return JobPublic.from_row(existing)
+    enqueue_generate(job.id, job.queue)
+    return JobPublic.from_row(job)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+    """A job with its status and, once finished, its result or error."""
+    job = job_queries.get_job(session, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return JobPublic.from_row(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> JobsPublic:
+    """Jobs, newest first, filtered by status and model."""
+    rows, total = job_queries.list_jobs(
+        session,
+        status=status_filter.value if status_filter else None,
+        model=model,
+        limit=limit,
+        offset=offset,
+    )
+    return JobsPublic(
+        data=[JobPublic.from_row(j) for j in rows], total=total, limit=limit, offset=offset
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+    """Cancel a queued job (it never runs) or a running one (it leaves its batch)."""
+    cancelled = job_queries.cancel_job(session, job_id)
+    session.commit()
+    job = job_queries.get_job(session, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    if not cancelled and job.status != JobStatus.CANCELLED.value:
+        raise JobNotCancellable(
+            f"job {job_id} already {job.status}; only queued or running jobs can be cancelled"
+        )
+    session.refresh(job)
+    return JobPublic.from_row(job)

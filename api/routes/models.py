@@ -1,0 +1,30 @@
+"""The configured models and whether a live worker serves each."""
+
+from fastapi import APIRouter
+
+from api.deps import LiveQueuesDep, RegistryDep
+from api.schemas import ModelPublic, ModelsPublic
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(registry: RegistryDep, live: LiveQueuesDep) -> ModelsPublic:
+    """Every model in models.yaml, with its queues and the ones a worker consumes now."""
+    data = []
+    for spec in registry.models:
+        queues = [spec.queue(d) for d in spec.devices]
+        live_queues = [q for q in queues if q in live.queues]
+        data.append(
+            ModelPublic(
+                id=spec.id,
+                source=spec.source,
+                devices=list(spec.devices),
+                queues=queues,
+                context_length=spec.context_length,
+                max_batch_size=spec.max_batch_size,
+                live=bool(live_queues),
+                live_queues=live_queues,
+            )
+        )
+    return ModelsPublic(data=data)

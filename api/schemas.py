@@ -1,0 +1,131 @@
+"""Request and response bodies of the job API (`JobCreate` in, `JobPublic` out)."""
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from db.tables import Job
+from llmq.protocol import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, JobStatus
+
+STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class JobCreate(BaseModel):
+    """A text-generation job. Unset sampling fields take the model's defaults."""
+
+    model_config = STRICT_INPUT
+
+    model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
+    prompt: str = Field(min_length=1, max_length=1_000_000, examples=["Once upon a time"])
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens tokens.")
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResultPublic(BaseModel):
+    text: str
+    finish_reason: str
+    usage: Usage
+    time_to_first_token_ms: float | None
+    duration_ms: float
+
+
+class JobError(BaseModel):
+    category: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: uuid.UUID
+    object: str = "job"
+    kind: str
+    model: str
+    queue: str
+    status: JobStatus
+    prompt: str
+    params: dict[str, Any]
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: ResultPublic | None = None
+    error: JobError | None = None
+
+    @classmethod
+    def from_row(cls, job: Job) -> "JobPublic":
+        result = None
+        if job.result is not None:
+            r = job.result
+            result = ResultPublic(
+                text=r.text,
+                finish_reason=r.finish_reason,
+                usage=Usage(
+                    prompt_tokens=r.prompt_tokens,
+                    completion_tokens=r.completion_tokens,
+                    total_tokens=r.prompt_tokens + r.completion_tokens,
+                ),
+                time_to_first_token_ms=r.time_to_first_token_ms,
+                duration_ms=r.duration_ms,
+            )
+        error = None
+        if job.error_category is not None:
+            error = JobError(category=job.error_category, message=job.error_message or "")
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            model=job.model,
+            queue=job.queue,
+            status=JobStatus(job.status),
+            prompt=job.input.get("prompt", ""),
+            params=job.params,
+            attempts=job.attempts,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            result=result,
+            error=error,
+        )
+
+
+class JobsPublic(BaseModel):
+    object: str = "list"
+    data: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "llmq"
+    source: str
+    devices: list[str]
+    queues: list[str]
+    context_length: int
+    max_batch_size: int
+    live: bool = Field(description="True when at least one worker consumes one of its queues")
+    live_queues: list[str]
+
+
+class ModelsPublic(BaseModel):
+    object: str = "list"
+    data: list[ModelPublic]

@@ -1,0 +1,45 @@
+"""Celery settings, loaded by name: `app.config_from_object("celeryconfig")`.
+
+Every value is chosen for batching LLM jobs that may run for minutes; see the comments.
+"""
+
+from llmq.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+broker_connection_retry_on_startup = True
+# Redis redelivers a message that is not acknowledged within visibility_timeout, so it must be
+# longer than the longest job (job_time_limit_s) or a long batch would run twice.
+broker_transport_options = {
+    "visibility_timeout": max(
+        _settings.broker_visibility_timeout_s, 2 * _settings.job_time_limit_s
+    ),
+}
+
+# Results and job state live in Postgres; Celery's result backend is not used.
+task_ignore_result = True
+result_backend = None
+
+# Acknowledge a job only after its result is stored, and hand it back if the worker dies.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# Each worker thread holds exactly one job; the engine batches across threads. A higher
+# multiplier would hide queued jobs behind long ones on a busy worker.
+worker_prefetch_multiplier = 1
+
+# The threads pool cannot enforce these; the engine enforces per-job deadlines itself.
+task_time_limit = _settings.job_time_limit_s + 60
+task_soft_time_limit = _settings.job_time_limit_s + 30
+
+task_create_missing_queues = True
+task_default_queue = "llmq.default"
+task_serializer = "json"
+accept_content = ["json"]
+
+# Flower needs task events.
+worker_send_task_events = True
+task_send_sent_event = True
+
+worker_hijack_root_logger = False
+worker_redirect_stdouts = False

@@ -1,0 +1,4 @@
+"""Persistence: tables, sessions, one query module per aggregate.
+
+Imports neither api nor workers.
+"""

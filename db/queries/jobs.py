@@ -1,0 +1,187 @@
+"""Job queries. Every status change is a compare-and-set, so duplicate deliveries write once."""
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from db.tables import Job, JobResult, Usage
+from llmq.protocol import JobStatus
+
+RUNNABLE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    kind: str
+    model: str
+    queue: str
+    input: dict[str, Any]
+    params: dict[str, Any]
+    owner: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float | None
+    duration_ms: float
+
+
+def find_by_idempotency_key(session: Session, owner: str | None, key: str) -> Job | None:
+    stmt = select(Job).where(Job.idempotency_key == key)
+    stmt = stmt.where(Job.owner.is_(None) if owner is None else Job.owner == owner)
+    return session.scalars(stmt).first()
+
+
+def create_job(session: Session, new: NewJob) -> Job:
+    job = Job(
+        id=uuid.uuid4(),
+        kind=new.kind,
+        model=new.model,
+        queue=new.queue,
+        status=JobStatus.QUEUED.value,
+        input=new.input,
+        params=new.params,
+        owner=new.owner,
+        idempotency_key=new.idempotency_key,
+        attempts=0,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None,
+    model: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[Job], int]:
+    stmt = select(Job)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if model is not None:
+        stmt = stmt.where(Job.model == model)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = session.scalars(
+        stmt.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def cancel_job(session: Session, job_id: uuid.UUID) -> bool:
+    """Mark a queued or running job cancelled; False if it had already finished."""
+    updated = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(RUNNABLE))
+        .values(status=JobStatus.CANCELLED.value, finished_at=func.now())
+        .returning(Job.id)
+    ).first()
+    return updated is not None
+
+
+def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
+    """Move a job to running for this worker; None if it was cancelled or already finished.
+
+    A job still marked running is claimed again: that is a redelivery after a lost worker.
+    """
+    return session.scalars(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(RUNNABLE))
+        .values(
+            status=JobStatus.RUNNING.value,
+            started_at=func.coalesce(Job.started_at, func.now()),
+            attempts=Job.attempts + 1,
+            worker=worker,
+        )
+        .returning(Job)
+    ).first()
+
+
+def cancelled_among(session: Session, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    rows = session.scalars(
+        select(Job.id).where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLED.value)
+    )
+    return set(rows)
+
+
+def complete_job(session: Session, job_id: uuid.UUID, outcome: Outcome) -> bool:
+    """Store the result and usage and mark the job succeeded, exactly once."""
+    job = session.scalars(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=func.now())
+        .returning(Job)
+    ).first()
+    if job is None:
+        return False
+    session.execute(
+        pg_insert(JobResult)
+        .values(
+            job_id=job_id,
+            text=outcome.text,
+            finish_reason=outcome.finish_reason,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            time_to_first_token_ms=outcome.time_to_first_token_ms,
+            duration_ms=outcome.duration_ms,
+        )
+        .on_conflict_do_nothing()
+    )
+    session.execute(
+        pg_insert(Usage)
+        .values(
+            job_id=job_id,
+            owner=job.owner,
+            model=job.model,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            cached=False,
+        )
+        .on_conflict_do_nothing()
+    )
+    return True
+
+
+def fail_job(session: Session, job_id: uuid.UUID, category: str, message: str) -> bool:
+    failed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(RUNNABLE))
+        .values(
+            status=JobStatus.FAILED.value,
+            finished_at=func.now(),
+            error_category=category,
+            error_message=message[:4000],
+        )
+        .returning(Job.id)
+    ).first()
+    return failed is not None
+
+
+__all__ = [
+    "NewJob",
+    "Outcome",
+    "cancel_job",
+    "claim_job",
+    "complete_job",
+    "create_job",
+    "fail_job",
+    "find_by_idempotency_key",
+    "get_job",
+    "cancelled_among",
+    "list_jobs",
+]

@@ -1,0 +1,1 @@
+"""llmq: a queue-backed job system for LLM inference and evaluation."""

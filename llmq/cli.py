@@ -1,0 +1,83 @@
+"""The `llmq` command line: run a worker, prepare models."""
+
+import os
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmq.registry import get_registry
+from llmq.settings import get_settings
+
+app = typer.Typer(help="llmq: a queue-backed job system for LLM inference.", no_args_is_help=True)
+models_app = typer.Typer(help="The models in models.yaml.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+@app.command()
+def worker(
+    model: str = typer.Option(None, help="Model id from models.yaml (default: LLMQ_WORKER_MODEL)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps"),
+    concurrency: int = typer.Option(0, help="Jobs held at once (default: from max_batch_size)"),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Start a Celery worker that holds one model and drains its llmq.<model>.<device> queue."""
+    from workers.host import detect_device
+
+    settings = get_settings()
+    model = model or settings.worker_model
+    spec = get_registry().get(model)
+    if spec is None:
+        raise typer.BadParameter(f"unknown model {model!r}; known: {', '.join(get_registry().ids)}")
+    resolved = detect_device(device)
+    # The worker process reads its identity from settings, like every other knob.
+    os.environ["LLMQ_WORKER_MODEL"] = spec.id
+    os.environ["LLMQ_WORKER_DEVICE"] = resolved
+    get_settings.cache_clear()
+
+    from workers.app import app as celery_app
+
+    # Threads share the one loaded model; a few more than the batch keep the next jobs ready.
+    threads = concurrency or spec.max_batch_size + max(1, spec.max_batch_size // 4)
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={threads}",
+            f"--queues={spec.queue(resolved)}",
+            f"--hostname={spec.id}.{resolved}.{os.getpid()}@%h",
+            "--task-events",
+            "--without-mingle",
+            f"--loglevel={loglevel}",
+        ]
+    )
+
+
+@models_app.command("prepare")
+def prepare_models() -> None:
+    """Write built-in models (tiny-llama) to the data directory if they are not there yet."""
+    from llmq.tiny_model import ensure_tiny_model
+
+    settings = get_settings()
+    for spec in get_registry().models:
+        local = spec.local_path(settings.data_dir)
+        if spec.is_builtin and local is not None:
+            ensure_tiny_model(local)
+            console.print(f"{spec.id}: ready at {local}")
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """Show the configured models and their queues."""
+    table = Table("id", "source", "queues", "context", "max batch")
+    for spec in get_registry().models:
+        queues = ", ".join(spec.queue(d) for d in spec.devices)
+        table.add_row(
+            spec.id, spec.source, queues, str(spec.context_length), str(spec.max_batch_size)
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,71 @@
+"""The contract between the API and the workers: task names, payloads and sampling parameters.
+
+Both sides import this module; neither imports the other.
+"""
+
+import uuid
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GENERATE_TASK = "llmq.generate"
+
+MAX_TOKENS_LIMIT = 8192
+MAX_STOP_STRINGS = 8
+
+
+class JobKind(StrEnum):
+    GENERATE = "generate"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"
+
+
+class ErrorCategory(StrEnum):
+    INVALID_INPUT = "invalid_input"
+    MODEL_ERROR = "model_error"
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    INTERNAL = "internal"
+
+
+class SamplingParams(BaseModel):
+    """Everything that shapes one job's output; stored with the job and read by the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class GenerateTask(BaseModel):
+    """The message on the queue: the job id only; the worker re-reads the job from Postgres."""
+
+    job_id: uuid.UUID

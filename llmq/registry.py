@@ -1,0 +1,78 @@
+"""The model registry: which models llmq serves, read from `models.yaml`."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmq.settings import get_settings
+
+Device = Literal["cpu", "cuda", "mps"]
+BUILTIN_PREFIX = "builtin:"
+
+
+class GenerationDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+
+
+class ModelSpec(BaseModel):
+    """One entry of models.yaml."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    source: str
+    devices: list[Device] = Field(default_factory=lambda: ["cpu"])
+    max_batch_size: int = Field(default=16, ge=1)
+    max_wait_ms: int = Field(default=5, ge=0)
+    context_length: int = Field(default=2048, ge=8)
+    max_batch_tokens: int = Field(default=65536, ge=64)
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith(BUILTIN_PREFIX)
+
+    def local_path(self, data_dir: Path) -> Path | None:
+        """Where the weights lie on disk, or None for a hub id (resolved by from_pretrained)."""
+        if self.is_builtin:
+            return data_dir / "models" / self.source.removeprefix(BUILTIN_PREFIX)
+        path = Path(self.source)
+        return path if path.is_dir() else None
+
+    def queue(self, device: Device) -> str:
+        return f"llmq.{self.id}.{device}"
+
+
+class Registry(BaseModel):
+    models: list[ModelSpec]
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models]
+
+
+def load_registry(path: Path) -> Registry:
+    raw = yaml.safe_load(path.read_text()) or {}
+    registry = Registry.model_validate(raw)
+    for spec in registry.models:
+        if not spec.is_builtin and not Path(spec.source).is_absolute():
+            candidate = (path.parent / spec.source).resolve()
+            if candidate.exists():
+                spec.source = str(candidate)
+    return registry
+
+
+@lru_cache
+def get_registry() -> Registry:
+    return load_registry(get_settings().models_file)

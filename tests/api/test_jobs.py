@@ -1,0 +1,121 @@
+"""The job API end to end: API → Postgres → Redis queue → real worker → Postgres → poll."""
+
+import uuid
+
+from tests.factories import submit, wait_for_job
+
+
+def test_submit_job_succeeds_with_text_and_token_counts(live_client, tiny_model_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    prompt = "Once upon a time"
+    job = submit(live_client, prompt=prompt, max_tokens=12, ignore_eos=True)
+    assert job["status"] == "queued"
+    assert job["queue"] == "llmq.tiny-llama.cpu"
+
+    done = wait_for_job(live_client, job["id"])
+
+    assert done["status"] == "succeeded", done
+    result = done["result"]
+    assert result["finish_reason"] == "length"
+    assert result["usage"]["prompt_tokens"] == len(tokenizer(prompt).input_ids)
+    assert result["usage"]["completion_tokens"] == 12
+    assert result["usage"]["total_tokens"] == len(tokenizer(prompt).input_ids) + 12
+    assert result["text"]
+    assert done["attempts"] == 1
+    assert done["started_at"] and done["finished_at"]
+
+
+def test_submit_job_matches_transformers_generate(live_client, tiny_model_path):
+    """The worker's greedy text is what Transformers' own generate gives for the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    prompt = "The quick brown fox"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    expected = tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+
+    job = submit(live_client, prompt=prompt, max_tokens=10, ignore_eos=True)
+
+    assert wait_for_job(live_client, job["id"])["result"]["text"] == expected
+
+
+def test_same_prompt_greedy_gives_same_text(live_client):
+    jobs = [submit(live_client, prompt="Lily liked to play", max_tokens=16) for _ in range(3)]
+    texts = {wait_for_job(live_client, j["id"])["result"]["text"] for j in jobs}
+    assert len(texts) == 1
+
+
+def test_stop_string_ends_job_without_the_stop_text(live_client):
+    free = wait_for_job(
+        live_client, submit(live_client, prompt="A queue", max_tokens=20, ignore_eos=True)["id"]
+    )["result"]["text"]
+    stop = free[5:7]
+    job = submit(live_client, prompt="A queue", max_tokens=20, stop=[stop], ignore_eos=True)
+    result = wait_for_job(live_client, job["id"])["result"]
+    assert result["finish_reason"] == "stop"
+    assert result["text"] == free[: free.find(stop)]
+
+
+def test_read_job_unknown_id_is_404(client):
+    missing = uuid.uuid4()
+    response = client.get(f"/v1/jobs/{missing}")
+    assert response.status_code == 404
+    assert str(missing) in response.json()["error"]["message"]
+
+
+def test_read_job_malformed_id_is_400(client):
+    response = client.get("/v1/jobs/not-a-uuid")
+    assert response.status_code == 400
+    assert "must be a UUID" in response.json()["error"]["message"]
+
+
+def test_list_jobs_filters_by_status_and_model_and_pages(live_client):
+    ids = {submit(live_client, prompt=f"page {i}", max_tokens=2)["id"] for i in range(3)}
+    for job_id in ids:
+        wait_for_job(live_client, job_id)
+
+    page = live_client.get(
+        "/v1/jobs", params={"status": "succeeded", "model": "tiny-llama", "limit": 2}
+    ).json()
+    assert page["limit"] == 2 and len(page["data"]) == 2
+    assert page["total"] >= 3
+    assert all(j["status"] == "succeeded" and j["model"] == "tiny-llama" for j in page["data"])
+    rest = live_client.get(
+        "/v1/jobs", params={"status": "succeeded", "limit": 500, "offset": 2}
+    ).json()
+    assert len(rest["data"]) == page["total"] - 2
+    assert not {j["id"] for j in page["data"]} & {j["id"] for j in rest["data"]}
+
+
+def test_list_jobs_unknown_status_is_400(client):
+    response = client.get("/v1/jobs", params={"status": "done"})
+    assert response.status_code == 400
+    assert "status" in response.json()["error"]["message"]
+
+
+def test_cancel_finished_job_is_409(live_client):
+    job = submit(live_client, prompt="finish me", max_tokens=2)
+    wait_for_job(live_client, job["id"])
+    response = live_client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 409
+    assert "already succeeded" in response.json()["error"]["message"]
+
+
+def test_idempotency_key_returns_the_same_job(client, database_url):
+    key = f"key-{uuid.uuid4()}"
+    first = client.post(
+        "/v1/jobs", json={"model": "tiny-offline", "prompt": "hi"}, headers={"Idempotency-Key": key}
+    )
+    second = client.post(
+        "/v1/jobs", json={"model": "tiny-offline", "prompt": "hi"}, headers={"Idempotency-Key": key}
+    )
+    assert first.status_code == 202
+    assert second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    client.post(f"/v1/jobs/{first.json()['id']}/cancel")

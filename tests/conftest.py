@@ -1,0 +1,105 @@
+"""Shared fixtures: a real Postgres database, a real Redis database, a real Celery worker
+subprocess holding the real tiny model, and the API app in-process.
+
+The servers come from LLMQ_DATABASE_URL / LLMQ_REDIS_URL (their defaults otherwise); the suite
+uses its own database (`llmq_test`) and Redis database (15) on them.
+"""
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA_DIR = Path(tempfile.mkdtemp(prefix="llmq-test-"))
+
+
+def _test_urls() -> tuple[str, str]:
+    server = make_url(
+        os.environ.get("LLMQ_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/llmq")
+    )
+    redis_base = os.environ.get("LLMQ_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    return server.set(database="llmq_test").render_as_string(False), f"{redis_base}/15"
+
+
+DATABASE_URL, REDIS_URL = _test_urls()
+# Set before any llmq module reads settings (celeryconfig reads them at import).
+os.environ.update(
+    LLMQ_DATABASE_URL=DATABASE_URL,
+    LLMQ_REDIS_URL=REDIS_URL,
+    LLMQ_MODELS_FILE=str(ROOT / "tests" / "models.test.yaml"),
+    LLMQ_DATA_DIR=str(TEST_DATA_DIR),
+    LLMQ_LOG_JSON="false",
+    LLMQ_WORKERS_CACHE_S="0.5",
+)
+
+from tests.factories import (  # noqa: E402
+    create_database,
+    migrate,
+    start_worker,
+    stop_worker,
+    wait_for_queue,
+)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    create_database(DATABASE_URL)
+    migrate(DATABASE_URL, "head")
+    return DATABASE_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    from redis import Redis
+
+    Redis.from_url(REDIS_URL).flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from llmq.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(TEST_DATA_DIR / "models" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def worker(database_url, redis_url, tiny_model_path):
+    """A real `llmq worker` subprocess for tiny-llama on the cpu queue."""
+    process = start_worker("tiny-llama")
+    try:
+        wait_for_queue("llmq.tiny-llama.cpu", process)
+        yield process
+    finally:
+        stop_worker(process)
+
+
+@pytest.fixture(scope="session")
+def app(database_url, redis_url, tiny_model_path):
+    from api.main import create_app
+    from llmq.settings import get_settings
+
+    get_settings.cache_clear()
+    return create_app(get_settings())
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def live_client(client, worker, app):
+    """The API client once the app has seen the worker's queue."""
+    deadline = time.monotonic() + 30
+    while "llmq.tiny-llama.cpu" not in app.state.live_queues.refresh():
+        assert time.monotonic() < deadline, "the API never saw the worker's queue"
+        time.sleep(0.2)
+    return client

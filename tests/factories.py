@@ -1,0 +1,99 @@
+"""Test helpers in one place: databases, migrations, worker processes, job polling."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _admin_conninfo(database_url: str) -> str:
+    url = make_url(database_url).set(drivername="postgresql", database="postgres")
+    return url.render_as_string(False)
+
+
+def create_database(database_url: str) -> None:
+    """Drop and create the database named in `database_url`."""
+    name = make_url(database_url).database
+    with psycopg.connect(_admin_conninfo(database_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(database_url: str) -> None:
+    name = make_url(database_url).database
+    with psycopg.connect(_admin_conninfo(database_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def migrate(database_url: str, revision: str) -> None:
+    command.upgrade(alembic_config(database_url), revision)
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    command.downgrade(alembic_config(database_url), revision)
+
+
+def start_worker(model: str) -> subprocess.Popen:
+    log = open(Path(os.environ["LLMQ_DATA_DIR"]) / f"worker-{model}.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmq.cli", "worker", "--model", model, "--device", "cpu"],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_worker(process: subprocess.Popen, timeout: float = 30) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_for_queue(queue: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until a worker answers Celery's broadcast as a consumer of `queue`."""
+    from api.enqueue import producer
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}; see its log")
+        replies = producer().control.inspect(timeout=0.5).active_queues() or {}
+        if any(q["name"] == queue for qs in replies.values() for q in qs):
+            return
+    raise TimeoutError(f"no worker consumed {queue} within {timeout}s")
+
+
+def submit(client, **body) -> dict:
+    body.setdefault("model", "tiny-llama")
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def wait_for_job(client, job_id: str, timeout: float = 60, until=("succeeded", "failed")) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout}s"
+        time.sleep(0.05)

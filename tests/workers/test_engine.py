@@ -1,0 +1,200 @@
+"""The batching engine on the real tiny model: batch composition never changes a job's output."""
+
+import random
+import threading
+import time
+import uuid
+
+import pytest
+
+from llmq.protocol import FinishReason, SamplingParams
+
+PROMPTS = [
+    "Once upon a time",
+    "The dog",
+    "A queue holds jobs until a worker is ready and then",
+    "x",
+    "Lily liked to play in the park with her friend Tom, and every day they",
+    "Hello 🙂 漢字",
+    "0 1 2 3",
+]
+
+
+@pytest.fixture(scope="module")
+def host(tiny_model_path):
+    from llmq.registry import ModelSpec
+    from workers.host import ModelHost
+
+    spec = ModelSpec(id="tiny-llama", source=str(tiny_model_path), context_length=128)
+    return ModelHost.load(spec, "cpu", tiny_model_path.parent)
+
+
+@pytest.fixture
+def make_engine(host):
+    from workers.engine import GenerationEngine
+
+    engines = []
+
+    def make(**options):
+        options = {"max_batch_size": 16, "max_batch_tokens": 100_000, "max_wait_ms": 5} | options
+        engine = GenerationEngine(host, **options)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def request(host, prompt, **params):
+    from workers.engine import GenerationRequest
+
+    params.setdefault("max_tokens", 12)
+    return GenerationRequest(uuid.uuid4(), host.encode(prompt), SamplingParams(**params))
+
+
+def run_all(engine, requests, stagger_s: float = 0.0):
+    futures = []
+    for req in requests:
+        futures.append(engine.submit(req))
+        if stagger_s:
+            time.sleep(stagger_s)
+    return [f.result(timeout=60) for f in futures]
+
+
+def test_greedy_text_is_the_same_alone_and_in_any_batch(host, make_engine):
+    engine = make_engine()
+    alone = {p: run_all(engine, [request(host, p, ignore_eos=True)])[0].text for p in PROMPTS}
+    rng = random.Random(7)
+    for mix in range(6):
+        chosen = rng.sample(PROMPTS, rng.randint(2, len(PROMPTS)))
+        outputs = run_all(
+            engine,
+            [request(host, p, ignore_eos=True) for p in chosen],
+            stagger_s=0.003 * (mix % 3),  # some mixes join a batch already decoding
+        )
+        assert [o.text for o in outputs] == [alone[p] for p in chosen], f"mix {mix}: {chosen}"
+
+
+def test_greedy_output_matches_across_different_max_tokens_neighbours(host, make_engine):
+    engine = make_engine()
+    target = run_all(engine, [request(host, "The dog", max_tokens=20, ignore_eos=True)])[0]
+    neighbours = [
+        request(host, p, max_tokens=n, ignore_eos=True)
+        for p, n in zip(PROMPTS, [1, 3, 40, 7, 2, 30, 5], strict=True)
+    ]
+    outputs = run_all(
+        engine,
+        [
+            *neighbours[:3],
+            request(host, "The dog", max_tokens=20, ignore_eos=True),
+            *neighbours[3:],
+        ],
+    )
+    assert outputs[3].text == target.text
+    assert [o.completion_tokens for o in outputs] == [1, 3, 40, 20, 7, 2, 30, 5]
+
+
+def test_seeded_sampling_is_the_same_whatever_the_neighbours(host, make_engine):
+    engine = make_engine()
+    params = {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 1234, "ignore_eos": True}
+    alone = run_all(engine, [request(host, "Once upon a time", **params)])[0].text
+    neighbours = [request(host, p, temperature=1.0, ignore_eos=True) for p in PROMPTS[1:5]]
+    batched = run_all(
+        engine, [neighbours[0], request(host, "Once upon a time", **params), *neighbours[1:]]
+    )
+    assert batched[1].text == alone
+    other_seed = run_all(engine, [request(host, "Once upon a time", **(params | {"seed": 99}))])
+    assert other_seed[0].text != alone
+
+
+def test_stop_strings_max_tokens_and_eos_are_per_job(host, make_engine):
+    engine = make_engine()
+    free = run_all(engine, [request(host, "A queue", max_tokens=24, ignore_eos=True)])[0].text
+    stop = free[6:9]  # likely spans a token boundary
+    outputs = run_all(
+        engine,
+        [
+            request(host, "A queue", max_tokens=24, stop=[stop], ignore_eos=True),
+            request(host, "The dog", max_tokens=3, ignore_eos=True),
+            request(host, "Hello", max_tokens=30, ignore_eos=True),
+        ],
+    )
+    assert outputs[0].finish_reason is FinishReason.STOP
+    assert outputs[0].text == free[: free.find(stop)]
+    assert outputs[1].finish_reason is FinishReason.LENGTH and outputs[1].completion_tokens == 3
+    assert outputs[2].completion_tokens == 30
+
+
+def test_eos_finishes_a_job_unless_ignore_eos(host, make_engine):
+    engine = make_engine()
+    eos = host.eos_token_id
+    # At a high temperature a seeded job soon samples EOS; with ignore_eos it runs to max_tokens.
+    params = {"temperature": 5.0, "seed": 3, "max_tokens": 120}
+    stopped = run_all(engine, [request(host, "x", **params)])[0]
+    forced = run_all(engine, [request(host, "x", **params, ignore_eos=True)])[0]
+    assert eos is not None
+    assert stopped.finish_reason is FinishReason.STOP and stopped.completion_tokens < 120
+    assert forced.finish_reason is FinishReason.LENGTH and forced.completion_tokens == 120
+
+
+def test_cancel_running_job_leaves_the_batch_and_neighbours_finish(host, make_engine):
+    engine = make_engine()
+    long = request(host, "Once upon a time", max_tokens=100, ignore_eos=True)
+    other = request(host, "The dog", max_tokens=100, ignore_eos=True)
+    futures = [engine.submit(long), engine.submit(other)]
+    while not engine.steps:
+        time.sleep(0.001)
+    engine.cancel(long.job_id)
+    cancelled, finished = (f.result(timeout=60) for f in futures)
+    assert cancelled.finish_reason is FinishReason.CANCELLED
+    assert cancelled.completion_tokens < 100
+    assert finished.completion_tokens == 100
+
+
+def test_token_budget_bounds_the_running_batch(host, make_engine):
+    engine = make_engine(max_batch_tokens=60)
+    sizes: list[int] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            batch = engine._batch
+            if batch is not None:
+                sizes.append(sum(s.budget for s in batch.seqs))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    outputs = run_all(engine, [request(host, p, max_tokens=20, ignore_eos=True) for p in PROMPTS])
+    stop.set()
+    watcher.join()
+    assert all(o.completion_tokens == 20 for o in outputs)
+    assert sizes and max(sizes) <= 60
+
+
+def test_a_prompt_that_breaks_the_model_fails_alone(host, make_engine):
+    from workers.engine import GenerationRequest
+
+    engine = make_engine()
+    poison = GenerationRequest(uuid.uuid4(), [1, 10**9], SamplingParams(max_tokens=4))
+    futures = [
+        engine.submit(request(host, "The dog")),
+        engine.submit(poison),
+        engine.submit(request(host, "Hello")),
+    ]
+    assert futures[0].result(timeout=60).completion_tokens >= 1
+    with pytest.raises(IndexError):
+        futures[1].result(timeout=60)
+    assert futures[2].result(timeout=60).completion_tokens >= 1
+
+
+def test_deadline_passed_fails_with_timeout(host, make_engine):
+    from workers.engine import GenerationRequest, JobTimeout
+
+    engine = make_engine()
+    req = request(host, "The dog", max_tokens=100)
+    late = GenerationRequest(req.job_id, req.prompt_ids, req.params, deadline=time.monotonic())
+    with pytest.raises(JobTimeout):
+        engine.submit(late).result(timeout=60)

@@ -1,0 +1,38 @@
+"""The Celery app of the workers. The model is loaded once per worker process, at start-up."""
+
+import structlog
+from celery import Celery
+from celery.signals import worker_init, worker_shutdown
+
+from llmq.logs import configure_logging
+from llmq.settings import get_settings
+
+log = structlog.get_logger(__name__)
+
+app = Celery("llmq", include=["workers.tasks"])
+app.config_from_object("celeryconfig")
+
+_runtime = None
+
+
+def get_runtime():  # -> workers.runtime.WorkerRuntime
+    if _runtime is None:
+        raise RuntimeError("this worker process has no model loaded")
+    return _runtime
+
+
+@worker_init.connect
+def load_model(sender=None, **_kwargs) -> None:
+    """Runs before the worker consumes: with the threads pool this is the one process."""
+    global _runtime
+    from workers.runtime import WorkerRuntime  # torch is imported by worker processes only
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    _runtime = WorkerRuntime.start(settings, worker_name=getattr(sender, "hostname", "worker"))
+
+
+@worker_shutdown.connect
+def release_model(**_kwargs) -> None:
+    if _runtime is not None:
+        _runtime.stop()

@@ -1,0 +1,100 @@
+"""One job's life inside a worker: claim it in Postgres, run it in the engine, store the outcome.
+
+This is the boundary where a job's errors are caught, categorised and written; the Celery task
+that calls it stays a thin adapter.
+"""
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.exc import DBAPIError, OperationalError
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from db.queries import jobs as job_queries
+from db.session import session_scope
+from llmq.protocol import ErrorCategory, FinishReason, SamplingParams
+from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
+from workers.host import ModelHost
+
+log = structlog.get_logger(__name__)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+# Postgres may be briefly away; keep trying so that no job is acknowledged before it is stored.
+db_retry = retry(
+    retry=retry_if_exception(_is_transient),
+    wait=wait_exponential_jitter(initial=0.2, max=10),
+    stop=stop_after_delay(600),
+    reraise=True,
+)
+
+
+@dataclass
+class JobRunner:
+    engine: GenerationEngine
+    host: ModelHost
+    database_url: str
+    worker_name: str
+    job_timeout_s: float
+
+    def run(self, job_id: uuid.UUID) -> None:
+        bound = log.bind(job_id=str(job_id), model=self.host.spec.id)
+        job = self._claim(job_id)
+        if job is None:
+            bound.info("job skipped: cancelled or already finished")
+            return
+        try:
+            params = SamplingParams.model_validate(job.params)
+            prompt_ids = self.host.encode(job.input["prompt"])
+            deadline = time.monotonic() + self.job_timeout_s
+            output = self.engine.submit(
+                GenerationRequest(job_id, prompt_ids, params, deadline)
+            ).result()
+        except JobTimeout as exc:
+            self._fail(job_id, ErrorCategory.TIMEOUT, str(exc))
+        except (ValueError, KeyError, TypeError) as exc:
+            bound.warning("job input rejected", error=str(exc))
+            self._fail(job_id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            bound.exception("job failed in the model")
+            self._fail(job_id, ErrorCategory.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
+        else:
+            if output.finish_reason is FinishReason.CANCELLED:
+                bound.info("job cancelled while running")
+                return
+            self._complete(job_id, output)
+            bound.info(
+                "job succeeded",
+                completion_tokens=output.completion_tokens,
+                duration_ms=round(output.duration_ms, 1),
+            )
+
+    @db_retry
+    def _claim(self, job_id: uuid.UUID):  # -> db.tables.Job | None
+        with session_scope(self.database_url) as session:
+            return job_queries.claim_job(session, job_id, self.worker_name)
+
+    @db_retry
+    def _complete(self, job_id: uuid.UUID, output: GenerationOutput) -> None:
+        outcome = job_queries.Outcome(
+            text=output.text,
+            finish_reason=output.finish_reason.value,
+            prompt_tokens=output.prompt_tokens,
+            completion_tokens=output.completion_tokens,
+            time_to_first_token_ms=output.time_to_first_token_ms,
+            duration_ms=output.duration_ms,
+        )
+        with session_scope(self.database_url) as session:
+            job_queries.complete_job(session, job_id, outcome)
+
+    @db_retry
+    def _fail(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:
+        with session_scope(self.database_url) as session:
+            job_queries.fail_job(session, job_id, category.value, message)
