@@ -34,6 +34,9 @@ class ModelSpec(BaseModel):
     max_wait_ms: int = Field(default=5, ge=0)
     context_length: int = Field(default=2048, ge=8)
     max_batch_tokens: int = Field(default=65536, ge=64)
+    # continuous: jobs join and leave the running batch at every decode step; static: a
+    # micro-batch runs to its end before the next one starts (kept for comparison).
+    scheduling: Literal["continuous", "static"] = "continuous"
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
 
     @property

@@ -47,7 +47,7 @@ from tests.factories import (  # noqa: E402
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
-    create_database(DATABASE_URL)
+    create_database(DATABASE_URL, replace=True)
     migrate(DATABASE_URL, "head")
     return DATABASE_URL
 

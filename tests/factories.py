@@ -6,46 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg
-from alembic import command
-from alembic.config import Config
-from sqlalchemy.engine import make_url
+from db.admin import create_database, downgrade, drop_database, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _admin_conninfo(database_url: str) -> str:
-    url = make_url(database_url).set(drivername="postgresql", database="postgres")
-    return url.render_as_string(False)
-
-
-def create_database(database_url: str) -> None:
-    """Drop and create the database named in `database_url`."""
-    name = make_url(database_url).database
-    with psycopg.connect(_admin_conninfo(database_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def drop_database(database_url: str) -> None:
-    name = make_url(database_url).database
-    with psycopg.connect(_admin_conninfo(database_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def alembic_config(database_url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    return config
-
-
-def migrate(database_url: str, revision: str) -> None:
-    command.upgrade(alembic_config(database_url), revision)
-
-
-def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+__all__ = ["create_database", "downgrade", "drop_database", "migrate"]
 
 
 def start_worker(model: str) -> subprocess.Popen:

@@ -37,6 +37,7 @@ class WorkerRuntime:
             max_batch_size=spec.max_batch_size,
             max_batch_tokens=spec.max_batch_tokens,
             max_wait_ms=spec.max_wait_ms,
+            continuous=spec.scheduling == "continuous",
         )
         engine.start()
         _warm_up(engine, host)

@@ -18,7 +18,7 @@ def _tables() -> set[str]:
 
 
 def test_migrations_upgrade_empty_database_then_downgrade_to_nothing():
-    create_database(EMPTY_DB_URL)
+    create_database(EMPTY_DB_URL, replace=True)
     try:
         migrate(EMPTY_DB_URL, "head")
         assert TABLES <= _tables()

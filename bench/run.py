@@ -1,0 +1,313 @@
+"""Throughput benchmark: llmq end to end against a one-generate-per-request server (baseline)
+and one in-process batched `generate` (ceiling), on the same model and workload, in one run.
+
+    python -m bench.run [--repeats 3] [--clients 64] [--models stories260K,llama-25m] [--quick]
+
+Workloads: (a) every request asks for exactly 64 new tokens; (b) output lengths mixed from 8 to
+256 tokens, where continuous batching matters (llmq is run with continuous and with static
+micro-batching). Figures are medians over the repeats.
+"""
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from bench.models import SHARED_STORIES, ensure_llama_25m
+from bench.stack import baseline_server, llmq_stack
+
+console = Console()
+SHORT_JOB_TOKENS = 32
+
+WORDS = "once upon a time there was a little girl named lily who liked to play in the park".split()
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    latency_s: float
+    ttft_s: float | None
+    tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    wall_s: float
+    samples: list[Sample]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.samples) / self.wall_s
+
+    def latency(self, q: float, short_only: bool = False) -> float:
+        values = [
+            s.latency_s for s in self.samples if not short_only or s.max_tokens <= SHORT_JOB_TOKENS
+        ]
+        return percentile(values, q)
+
+    def ttft(self, q: float) -> float | None:
+        values = [s.ttft_s for s in self.samples if s.ttft_s is not None]
+        return percentile(values, q) if values else None
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def make_workload(kind: str, count: int, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        tokens = 64 if kind == "a" else rng.choice([8, 16, 32, 64, 128, 256])
+        requests.append(Request(prompt, tokens))
+    return requests
+
+
+async def run_clients(requests: list[Request], clients: int, one_request) -> RunResult:
+    """`clients` concurrent clients, each sending its share of the requests one after another."""
+    pending = list(requests)
+    samples: list[Sample] = []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while pending:
+            samples.append(await one_request(http, pending.pop()))
+
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return RunResult(time.perf_counter() - started, samples)
+
+
+def llmq_request(base: str, model: str):
+    async def one(http: httpx.AsyncClient, request: Request) -> Sample:
+        started = time.perf_counter()
+        body = {
+            "model": model,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "ignore_eos": True,
+        }
+        response = await http.post(f"{base}/v1/jobs", json=body)
+        response.raise_for_status()
+        job_id = response.json()["id"]
+        delay = 0.02
+        while True:
+            await asyncio.sleep(delay)
+            job = (await http.get(f"{base}/v1/jobs/{job_id}")).json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            delay = min(delay * 1.5, 0.1)
+        latency = time.perf_counter() - started
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
+        result = job["result"]
+        queued = (
+            datetime.fromisoformat(job["started_at"]) - datetime.fromisoformat(job["created_at"])
+        ).total_seconds()
+        return Sample(
+            latency,
+            queued + result["time_to_first_token_ms"] / 1000,
+            result["usage"]["completion_tokens"],
+            request.max_tokens,
+        )
+
+    return one
+
+
+def baseline_request(base: str):
+    async def one(http: httpx.AsyncClient, request: Request) -> Sample:
+        started = time.perf_counter()
+        body = {"prompt": request.prompt, "max_tokens": request.max_tokens, "ignore_eos": True}
+        response = await http.post(f"{base}/generate", json=body)
+        response.raise_for_status()
+        latency = time.perf_counter() - started
+        return Sample(latency, None, response.json()["tokens"], request.max_tokens)
+
+    return one
+
+
+def run_ceiling(model_dir: Path, requests: list[Request]) -> RunResult:
+    """All prompts in one left-padded batched generate, in process: no server, no queue."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    longest = max(r.max_tokens for r in requests)
+    inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            **inputs,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+    wall = time.perf_counter() - started
+    # Useful tokens only: a static batch also computes past each request's own max_tokens.
+    return RunResult(wall, [Sample(wall, None, r.max_tokens, r.max_tokens) for r in requests])
+
+
+def median_result(results: list[RunResult]) -> RunResult:
+    return sorted(results, key=lambda r: r.tokens_per_s)[len(results) // 2]
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    return "–" if value is None else f"{value:,.2f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+
+def report(title: str, rows: dict[str, RunResult], reference: dict[str, str]) -> None:
+    table = Table(title=title)
+    for column in [
+        "system",
+        "req/s",
+        "tok/s",
+        "p50 s",
+        "p99 s",
+        "TTFT p50 s",
+        "short p50 s",
+        *[f"÷ {name}" for name in reference.values()],
+    ]:
+        table.add_column(column, justify="right")
+    for name, result in rows.items():
+        ratios = [
+            f"{result.tokens_per_s / rows[ref].tokens_per_s:.2f}×" if ref in rows else "–"
+            for ref in reference
+        ]
+        table.add_row(
+            name,
+            fmt(result.requests_per_s),
+            fmt(result.tokens_per_s),
+            fmt(result.latency(50)),
+            fmt(result.latency(99)),
+            fmt(result.ttft(50)),
+            fmt(result.latency(50, short_only=True))
+            if any(s.max_tokens <= SHORT_JOB_TOKENS for s in result.samples)
+            else "–",
+            *ratios,
+        )
+    console.print(table)
+
+
+def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
+    spec = {
+        "source": str(model_dir),
+        "devices": ["cpu"],
+        "max_batch_size": args.clients,
+        "max_wait_ms": 10,
+        "context_length": 512,
+        "max_batch_tokens": 1_000_000,
+    }
+    models = [{"id": name, **spec}, {"id": f"{name}-static", **spec, "scheduling": "static"}]
+    workloads = {
+        "a": make_workload("a", args.clients * args.requests_per_client),
+        "b": make_workload("b", args.clients * args.requests_per_client, seed=1),
+    }
+    results: dict[str, dict[str, list[RunResult]]] = {w: {} for w in workloads}
+
+    def repeat(workload: str, system: str, runs: int, fn) -> None:
+        for _ in range(runs):
+            results[workload].setdefault(system, []).append(fn())
+
+    for w, requests in workloads.items():
+        repeat(w, "ceiling", args.repeats, lambda r=requests: run_ceiling(model_dir, r))
+    with llmq_stack(models, workdir, [name, f"{name}-static"]) as (base, _workers):
+        for w, requests in workloads.items():
+            warm = requests[: args.clients]
+            asyncio.run(run_clients(warm, args.clients, llmq_request(base, name)))
+            repeat(
+                w,
+                "llmq",
+                args.repeats,
+                lambda r=requests: asyncio.run(
+                    run_clients(r, args.clients, llmq_request(base, name))
+                ),
+            )
+        repeat(
+            "b",
+            "llmq static",
+            args.repeats,
+            lambda: asyncio.run(
+                run_clients(workloads["b"], args.clients, llmq_request(base, f"{name}-static"))
+            ),
+        )
+        shorts = [r for r in workloads["b"] if r.max_tokens <= SHORT_JOB_TOKENS]
+        repeat(
+            "b",
+            "llmq, short jobs alone",
+            args.repeats,
+            lambda: asyncio.run(run_clients(shorts, args.clients, llmq_request(base, name))),
+        )
+    with baseline_server(model_dir) as base:
+        baseline_runs = 1 if args.quick else args.repeats
+        for w, requests in workloads.items():
+            if w == "b" and args.quick:
+                continue
+            repeat(
+                w,
+                "baseline",
+                baseline_runs,
+                lambda r=requests: asyncio.run(
+                    run_clients(r, args.clients, baseline_request(base))
+                ),
+            )
+
+    n = args.clients * args.requests_per_client
+    for w, title in [
+        ("a", f"(a) {n} requests × 64 tokens"),
+        ("b", f"(b) {n} requests, 8–256 tokens"),
+    ]:
+        rows = {system: median_result(runs) for system, runs in results[w].items()}
+        reference = {"baseline": "baseline", "ceiling": "ceiling"}
+        if w == "b":
+            reference["llmq static"] = "static"
+        report(
+            f"{name}: {title}, {args.clients} clients, median of {args.repeats}", rows, reference
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--models", default="stories260K,llama-25m")
+    parser.add_argument("--quick", action="store_true", help="baseline once, and not on (b)")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
+    for name in args.models.split(","):
+        if name == "stories260K":
+            if not SHARED_STORIES.is_dir():
+                console.print(f"skipping stories260K: {SHARED_STORIES} is absent")
+                continue
+            bench_model(name, SHARED_STORIES, args, workdir)
+        elif name == "llama-25m":
+            bench_model(name, ensure_llama_25m(workdir / "llama-25m"), args, workdir)
+        else:
+            raise SystemExit(f"unknown benchmark model {name!r}")
+
+
+if __name__ == "__main__":
+    main()

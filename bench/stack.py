@@ -1,0 +1,130 @@
+"""Starts a real llmq stack for a benchmark: its own database, the API and workers as processes."""
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import yaml
+from redis import Redis
+from sqlalchemy.engine import make_url
+
+from db.admin import create_database, migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_urls() -> tuple[str, str]:
+    server = make_url(
+        os.environ.get("LLMQ_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/llmq")
+    )
+    redis_base = os.environ.get("LLMQ_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    return server.set(database="llmq_bench").render_as_string(False), f"{redis_base}/13"
+
+
+@contextmanager
+def llmq_stack(models: list[dict], workdir: Path, worker_models: list[str], port: int = 8765):
+    """Yields the API base URL once every named worker consumes its queue."""
+    database_url, redis_url = bench_urls()
+    create_database(database_url, replace=True)
+    migrate(database_url)
+    Redis.from_url(redis_url).flushdb()
+    models_file = workdir / "models.bench.yaml"
+    models_file.write_text(yaml.safe_dump({"models": models}))
+    env = os.environ | {
+        "LLMQ_DATABASE_URL": database_url,
+        "LLMQ_REDIS_URL": redis_url,
+        "LLMQ_MODELS_FILE": str(models_file),
+        "LLMQ_DATA_DIR": str(workdir),
+        "LLMQ_LOG_LEVEL": "WARNING",
+    }
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
+    ]
+    log = open(workdir / "workers.log", "ab")  # noqa: SIM115
+    for model in worker_models:
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "llmq.cli",
+                    "worker",
+                    "--model",
+                    model,
+                    "--device",
+                    "cpu",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_workers(base, worker_models, processes)
+        yield base, processes[1:]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _wait_for_workers(base: str, models: list[str], processes, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes):
+            raise RuntimeError("a benchmark process exited during start-up")
+        try:
+            live = {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"] if m["live"]}
+            if set(models) <= live:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the benchmark stack did not come up")
+
+
+@contextmanager
+def baseline_server(model_dir: Path, port: int = 8766):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.baseline_server", str(model_dir), str(port)], cwd=ROOT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{base}/docs")
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(30)
