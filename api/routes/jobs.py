@@ -4,14 +4,13 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
-from sqlalchemy.exc import IntegrityError
 
 from api.deps import LiveQueuesDep, PromptCounterDep, RegistryDep, SessionDep
-from api.enqueue import enqueue_generate, route
 from api.schemas import JobCreate, JobPublic, JobsPublic
+from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
-from llmq.errors import JobNotCancellable, JobNotFound, ModelNotServed
-from llmq.protocol import JobKind, JobStatus, SamplingParams
+from llmq.errors import JobNotCancellable, JobNotFound
+from llmq.protocol import JobStatus, SamplingParams
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -41,36 +40,19 @@ def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Accept a generation job: it is stored, then queued for a worker of its model."""
-    spec = registry.get(body.model)
-    if spec is None:
-        raise ModelNotServed(body.model, registry.ids)
-    if idempotency_key is not None:
-        existing = job_queries.find_by_idempotency_key(session, None, idempotency_key)
-        if existing is not None:
-            response.status_code = status.HTTP_200_OK
-            return JobPublic.from_row(existing)
-    params = sampling_params(body, spec.defaults)
-    counter.check_fits(spec, body.prompt, params.max_tokens)
-    new_job = job_queries.NewJob(
-        kind=JobKind.GENERATE.value,
-        model=spec.id,
-        queue=route(spec, live.queues),
-        input={"prompt": body.prompt},
-        params=params.model_dump(mode="json"),
+    spec = resolve_model(registry, body.model)
+    submission = submit_generation(
+        session,
+        spec=spec,
+        prompt=body.prompt,
+        params=sampling_params(body, spec.defaults),
+        counter=counter,
+        live=live,
         idempotency_key=idempotency_key,
     )
-    try:
-        job = job_queries.create_job(session, new_job)
-        session.commit()
-    except IntegrityError:  # a concurrent request with the same key won the race
-        session.rollback()
-        existing = job_queries.find_by_idempotency_key(session, None, idempotency_key or "")
-        if existing is None:
-            raise
+    if not submission.created:
         response.status_code = status.HTTP_200_OK
-        return JobPublic.from_row(existing)
-    enqueue_generate(job.id, job.queue)
-    return JobPublic.from_row(job)
+    return JobPublic.from_row(submission.job)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
