@@ -1,0 +1,53 @@
+# llmq developer commands. `make` lists them; everything runs from the virtualenv in .venv.
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Postgres and Redis for commands that need them: the configured or default ones when they
+# answer, embedded ones (left running) when not. Prefix a shell line with it.
+WITH_SERVICES = service_env="$$($(VENV_PY) ops/devstack.py services)" && eval "$$service_env" &&
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test lint bench migrate up down logs clean
+
+help: ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## Create .venv with torch and llmq (dev and embedded extras)
+
+# Reinstall only when the dependencies or the torch installer change.
+$(STAMP): pyproject.toml ops/install-torch.sh
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --upgrade pip
+	bash ops/install-torch.sh $(VENV_PY)
+	$(VENV_PY) -m pip install -e ".[dev,embedded]"
+	touch $@
+
+run: venv ## Start the whole stack (API, worker, Flower) until Ctrl-C
+	$(VENV_PY) ops/devstack.py run
+
+test: venv ## Run the test suite against real Postgres and Redis
+	$(WITH_SERVICES) $(VENV_PY) -m pytest
+
+lint: venv ## Check the code with ruff
+	$(VENV)/bin/ruff check .
+
+bench: venv ## Run the benchmarks (BENCH_ARGS="--quick" for a shorter run)
+	$(VENV_PY) -m bench.run $(BENCH_ARGS)
+
+migrate: venv ## Bring the database schema up to date
+	$(WITH_SERVICES) $(VENV)/bin/alembic upgrade head
+
+up: ## Start the stack with docker compose
+	docker compose up -d --build
+
+down: ## Stop the docker compose stack
+	docker compose down
+
+logs: ## Follow the docker compose logs
+	docker compose logs -f
+
+clean: ## Remove .venv and caches (keeps the data in .llmq)
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

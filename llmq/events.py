@@ -1,0 +1,61 @@
+"""Token events: what a worker publishes for each job and what the stream endpoints replay.
+
+Per job, every event goes to two places in one Redis round trip per decode step:
+- a capped stream `llmq:events:<job id>` (with a TTL): the replay buffer for late joiners and
+  clients that reconnect with Last-Event-ID;
+- the pub/sub channel of the same name: the live feed.
+Stream entry ids are the event ids a client sees (SSE `id:`): token events take `<n>-0` for the
+n-th delta of the job, final events an id Redis assigns (a timestamp, so always later). A reader
+that merges the buffer with the live feed drops every id it has already passed.
+"""
+
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel
+
+EVENTS_PREFIX = "llmq:events:"
+REPLAY_MAXLEN = 100_000
+REPLAY_TTL_S = 3600
+
+
+def events_key(job_id: uuid.UUID | str) -> str:
+    return f"{EVENTS_PREFIX}{job_id}"
+
+
+def token_event_id(n: int) -> str:
+    """The stream id of the n-th (from 1) token event of a job."""
+    return f"{n}-0"
+
+
+def parse_event_id(event_id: str) -> tuple[int, int]:
+    """Stream ids order as pairs of integers; ValueError for anything else."""
+    first, _, second = event_id.partition("-")
+    return int(first), int(second or 0)
+
+
+class TokenEvent(BaseModel):
+    type: Literal["token"] = "token"
+    job_id: uuid.UUID
+    token_index: int  # position of the newest token this delta covers
+    text: str
+
+
+class DoneEvent(BaseModel):
+    type: Literal["done"] = "done"
+    job_id: uuid.UUID
+    status: str
+    finish_reason: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    job_id: uuid.UUID
+    category: str
+    message: str
+
+
+JobEvent = TokenEvent | DoneEvent | ErrorEvent
