@@ -76,7 +76,8 @@ def llmq_stack(models: list[dict], workdir: Path, worker_models: list[str], port
                 ],
                 cwd=ROOT,
                 env=env,
-                stdout=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         )
     base = f"http://127.0.0.1:{port}"
