@@ -3,14 +3,15 @@
 One engine thread owns the model. Celery task threads `submit` requests and wait on futures.
 At every decode-step boundary the engine admits waiting requests (prefill, then merge into the
 running batch's KV cache) and drops finished ones, so a short job never waits behind a long one.
-The running batch keeps one left-padded KV cache; `_Batch.concat` and `_Batch.select` are the
-join and leave operations (after TGI's CausalLMBatch.concatenate/filter).
+Each step's text deltas go to `on_tokens` (the token publisher) in one call, before any job of
+that step is resolved, so a job's final event always follows its last token event.
 """
 
 import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -18,11 +19,18 @@ import structlog
 import torch
 from transformers import DynamicCache
 
+from llmq.events import TokenEvent
 from llmq.protocol import FinishReason, SamplingParams
+from llmq.publisher import TokenEmission
+from workers.batch import Batch, cache_tensors
+from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.sampling import choose_tokens, make_generator
 
 log = structlog.get_logger(__name__)
+
+
+_TIMED_OUT = object()
 
 
 class JobTimeout(Exception):
@@ -43,12 +51,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    text: str
+    text: str  # exactly the concatenation of the job's token deltas
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_ms: float | None
     duration_ms: float
+    events: int = 0  # token events published for the job
 
 
 @dataclass
@@ -57,66 +66,14 @@ class _Sequence:
     future: Future
     generator: torch.Generator
     submitted_at: float
+    detok: TextState
     generated: list[int] = field(default_factory=list)
-    text: str = ""
     first_token_at: float | None = None
-    cancelled: bool = False
-    stopped: bool = False  # text already cut at a stop string
+    deltas_sent: int = 0
 
     @property
     def budget(self) -> int:
         return len(self.request.prompt_ids) + self.request.params.max_tokens
-
-
-@dataclass
-class _Batch:
-    """Running sequences with their shared left-padded KV cache and next-token logits."""
-
-    seqs: list[_Sequence]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [batch, heads, length, dim]
-    mask: torch.Tensor  # [batch, length], 0 where a row is padded on the left
-    logits: torch.Tensor  # [batch, vocab], for the token each row picks next
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
-    def padded_to(self, length: int) -> "_Batch":
-        extra = length - self.length
-        if extra == 0:
-            return self
-        kv = [
-            (
-                torch.nn.functional.pad(k, (0, 0, extra, 0)),
-                torch.nn.functional.pad(v, (0, 0, extra, 0)),
-            )
-            for k, v in self.kv
-        ]
-        return _Batch(self.seqs, kv, torch.nn.functional.pad(self.mask, (extra, 0)), self.logits)
-
-    def concat(self, other: "_Batch") -> "_Batch":
-        length = max(self.length, other.length)
-        a, b = self.padded_to(length), other.padded_to(length)
-        kv = [
-            (torch.cat([ka, kb]), torch.cat([va, vb]))
-            for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)
-        ]
-        return _Batch(
-            a.seqs + b.seqs, kv, torch.cat([a.mask, b.mask]), torch.cat([a.logits, b.logits])
-        )
-
-    def select(self, rows: list[int]) -> "_Batch":
-        """Keep only `rows`, and drop left columns that are padding in every remaining row."""
-        index = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        start = int((mask.sum(0) == 0).long().cumprod(0).sum().item())
-        kv = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in self.kv
-        ]
-        return _Batch(
-            [self.seqs[r] for r in rows], kv, mask[:, start:], self.logits.index_select(0, index)
-        )
 
 
 class GenerationEngine:
@@ -130,15 +87,17 @@ class GenerationEngine:
         max_batch_tokens: int,
         max_wait_ms: int,
         continuous: bool = True,
+        on_tokens: Callable[[list[TokenEmission]], None] | None = None,
     ) -> None:
         self.host = host
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.continuous = continuous
+        self.on_tokens = on_tokens
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._waiting: list[_Sequence] = []
-        self._batch: _Batch | None = None
+        self._batch: Batch[_Sequence] | None = None
         self._cancel_requests: set[uuid.UUID] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -156,7 +115,13 @@ class GenerationEngine:
 
     def submit(self, request: GenerationRequest) -> Future:
         future: Future = Future()
-        seq = _Sequence(request, future, make_generator(request.params.seed), time.monotonic())
+        seq = _Sequence(
+            request,
+            future,
+            make_generator(request.params.seed),
+            time.monotonic(),
+            TextState(stops=list(request.params.stop)),
+        )
         if self._stop.is_set():
             future.set_exception(EngineStopped("the worker is shutting down"))
         else:
@@ -235,7 +200,7 @@ class GenerationEngine:
             return
         self._batch = fresh if self._batch is None else self._batch.concat(fresh)
 
-    def _prefill(self, seqs: list[_Sequence]) -> _Batch | None:
+    def _prefill(self, seqs: list[_Sequence]) -> Batch | None:
         try:
             return self._forward_prompts(seqs)
         except Exception:
@@ -249,12 +214,12 @@ class GenerationEngine:
             except Exception as exc:
                 log.warning("prefill failed", job_id=str(seq.request.job_id), error=str(exc))
                 seq.future.set_exception(exc)
-        merged: _Batch | None = None
+        merged: Batch | None = None
         for batch in batches:
             merged = batch if merged is None else merged.concat(batch)
         return merged
 
-    def _forward_prompts(self, seqs: list[_Sequence]) -> _Batch:
+    def _forward_prompts(self, seqs: list[_Sequence]) -> Batch:
         device = self.host.device
         longest = max(len(s.request.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), longest), self.host.pad_token_id, dtype=torch.long)
@@ -273,10 +238,10 @@ class GenerationEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        return _Batch(seqs, _cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
+        return Batch(seqs, cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
 
     def _step(self) -> None:
-        """Pick one token per row, retire finished rows, and run one decode forward pass."""
+        """Pick one token per row, publish the text, retire finished rows, run one decode pass."""
         batch = self._batch
         assert batch is not None
         now = time.monotonic()
@@ -284,24 +249,33 @@ class GenerationEngine:
             cancels, self._cancel_requests = self._cancel_requests, set()
         params = [s.request.params for s in batch.seqs]
         tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs])
-        keep: list[int] = []
-        for row, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):
-            if seq.request.job_id in cancels:
-                seq.cancelled = True
-            if self._advance(seq, token, now):
-                keep.append(row)
-        self._apply_stop_strings([batch.seqs[row] for row in keep], now)
-        keep = [row for row in keep if not batch.seqs[row].future.done()]
+        outcomes = [
+            self._advance(seq, token, seq.request.job_id in cancels, now)
+            for seq, token in zip(batch.seqs, tokens, strict=True)
+        ]
+        stepped = [s for s, o in zip(batch.seqs, outcomes, strict=True) if o is not _TIMED_OUT]
+        advance_texts(self.host.decode_batch, [(s.detok, s.generated) for s in stepped])
+        finished: dict[int, FinishReason] = {}
+        for row, (seq, outcome) in enumerate(zip(batch.seqs, outcomes, strict=True)):
+            if outcome is _TIMED_OUT or isinstance(outcome, FinishReason):
+                finished[row] = outcome
+            elif seq.detok.stopped:
+                finished[row] = FinishReason.STOP
+        self._publish(stepped, finished={id(batch.seqs[r]) for r in finished})
+        for row, reason in finished.items():
+            if reason is not _TIMED_OUT:
+                self._finish(batch.seqs[row], reason, now)
         self.steps += 1
+        keep = [row for row in range(len(batch.seqs)) if row not in finished]
         if not keep:
             self._batch = None
             return
         if len(keep) < len(batch.seqs):
             batch = batch.select(keep)
-        next_ids = torch.tensor([[batch.seqs[i].generated[-1]] for i in range(len(keep))])
+        next_ids = torch.tensor([[seq.generated[-1]] for seq in batch.seqs])
         self._batch = self._forward_step(batch, next_ids.to(self.host.device))
 
-    def _forward_step(self, batch: _Batch, next_ids: torch.Tensor) -> _Batch:
+    def _forward_step(self, batch: Batch, next_ids: torch.Tensor) -> Batch:
         positions = batch.mask.sum(-1, keepdim=True)
         mask = torch.cat([batch.mask, torch.ones_like(positions)], dim=-1)
         out = self.host.model(
@@ -311,54 +285,58 @@ class GenerationEngine:
             past_key_values=DynamicCache(batch.kv),
             use_cache=True,
         )
-        return _Batch(batch.seqs, _cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
+        return Batch(batch.seqs, cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
 
-    def _advance(self, seq: _Sequence, token: int, now: float) -> bool:
-        """Append `token` to `seq`; finish it if it is done. True while it keeps running."""
+    def _advance(self, seq: _Sequence, token: int, cancelled: bool, now: float):
+        """Append `token`; return why the sequence is done, _TIMED_OUT, or None to go on."""
         request = seq.request
-        if seq.cancelled:
-            return self._finish(seq, FinishReason.CANCELLED, now)
+        if cancelled:
+            return FinishReason.CANCELLED
         if request.deadline is not None and now > request.deadline:
             seq.future.set_exception(JobTimeout("the job ran past its deadline"))
-            return False
+            return _TIMED_OUT
         if seq.first_token_at is None:
             seq.first_token_at = now
         if token == self.host.eos_token_id and not request.params.ignore_eos:
-            return self._finish(seq, FinishReason.STOP, now)
+            return FinishReason.STOP
         seq.generated.append(token)
         context_full = len(request.prompt_ids) + len(seq.generated) >= self.host.spec.context_length
         if len(seq.generated) >= request.params.max_tokens or context_full:
-            return self._finish(seq, FinishReason.LENGTH, now)
-        return True
+            return FinishReason.LENGTH
+        return None
 
-    def _apply_stop_strings(self, seqs: list[_Sequence], now: float) -> None:
-        """Finish sequences whose text now contains one of their stop strings (cut before it)."""
-        watched = [s for s in seqs if s.request.params.stop and not s.future.done()]
-        if not watched:
-            return
-        texts = self.host.decode_batch([s.generated for s in watched])
-        for seq, text in zip(watched, texts, strict=True):
-            cuts = [i for i in (text.find(stop) for stop in seq.request.params.stop) if i != -1]
-            if cuts:
-                seq.text = text[: min(cuts)]
-                seq.stopped = True
-                self._finish(seq, FinishReason.STOP, now)
+    def _publish(self, seqs: list[_Sequence], finished: set[int]) -> None:
+        """Hand this step's text deltas to the publisher, all in one call."""
+        emissions = []
+        for seq in seqs:
+            final = id(seq) in finished
+            if final:
+                seq.detok.finish(self.host.decode(seq.generated))
+            delta = seq.detok.take_delta(final)
+            if delta:
+                seq.deltas_sent += 1
+                event = TokenEvent(
+                    job_id=seq.request.job_id,
+                    token_index=len(seq.generated) - 1,
+                    text=delta,
+                )
+                emissions.append(TokenEmission(seq.deltas_sent, event))
+        if emissions and self.on_tokens is not None:
+            self.on_tokens(emissions)
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, now: float) -> bool:
+    def _finish(self, seq: _Sequence, reason: FinishReason, now: float) -> None:
         first = seq.first_token_at
-        if not seq.stopped:
-            seq.text = self.host.decode(seq.generated)
         seq.future.set_result(
             GenerationOutput(
-                text=seq.text,
+                text=seq.detok.text,
                 finish_reason=reason,
                 prompt_tokens=len(seq.request.prompt_ids),
                 completion_tokens=len(seq.generated),
                 time_to_first_token_ms=None if first is None else (first - seq.submitted_at) * 1000,
                 duration_ms=(now - seq.submitted_at) * 1000,
+                events=seq.deltas_sent,
             )
         )
-        return False
 
     def _drop_cancelled_waiting(self) -> None:
         with self._lock:
@@ -389,7 +367,3 @@ class GenerationEngine:
             if not seq.future.done():
                 seq.future.set_exception(exc)
         self._waiting = []
-
-
-def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]

@@ -14,7 +14,9 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponenti
 
 from db.queries import jobs as job_queries
 from db.session import session_scope
-from llmq.protocol import ErrorCategory, FinishReason, SamplingParams
+from llmq.events import DoneEvent, ErrorEvent
+from llmq.protocol import ErrorCategory, FinishReason, JobStatus, SamplingParams
+from llmq.publisher import TokenPublisher
 from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
 from workers.host import ModelHost
 
@@ -40,6 +42,7 @@ db_retry = retry(
 class JobRunner:
     engine: GenerationEngine
     host: ModelHost
+    publisher: TokenPublisher
     database_url: str
     worker_name: str
     job_timeout_s: float
@@ -50,6 +53,8 @@ class JobRunner:
         if job is None:
             bound.info("job skipped: cancelled or already finished")
             return
+        if job.attempts > 1:  # a redelivery: the lost attempt's partial stream is void
+            self.publisher.reset(job_id)
         try:
             params = SamplingParams.model_validate(job.params)
             prompt_ids = self.host.encode(job.input["prompt"])
@@ -68,8 +73,10 @@ class JobRunner:
         else:
             if output.finish_reason is FinishReason.CANCELLED:
                 bound.info("job cancelled while running")
+                self._publish_done(job_id, output, JobStatus.CANCELLED)
                 return
             self._complete(job_id, output)
+            self._publish_done(job_id, output, JobStatus.SUCCEEDED)
             bound.info(
                 "job succeeded",
                 completion_tokens=output.completion_tokens,
@@ -94,7 +101,23 @@ class JobRunner:
         with session_scope(self.database_url) as session:
             job_queries.complete_job(session, job_id, outcome)
 
-    @db_retry
     def _fail(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:
+        self._store_failure(job_id, category, message)
+        event = ErrorEvent(job_id=job_id, category=category.value, message=message)
+        self.publisher.publish_final(job_id, event)
+
+    @db_retry
+    def _store_failure(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:
         with session_scope(self.database_url) as session:
             job_queries.fail_job(session, job_id, category.value, message)
+
+    def _publish_done(self, job_id: uuid.UUID, output: GenerationOutput, status: JobStatus):
+        event = DoneEvent(
+            job_id=job_id,
+            status=status.value,
+            finish_reason=output.finish_reason.value,
+            text=output.text,
+            prompt_tokens=output.prompt_tokens,
+            completion_tokens=output.completion_tokens,
+        )
+        self.publisher.publish_final(job_id, event)

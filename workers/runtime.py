@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import structlog
 
 from llmq.protocol import SamplingParams
+from llmq.publisher import TokenPublisher
 from llmq.registry import get_registry
 from llmq.settings import Settings
 from workers.cancellation import CancellationWatcher
@@ -32,19 +33,21 @@ class WorkerRuntime:
                 f"LLMQ_WORKER_MODEL={settings.worker_model!r} is not in {settings.models_file}"
             )
         host = ModelHost.load(spec, detect_device(settings.worker_device), settings.data_dir)
+        publisher = TokenPublisher(settings.redis_url)
         engine = GenerationEngine(
             host,
             max_batch_size=spec.max_batch_size,
             max_batch_tokens=spec.max_batch_tokens,
             max_wait_ms=spec.max_wait_ms,
             continuous=spec.scheduling == "continuous",
+            on_tokens=publisher.publish_tokens,
         )
         engine.start()
         _warm_up(engine, host)
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
         runner = JobRunner(
-            engine, host, settings.database_url, worker_name, settings.job_time_limit_s
+            engine, host, publisher, settings.database_url, worker_name, settings.job_time_limit_s
         )
         return cls(host, engine, watcher, runner)
 

@@ -1,4 +1,8 @@
-"""Publishes token and final events to Redis: the replay stream and the live channel per job."""
+"""Publishes job events to Redis: the replay stream and the live channel of each job.
+
+Workers publish token deltas (one round trip per decode step) and final events; the API
+publishes the final event of a job cancelled before it ran.
+"""
 
 import uuid
 from dataclasses import dataclass
@@ -7,7 +11,14 @@ import structlog
 from redis import Redis
 from redis.exceptions import RedisError
 
-from llmq.events import REPLAY_MAXLEN, REPLAY_TTL_S, JobEvent, TokenEvent, events_key, token_event_id
+from llmq.events import (
+    REPLAY_MAXLEN,
+    REPLAY_TTL_S,
+    JobEvent,
+    TokenEvent,
+    events_key,
+    token_event_id,
+)
 
 log = structlog.get_logger(__name__)
 
