@@ -3,14 +3,17 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api.enqueue import producer
 from api.errors import install_error_handlers
+from api.events import JobEventReader, postgres_loader
 from api.live_workers import LiveQueues
 from api.prompts import PromptCounter
-from api.routes import health, jobs, models
+from api.routes import health, jobs, models, streams
 from llmq.logs import configure_logging
+from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
 from llmq.settings import Settings, get_settings
 
@@ -21,8 +24,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.live_queues.start()
+        redis = aioredis.Redis.from_url(settings.redis_url, max_connections=1000)
+        app.state.event_reader = JobEventReader(redis, postgres_loader(settings.database_url))
         yield
         app.state.live_queues.stop()
+        await redis.aclose()
 
     app = FastAPI(
         title="llmq",
@@ -35,8 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = load_registry(settings.models_file)
     app.state.prompt_counter = PromptCounter(settings.data_dir)
     app.state.live_queues = LiveQueues(producer(), interval_s=settings.workers_cache_s)
+    app.state.publisher = TokenPublisher(settings.redis_url)
     install_error_handlers(app)
-    for module in (health, jobs, models):
+    for module in (health, jobs, streams, models):
         app.include_router(module.router)
     return app
 

@@ -4,12 +4,19 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from db.tables import Job
 from llmq.protocol import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, JobStatus
 
 STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def reject_nul(text: str, field: str) -> str:
+    """Postgres text cannot store NUL, and no model needs it."""
+    if "\x00" in text:
+        raise ValueError(f"{field} contains a NUL character (\\u0000); remove it")
+    return text
 
 
 class JobCreate(BaseModel):
@@ -26,6 +33,11 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens tokens.")
+
+    @field_validator("prompt")
+    @classmethod
+    def prompt_has_no_nul(cls, prompt: str) -> str:
+        return reject_nul(prompt, "prompt")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

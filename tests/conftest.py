@@ -2,10 +2,11 @@
 subprocess holding the real tiny model, and the API app in-process.
 
 The servers come from LLMQ_DATABASE_URL / LLMQ_REDIS_URL (their defaults otherwise); the suite
-uses its own database (`llmq_test`) and Redis database (15) on them.
+uses its own database (`llmq_test_<pid>`, dropped at the end) and Redis database (15) on them.
 """
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,9 @@ def _test_urls() -> tuple[str, str]:
         os.environ.get("LLMQ_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/llmq")
     )
     redis_base = os.environ.get("LLMQ_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    return server.set(database="llmq_test").render_as_string(False), f"{redis_base}/15"
+    # A database per run, so that two runs against one server never meet.
+    name = f"llmq_test_{os.getpid()}"
+    return server.set(database=name).render_as_string(False), f"{redis_base}/15"
 
 
 DATABASE_URL, REDIS_URL = _test_urls()
@@ -38,18 +41,30 @@ os.environ.update(
 
 from tests.factories import (  # noqa: E402
     create_database,
+    drop_database,
     migrate,
+    start_api,
     start_worker,
     stop_worker,
     wait_for_queue,
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def remove_test_data_dir():
+    yield
+    shutil.rmtree(TEST_DATA_DIR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def database_url() -> str:
+def database_url():
     create_database(DATABASE_URL, replace=True)
     migrate(DATABASE_URL, "head")
-    return DATABASE_URL
+    yield DATABASE_URL
+    from db.session import get_engine
+
+    get_engine(DATABASE_URL).dispose()
+    drop_database(DATABASE_URL)
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +108,16 @@ def client(app):
 
     with TestClient(app) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def api_server(database_url, redis_url, tiny_model_path, worker):
+    """The API under uvicorn in its own process, for streaming and client-library tests."""
+    process, base_url = start_api()
+    try:
+        yield base_url
+    finally:
+        stop_worker(process)
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
 """Test helpers in one place: databases, migrations, worker processes, job polling."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 from db.admin import create_database, downgrade, drop_database, migrate
 
@@ -22,6 +25,36 @@ def start_worker(model: str) -> subprocess.Popen:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_api(timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(Path(os.environ["LLMQ_DATA_DIR"]) / "api.log", "ab")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port)],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base_url}/healthz").status_code == 200:
+                return process, base_url
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_worker(process)
+            raise RuntimeError("the API server did not start; see api.log")
+        time.sleep(0.2)
 
 
 def stop_worker(process: subprocess.Popen, timeout: float = 30) -> None:

@@ -9,6 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 INCOMPLETE = "\ufffd"  # what the decoder yields for a partial UTF-8 character
+# Postgres text cannot hold NUL; a model that emits byte 0 shows it as the symbol for null.
+NUL, NUL_SYMBOL = "\x00", "\u2400"
+
+
+def clean(text: str) -> str:
+    return text.replace(NUL, NUL_SYMBOL) if NUL in text else text
 
 
 @dataclass
@@ -38,7 +44,7 @@ class TextState:
         if len(full_text) <= len(prefix_text) or full_text.endswith(INCOMPLETE):
             return  # wait for the rest of the character
         before = len(self.text)
-        self.text += full_text[len(prefix_text) :]
+        self.text += clean(full_text[len(prefix_text) :])
         self._prefix_offset, self._read_offset = self._read_offset, len(ids)
         self._cut_at_stop(search_from=max(0, before - self.holdback))
 
@@ -50,6 +56,7 @@ class TextState:
 
     def finish(self, full_text: str) -> None:
         """Take the complete decode at the end (it holds any trailing partial character)."""
+        full_text = clean(full_text)
         if not self.stopped and full_text.startswith(self.text):
             self.text = full_text
 

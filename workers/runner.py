@@ -75,7 +75,12 @@ class JobRunner:
                 bound.info("job cancelled while running")
                 self._publish_done(job_id, output, JobStatus.CANCELLED)
                 return
-            self._complete(job_id, output)
+            try:
+                self._complete(job_id, output)
+            except Exception as exc:  # a result Postgres refuses must not leave the job running
+                bound.exception("result could not be stored")
+                self._fail(job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
+                return
             self._publish_done(job_id, output, JobStatus.SUCCEEDED)
             bound.info(
                 "job succeeded",

@@ -3,13 +3,14 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.deps import LiveQueuesDep, PromptCounterDep, RegistryDep, SessionDep
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
 from llmq.errors import JobNotCancellable, JobNotFound
+from llmq.events import DoneEvent
 from llmq.protocol import JobStatus, SamplingParams
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -26,6 +27,17 @@ def sampling_params(body: JobCreate, defaults) -> SamplingParams:
         seed=body.seed,
         stop=body.stop_list(),
         ignore_eos=body.ignore_eos,
+    )
+
+
+def cancelled_event(job_id: uuid.UUID) -> DoneEvent:
+    return DoneEvent(
+        job_id=job_id,
+        status=JobStatus.CANCELLED.value,
+        finish_reason="cancelled",
+        text="",
+        prompt_tokens=0,
+        completion_tokens=0,
     )
 
 
@@ -86,10 +98,14 @@ def list_jobs(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: uuid.UUID, session: SessionDep, request: Request) -> JobPublic:
     """Cancel a queued job (it never runs) or a running one (it leaves its batch)."""
+    was = job_queries.get_job(session, job_id)
+    never_started = was is not None and was.status == JobStatus.QUEUED.value
     cancelled = job_queries.cancel_job(session, job_id)
     session.commit()
+    if cancelled and never_started:  # a running job's worker announces its own end
+        request.app.state.publisher.publish_final(job_id, cancelled_event(job_id))
     job = job_queries.get_job(session, job_id)
     if job is None:
         raise JobNotFound(job_id)

@@ -95,3 +95,8 @@ def test_rejected_input_stores_no_job(client):
     client.post("/v1/jobs", json={"model": "tiny-llama", "prompt": ""})
     client.post("/v1/jobs", json={"model": "nope", "prompt": "hi"})
     assert client.get("/v1/jobs", params={"limit": 1}).json()["total"] == before
+
+
+def test_prompt_with_nul_character_is_400(client):
+    body = {"model": "tiny-llama", "prompt": "a\u0000b"}
+    assert "NUL" in _error(client.post("/v1/jobs", json=body), 400)

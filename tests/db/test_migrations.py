@@ -5,7 +5,7 @@ from sqlalchemy import create_engine, inspect
 from tests.conftest import DATABASE_URL
 from tests.factories import create_database, downgrade, drop_database, migrate
 
-EMPTY_DB_URL = DATABASE_URL.rsplit("/", 1)[0] + "/llmq_test_migrations"
+EMPTY_DB_URL = DATABASE_URL.replace("/llmq_test_", "/llmq_test_migrations_")
 TABLES = {"jobs", "job_results", "usage", "completion_cache"}
 
 

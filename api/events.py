@@ -1,0 +1,176 @@
+"""Reads a job's events for streaming: the replay buffer first, then the live channel.
+
+The reader subscribes before it reads the buffer, so nothing published in between is missed;
+ids already passed are dropped, so nothing is sent twice. When the buffer has expired (or Redis
+lost it) and the job has finished, the events are rebuilt from the row in Postgres.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+from starlette.concurrency import run_in_threadpool
+
+from db.queries.jobs import get_job
+from db.session import session_scope
+from llmq.events import DoneEvent, ErrorEvent, TokenEvent, events_key, parse_event_id
+from llmq.protocol import JobStatus
+
+log = structlog.get_logger(__name__)
+
+FINAL_TYPES = ("done", "error")
+
+
+@dataclass(frozen=True)
+class StreamedEvent:
+    id: str
+    type: str  # token | done | error
+    data: str  # the event's JSON
+
+    @property
+    def final(self) -> bool:
+        return self.type in FINAL_TYPES
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """What Postgres knows of a finished job, to rebuild its events."""
+
+    status: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error_category: str | None
+    error_message: str | None
+
+
+# Returns None while the job is still queued or running.
+LoadFinished = Callable[[uuid.UUID], Awaitable[FinishedJob | None]]
+
+
+def postgres_loader(database_url: str) -> LoadFinished:
+    def load(job_id: uuid.UUID) -> FinishedJob | None:
+        with session_scope(database_url) as session:
+            job = get_job(session, job_id)
+            if job is None or not JobStatus(job.status).is_final:
+                return None
+            result = job.result
+            return FinishedJob(
+                status=job.status,
+                text=result.text if result else "",
+                finish_reason=result.finish_reason if result else None,
+                prompt_tokens=result.prompt_tokens if result else 0,
+                completion_tokens=result.completion_tokens if result else 0,
+                error_category=job.error_category,
+                error_message=job.error_message,
+            )
+
+    async def load_async(job_id: uuid.UUID) -> FinishedJob | None:
+        return await run_in_threadpool(load, job_id)
+
+    return load_async
+
+
+def _decode(event_id: bytes | str, data: bytes | str) -> StreamedEvent:
+    text = data.decode() if isinstance(data, bytes) else data
+    kind = json.loads(text)["type"]
+    return StreamedEvent(event_id.decode() if isinstance(event_id, bytes) else event_id, kind, text)
+
+
+def rebuild_events(job_id: uuid.UUID, job: FinishedJob, after: str | None) -> list[StreamedEvent]:
+    """A finished job's stream from Postgres: its whole text as one token event, then the end."""
+    events = []
+    if after is None and job.text:
+        token = TokenEvent(
+            job_id=job_id, token_index=max(job.completion_tokens - 1, 0), text=job.text
+        )
+        events.append(StreamedEvent("1-0", "token", token.model_dump_json()))
+    final_id = f"{int(time.time() * 1000)}-0"  # later than every token event id
+    if job.error_category is not None:
+        error = ErrorEvent(
+            job_id=job_id, category=job.error_category, message=job.error_message or ""
+        )
+        events.append(StreamedEvent(final_id, "error", error.model_dump_json()))
+    else:
+        done = DoneEvent(
+            job_id=job_id,
+            status=job.status,
+            finish_reason=job.finish_reason or job.status,
+            text=job.text,
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+        )
+        events.append(StreamedEvent(final_id, "done", done.model_dump_json()))
+    return events
+
+
+class JobEventReader:
+    def __init__(self, redis: aioredis.Redis, load_finished: LoadFinished, idle_s: float = 1.0):
+        self.redis = redis
+        self.load_finished = load_finished
+        self.idle_s = idle_s
+
+    async def events(
+        self, job_id: uuid.UUID, after: str | None = None
+    ) -> AsyncIterator[StreamedEvent]:
+        """Every event of the job after `after` (a Last-Event-ID), in order, each once."""
+        key = events_key(job_id)
+        last = parse_event_id(after) if after else (0, 0)
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(key)
+        try:
+            async for event in self._replay(key, after):
+                last = parse_event_id(event.id)
+                yield event
+                if event.final:
+                    return
+            finished = await self.load_finished(job_id)
+            if finished is not None and not await self.redis.exists(key):
+                for event in rebuild_events(job_id, finished, after):
+                    yield event
+                return
+            idle_rounds_finished = 0
+            while True:
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=self.idle_s
+                )
+                if message is None:
+                    finished = await self.load_finished(job_id)
+                    if finished is None:
+                        continue
+                    # The final event follows the row's commit; give it a round to arrive.
+                    idle_rounds_finished += 1
+                    pending = [e async for e in self._replay(key, f"{last[0]}-{last[1]}")]
+                    if not pending and idle_rounds_finished < 2:
+                        continue
+                    if not pending:
+                        pending = rebuild_events(job_id, finished, f"{last[0]}-{last[1]}")
+                    for event in pending:
+                        yield event
+                        if event.final:
+                            return
+                    continue
+                event_id, _, data = message["data"].decode().partition(" ")
+                if parse_event_id(event_id) <= last:
+                    continue
+                event = _decode(event_id, data)
+                last = parse_event_id(event.id)
+                yield event
+                if event.final:
+                    return
+        finally:
+            await pubsub.unsubscribe(key)
+            await pubsub.aclose()
+
+    async def _replay(self, key: str, after: str | None) -> AsyncIterator[StreamedEvent]:
+        start = f"({after}" if after else "-"
+        entries = await self.redis.xrange(key, min=start)
+        if not entries and after is None:
+            return
+        for event_id, fields in entries:
+            yield _decode(event_id, fields[b"data"])

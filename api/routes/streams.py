@@ -1,0 +1,60 @@
+"""Server-Sent Events: a job's tokens as they are generated."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.deps import SessionDep
+from db.queries import jobs as job_queries
+from llmq.errors import InvalidRequest, JobNotFound
+from llmq.events import parse_event_id
+
+router = APIRouter(prefix="/v1/jobs", tags=["streams"])
+
+PING_S = 15
+
+
+def check_event_id(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parse_event_id(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"Last-Event-ID {value!r} is not an event id of this API; send back the id of the "
+            "last event you received, such as 12-0",
+            param="Last-Event-ID",
+        ) from None
+    return value
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def stream_job_events(
+    job_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+) -> EventSourceResponse:
+    """Stream a job: `token` events with text deltas, then one `done` or `error` event.
+
+    Reconnect with the `Last-Event-ID` header to resume after the last event received. The job
+    keeps running when the client goes away; its result is stored either way.
+    """
+    after = check_event_id(last_event_id)
+    if await run_in_threadpool(job_queries.get_job, session, job_id) is None:
+        raise JobNotFound(job_id)
+    session.close()  # the stream may be long; give the connection back now
+    reader = request.app.state.event_reader
+
+    async def publish():
+        async for event in reader.events(job_id, after):
+            yield ServerSentEvent(data=event.data, event=event.type, id=event.id)
+
+    return EventSourceResponse(publish(), ping=PING_S)
