@@ -44,7 +44,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def handle_llmq_error(_request: Request, exc: LlmqError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status_code == 503 else None
         return JSONResponse(
-            error_body(exc.message, exc.error_type, exc.param), exc.status_code, headers=headers
+            error_body(exc.message, exc.error_type, exc.param, exc.code),
+            exc.status_code,
+            headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)

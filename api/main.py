@@ -11,7 +11,7 @@ from api.errors import install_error_handlers
 from api.events import JobEventReader, postgres_loader
 from api.live_workers import LiveQueues
 from api.prompts import PromptCounter
-from api.routes import health, jobs, models, streams
+from api.routes import health, jobs, models, openai, streams
 from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.live_queues = LiveQueues(producer(), interval_s=settings.workers_cache_s)
     app.state.publisher = TokenPublisher(settings.redis_url)
     install_error_handlers(app)
-    for module in (health, jobs, streams, models):
+    for module in (health, jobs, streams, models, openai):
         app.include_router(module.router)
     return app
 

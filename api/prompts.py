@@ -1,16 +1,40 @@
-"""Counts prompt tokens with each model's own tokenizer, so over-long prompts fail at submit.
+"""Each model's tokenizer files, read in the API: prompt token counts (so over-long prompts fail
+at submit) and chat templates.
 
 It reads `tokenizer.json` with the `tokenizers` library (the same fast tokenizer Transformers
-wraps), which keeps torch out of the API process.
+wraps) and renders chat templates with Jinja as Transformers does, which keeps torch out of the
+API process.
 """
 
+import json
 import threading
+from functools import lru_cache
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from llmq.errors import PromptTooLong
+from llmq.errors import InvalidRequest, PromptTooLong
 from llmq.registry import ModelSpec
+
+# For models that ship no chat template (the tiny models, stories260K): one turn per message,
+# each ended by the end-of-sequence token, then the assistant's header.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@lru_cache
+def _compile(template: str):
+    def raise_exception(message: str) -> None:
+        raise InvalidRequest(f"the model's chat template refused the messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
 
 
 class PromptCounter:
@@ -26,16 +50,38 @@ class PromptCounter:
             return self._tokenizers[spec.id]
 
     def _tokenizer_file(self, spec: ModelSpec) -> Path:
+        return self._model_file(spec, "tokenizer.json")
+
+    def _model_file(self, spec: ModelSpec, name: str) -> Path:
         local = spec.local_path(self.data_dir)
         if local is None:
             from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(spec.source, "tokenizer.json"))
+            return Path(hf_hub_download(spec.source, name))
         if spec.is_builtin and not (local / "tokenizer.json").exists():
             from llmq.tiny_model import ensure_tiny_model  # first use only
 
             ensure_tiny_model(local)
-        return local / "tokenizer.json"
+        return local / name
+
+    def _chat_setup(self, spec: ModelSpec) -> tuple[str, dict[str, str]]:
+        """The model's chat template (or the default) and its special tokens."""
+        config_file = self._model_file(spec, "tokenizer_config.json")
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        template_file = config_file.parent / "chat_template.jinja"
+        template = config.get("chat_template")
+        if template is None and template_file.exists():
+            template = template_file.read_text()
+        specials = {
+            name: config.get(name) if isinstance(config.get(name), str) else ""
+            for name in ("bos_token", "eos_token")
+        }
+        return template or DEFAULT_CHAT_TEMPLATE, specials
+
+    def render_chat(self, spec: ModelSpec, messages: list[dict[str, str]]) -> str:
+        """The prompt text for a conversation, ending with the assistant's turn."""
+        template, specials = self._chat_setup(spec)
+        return _compile(template).render(messages=messages, add_generation_prompt=True, **specials)
 
     def count(self, spec: ModelSpec, prompt: str) -> int:
         return len(self.tokenizer(spec).encode(prompt).ids)

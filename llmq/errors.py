@@ -13,6 +13,7 @@ LlmqError
 class LlmqError(Exception):
     status_code = 500
     error_type = "internal_error"
+    code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -26,6 +27,7 @@ class InvalidRequest(LlmqError):
 
 
 class PromptTooLong(InvalidRequest):
+    code = "context_length_exceeded"
     def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
         super().__init__(
             f"prompt is {prompt_tokens:,} tokens and max_tokens is {max_tokens:,} "
@@ -47,7 +49,8 @@ class JobNotFound(LlmqError):
 
 class ModelNotServed(LlmqError):
     status_code = 404
-    error_type = "model_not_found"
+    error_type = "invalid_request_error"
+    code = "model_not_found"
 
     def __init__(self, model: str, served: list[str]) -> None:
         super().__init__(

@@ -59,6 +59,7 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)  # EOS is masked until then
 
     @property
     def greedy(self) -> bool:

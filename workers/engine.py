@@ -248,6 +248,7 @@ class GenerationEngine:
         with self._lock:
             cancels, self._cancel_requests = self._cancel_requests, set()
         params = [s.request.params for s in batch.seqs]
+        self._mask_early_eos(batch)
         tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs])
         outcomes = [
             self._advance(seq, token, seq.request.job_id in cancels, now)
@@ -286,6 +287,17 @@ class GenerationEngine:
             use_cache=True,
         )
         return Batch(batch.seqs, cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
+
+    def _mask_early_eos(self, batch: Batch[_Sequence]) -> None:
+        """Rows that have not reached their min_tokens may not pick EOS."""
+        eos = self.host.eos_token_id
+        rows = [
+            row
+            for row, seq in enumerate(batch.seqs)
+            if len(seq.generated) < seq.request.params.min_tokens
+        ]
+        if rows and eos is not None:
+            batch.logits[rows, eos] = float("-inf")
 
     def _advance(self, seq: _Sequence, token: int, cancelled: bool, now: float):
         """Append `token`; return why the sequence is done, _TIMED_OUT, or None to go on."""

@@ -137,6 +137,8 @@ def test_eos_finishes_a_job_unless_ignore_eos(host, make_engine):
     assert eos is not None
     assert stopped.finish_reason is FinishReason.STOP and stopped.completion_tokens < 120
     assert forced.finish_reason is FinishReason.LENGTH and forced.completion_tokens == 120
+    held = run_all(engine, [request(host, "x", **params, min_tokens=100)])[0]
+    assert held.completion_tokens >= 100 > stopped.completion_tokens
 
 
 def test_cancel_running_job_leaves_the_batch_and_neighbours_finish(host, make_engine):

@@ -1,0 +1,263 @@
+"""OpenAI-compatible wire models: requests, responses and stream chunks, in OpenAI's exact shapes.
+
+Requests carry their conversion to llmq's SamplingParams. Fields OpenAI defines that llmq does
+not implement are accepted only at their neutral value and otherwise refused with a 400 that
+names them, so no client believes a setting took effect when it did not.
+"""
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from api.schemas import reject_nul
+from llmq.protocol import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SamplingParams
+
+MAX_CHOICES = 16
+WIRE_INPUT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(BaseModel):
+    model_config = WIRE_INPUT
+
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = WIRE_INPUT
+
+    model: str = Field(min_length=1, max_length=200)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    user: str | None = Field(default=None, max_length=200)
+    # vLLM-style extras
+    top_k: int | None = Field(default=None, ge=-1, le=100_000)
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
+    # Defined by OpenAI, accepted only at their neutral values.
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+
+    @model_validator(mode="after")
+    def refuse_unimplemented(self):
+        unsupported = {
+            "presence_penalty": self.presence_penalty not in (None, 0, 0.0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0, 0.0),
+            "logit_bias": bool(self.logit_bias),
+            "logprobs": self.logprobs not in (None, False),
+        }
+        named = [name for name, used in unsupported.items() if used]
+        if named:
+            raise ValueError(f"{', '.join(named)} not supported by this server; leave unset")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            seed=self.seed,
+            stop=stops,
+            ignore_eos=self.ignore_eos,
+            min_tokens=min(self.min_tokens, max_tokens),
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def prompts_are_text(cls, prompt: str | list[str]) -> str | list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not prompts or not all(prompts):
+            raise ValueError("prompt must be a non-empty string or a list of non-empty strings")
+        for text in prompts:
+            reject_nul(text, "prompt")
+        return prompt
+
+    @model_validator(mode="after")
+    def refuse_echo_suffix_and_too_many_choices(self):
+        if self.echo or self.suffix:
+            raise ValueError("echo and suffix are not supported by this server; leave unset")
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise ValueError(
+                f"{len(self.prompts)} prompts × n={self.n} asks for "
+                f"{len(self.prompts) * self.n} choices; at most {MAX_CHOICES} per request"
+            )
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(BaseModel):
+    model_config = WIRE_INPUT
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+
+    @field_validator("messages")
+    @classmethod
+    def messages_have_no_nul(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for message in messages:
+            reject_nul(message.text(), "messages.content")
+        return messages
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+# -- responses ----------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+def new_response_id(prefix: str) -> tuple[str, int]:
+    """An id and a `created` time shared by a response and all of its chunks."""
+    return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+
+def completion_chunk(
+    response_id: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish: str | None,
+    include_usage: bool,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_chunk(
+    response_id: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, str],
+    finish: str | None,
+    include_usage: bool,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(response_id: str, created: int, model: str, obj: str, usage: UsageInfo):
+    return {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage.model_dump(),
+    }

@@ -1,0 +1,287 @@
+"""OpenAI-compatible completions and chat completions, each choice a job on the queue.
+
+Every choice is an ordinary job (visible in GET /v1/jobs). Responses wait on the jobs' events;
+streams turn token events into OpenAI chunks. A streaming client that disconnects cancels its
+jobs, so abandoned requests leave the batch.
+"""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.errors import error_body
+from api.events import StreamedEvent
+from api.openai_protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    _SamplingFields,
+    chat_chunk,
+    completion_chunk,
+    new_response_id,
+    usage_chunk,
+)
+from api.submit import resolve_model, submit_generation
+from db.queries import jobs as job_queries
+from db.session import get_sessionmaker, session_scope
+from llmq.protocol import MAX_TOKENS_LIMIT
+from llmq.registry import ModelSpec
+
+log = structlog.get_logger(__name__)
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+PING_S = 15
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    job_id: uuid.UUID
+    counts_prompt: bool  # prompt tokens are counted once per prompt, not once per choice
+
+
+def _submit_choices(
+    request: Request,
+    spec: ModelSpec,
+    body: _SamplingFields,
+    prompts: list[str],
+    max_tokens: list[int],
+    source: dict[str, object],
+) -> list[Choice]:
+    """One job per prompt × n, committed and queued. A seed gives choice j the seed + j."""
+    state = request.app.state
+    choices = []
+    with get_sessionmaker(state.settings.database_url)() as session:
+        for p, prompt in enumerate(prompts):
+            for j in range(body.n):
+                params = body.sampling_params(max_tokens[p])
+                if params.seed is not None:
+                    params = params.model_copy(update={"seed": params.seed + j})
+                job = submit_generation(
+                    session,
+                    spec=spec,
+                    prompt=prompt,
+                    params=params,
+                    counter=state.prompt_counter,
+                    live=state.live_queues,
+                ).job
+                choices.append(Choice(p * body.n + j, job.id, counts_prompt=j == 0))
+    log.info("openai request queued", model=spec.id, jobs=len(choices), **source)
+    return choices
+
+
+def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID]) -> None:
+    with session_scope(database_url) as session:
+        for job_id in job_ids:
+            job_queries.cancel_job(session, job_id)
+
+
+async def _final_event(request: Request, job_id: uuid.UUID) -> StreamedEvent:
+    async for event in request.app.state.event_reader.events(job_id):
+        if event.final:
+            return event
+    raise RuntimeError(f"the event stream of job {job_id} ended without a final event")
+
+
+async def _merged_events(request: Request, choices: list[Choice]):
+    """(choice, event) pairs from all the choices' streams, as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        async for event in request.app.state.event_reader.events(choice.job_id):
+            await queue.put((choice, event))
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        remaining = len(choices)
+        while remaining:
+            choice, event = await queue.get()
+            remaining -= event.final
+            yield choice, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _job_failed(event: StreamedEvent) -> JSONResponse:
+    data = json.loads(event.data)
+    message = f"generation failed ({data['category']}): {data['message']}"
+    return JSONResponse(error_body(message, "server_error", code=data["category"]), 500)
+
+
+async def _respond(request: Request, choices: list[Choice], build) -> object:
+    events = await asyncio.gather(*(_final_event(request, c.job_id) for c in choices))
+    usage = UsageInfo()
+    finished = []
+    for choice, event in zip(choices, events, strict=True):
+        if event.type == "error":
+            return _job_failed(event)
+        done = json.loads(event.data)
+        usage.add(done["prompt_tokens"] if choice.counts_prompt else 0, done["completion_tokens"])
+        finished.append((choice.index, done))
+    return build(sorted(finished, key=lambda item: item[0]), usage)
+
+
+def _stream(
+    request: Request,
+    choices: list[Choice],
+    chunk,
+    usage_object: str,
+    include_usage,
+    response_id: str,
+    created: int,
+    model: str,
+    opening: dict | None,
+):
+    database_url = request.app.state.settings.database_url
+
+    async def publish() -> AsyncIterator[ServerSentEvent]:
+        completed = False
+        usage = UsageInfo()
+        try:
+            if opening is not None:
+                for choice in choices:
+                    yield _data(chunk(choice.index, opening, None))
+            async for choice, event in _merged_events(request, choices):
+                data = json.loads(event.data)
+                if event.type == "error":
+                    message = f"generation failed ({data['category']}): {data['message']}"
+                    yield _data(error_body(message, "server_error", code=data["category"]))
+                    completed = True
+                    return
+                if event.type == "token":
+                    yield _data(chunk(choice.index, data["text"], None))
+                else:
+                    prompt_tokens = data["prompt_tokens"] if choice.counts_prompt else 0
+                    usage.add(prompt_tokens, data["completion_tokens"])
+                    yield _data(chunk(choice.index, "", data["finish_reason"]))
+            if include_usage:
+                yield _data(usage_chunk(response_id, created, model, usage_object, usage))
+            yield ServerSentEvent(data="[DONE]")
+            completed = True
+        finally:
+            if not completed:  # the client went away: free the batch
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        _cancel_jobs, database_url, [c.job_id for c in choices]
+                    )
+                log.info("stream abandoned; jobs cancelled", jobs=len(choices))
+
+    return EventSourceResponse(publish(), ping=PING_S)
+
+
+def _data(payload: dict) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def create_completion(body: CompletionRequest, request: Request):
+    """OpenAI's text completions, on the queue."""
+    state = request.app.state
+    spec = resolve_model(state.registry, body.model)
+    max_tokens = [body.max_tokens or 16] * len(body.prompts)  # OpenAI's default is 16
+    choices = await anyio.to_thread.run_sync(
+        _submit_choices, request, spec, body, body.prompts, max_tokens, {"endpoint": "completions"}
+    )
+    response_id, created = new_response_id("cmpl")
+
+    if body.stream:
+
+        def chunk(index: int, text: str, finish: str | None) -> dict:
+            return completion_chunk(
+                response_id, created, spec.id, index, text, finish, body.include_usage
+            )
+
+        return _stream(
+            request,
+            choices,
+            chunk,
+            "text_completion",
+            body.include_usage,
+            response_id,
+            created,
+            spec.id,
+            opening=None,
+        )
+
+    def build(finished, usage):
+        return CompletionResponse(
+            id=response_id,
+            created=created,
+            model=spec.id,
+            usage=usage,
+            choices=[
+                CompletionChoice(index=i, text=d["text"], finish_reason=d["finish_reason"])
+                for i, d in finished
+            ],
+        )
+
+    return await _respond(request, choices, build)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """OpenAI's chat completions, on the queue; the prompt comes from the model's chat template."""
+    state = request.app.state
+    spec = resolve_model(state.registry, body.model)
+    prompt = state.prompt_counter.render_chat(spec, body.template_messages())
+    requested = body.requested_max_tokens
+    if requested is None:  # as vLLM: whatever the context leaves
+        room = spec.context_length - state.prompt_counter.count(spec, prompt)
+        requested = max(1, min(room, MAX_TOKENS_LIMIT))
+    choices = await anyio.to_thread.run_sync(
+        _submit_choices, request, spec, body, [prompt], [requested], {"endpoint": "chat"}
+    )
+    response_id, created = new_response_id("chatcmpl")
+
+    if body.stream:
+
+        def chunk(index: int, delta, finish: str | None) -> dict:
+            content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
+            return chat_chunk(
+                response_id, created, spec.id, index, content, finish, body.include_usage
+            )
+
+        return _stream(
+            request,
+            choices,
+            chunk,
+            "chat.completion.chunk",
+            body.include_usage,
+            response_id,
+            created,
+            spec.id,
+            opening={"role": "assistant", "content": ""},
+        )
+
+    def build(finished, usage):
+        return ChatCompletionResponse(
+            id=response_id,
+            created=created,
+            model=spec.id,
+            usage=usage,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=d["text"]),
+                    finish_reason=d["finish_reason"],
+                )
+                for i, d in finished
+            ],
+        )
+
+    return await _respond(request, choices, build)
