@@ -7,6 +7,7 @@ names them, so no client believes a setting took effect when it did not.
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -210,54 +211,41 @@ def new_response_id(prefix: str) -> tuple[str, int]:
     return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
 
-def completion_chunk(
-    response_id: str,
-    created: int,
-    model: str,
-    index: int,
-    text: str,
-    finish: str | None,
-    include_usage: bool,
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+@dataclass(frozen=True)
+class ChunkFormat:
+    """Stream chunks of one response: the same id and `created` in every chunk."""
 
+    response_id: str
+    created: int
+    model: str
+    chat: bool
+    include_usage: bool
 
-def chat_chunk(
-    response_id: str,
-    created: int,
-    model: str,
-    index: int,
-    delta: dict[str, str],
-    finish: str | None,
-    include_usage: bool,
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": response_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    @property
+    def object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
 
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
-def usage_chunk(response_id: str, created: int, model: str, obj: str, usage: UsageInfo):
-    return {
-        "id": response_id,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage.model_dump(),
-    }
+    def chunk(self, index: int, text: str, finish: str | None, opening: bool = False):
+        if not self.chat:
+            body: dict[str, Any] = {"text": text}
+        elif opening:
+            body = {"delta": {"role": "assistant", "content": ""}}
+        else:
+            body = {"delta": {"content": text} if text else {}}
+        choice = {"index": index, **body, "finish_reason": finish, "logprobs": None}
+        chunk = self._envelope([choice])
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self, usage: UsageInfo) -> dict[str, Any]:
+        return self._envelope([]) | {"usage": usage.model_dump()}

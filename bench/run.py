@@ -10,6 +10,7 @@ micro-batching). Figures are medians over the repeats.
 
 import argparse
 import asyncio
+import json
 import random
 import tempfile
 import time
@@ -18,13 +19,14 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from httpx_sse import aconnect_sse
 from rich.console import Console
 from rich.table import Table
 
 from bench.models import SHARED_STORIES, ensure_llama_25m
 from bench.stack import baseline_server, llmq_stack
 
-console = Console()
+console = Console(width=180)
 SHORT_JOB_TOKENS = 32
 
 WORDS = "once upon a time there was a little girl named lily who liked to play in the park".split()
@@ -99,37 +101,71 @@ async def run_clients(requests: list[Request], clients: int, one_request) -> Run
         return RunResult(time.perf_counter() - started, samples)
 
 
-def llmq_request(base: str, model: str):
+def llmq_request(base: str, model: str, stream: bool):
+    """One request to llmq's OpenAI-compatible /v1/completions, streamed or not."""
+
     async def one(http: httpx.AsyncClient, request: Request) -> Sample:
+        body = {
+            "model": model,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": stream,
+        }
         started = time.perf_counter()
+        if not stream:
+            response = await http.post(f"{base}/v1/completions", json=body)
+            response.raise_for_status()
+            tokens = response.json()["usage"]["completion_tokens"]
+            return Sample(time.perf_counter() - started, None, tokens, request.max_tokens)
+        body["stream_options"] = {"include_usage": True}
+        first = None
+        tokens = 0
+        async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif first is None and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - started
+        return Sample(time.perf_counter() - started, first, tokens, request.max_tokens)
+
+    return one
+
+
+def sse_overhead_request(base: str, model: str, overheads: list[float]):
+    """Job API + SSE: the client's time to first token minus the worker's own, per job."""
+
+    async def one(http: httpx.AsyncClient, request: Request) -> Sample:
         body = {
             "model": model,
             "prompt": request.prompt,
             "max_tokens": request.max_tokens,
             "ignore_eos": True,
         }
-        response = await http.post(f"{base}/v1/jobs", json=body)
-        response.raise_for_status()
-        job_id = response.json()["id"]
-        delay = 0.02
-        while True:
-            await asyncio.sleep(delay)
-            job = (await http.get(f"{base}/v1/jobs/{job_id}")).json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            delay = min(delay * 1.5, 0.1)
+        started = time.perf_counter()
+        job = (await http.post(f"{base}/v1/jobs", json=body)).json()
+        first = None
+        async with aconnect_sse(http, "GET", f"{base}/v1/jobs/{job['id']}/events") as source:
+            async for event in source.aiter_sse():
+                if first is None and event.event == "token":
+                    first = time.perf_counter() - started
+                if event.event in ("done", "error"):
+                    break
         latency = time.perf_counter() - started
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
-        result = job["result"]
+        stored = (await http.get(f"{base}/v1/jobs/{job['id']}")).json()
         queued = (
-            datetime.fromisoformat(job["started_at"]) - datetime.fromisoformat(job["created_at"])
+            datetime.fromisoformat(stored["started_at"])
+            - datetime.fromisoformat(stored["created_at"])
         ).total_seconds()
+        worker_ttft = queued + stored["result"]["time_to_first_token_ms"] / 1000
+        overheads.append(first - worker_ttft)
         return Sample(
-            latency,
-            queued + result["time_to_first_token_ms"] / 1000,
-            result["usage"]["completion_tokens"],
-            request.max_tokens,
+            latency, first, stored["result"]["usage"]["completion_tokens"], request.max_tokens
         )
 
     return one
@@ -233,33 +269,29 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
 
     for w, requests in workloads.items():
         repeat(w, "ceiling", args.repeats, lambda r=requests: run_ceiling(model_dir, r))
+    overheads: list[float] = []
+
+    def llmq(requests, model, stream=False, client=None):
+        make = client or llmq_request(base, model, stream)
+        return lambda: asyncio.run(run_clients(requests, args.clients, make))
+
     with llmq_stack(models, workdir, [name, f"{name}-static"]) as (base, _workers):
-        for w, requests in workloads.items():
-            warm = requests[: args.clients]
-            asyncio.run(run_clients(warm, args.clients, llmq_request(base, name)))
-            repeat(
-                w,
-                "llmq",
-                args.repeats,
-                lambda r=requests: asyncio.run(
-                    run_clients(r, args.clients, llmq_request(base, name))
-                ),
-            )
+        for requests in workloads.values():  # warm-up, not counted
+            llmq(requests[: args.clients], name)()
+            llmq(requests[: args.clients], f"{name}-static")()
+        a, b = workloads["a"], workloads["b"]
+        repeat("a", "llmq", args.repeats, llmq(a, name))
+        repeat("a", "llmq, streamed", args.repeats, llmq(a, name, stream=True))
         repeat(
-            "b",
-            "llmq static",
+            "a",
+            "llmq, job API + SSE",
             args.repeats,
-            lambda: asyncio.run(
-                run_clients(workloads["b"], args.clients, llmq_request(base, f"{name}-static"))
-            ),
+            llmq(a, name, client=sse_overhead_request(base, name, overheads)),
         )
-        shorts = [r for r in workloads["b"] if r.max_tokens <= SHORT_JOB_TOKENS]
-        repeat(
-            "b",
-            "llmq, short jobs alone",
-            args.repeats,
-            lambda: asyncio.run(run_clients(shorts, args.clients, llmq_request(base, name))),
-        )
+        repeat("b", "llmq", args.repeats, llmq(b, name))
+        repeat("b", "llmq static", args.repeats, llmq(b, f"{name}-static"))
+        shorts = [r for r in b if r.max_tokens <= SHORT_JOB_TOKENS]
+        repeat("b", "llmq, short jobs alone", args.repeats, llmq(shorts, name))
     with baseline_server(model_dir) as base:
         baseline_runs = 1 if args.quick else args.repeats
         for w, requests in workloads.items():
@@ -286,6 +318,11 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         report(
             f"{name}: {title}, {args.clients} clients, median of {args.repeats}", rows, reference
         )
+    console.print(
+        f"{name}: SSE time to first token minus the worker's own, {len(overheads)} jobs: "
+        f"p50 {percentile(overheads, 50) * 1000:.1f} ms, "
+        f"p99 {percentile(overheads, 99) * 1000:.1f} ms"
+    )
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ class InvalidRequest(LlmqError):
 
 class PromptTooLong(InvalidRequest):
     code = "context_length_exceeded"
+
     def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
         super().__init__(
             f"prompt is {prompt_tokens:,} tokens and max_tokens is {max_tokens:,} "

@@ -63,30 +63,39 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     return fast
 
 
-def build_model(vocab_size: int):  # -> transformers.LlamaForCausalLM
+# The built-in tiny-llama: two layers, 64 wide. A large init spread makes its random output vary
+# from prompt to prompt, which gives tests of batching something to tell apart.
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "initializer_range": 0.4,
+}
+
+
+def build_model(vocab_size: int, seed: int = SEED, **shape):  # -> LlamaForCausalLM
+    """A seeded random Llama; `shape` overrides TINY_SHAPE's config fields."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
         tie_word_embeddings=True,
-        initializer_range=0.4,
+        **(TINY_SHAPE | shape),
     )
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
 
-def ensure_tiny_model(path: Path) -> Path:
-    """Write the tiny model to `path` unless it is already there; safe under concurrent callers."""
+def ensure_tiny_model(path: Path, seed: int = SEED, **shape) -> Path:
+    """Write a seeded Llama (tiny-llama unless `shape` says otherwise) and the tokenizer to
+    `path` unless they are already there; safe under concurrent callers."""
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +103,7 @@ def ensure_tiny_model(path: Path) -> Path:
     try:
         tokenizer = build_tokenizer()
         tokenizer.save_pretrained(staging)
-        build_model(len(tokenizer)).save_pretrained(staging)
+        build_model(len(tokenizer), seed, **shape).save_pretrained(staging)
         try:
             os.rename(staging, path)  # atomic: readers never see a half-written model
         except OSError:

@@ -24,15 +24,13 @@ from api.openai_protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChunkFormat,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     UsageInfo,
     _SamplingFields,
-    chat_chunk,
-    completion_chunk,
     new_response_id,
-    usage_chunk,
 )
 from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
@@ -136,26 +134,16 @@ async def _respond(request: Request, choices: list[Choice], build) -> object:
     return build(sorted(finished, key=lambda item: item[0]), usage)
 
 
-def _stream(
-    request: Request,
-    choices: list[Choice],
-    chunk,
-    usage_object: str,
-    include_usage,
-    response_id: str,
-    created: int,
-    model: str,
-    opening: dict | None,
-):
+def _stream(request: Request, choices: list[Choice], fmt: ChunkFormat) -> EventSourceResponse:
     database_url = request.app.state.settings.database_url
 
     async def publish() -> AsyncIterator[ServerSentEvent]:
         completed = False
         usage = UsageInfo()
         try:
-            if opening is not None:
+            if fmt.chat:
                 for choice in choices:
-                    yield _data(chunk(choice.index, opening, None))
+                    yield _data(fmt.chunk(choice.index, "", None, opening=True))
             async for choice, event in _merged_events(request, choices):
                 data = json.loads(event.data)
                 if event.type == "error":
@@ -164,13 +152,13 @@ def _stream(
                     completed = True
                     return
                 if event.type == "token":
-                    yield _data(chunk(choice.index, data["text"], None))
+                    yield _data(fmt.chunk(choice.index, data["text"], None))
                 else:
                     prompt_tokens = data["prompt_tokens"] if choice.counts_prompt else 0
                     usage.add(prompt_tokens, data["completion_tokens"])
-                    yield _data(chunk(choice.index, "", data["finish_reason"]))
-            if include_usage:
-                yield _data(usage_chunk(response_id, created, model, usage_object, usage))
+                    yield _data(fmt.chunk(choice.index, "", data["finish_reason"]))
+            if fmt.include_usage:
+                yield _data(fmt.usage_chunk(usage))
             yield ServerSentEvent(data="[DONE]")
             completed = True
         finally:
@@ -200,23 +188,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     response_id, created = new_response_id("cmpl")
 
     if body.stream:
-
-        def chunk(index: int, text: str, finish: str | None) -> dict:
-            return completion_chunk(
-                response_id, created, spec.id, index, text, finish, body.include_usage
-            )
-
-        return _stream(
-            request,
-            choices,
-            chunk,
-            "text_completion",
-            body.include_usage,
-            response_id,
-            created,
-            spec.id,
-            opening=None,
-        )
+        fmt = ChunkFormat(response_id, created, spec.id, False, body.include_usage)
+        return _stream(request, choices, fmt)
 
     def build(finished, usage):
         return CompletionResponse(
@@ -249,24 +222,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     response_id, created = new_response_id("chatcmpl")
 
     if body.stream:
-
-        def chunk(index: int, delta, finish: str | None) -> dict:
-            content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-            return chat_chunk(
-                response_id, created, spec.id, index, content, finish, body.include_usage
-            )
-
-        return _stream(
-            request,
-            choices,
-            chunk,
-            "chat.completion.chunk",
-            body.include_usage,
-            response_id,
-            created,
-            spec.id,
-            opening={"role": "assistant", "content": ""},
-        )
+        fmt = ChunkFormat(response_id, created, spec.id, True, body.include_usage)
+        return _stream(request, choices, fmt)
 
     def build(finished, usage):
         return ChatCompletionResponse(

@@ -1,0 +1,101 @@
+"""Worker memory over a long run: many short jobs through the API while the worker's resident
+memory is sampled. Target: it stays within the model's size + 500 MB, and does not creep.
+
+    python -m bench.memory [--jobs 10000] [--clients 64]
+"""
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from bench.models import SHARED_STORIES, ensure_llama_25m
+from bench.run import Request, llmq_request, make_workload, run_clients
+from bench.stack import llmq_stack
+
+console = Console(width=160)
+MB = 1024 * 1024
+
+
+def sample_rss(pid: int, samples: list[tuple[float, int]], stop: threading.Event) -> None:
+    process = psutil.Process(pid)
+    started = time.monotonic()
+    while not stop.wait(0.5):
+        samples.append((time.monotonic() - started, process.memory_info().rss))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="llmq-memory-"))
+    model_dir = SHARED_STORIES if SHARED_STORIES.is_dir() else ensure_llama_25m(workdir / "m")
+    model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    spec = {
+        "id": "memory",
+        "source": str(model_dir),
+        "devices": ["cpu"],
+        "max_batch_size": args.clients,
+        "context_length": 512,
+    }
+    requests = [Request(r.prompt, args.max_tokens) for r in make_workload("a", args.jobs, seed=3)]
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    with llmq_stack([spec], workdir, ["memory"]) as (base, workers):
+        sampler = threading.Thread(target=sample_rss, args=(workers[0].pid, samples, stop))
+        sampler.start()
+        warm = asyncio.run(
+            run_clients(
+                requests[: args.clients * 4],
+                args.clients,
+                llmq_request(base, "memory", stream=False),
+            )
+        )
+        after_warmup = samples[-1][1] if samples else 0
+        result = asyncio.run(
+            run_clients(requests, args.clients, llmq_request(base, "memory", stream=False))
+        )
+        stop.set()
+        sampler.join()
+        succeeded = httpx.get(f"{base}/v1/jobs", params={"status": "succeeded", "limit": 1})
+    rss = [r for _, r in samples]
+    tail = [r for t, r in samples if t > samples[-1][0] * 0.9]
+    table = Table(
+        title=f"worker memory over {len(result.samples):,} jobs "
+        f"({args.clients} clients, {args.max_tokens} tokens each)"
+    )
+    for column in [
+        "model size",
+        "RSS after warm-up",
+        "RSS peak",
+        "RSS last 10%",
+        "peak − model",
+        "jobs/s",
+        "jobs stored",
+    ]:
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{model_bytes / MB:.1f} MB",
+        f"{after_warmup / MB:.0f} MB",
+        f"{max(rss) / MB:.0f} MB",
+        f"{statistics.median(tail) / MB:.0f} MB",
+        f"{(max(rss) - model_bytes) / MB:.0f} MB",
+        f"{result.requests_per_s:.0f}",
+        f"{succeeded.json()['total']:,}",
+    )
+    console.print(table)
+    del warm
+
+
+if __name__ == "__main__":
+    main()
