@@ -5,7 +5,6 @@ ids already passed are dropped, so nothing is sent twice. When the buffer has ex
 lost it) and the job has finished, the events are rebuilt from the row in Postgres.
 """
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,12 +73,6 @@ def postgres_loader(database_url: str) -> LoadFinished:
         return await run_in_threadpool(load, job_id)
 
     return load_async
-
-
-def _decode(event_id: bytes | str, data: bytes | str) -> StreamedEvent:
-    text = data.decode() if isinstance(data, bytes) else data
-    kind = json.loads(text)["type"]
-    return StreamedEvent(event_id.decode() if isinstance(event_id, bytes) else event_id, kind, text)
 
 
 def rebuild_events(job_id: uuid.UUID, job: FinishedJob, after: str | None) -> list[StreamedEvent]:
@@ -155,10 +148,10 @@ class JobEventReader:
                         if event.final:
                             return
                     continue
-                event_id, _, data = message["data"].decode().partition(" ")
+                event_id, kind, data = message["data"].decode().split(" ", 2)
                 if parse_event_id(event_id) <= last:
                     continue
-                event = _decode(event_id, data)
+                event = StreamedEvent(event_id, kind, data)
                 last = parse_event_id(event.id)
                 yield event
                 if event.final:
@@ -173,4 +166,6 @@ class JobEventReader:
         if not entries and after is None:
             return
         for event_id, fields in entries:
-            yield _decode(event_id, fields[b"data"])
+            yield StreamedEvent(
+                event_id.decode(), fields[b"type"].decode(), fields[b"data"].decode()
+            )

@@ -31,9 +31,10 @@ class TokenEmission:
     event: TokenEvent
 
 
-def live_message(event_id: str, data: str) -> str:
-    """What goes on the pub/sub channel: the stream id, a space, the event JSON."""
-    return f"{event_id} {data}"
+def live_message(event_id: str, event_type: str, data: str) -> str:
+    """What goes on the pub/sub channel: stream id, event type and the event JSON, spaced, so a
+    reader can route an event without parsing its JSON."""
+    return f"{event_id} {event_type} {data}"
 
 
 class TokenPublisher:
@@ -50,9 +51,10 @@ class TokenPublisher:
             key = events_key(emission.event.job_id)
             event_id = token_event_id(emission.number)
             data = emission.event.model_dump_json()
-            pipe.xadd(key, {"data": data}, id=event_id, maxlen=REPLAY_MAXLEN, approximate=True)
+            fields = {"type": "token", "data": data}
+            pipe.xadd(key, fields, id=event_id, maxlen=REPLAY_MAXLEN, approximate=True)
             pipe.expire(key, REPLAY_TTL_S)
-            pipe.publish(key, live_message(event_id, data))
+            pipe.publish(key, live_message(event_id, "token", data))
         try:
             pipe.execute(raise_on_error=False)
         except RedisError as exc:
@@ -61,11 +63,12 @@ class TokenPublisher:
     def publish_final(self, job_id: uuid.UUID, event: JobEvent) -> None:
         key = events_key(job_id)
         data = event.model_dump_json()
+        fields = {"type": event.type, "data": data}
         try:
-            event_id = self.redis.xadd(key, {"data": data}, maxlen=REPLAY_MAXLEN, approximate=True)
+            event_id = self.redis.xadd(key, fields, maxlen=REPLAY_MAXLEN, approximate=True)
             pipe = self.redis.pipeline(transaction=False)
             pipe.expire(key, REPLAY_TTL_S)
-            pipe.publish(key, live_message(event_id.decode(), data))
+            pipe.publish(key, live_message(event_id.decode(), event.type, data))
             pipe.execute()
         except RedisError as exc:
             log.warning("final event publish failed", job_id=str(job_id), error=str(exc))
