@@ -52,7 +52,8 @@ def main() -> None:
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     with llmq_stack([spec], workdir, ["memory"]) as (base, workers):
-        sampler = threading.Thread(target=sample_rss, args=(workers[0].pid, samples, stop))
+        worker = workers[1]  # [api, worker]
+        sampler = threading.Thread(target=sample_rss, args=(worker.pid, samples, stop))
         sampler.start()
         warm = asyncio.run(
             run_clients(

@@ -14,11 +14,13 @@ import json
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import httpx
+import psutil
 from httpx_sse import aconnect_sse
 from rich.console import Console
 from rich.table import Table
@@ -204,6 +206,25 @@ def run_ceiling(model_dir: Path, requests: list[Request]) -> RunResult:
     return RunResult(wall, [Sample(wall, None, r.max_tokens, r.max_tokens) for r in requests])
 
 
+@contextmanager
+def cpu_accounting(processes, shares: dict[str, float]):
+    """CPU seconds spent by the API, the worker and this load generator while the block runs."""
+    named = {
+        "api": psutil.Process(processes[0].pid),
+        "worker": psutil.Process(processes[1].pid),
+        "clients": psutil.Process(),
+    }
+
+    def seconds() -> dict[str, float]:
+        return {k: p.cpu_times().user + p.cpu_times().system for k, p in named.items()}
+
+    before, wall = seconds(), time.perf_counter()
+    yield
+    after = seconds()
+    shares.update({k: after[k] - before[k] for k in named})
+    shares["wall"] = time.perf_counter() - wall
+
+
 def median_result(results: list[RunResult]) -> RunResult:
     return sorted(results, key=lambda r: r.tokens_per_s)[len(results) // 2]
 
@@ -277,13 +298,15 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         make = client or llmq_request(base, model, stream)
         return lambda: asyncio.run(run_clients(requests, args.clients, make))
 
-    with llmq_stack(models, workdir, [name, f"{name}-static"]) as (base, _workers):
+    cpu_shares: dict[str, float] = {}
+    with llmq_stack(models, workdir, [name, f"{name}-static"]) as (base, processes):
         for requests in workloads.values():  # warm-up, not counted
             llmq(requests[: args.clients], name)()
             llmq(requests[: args.clients], f"{name}-static")()
         if "a" in workloads:
             a = workloads["a"]
-            repeat("a", "llmq", args.repeats, llmq(a, name))
+            with cpu_accounting(processes[:2], cpu_shares):
+                repeat("a", "llmq", args.repeats, llmq(a, name))
             repeat("a", "llmq, streamed", args.repeats, llmq(a, name, stream=True))
             repeat(
                 "a",

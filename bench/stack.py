@@ -83,7 +83,7 @@ def llmq_stack(models: list[dict], workdir: Path, worker_models: list[str], port
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_for_workers(base, worker_models, processes)
-        yield base, processes[1:]
+        yield base, processes
     finally:
         for process in processes:
             process.terminate()
