@@ -22,6 +22,7 @@ from llmq.protocol import JobStatus
 log = structlog.get_logger(__name__)
 
 FINAL_TYPES = ("done", "error")
+FIRST_IDLE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -122,32 +123,30 @@ class JobEventReader:
                 yield event
                 if event.final:
                     return
-            finished = await self.load_finished(job_id)
-            if finished is not None and not await self.redis.exists(key):
-                for event in rebuild_events(job_id, finished, after):
-                    yield event
-                return
-            idle_rounds_finished = 0
+            # Postgres is asked only when the feed is quiet: soon after connecting (the job may
+            # have finished long ago, its buffer gone), then about once a second.
+            idle_s = FIRST_IDLE_S
+            waited_for_final = False
             while True:
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=self.idle_s
-                )
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=idle_s)
                 if message is None:
+                    idle_s = self.idle_s
                     finished = await self.load_finished(job_id)
                     if finished is None:
                         continue
-                    # The final event follows the row's commit; give it a round to arrive.
-                    idle_rounds_finished += 1
-                    pending = [e async for e in self._replay(key, f"{last[0]}-{last[1]}")]
-                    if not pending and idle_rounds_finished < 2:
-                        continue
-                    if not pending:
-                        pending = rebuild_events(job_id, finished, f"{last[0]}-{last[1]}")
-                    for event in pending:
+                    since = f"{last[0]}-{last[1]}" if last != (0, 0) else None
+                    async for event in self._replay(key, since):
+                        last = parse_event_id(event.id)
                         yield event
                         if event.final:
                             return
-                    continue
+                    if await self.redis.exists(key) and not waited_for_final:
+                        waited_for_final = True  # it follows the row's commit; give it a round
+                        continue
+                    since = f"{last[0]}-{last[1]}" if last != (0, 0) else None
+                    for event in rebuild_events(job_id, finished, since):
+                        yield event
+                    return
                 event_id, kind, data = message["data"].decode().split(" ", 2)
                 if parse_event_id(event_id) <= last:
                     continue
