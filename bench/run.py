@@ -358,6 +358,11 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
             f"{len(values)} jobs: p50 {percentile(values, 50) * 1000:.1f} ms, "
             f"p99 {percentile(values, 99) * 1000:.1f} ms"
         )
+    if cpu_shares:
+        console.print(
+            f"{name}: CPU seconds during the llmq (a) runs, by process: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in cpu_shares.items())
+        )
 
 
 def main() -> None:
