@@ -1,14 +1,20 @@
 """Publishes job events to Redis: the replay stream and the live channel of each job.
 
-Workers publish token deltas (one round trip per decode step) and final events; the API
-publishes the final event of a job cancelled before it ran.
+Workers publish token deltas and final events; the API publishes the final event of a job
+cancelled before it ran. Events go through one queue to one sender thread, so the decode loop
+never waits on Redis, every event of a job keeps its order (a job's final event always follows
+its tokens), and events that pile up while Redis answers go out together in one round trip.
 """
 
+import queue
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 import structlog
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from llmq.events import (
@@ -22,6 +28,8 @@ from llmq.events import (
 
 log = structlog.get_logger(__name__)
 
+MAX_ITEMS_PER_ROUND_TRIP = 256
+
 
 @dataclass(frozen=True)
 class TokenEmission:
@@ -31,51 +39,104 @@ class TokenEmission:
     event: TokenEvent
 
 
+@dataclass(frozen=True)
+class _Final:
+    job_id: uuid.UUID
+    event: JobEvent
+
+
+@dataclass(frozen=True)
+class _Reset:
+    job_id: uuid.UUID
+
+
 def live_message(event_id: str, event_type: str, data: str) -> str:
     """What goes on the pub/sub channel: stream id, event type and the event JSON, spaced, so a
     reader can route an event without parsing its JSON."""
     return f"{event_id} {event_type} {data}"
 
 
+def final_event_id() -> str:
+    """A millisecond timestamp: later than every token event id (`<n>-0`) of the job."""
+    return f"{time.time_ns() // 1_000_000}-0"
+
+
 class TokenPublisher:
     def __init__(self, redis_url: str) -> None:
         self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="llmq-publisher", daemon=True)
+        self._thread.start()
 
     def publish_tokens(self, emissions: list[TokenEmission]) -> None:
-        """All of one decode step's deltas in one round trip. Streaming is best effort: a Redis
-        failure is logged and generation goes on (results are stored in Postgres regardless)."""
-        if not emissions:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for emission in emissions:
-            key = events_key(emission.event.job_id)
-            event_id = token_event_id(emission.number)
-            data = emission.event.model_dump_json()
-            fields = {"type": "token", "data": data}
-            pipe.xadd(key, fields, id=event_id, maxlen=REPLAY_MAXLEN, approximate=True)
-            pipe.expire(key, REPLAY_TTL_S)
-            pipe.publish(key, live_message(event_id, "token", data))
-        try:
-            pipe.execute(raise_on_error=False)
-        except RedisError as exc:
-            log.warning("token publish failed", error=str(exc), events=len(emissions))
+        """One decode step's deltas. Streaming is best effort: results are stored in Postgres
+        whatever happens to Redis."""
+        if emissions:
+            self._queue.put(emissions)
 
     def publish_final(self, job_id: uuid.UUID, event: JobEvent) -> None:
-        key = events_key(job_id)
-        data = event.model_dump_json()
-        fields = {"type": event.type, "data": data}
-        try:
-            event_id = self.redis.xadd(key, fields, maxlen=REPLAY_MAXLEN, approximate=True)
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.expire(key, REPLAY_TTL_S)
-            pipe.publish(key, live_message(event_id.decode(), event.type, data))
-            pipe.execute()
-        except RedisError as exc:
-            log.warning("final event publish failed", job_id=str(job_id), error=str(exc))
+        self._queue.put(_Final(job_id, event))
 
     def reset(self, job_id: uuid.UUID) -> None:
         """Forget a job's events before it runs again after a lost worker."""
+        self._queue.put(_Reset(job_id))
+
+    def flush(self) -> None:
+        """Wait until everything handed over so far has been sent (or given up on)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < MAX_ITEMS_PER_ROUND_TRIP:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._send([item for item in items if item is not None])
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+            if None in items:
+                return
+
+    def _send(self, items: list) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            if isinstance(item, _Reset):
+                pipe.delete(events_key(item.job_id))
+            elif isinstance(item, _Final):
+                self._add(
+                    pipe,
+                    item.job_id,
+                    final_event_id(),
+                    item.event.type,
+                    item.event.model_dump_json(),
+                )
+            else:
+                for emission in item:
+                    self._add(
+                        pipe,
+                        emission.event.job_id,
+                        token_event_id(emission.number),
+                        "token",
+                        emission.event.model_dump_json(),
+                    )
         try:
-            self.redis.delete(events_key(job_id))
+            pipe.execute(raise_on_error=False)
         except RedisError as exc:
-            log.warning("event reset failed", job_id=str(job_id), error=str(exc))
+            log.warning("event publish failed", error=str(exc), items=len(items))
+
+    @staticmethod
+    def _add(pipe: Pipeline, job_id: uuid.UUID, event_id: str, kind: str, data: str) -> None:
+        key = events_key(job_id)
+        fields = {"type": kind, "data": data}
+        pipe.xadd(key, fields, id=event_id, maxlen=REPLAY_MAXLEN, approximate=True)
+        pipe.expire(key, REPLAY_TTL_S)
+        pipe.publish(key, live_message(event_id, kind, data))

@@ -54,6 +54,7 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.watcher.stop()
         self.engine.stop()
+        self.runner.publisher.close()
 
 
 def _warm_up(engine: GenerationEngine, host: ModelHost) -> None:

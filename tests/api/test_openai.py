@@ -208,9 +208,11 @@ def test_error_after_stream_began_raises_api_error(api_server, client, redis_url
     ).json()["data"]
     job_id = uuid.UUID(next(j["id"] for j in jobs if j["prompt"] == "fail me"))
     # What a worker publishes when a job fails in the model.
-    TokenPublisher(redis_url).publish_final(
+    publisher = TokenPublisher(redis_url)
+    publisher.publish_final(
         job_id, ErrorEvent(job_id=job_id, category="model_error", message="the model crashed")
     )
+    publisher.close()
     with pytest.raises(openai.APIError, match="the model crashed"):
         list(stream)
     httpx.post(f"{api_server}/v1/jobs/{job_id}/cancel")
