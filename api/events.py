@@ -16,7 +16,14 @@ from starlette.concurrency import run_in_threadpool
 
 from db.queries.jobs import get_job
 from db.session import session_scope
-from llmq.events import DoneEvent, ErrorEvent, TokenEvent, events_key, parse_event_id
+from llmq.events import (
+    DoneEvent,
+    ErrorEvent,
+    TokenEvent,
+    events_key,
+    final_channel,
+    parse_event_id,
+)
 from llmq.protocol import JobStatus
 
 log = structlog.get_logger(__name__)
@@ -157,6 +164,31 @@ class JobEventReader:
                     return
         finally:
             await pubsub.unsubscribe(key)
+            await pubsub.aclose()
+
+    async def final(self, job_id: uuid.UUID) -> StreamedEvent:
+        """Only the job's final event, without reading its tokens (for non-streamed responses)."""
+        key = events_key(job_id)
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(final_channel(job_id))
+        try:
+            idle_s = FIRST_IDLE_S
+            while True:
+                newest = await self.redis.xrevrange(key, count=1)
+                if newest and newest[0][1][b"type"].decode() in FINAL_TYPES:
+                    event_id, fields = newest[0]
+                    kind, data = fields[b"type"].decode(), fields[b"data"].decode()
+                    return StreamedEvent(event_id.decode(), kind, data)
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=idle_s)
+                if message is not None:
+                    event_id, kind, data = message["data"].decode().split(" ", 2)
+                    return StreamedEvent(event_id, kind, data)
+                idle_s = self.idle_s
+                finished = await self.load_finished(job_id)
+                if finished is not None and not newest:  # finished, and its buffer is gone
+                    return rebuild_events(job_id, finished, None)[-1]
+        finally:
+            await pubsub.unsubscribe()
             await pubsub.aclose()
 
     async def _replay(self, key: str, after: str | None) -> AsyncIterator[StreamedEvent]:

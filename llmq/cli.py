@@ -23,6 +23,9 @@ def worker(
     loglevel: str = typer.Option("INFO"),
 ) -> None:
     """Start a Celery worker that holds one model and drains its llmq.<model>.<device> queue."""
+    # Between forward passes the engine runs Python; spinning OpenMP threads would take those
+    # cores from it, the API and the clients on the same machine. Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from workers.host import detect_device
 
     settings = get_settings()

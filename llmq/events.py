@@ -15,12 +15,18 @@ from typing import Literal
 from pydantic import BaseModel
 
 EVENTS_PREFIX = "llmq:events:"
+FINAL_PREFIX = "llmq:final:"
 REPLAY_MAXLEN = 100_000
 REPLAY_TTL_S = 3600
 
 
 def events_key(job_id: uuid.UUID | str) -> str:
     return f"{EVENTS_PREFIX}{job_id}"
+
+
+def final_channel(job_id: uuid.UUID | str) -> str:
+    """A channel with only the job's final event, for waiters that need no tokens."""
+    return f"{FINAL_PREFIX}{job_id}"
 
 
 def token_event_id(n: int) -> str:

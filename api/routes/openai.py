@@ -88,10 +88,7 @@ def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID]) -> None:
 
 
 async def _final_event(request: Request, job_id: uuid.UUID) -> StreamedEvent:
-    async for event in request.app.state.event_reader.events(job_id):
-        if event.final:
-            return event
-    raise RuntimeError(f"the event stream of job {job_id} ended without a final event")
+    return await request.app.state.event_reader.final(job_id)
 
 
 async def _merged_events(request: Request, choices: list[Choice]):
