@@ -5,6 +5,7 @@ ids already passed are dropped, so nothing is sent twice. When the buffer has ex
 lost it) and the job has finished, the events are rebuilt from the row in Postgres.
 """
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -110,6 +111,18 @@ def rebuild_events(job_id: uuid.UUID, job: FinishedJob, after: str | None) -> li
     return events
 
 
+async def _next_message(pubsub, timeout: float) -> dict | None:
+    """The next published message, or None after `timeout` of quiet. (get_message returns None
+    early when it reads a subscribe confirmation; that is not quiet.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (remaining := deadline - loop.time()) > 0:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=remaining)
+        if message is not None:
+            return message
+    return None
+
+
 class JobEventReader:
     def __init__(self, redis: aioredis.Redis, load_finished: LoadFinished, idle_s: float = 1.0):
         self.redis = redis
@@ -135,7 +148,7 @@ class JobEventReader:
             idle_s = FIRST_IDLE_S
             waited_for_final = False
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=idle_s)
+                message = await _next_message(pubsub, idle_s)
                 if message is None:
                     idle_s = self.idle_s
                     finished = await self.load_finished(job_id)
@@ -179,7 +192,7 @@ class JobEventReader:
                     event_id, fields = newest[0]
                     kind, data = fields[b"type"].decode(), fields[b"data"].decode()
                     return StreamedEvent(event_id.decode(), kind, data)
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=idle_s)
+                message = await _next_message(pubsub, idle_s)
                 if message is not None:
                     event_id, kind, data = message["data"].decode().split(" ", 2)
                     return StreamedEvent(event_id, kind, data)

@@ -1,21 +1,29 @@
-"""Engines and session factories, one per database URL, created lazily."""
+"""Engines and session factories, one per database URL, created once per process."""
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-
-@lru_cache
-def get_engine(database_url: str) -> Engine:
-    return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+_lock = threading.Lock()
+_factories: dict[str, sessionmaker[Session]] = {}
 
 
-@lru_cache
 def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(database_url), expire_on_commit=False)
+    # A lock, not lru_cache: many threads start at once in a worker, and each engine they raced
+    # to create would bring its own connection pool.
+    with _lock:
+        factory = _factories.get(database_url)
+        if factory is None:
+            engine = create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            factory = _factories[database_url] = sessionmaker(engine, expire_on_commit=False)
+        return factory
+
+
+def get_engine(database_url: str) -> Engine:
+    return get_sessionmaker(database_url).kw["bind"]
 
 
 @contextmanager

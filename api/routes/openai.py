@@ -173,27 +173,40 @@ def _data(payload: dict) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
 
 
-@router.post("/completions", response_model=CompletionResponse)
-async def create_completion(body: CompletionRequest, request: Request):
-    """OpenAI's text completions, on the queue."""
-    state = request.app.state
-    spec = resolve_model(state.registry, body.model)
-    max_tokens = [body.max_tokens or 16] * len(body.prompts)  # OpenAI's default is 16
+async def _serve(
+    request: Request,
+    spec: ModelSpec,
+    body: _SamplingFields,
+    prompts: list[str],
+    max_tokens: list[int],
+    chat: bool,
+):
+    """Queue the choices, then stream them or answer once all have finished."""
+    endpoint = "chat" if chat else "completions"
     choices = await anyio.to_thread.run_sync(
-        _submit_choices, request, spec, body, body.prompts, max_tokens, {"endpoint": "completions"}
+        _submit_choices, request, spec, body, prompts, max_tokens, {"endpoint": endpoint}
     )
-    response_id, created = new_response_id("cmpl")
-
+    response_id, created = new_response_id("chatcmpl" if chat else "cmpl")
     if body.stream:
-        fmt = ChunkFormat(response_id, created, spec.id, False, body.include_usage)
+        fmt = ChunkFormat(response_id, created, spec.id, chat, body.include_usage)
         return _stream(request, choices, fmt)
 
     def build(finished, usage):
+        common = {"id": response_id, "created": created, "model": spec.id, "usage": usage}
+        if chat:
+            return ChatCompletionResponse(
+                **common,
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=AssistantMessage(content=d["text"]),
+                        finish_reason=d["finish_reason"],
+                    )
+                    for i, d in finished
+                ],
+            )
         return CompletionResponse(
-            id=response_id,
-            created=created,
-            model=spec.id,
-            usage=usage,
+            **common,
             choices=[
                 CompletionChoice(index=i, text=d["text"], finish_reason=d["finish_reason"])
                 for i, d in finished
@@ -201,6 +214,14 @@ async def create_completion(body: CompletionRequest, request: Request):
         )
 
     return await _respond(request, choices, build)
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def create_completion(body: CompletionRequest, request: Request):
+    """OpenAI's text completions, on the queue."""
+    spec = resolve_model(request.app.state.registry, body.model)
+    max_tokens = [body.max_tokens or 16] * len(body.prompts)  # OpenAI's default is 16
+    return await _serve(request, spec, body, body.prompts, max_tokens, chat=False)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
@@ -213,29 +234,4 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if requested is None:  # as vLLM: whatever the context leaves
         room = spec.context_length - state.prompt_counter.count(spec, prompt)
         requested = max(1, min(room, MAX_TOKENS_LIMIT))
-    choices = await anyio.to_thread.run_sync(
-        _submit_choices, request, spec, body, [prompt], [requested], {"endpoint": "chat"}
-    )
-    response_id, created = new_response_id("chatcmpl")
-
-    if body.stream:
-        fmt = ChunkFormat(response_id, created, spec.id, True, body.include_usage)
-        return _stream(request, choices, fmt)
-
-    def build(finished, usage):
-        return ChatCompletionResponse(
-            id=response_id,
-            created=created,
-            model=spec.id,
-            usage=usage,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content=d["text"]),
-                    finish_reason=d["finish_reason"],
-                )
-                for i, d in finished
-            ],
-        )
-
-    return await _respond(request, choices, build)
+    return await _serve(request, spec, body, [prompt], [requested], chat=True)
