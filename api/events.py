@@ -30,7 +30,9 @@ from llmq.protocol import JobStatus
 log = structlog.get_logger(__name__)
 
 FINAL_TYPES = ("done", "error")
+# Postgres is the safety net for a final event Redis lost; ask it soon, then ever less often.
 FIRST_IDLE_S = 0.25
+MAX_IDLE_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,13 @@ class JobEventReader:
                 if event.final:
                     return
             # Postgres is asked only when the feed is quiet: soon after connecting (the job may
-            # have finished long ago, its buffer gone), then about once a second.
+            # have finished long ago, its buffer gone), then with a growing interval.
             idle_s = FIRST_IDLE_S
             waited_for_final = False
             while True:
                 message = await _next_message(pubsub, idle_s)
                 if message is None:
-                    idle_s = self.idle_s
+                    idle_s = min(max(idle_s * 2, self.idle_s), MAX_IDLE_S)
                     finished = await self.load_finished(job_id)
                     if finished is None:
                         continue
@@ -196,7 +198,7 @@ class JobEventReader:
                 if message is not None:
                     event_id, kind, data = message["data"].decode().split(" ", 2)
                     return StreamedEvent(event_id, kind, data)
-                idle_s = self.idle_s
+                idle_s = min(max(idle_s * 2, self.idle_s), MAX_IDLE_S)
                 finished = await self.load_finished(job_id)
                 if finished is not None and not newest:  # finished, and its buffer is gone
                     return rebuild_events(job_id, finished, None)[-1]
