@@ -181,13 +181,16 @@ class JobEventReader:
             await pubsub.unsubscribe(key)
             await pubsub.aclose()
 
-    async def final(self, job_id: uuid.UUID) -> StreamedEvent:
-        """Only the job's final event, without reading its tokens (for non-streamed responses)."""
+    async def final(self, job_id: uuid.UUID, first_check_s: float = 2.0) -> StreamedEvent:
+        """Only the job's final event, without reading its tokens (for non-streamed responses).
+
+        Its callers have just submitted the job, so its buffer cannot have expired yet: the
+        Postgres safety check can wait, and stays off the threads the submit path needs."""
         key = events_key(job_id)
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(final_channel(job_id))
         try:
-            idle_s = FIRST_IDLE_S
+            idle_s = first_check_s
             while True:
                 newest = await self.redis.xrevrange(key, count=1)
                 if newest and newest[0][1][b"type"].decode() in FINAL_TYPES:
