@@ -46,11 +46,10 @@ class PromptCounter:
     def tokenizer(self, spec: ModelSpec) -> Tokenizer:
         with self._lock:
             if spec.id not in self._tokenizers:
-                self._tokenizers[spec.id] = Tokenizer.from_file(str(self._tokenizer_file(spec)))
+                self._tokenizers[spec.id] = Tokenizer.from_file(
+                    str(self._model_file(spec, "tokenizer.json"))
+                )
             return self._tokenizers[spec.id]
-
-    def _tokenizer_file(self, spec: ModelSpec) -> Path:
-        return self._model_file(spec, "tokenizer.json")
 
     def _model_file(self, spec: ModelSpec, name: str) -> Path:
         local = spec.local_path(self.data_dir)

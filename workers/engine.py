@@ -57,7 +57,6 @@ class GenerationOutput:
     completion_tokens: int
     time_to_first_token_ms: float | None
     duration_ms: float
-    events: int = 0  # token events published for the job
 
 
 @dataclass
@@ -346,7 +345,6 @@ class GenerationEngine:
                 completion_tokens=len(seq.generated),
                 time_to_first_token_ms=None if first is None else (first - seq.submitted_at) * 1000,
                 duration_ms=(now - seq.submitted_at) * 1000,
-                events=seq.deltas_sent,
             )
         )
 

@@ -100,18 +100,17 @@ def list_jobs(
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: uuid.UUID, session: SessionDep, request: Request) -> JobPublic:
     """Cancel a queued job (it never runs) or a running one (it leaves its batch)."""
-    was = job_queries.get_job(session, job_id)
-    never_started = was is not None and was.status == JobStatus.QUEUED.value
-    cancelled = job_queries.cancel_job(session, job_id)
-    session.commit()
-    if cancelled and never_started:  # a running job's worker announces its own end
-        request.app.state.publisher.publish_final(job_id, cancelled_event(job_id))
     job = job_queries.get_job(session, job_id)
     if job is None:
         raise JobNotFound(job_id)
+    never_started = job.status == JobStatus.QUEUED.value
+    cancelled = job_queries.cancel_job(session, job_id)
+    session.commit()
+    session.refresh(job)
+    if cancelled and never_started:  # a running job's worker announces its own end
+        request.app.state.publisher.publish_final(job_id, cancelled_event(job_id))
     if not cancelled and job.status != JobStatus.CANCELLED.value:
         raise JobNotCancellable(
             f"job {job_id} already {job.status}; only queued or running jobs can be cancelled"
         )
-    session.refresh(job)
     return JobPublic.from_row(job)

@@ -170,18 +170,3 @@ def fail_job(session: Session, job_id: uuid.UUID, category: str, message: str) -
         .returning(Job.id)
     ).first()
     return failed is not None
-
-
-__all__ = [
-    "NewJob",
-    "Outcome",
-    "cancel_job",
-    "claim_job",
-    "complete_job",
-    "create_job",
-    "fail_job",
-    "find_by_idempotency_key",
-    "get_job",
-    "cancelled_among",
-    "list_jobs",
-]

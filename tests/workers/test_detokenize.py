@@ -36,10 +36,12 @@ def test_multibyte_characters_split_across_tokens_arrive_whole(tokenizer):
     text = "漢字 and 🙂 Ünïcödé"
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert len(ids) > len(text.split()), "the characters must span several tokens"
+    assert len(tokenizer("漢", add_special_tokens=False).input_ids) > 1, "漢 must be split"
     deltas, state = stream(tokenizer, ids)
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text == state.text
-    assert any(len(d.encode()) > 1 and len(d) == 1 for d in deltas) or len(deltas) > 3
+    # 漢 arrives in one delta, whole, although its bytes came in separate tokens.
+    assert any("漢" in d for d in deltas)
 
 
 def test_stop_string_across_tokens_is_cut_and_never_emitted(tokenizer):
