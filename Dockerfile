@@ -18,6 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/app \
     LLMQ_API_HOST=0.0.0.0 \
     LLMQ_API_PORT=8000 \
+    LLMQ_WORKER_METRICS_HOST=0.0.0.0 \
     LLMQ_MODELS_FILE=/app/models.yaml \
     LLMQ_DATA_DIR=/data \
     HF_HOME=/data/huggingface
@@ -53,6 +54,7 @@ RUN pip install --no-cache-dir --no-deps . && rm -rf build ./*.egg-info
 
 USER llmq
 
-EXPOSE 8000
+# The API; a worker's Prometheus metrics.
+EXPOSE 8000 9100
 
 CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]

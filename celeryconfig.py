@@ -24,6 +24,11 @@ result_backend = None
 # Acknowledge a job only after its result is stored, and hand it back if the worker dies.
 task_acks_late = True
 task_reject_on_worker_lost = True
+# SIGTERM is a warm shutdown: the worker finishes the jobs it holds. A cold shutdown (a second
+# signal, or SIGQUIT) first gives them this long, then cancels them; their late-ack messages go
+# back to the queue, and the reconciler re-runs jobs left marked running.
+worker_soft_shutdown_timeout = 30.0
+worker_enable_soft_shutdown_on_idle = True
 # Each worker thread holds exactly one job; the engine batches across threads. A higher
 # multiplier would hide queued jobs behind long ones on a busy worker.
 worker_prefetch_multiplier = 1

@@ -7,6 +7,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.live_workers import LiveQueues
+from api.middleware import request_id_of
 from api.prompts import PromptCounter
 from db.session import get_sessionmaker
 from llmq.registry import Registry
@@ -34,8 +35,13 @@ def get_live_queues(request: Request) -> LiveQueues:
     return request.app.state.live_queues
 
 
+def get_request_id(request: Request) -> str | None:
+    return request_id_of(request)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 RegistryDep = Annotated[Registry, Depends(get_registry_dep)]
 PromptCounterDep = Annotated[PromptCounter, Depends(get_prompt_counter)]
 LiveQueuesDep = Annotated[LiveQueues, Depends(get_live_queues)]
+RequestIdDep = Annotated[str | None, Depends(get_request_id)]

@@ -6,7 +6,7 @@ from functools import lru_cache
 import structlog
 from celery import Celery
 
-from llmq.protocol import GENERATE_TASK, GenerateTask
+from llmq.protocol import GENERATE_TASK, SCORE_TASK, GenerateTask, JobKind
 from llmq.registry import ModelSpec
 
 log = structlog.get_logger(__name__)
@@ -28,13 +28,17 @@ def route(spec: ModelSpec, live_queues: set[str]) -> str:
     return spec.queue(spec.devices[0])
 
 
-def enqueue_generate(job_id: uuid.UUID, queue: str) -> bool:
+# The Celery task that runs each kind of job. Every task takes the job id only.
+TASK_FOR_KIND = {JobKind.GENERATE.value: GENERATE_TASK, JobKind.SCORE.value: SCORE_TASK}
+
+
+def enqueue_job(job_id: uuid.UUID, kind: str, queue: str) -> bool:
     """Send after the job row is committed. False if the broker is unreachable: the job row
-    stays queued and is sent again later, so the client's 202 still holds."""
+    stays queued and the reconciler sends it later, so the client's 202 still holds."""
     payload = GenerateTask(job_id=job_id).model_dump(mode="json")
     try:
         producer().send_task(
-            GENERATE_TASK,
+            TASK_FOR_KIND[kind],
             args=[payload],
             task_id=str(job_id),
             queue=queue,
@@ -45,3 +49,11 @@ def enqueue_generate(job_id: uuid.UUID, queue: str) -> bool:
         log.warning("enqueue failed; job stays queued", job_id=str(job_id), error=str(exc))
         return False
     return True
+
+
+def enqueue_generate(job_id: uuid.UUID, queue: str) -> bool:
+    return enqueue_job(job_id, JobKind.GENERATE.value, queue)
+
+
+def enqueue_score(job_id: uuid.UUID, queue: str) -> bool:
+    return enqueue_job(job_id, JobKind.SCORE.value, queue)

@@ -4,7 +4,8 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmq.errors import LlmqError
@@ -12,6 +13,40 @@ from llmq.errors import LlmqError
 log = structlog.get_logger(__name__)
 
 RETRY_AFTER_S = 5
+# FastAPI's message when a body is not even text (invalid UTF-8, say).
+UNPARSABLE_BODY = "There was an error parsing the body"
+
+
+def is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+# Documented on every route, so clients and schema checks know the error answers.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "The request is malformed or cannot be served as asked; the message says why",
+        404: "No such job, or the model is not served",
+        409: "The job has already finished",
+        413: "The request body is too large",
+        415: "The body is not JSON",
+        503: "Postgres or Redis is unavailable; retry after Retry-After seconds",
+    }.items()
+}
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None):
@@ -50,16 +85,31 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def handle_validation_error(_request: Request, exc: RequestValidationError):
+    async def handle_validation_error(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        if request.method in ("POST", "PUT", "PATCH") and not is_json(content_type):
+            message = (
+                f"Content-Type {content_type or '(none)'} is not accepted here; "
+                "send the body as JSON with Content-Type: application/json"
+            )
+            return JSONResponse(error_body(message, "invalid_request_error"), 415)
         message, param = describe_validation_error(exc)
         return JSONResponse(error_body(message, "invalid_request_error", param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(_request: Request, exc: StarletteHTTPException):
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(
-            error_body(str(exc.detail), error_type), exc.status_code, headers=exc.headers
-        )
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == UNPARSABLE_BODY:
+            message = "request body could not be read: send JSON encoded as UTF-8"
+        return JSONResponse(error_body(message, error_type), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DataError)
+    async def handle_unstorable_value(_request: Request, exc: DataError) -> JSONResponse:
+        # Input that passed validation but that Postgres cannot hold or compare, such as a NUL
+        # character in a text parameter, or a number beyond its range.
+        message = f"a value in the request cannot be stored or searched: {exc.orig}; change it"
+        return JSONResponse(error_body(message, "invalid_request_error"), 400)
 
     @app.exception_handler(OperationalError)
     async def handle_database_down(_request: Request, exc: DBAPIError) -> JSONResponse:

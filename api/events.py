@@ -6,6 +6,7 @@ lost it) and the job has finished, the events are rebuilt from the row in Postgr
 """
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from db.queries.jobs import get_job
@@ -24,12 +26,17 @@ from llmq.events import (
     events_key,
     final_channel,
     parse_event_id,
+    token_event_id,
 )
 from llmq.protocol import JobStatus
 
 log = structlog.get_logger(__name__)
 
 FINAL_TYPES = ("done", "error")
+STREAM_INTERRUPTED = "stream_interrupted"
+# Without Redis, a stream polls Postgres for the job's end; it gives up if Postgres is away too.
+MAX_POLL_WITHOUT_REDIS_S = 2.0
+DATABASE_OUTAGE_LIMIT_S = 60.0
 # Postgres is the safety net for a final event Redis lost; ask it soon, then ever less often.
 FIRST_IDLE_S = 0.25
 MAX_IDLE_S = 8.0
@@ -94,23 +101,53 @@ def rebuild_events(job_id: uuid.UUID, job: FinishedJob, after: str | None) -> li
             job_id=job_id, token_index=max(job.completion_tokens - 1, 0), text=job.text
         )
         events.append(StreamedEvent("1-0", "token", token.model_dump_json()))
+    events.append(final_event(job_id, job))
+    return events
+
+
+def final_event(job_id: uuid.UUID, job: FinishedJob) -> StreamedEvent:
     final_id = f"{int(time.time() * 1000)}-0"  # later than every token event id
     if job.error_category is not None:
         error = ErrorEvent(
             job_id=job_id, category=job.error_category, message=job.error_message or ""
         )
-        events.append(StreamedEvent(final_id, "error", error.model_dump_json()))
-    else:
-        done = DoneEvent(
-            job_id=job_id,
-            status=job.status,
-            finish_reason=job.finish_reason or job.status,
-            text=job.text,
-            prompt_tokens=job.prompt_tokens,
-            completion_tokens=job.completion_tokens,
-        )
-        events.append(StreamedEvent(final_id, "done", done.model_dump_json()))
-    return events
+        return StreamedEvent(final_id, "error", error.model_dump_json())
+    done = DoneEvent(
+        job_id=job_id,
+        status=job.status,
+        finish_reason=job.finish_reason or job.status,
+        text=job.text,
+        prompt_tokens=job.prompt_tokens,
+        completion_tokens=job.completion_tokens,
+    )
+    return StreamedEvent(final_id, "done", done.model_dump_json())
+
+
+def interrupted_event(job_id: uuid.UUID, why: str) -> StreamedEvent:
+    """Ends a stream that cannot go on; the job itself runs on and keeps its result."""
+    error = ErrorEvent(
+        job_id=job_id,
+        category=STREAM_INTERRUPTED,
+        message=f"{why}; the job goes on: read its result with GET /v1/jobs/{job_id}",
+    )
+    return StreamedEvent(f"{int(time.time() * 1000)}-0", "error", error.model_dump_json())
+
+
+@dataclass
+class StreamProgress:
+    """What a stream has sent so far, to go on from Postgres if Redis is lost mid-stream."""
+
+    last_id: str | None
+    text: str = ""
+
+    def record(self, event: StreamedEvent) -> None:
+        self.last_id = event.id
+        if event.type == "token":
+            self.text += json.loads(event.data)["text"]
+
+    def next_token_id(self) -> str:
+        number = parse_event_id(self.last_id)[0] if self.last_id else 0
+        return token_event_id(number + 1)
 
 
 async def _next_message(pubsub, timeout: float) -> dict | None:
@@ -125,6 +162,14 @@ async def _next_message(pubsub, timeout: float) -> dict | None:
     return None
 
 
+async def _close(pubsub) -> None:
+    try:
+        await pubsub.unsubscribe()
+    except RedisError:
+        pass  # the connection is gone, and its subscriptions with it
+    await pubsub.aclose()
+
+
 class JobEventReader:
     def __init__(self, redis: aioredis.Redis, load_finished: LoadFinished, idle_s: float = 1.0):
         self.redis = redis
@@ -134,7 +179,58 @@ class JobEventReader:
     async def events(
         self, job_id: uuid.UUID, after: str | None = None
     ) -> AsyncIterator[StreamedEvent]:
-        """Every event of the job after `after` (a Last-Event-ID), in order, each once."""
+        """Every event of the job after `after` (a Last-Event-ID), in order, each once.
+
+        If Redis goes away mid-stream, the stream waits for the job's row in Postgres and sends
+        the rest of the text and the final event from there, or ends with an error event when
+        that cannot continue the text already sent."""
+        progress = StreamProgress(after)
+        try:
+            async for event in self._live_events(job_id, after):
+                progress.record(event)
+                yield event
+            return
+        except RedisError as exc:
+            log.warning("event store lost mid-stream", job_id=str(job_id), error=str(exc))
+        async for event in self._finish_from_postgres(job_id, progress):
+            yield event
+
+    async def _finish_from_postgres(
+        self, job_id: uuid.UUID, progress: StreamProgress
+    ) -> AsyncIterator[StreamedEvent]:
+        finished = await self._wait_finished(job_id)
+        if finished is None:
+            yield interrupted_event(job_id, "the event store and the job database are away")
+        elif finished.text.startswith(progress.text):
+            if remainder := finished.text[len(progress.text) :]:
+                index = max(finished.completion_tokens - 1, 0)
+                token = TokenEvent(job_id=job_id, token_index=index, text=remainder)
+                yield StreamedEvent(progress.next_token_id(), "token", token.model_dump_json())
+            yield final_event(job_id, finished)
+        else:  # the job ran again elsewhere and sampled another text
+            yield interrupted_event(job_id, "the event store lost this stream")
+
+    async def _wait_finished(self, job_id: uuid.UUID) -> FinishedJob | None:
+        """The job's row once it has finished; None if Postgres stays away too long."""
+        loop = asyncio.get_running_loop()
+        idle_s, unreachable_since = FIRST_IDLE_S, None
+        while True:
+            try:
+                finished = await self.load_finished(job_id)
+                unreachable_since = None
+            except Exception as exc:
+                log.warning("job database unreachable", job_id=str(job_id), error=str(exc))
+                finished, unreachable_since = None, unreachable_since or loop.time()
+                if loop.time() - unreachable_since > DATABASE_OUTAGE_LIMIT_S:
+                    return None
+            if finished is not None:
+                return finished
+            await asyncio.sleep(idle_s)
+            idle_s = min(idle_s * 2, MAX_POLL_WITHOUT_REDIS_S)
+
+    async def _live_events(
+        self, job_id: uuid.UUID, after: str | None
+    ) -> AsyncIterator[StreamedEvent]:
         key = events_key(job_id)
         last = parse_event_id(after) if after else (0, 0)
         pubsub = self.redis.pubsub()
@@ -178,14 +274,24 @@ class JobEventReader:
                 if event.final:
                     return
         finally:
-            await pubsub.unsubscribe(key)
-            await pubsub.aclose()
+            await _close(pubsub)
 
     async def final(self, job_id: uuid.UUID, first_check_s: float = 2.0) -> StreamedEvent:
         """Only the job's final event, without reading its tokens (for non-streamed responses).
 
         Its callers have just submitted the job, so its buffer cannot have expired yet: the
-        Postgres safety check can wait, and stays off the threads the submit path needs."""
+        Postgres safety check can wait, and stays off the threads the submit path needs.
+        Without Redis, the final event is read from the job's row once it has finished."""
+        try:
+            return await self._final_from_redis(job_id, first_check_s)
+        except RedisError as exc:
+            log.warning("event store lost while waiting", job_id=str(job_id), error=str(exc))
+        finished = await self._wait_finished(job_id)
+        if finished is None:
+            return interrupted_event(job_id, "the event store and the job database are away")
+        return final_event(job_id, finished)
+
+    async def _final_from_redis(self, job_id: uuid.UUID, first_check_s: float) -> StreamedEvent:
         key = events_key(job_id)
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(final_channel(job_id))
@@ -204,10 +310,9 @@ class JobEventReader:
                 idle_s = min(max(idle_s * 2, self.idle_s), MAX_IDLE_S)
                 finished = await self.load_finished(job_id)
                 if finished is not None and not newest:  # finished, and its buffer is gone
-                    return rebuild_events(job_id, finished, None)[-1]
+                    return final_event(job_id, finished)
         finally:
-            await pubsub.unsubscribe()
-            await pubsub.aclose()
+            await _close(pubsub)
 
     async def _replay(self, key: str, after: str | None) -> AsyncIterator[StreamedEvent]:
         start = f"({after}" if after else "-"

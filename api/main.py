@@ -7,11 +7,16 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api.enqueue import producer
-from api.errors import install_error_handlers
+from api.errors import ERROR_RESPONSES, install_error_handlers
+from api.eval_driver import EvalDriver
 from api.events import JobEventReader, postgres_loader
 from api.live_workers import LiveQueues
+from api.metrics import scrape_registry
+from api.middleware import RequestContextMiddleware
 from api.prompts import PromptCounter
-from api.routes import health, jobs, models, openai, streams
+from api.reconciler import Reconciler
+from api.request_size import RequestSizeLimit
+from api.routes import evals, health, jobs, metrics, models, openai, stats, streams
 from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
@@ -24,10 +29,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.live_queues.start()
+        reconciler = app.state.reconciler = Reconciler(settings, app.state.live_queues)
+        reconciler.start()
+        app.state.eval_driver.start()
         redis = aioredis.Redis.from_url(settings.redis_url, max_connections=1000)
         app.state.event_reader = JobEventReader(redis, postgres_loader(settings.database_url))
         yield
         app.state.live_queues.stop()
+        reconciler.stop()
+        app.state.eval_driver.stop()
         await redis.aclose()
 
     app = FastAPI(
@@ -42,9 +52,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.prompt_counter = PromptCounter(settings.data_dir)
     app.state.live_queues = LiveQueues(producer(), interval_s=settings.workers_cache_s)
     app.state.publisher = TokenPublisher(settings.redis_url)
+    app.state.eval_driver = EvalDriver(
+        settings, app.state.registry, app.state.prompt_counter, app.state.live_queues
+    )
+    app.state.scrape_registry = scrape_registry(
+        app.state.registry, app.state.live_queues, settings.redis_url
+    )
     install_error_handlers(app)
-    for module in (health, jobs, streams, models, openai):
-        app.include_router(module.router)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware)  # outermost: every answer gets an id
+    for module in (health, jobs, streams, models, openai, stats, metrics, evals):
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     return app
 
 

@@ -82,6 +82,10 @@ class PromptCounter:
         template, specials = self._chat_setup(spec)
         return _compile(template).render(messages=messages, add_generation_prompt=True, **specials)
 
+    def eos_text(self, spec: ModelSpec) -> str | None:
+        """The end-of-sequence token's text, as the model's tokenizer config names it."""
+        return self._chat_setup(spec)[1]["eos_token"] or None
+
     def count(self, spec: ModelSpec, prompt: str) -> int:
         return len(self.tokenizer(spec).encode(prompt).ids)
 

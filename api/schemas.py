@@ -33,6 +33,13 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens tokens.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="Fail the job (category timeout) if it runs longer than this many seconds. "
+        "Default: the model's timeout_s, else the server's job time limit.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -77,6 +84,9 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    request_id: str | None = Field(
+        default=None, description="The X-Request-ID of the request that submitted the job"
+    )
     result: ResultPublic | None = None
     error: JobError | None = None
 
@@ -111,6 +121,7 @@ class JobPublic(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            request_id=job.request_id,
             result=result,
             error=error,
         )
@@ -141,3 +152,46 @@ class ModelPublic(BaseModel):
 class ModelsPublic(BaseModel):
     object: str = "list"
     data: list[ModelPublic]
+
+
+class PercentilesPublic(BaseModel):
+    p50: float | None
+    p90: float | None
+    p95: float | None
+    p99: float | None
+
+
+class LatencyPublic(BaseModel):
+    end_to_end: PercentilesPublic = Field(description="Submitted → finished, succeeded jobs")
+    queue_wait: PercentilesPublic = Field(description="Submitted → started by a worker")
+    time_to_first_token: PercentilesPublic = Field(description="Started → first token")
+    time_per_output_token: PercentilesPublic = Field(
+        description="Time after the first token over the tokens after the first"
+    )
+
+
+class ThroughputPublic(BaseModel):
+    jobs_per_s: float = Field(description="Succeeded jobs over the window")
+    completion_tokens_per_s: float
+
+
+class TokensPublic(BaseModel):
+    prompt: int
+    completion: int
+    total: int
+
+
+class ModelStatsPublic(BaseModel):
+    model: str
+    jobs: dict[str, int] = Field(description="submitted, then the count in each status now")
+    latency_ms: LatencyPublic
+    throughput: ThroughputPublic
+    tokens: TokensPublic
+    errors: dict[str, int] = Field(description="Failed jobs by error category")
+
+
+class StatsPublic(BaseModel):
+    object: str = "stats"
+    window_s: int
+    since: datetime
+    data: list[ModelStatsPublic]

@@ -2,17 +2,21 @@
 
 from dataclasses import dataclass
 
+import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.enqueue import enqueue_generate, route
 from api.live_workers import LiveQueues
+from api.metrics import job_submitted
 from api.prompts import PromptCounter
 from db.queries import jobs as job_queries
 from db.tables import Job
 from llmq.errors import ModelNotServed
 from llmq.protocol import JobKind, SamplingParams
 from llmq.registry import ModelSpec, Registry
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ def submit_generation(
     live: LiveQueues,
     idempotency_key: str | None = None,
     owner: str | None = None,
+    request_id: str | None = None,
+    timeout_s: float | None = None,
 ) -> Submission:
     """Check the prompt fits, commit the job row, then enqueue it (in that order)."""
     if idempotency_key is not None:
@@ -53,6 +59,8 @@ def submit_generation(
         params=params.model_dump(mode="json"),
         owner=owner,
         idempotency_key=idempotency_key,
+        request_id=request_id,
+        timeout_s=timeout_s,
     )
     try:
         job = job_queries.create_job(session, new_job)
@@ -64,4 +72,6 @@ def submit_generation(
             raise
         return Submission(existing, created=False)
     enqueue_generate(job.id, job.queue)
+    job_submitted(job.model, job.queue)
+    log.info("job queued", job_id=str(job.id), model=job.model, queue=job.queue)
     return Submission(job, created=True)

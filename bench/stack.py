@@ -25,68 +25,60 @@ def bench_urls() -> tuple[str, str]:
     return server.set(database="llmq_bench").render_as_string(False), f"{redis_base}/13"
 
 
-@contextmanager
-def llmq_stack(models: list[dict], workdir: Path, worker_models: list[str], port: int = 8765):
-    """Yields the API base URL once every named worker consumes its queue."""
-    database_url, redis_url = bench_urls()
-    create_database(database_url, replace=True)
-    migrate(database_url)
-    Redis.from_url(redis_url).flushdb()
+def stack_env(workdir: Path, models: list[dict], database_url: str, redis_url: str) -> dict:
     models_file = workdir / "models.bench.yaml"
     models_file.write_text(yaml.safe_dump({"models": models}))
-    env = os.environ | {
+    return os.environ | {
         "LLMQ_DATABASE_URL": database_url,
         "LLMQ_REDIS_URL": redis_url,
         "LLMQ_MODELS_FILE": str(models_file),
         "LLMQ_DATA_DIR": str(workdir),
         "LLMQ_LOG_LEVEL": "WARNING",
     }
+
+
+def start_worker(model: str, env: dict, workdir: Path) -> subprocess.Popen:
+    log = open(workdir / "workers.log", "ab")  # noqa: SIM115
+    command = [sys.executable, "-m", "llmq.cli", "worker", "--model", model, "--device", "cpu"]
+    return subprocess.Popen(
+        [*command, "--loglevel", "WARNING"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+@contextmanager
+def llmq_stack(
+    models: list[dict],
+    workdir: Path,
+    worker_models: list[str],
+    port: int = 8765,
+    redis_url: str | None = None,
+    **settings: str,
+):
+    """Yields the API base URL and the processes once every named worker consumes its queue.
+
+    `redis_url` replaces the benchmark's Redis database; `settings` are extra LLMQ_* variables.
+    """
+    database_url, default_redis_url = bench_urls()
+    redis_url = redis_url or default_redis_url
+    create_database(database_url, replace=True)
+    migrate(database_url)
+    Redis.from_url(redis_url).flushdb()
+    env = stack_env(workdir, models, database_url, redis_url) | settings
+    api_command = [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port)]
     processes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:app",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
+            [*api_command, "--log-level", "warning", "--no-access-log"], cwd=ROOT, env=env
         )
     ]
-    log = open(workdir / "workers.log", "ab")  # noqa: SIM115
-    for model in worker_models:
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "llmq.cli",
-                    "worker",
-                    "--model",
-                    model,
-                    "--device",
-                    "cpu",
-                    "--loglevel",
-                    "WARNING",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+    processes += [start_worker(model, env, workdir) for model in worker_models]
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_for_workers(base, worker_models, processes)
         yield base, processes
     finally:
         for process in processes:
-            process.terminate()
+            if process.poll() is None:
+                process.terminate()
         for process in processes:
             try:
                 process.wait(30)

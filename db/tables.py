@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -28,6 +29,9 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_model", "status", "model"),
         Index("ix_jobs_created_at", "created_at"),
+        Index("ix_jobs_follows_job_id", "follows_job_id"),
+        Index("ix_jobs_cache_key_status", "cache_key", "status"),
+        Index("ix_jobs_owner_status", "owner", "status"),
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
     )
 
@@ -47,6 +51,20 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(300))
     error_category: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # The id of the HTTP request that created the job, as returned in its X-Request-ID header.
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    # When a message for the job was last sent to the broker; the reconciler resends stale ones.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The job's own deadline in seconds, when it overrides its model's default.
+    timeout_s: Mapped[float | None] = mapped_column(Float)
+    # Answered from the completion cache without running.
+    cache_hit: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # An identical deterministic job that was already running when this one came: this one is
+    # not enqueued, and gets that job's result when it finishes.
+    follows_job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    # Model, prompt and output-shaping parameters hashed, for deterministic jobs only: the key
+    # of the completion cache, and how identical jobs in flight are found.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
 
     result: Mapped["JobResult | None"] = relationship(back_populates="job", lazy="selectin")
 
@@ -108,3 +126,94 @@ class CompletionCache(Base):
     hits: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_hit_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ScoreResult(Base):
+    """A scoring job's output: the log-likelihood of each continuation after its prompt."""
+
+    __tablename__ = "score_results"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    loglikelihoods: Mapped[list[float]] = mapped_column(JSONB)
+    # Whether greedy decoding would produce each continuation, token for token.
+    greedy: Mapped[list[bool]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class EvalRun(Base):
+    """One benchmark run of one model; its items are the unit of work and of scoring."""
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (Index("ix_eval_runs_status", "status"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    benchmark: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    num_fewshot: Mapped[int] = mapped_column(Integer)
+    limit: Mapped[int | None] = mapped_column(Integer)
+    subjects: Mapped[list[str] | None] = mapped_column(JSONB)
+    dataset: Mapped[str] = mapped_column(String(1000))
+    owner: Mapped[str | None] = mapped_column(String(200))  # the API key that started it
+    total: Mapped[int] = mapped_column(Integer, default=0)  # items, once planned
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # final, once finished
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EvalItem(Base):
+    """One benchmark question of a run: the job that answers it, then its grade."""
+
+    __tablename__ = "eval_items"
+    __table_args__ = (
+        UniqueConstraint("run_id", "position", name="uq_eval_items_run_id_position"),
+        Index("ix_eval_items_request_key", "request_key"),
+        Index("ix_eval_items_job_id", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("eval_runs.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    task: Mapped[str] = mapped_column(String(100))  # "gsm8k", or the MMLU subject
+    doc_index: Mapped[int] = mapped_column(Integer)  # within the task's test split
+    kind: Mapped[str] = mapped_column(String(32))  # the job kind: generate or score
+    input: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # Hash of model, kind, input and params: equal keys get equal results, so a finished job
+    # answers every item with its key, in any run.
+    request_key: Mapped[str] = mapped_column(String(64))
+    gold: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    output: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    metrics: Mapped[dict[str, float] | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+    graded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    """A caller of the API. The key itself is shown once at creation; only its hash is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256, hex
+    prefix: Mapped[str] = mapped_column(String(16))  # its first characters, to tell keys apart
+    role: Mapped[str] = mapped_column(String(16))  # user | admin
+    # Per-key overrides of the settings' defaults; None means the default.
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    monthly_token_quota: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -6,12 +6,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmq.evals.cli import eval_command
 from llmq.registry import get_registry
 from llmq.settings import get_settings
 
 app = typer.Typer(help="llmq: a queue-backed job system for LLM inference.", no_args_is_help=True)
 models_app = typer.Typer(help="The models in models.yaml.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.command("eval")(eval_command)
 console = Console()
 
 
@@ -21,6 +23,9 @@ def worker(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps"),
     concurrency: int = typer.Option(0, help="Jobs held at once (default: from max_batch_size)"),
     loglevel: str = typer.Option("INFO"),
+    metrics_port: int = typer.Option(
+        None, help="Port of its Prometheus /metrics; 0: none (default: LLMQ_WORKER_METRICS_PORT)"
+    ),
 ) -> None:
     """Start a Celery worker that holds one model and drains its llmq.<model>.<device> queue."""
     # Between forward passes the engine runs Python; spinning OpenMP threads would take those
@@ -37,6 +42,8 @@ def worker(
     # The worker process reads its identity from settings, like every other knob.
     os.environ["LLMQ_WORKER_MODEL"] = spec.id
     os.environ["LLMQ_WORKER_DEVICE"] = resolved
+    if metrics_port is not None:
+        os.environ["LLMQ_WORKER_METRICS_PORT"] = str(metrics_port)
     get_settings.cache_clear()
 
     from workers.app import app as celery_app
@@ -53,6 +60,32 @@ def worker(
             "--task-events",
             "--without-mingle",
             f"--loglevel={loglevel}",
+        ]
+    )
+
+
+@app.command()
+def flower(
+    port: int = typer.Option(None, help="Port to listen on (default: LLMQ_FLOWER_PORT)"),
+    address: str = typer.Option(None, help="Address to listen on (default: LLMQ_API_HOST)"),
+) -> None:
+    """Start Flower on the workers' broker, behind basic auth (LLMQ_FLOWER_USER/PASSWORD)."""
+    settings = get_settings()
+    if settings.flower_password is None:
+        typer.echo(
+            "llmq flower: set LLMQ_FLOWER_PASSWORD; Flower serves only behind basic auth", err=True
+        )
+        raise typer.Exit(2)
+    # Flower reads FLOWER_* variables as options, which keeps the password out of `ps`.
+    password = settings.flower_password.get_secret_value()
+    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+    from workers.app import app as celery_app
+
+    celery_app.start(
+        [
+            "flower",
+            f"--port={port or settings.flower_port}",
+            f"--address={address or settings.api_host}",
         ]
     )
 

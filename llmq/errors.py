@@ -2,10 +2,13 @@
 
 LlmqError
 ├── InvalidRequest          400  the request is well-formed but cannot be served as asked
-│   └── PromptTooLong       400  prompt plus max_tokens exceed the model's context
+│   ├── PromptTooLong       400  prompt plus max_tokens exceed the model's context
+│   └── DatasetUnavailable  400  an evaluation's data cannot be read (llmq/evals/datasets.py)
 ├── JobNotFound             404
+├── EvalRunNotFound         404
 ├── ModelNotServed          404  the model is not in the registry
 ├── JobNotCancellable       409  the job already finished
+│   └── EvalRunNotCancellable 409  the evaluation run already ended
 └── ServiceUnavailable      503  Postgres or Redis cannot be reached right now
 """
 
@@ -68,3 +71,15 @@ class JobNotCancellable(LlmqError):
 class ServiceUnavailable(LlmqError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class EvalRunNotFound(LlmqError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __init__(self, run_id: object) -> None:
+        super().__init__(f"no evaluation run with id {run_id}")
+
+
+class EvalRunNotCancellable(JobNotCancellable):
+    pass

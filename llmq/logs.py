@@ -1,7 +1,14 @@
-"""structlog set-up shared by the API and the workers: JSON lines, or console output for people."""
+"""structlog set-up shared by the API and the workers: JSON lines, or console output for people.
+
+Every line carries the ids bound in its context: the request id in the API (api/middleware.py);
+the job id, model, queue and request id in a worker thread while it runs a job. Lines from the
+standard library's loggers (Celery, kombu) go through the same renderer, so JSON stays JSON.
+"""
 
 import logging
 import sys
+import uuid
+from contextlib import AbstractContextManager
 
 import structlog
 
@@ -21,6 +28,25 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    # Like basicConfig, this leaves a root logger that already has handlers alone.
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def job_log_context(job_id: uuid.UUID, model: str, queue: str) -> AbstractContextManager[None]:
+    """Bind a job's ids to every log line of this thread inside the block. The request id
+    starts empty, so that none is left over from the thread's previous job; the runner binds
+    it once it has read the job."""
+    return structlog.contextvars.bound_contextvars(
+        job_id=str(job_id), model=model, queue=queue, request_id=None
     )

@@ -9,6 +9,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 GENERATE_TASK = "llmq.generate"
+SCORE_TASK = "llmq.score"
 
 MAX_TOKENS_LIMIT = 8192
 MAX_STOP_STRINGS = 8
@@ -16,6 +17,7 @@ MAX_STOP_STRINGS = 8
 
 class JobKind(StrEnum):
     GENERATE = "generate"
+    SCORE = "score"  # log-likelihood of continuations (llmq.score)
 
 
 class JobStatus(StrEnum):
@@ -60,13 +62,46 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)  # EOS is masked until then
+    # Keep only the last N prompt tokens (vLLM's truncate_prompt_tokens): evaluations
+    # left-truncate long few-shot prompts this way, as lm-evaluation-harness does.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def truncate_prompt(self, prompt_ids: list[int]) -> list[int]:
+        if self.truncate_prompt_tokens is None:
+            return prompt_ids
+        return prompt_ids[-self.truncate_prompt_tokens :]
+
 
 class GenerateTask(BaseModel):
     """The message on the queue: the job id only; the worker re-reads the job from Postgres."""
+
+    job_id: uuid.UUID
+
+
+MAX_CONTINUATIONS = 26
+
+
+class ScoreInput(BaseModel):
+    """A scoring job's input: the log-likelihood of each continuation after the prompt."""
+
+    prompt: str
+    continuations: list[str] = Field(min_length=1, max_length=MAX_CONTINUATIONS)
+
+
+class ScoreParams(BaseModel):
+    """A scoring job's settings; stored with the job and read by the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Tokens the model sees at most: a longer prompt + continuation loses its start.
+    max_length: int = Field(ge=2)
+
+
+class ScoreTask(BaseModel):
+    """The message of a scoring job: the job id only, like GenerateTask."""
 
     job_id: uuid.UUID

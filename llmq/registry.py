@@ -38,6 +38,9 @@ class ModelSpec(BaseModel):
     # micro-batch runs to its end before the next one starts (kept for comparison).
     scheduling: Literal["continuous", "static"] = "continuous"
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    # Seconds a job of this model may run before it fails with category timeout (None: the
+    # server's job time limit).
+    timeout_s: float | None = Field(default=None, gt=0)
 
     @property
     def is_builtin(self) -> bool:

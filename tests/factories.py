@@ -33,13 +33,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_api(timeout: float = 60) -> tuple[subprocess.Popen, str]:
+def start_api(timeout: float = 60, **env: str) -> tuple[subprocess.Popen, str]:
+    """The API under uvicorn; `env` overrides settings (LLMQ_REDIS_URL=...)."""
     port = free_port()
     log = open(Path(os.environ["LLMQ_DATA_DIR"]) / "api.log", "ab")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port)],
         cwd=ROOT,
-        env=os.environ.copy(),
+        env=os.environ | env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -95,3 +96,19 @@ def wait_for_job(client, job_id: str, timeout: float = 60, until=("succeeded", "
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout}s"
         time.sleep(0.05)
+
+
+def read_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text format as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """One sample's value; 0 for a series not exposed yet, as a counter that never moved."""
+    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -16,6 +16,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROMETHEUS_FILE = ROOT / "ops" / "prometheus.yml"
 GRAFANA_DATASOURCES = ROOT / "ops" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_DASHBOARD_PROVIDERS = ROOT / "ops" / "grafana" / "provisioning" / "dashboards"
+PROMETHEUS_CONFIG_DIR = "/etc/prometheus"  # where relative rule_files resolve in the container
+WORKER_METRICS_PORT = 9100
 
 REQUIRED_SERVICES = {
     "postgres",
@@ -400,3 +403,57 @@ def test_grafana_datasource_points_at_prometheus_service():
     config = yaml.safe_load(GRAFANA_DATASOURCES.read_text())
     urls = [source.get("url") for source in config.get("datasources") or []]
     assert "http://prometheus:9090" in urls, f"no Grafana data source for prometheus: {urls}"
+
+
+def test_prometheus_rule_files_mounted_from_the_repository():
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    rule_files = config.get("rule_files") or []
+    assert rule_files, "ops/prometheus.yml loads no alert rules (rule_files)"
+    mounted = {target: source for source, target in _volume_mounts(_services()["prometheus"])}
+    for rule_file in rule_files:
+        target = rule_file if rule_file.startswith("/") else f"{PROMETHEUS_CONFIG_DIR}/{rule_file}"
+        assert target in mounted, f"prometheus does not mount {target}: mounts {mounted}"
+        assert (ROOT / mounted[target]).is_file(), f"{mounted[target]} is missing"
+
+
+def test_grafana_mounts_its_dashboards_where_the_provider_reads_them():
+    providers = [
+        provider
+        for path in sorted(GRAFANA_DASHBOARD_PROVIDERS.glob("*.yml"))
+        for provider in yaml.safe_load(path.read_text()).get("providers") or []
+    ]
+    assert providers, "no Grafana dashboard provider under ops/grafana/provisioning/dashboards"
+    mounted = {target: source for source, target in _volume_mounts(_services()["grafana"])}
+    for provider in providers:
+        path = provider["options"]["path"]
+        assert path in mounted, f"grafana does not mount the dashboards at {path}: {mounted}"
+        dashboards = list((ROOT / mounted[path]).glob("*.json"))
+        assert dashboards, f"{mounted[path]} holds no dashboard JSON"
+    home = _environment(_services()["grafana"]).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        folder, _, name = home.rpartition("/")
+        assert folder in mounted and (ROOT / mounted[folder] / name).is_file(), home
+
+
+def test_workers_serve_metrics_on_the_port_prometheus_scrapes():
+    targets = _prometheus_targets()
+    for name in ("worker", "worker-gpu"):
+        service = _services()[name]
+        environment = _environment(service)
+        assert environment.get("LLMQ_WORKER_METRICS_PORT") == str(WORKER_METRICS_PORT), name
+        assert environment.get("LLMQ_WORKER_METRICS_HOST") == "0.0.0.0", (
+            f"{name} must serve metrics beyond its own loopback for Prometheus to reach them"
+        )
+        assert str(WORKER_METRICS_PORT) in [str(port) for port in service.get("expose") or []]
+        assert WORKER_METRICS_PORT in targets.get(name, set()), f"prometheus skips {name}"
+
+
+def test_flower_runs_behind_basic_auth_from_settings():
+    flower = _services()["flower"]
+    command = _command_text(flower)
+    environment = _environment(flower)
+    assert command.startswith("llmq flower"), f"flower should run `llmq flower`, runs {command!r}"
+    assert environment.get("LLMQ_FLOWER_USER") and environment.get("LLMQ_FLOWER_PASSWORD"), (
+        "flower needs LLMQ_FLOWER_USER and LLMQ_FLOWER_PASSWORD, or `llmq flower` refuses to start"
+    )
+    assert environment["LLMQ_FLOWER_PASSWORD"] not in command, "the password shows in `ps`"

@@ -6,9 +6,11 @@ from celery.signals import worker_init, worker_shutdown
 
 from llmq.logs import configure_logging
 from llmq.settings import get_settings
+from workers import broker_transport
 
 log = structlog.get_logger(__name__)
 
+broker_transport.install()
 app = Celery("llmq", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
 
@@ -25,10 +27,12 @@ def get_runtime():  # -> workers.runtime.WorkerRuntime
 def load_model(sender=None, **_kwargs) -> None:
     """Runs before the worker consumes: with the threads pool this is the one process."""
     global _runtime
+    from workers.metrics import serve_metrics  # kept out of Flower, which imports this app
     from workers.runtime import WorkerRuntime  # torch is imported by worker processes only
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    serve_metrics(settings)
     _runtime = WorkerRuntime.start(settings, worker_name=getattr(sender, "hostname", "worker"))
 
 

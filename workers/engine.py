@@ -25,7 +25,9 @@ from llmq.publisher import TokenEmission
 from workers.batch import Batch, cache_tensors
 from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
+from workers.metrics import EngineMetrics
 from workers.sampling import choose_tokens, make_generator
+from workers.scoring import PendingScore, Scorer, ScoreRequest
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +96,7 @@ class GenerationEngine:
         self.max_wait_s = max_wait_ms / 1000
         self.continuous = continuous
         self.on_tokens = on_tokens
-        self._inbox: queue.Queue[_Sequence] = queue.Queue()
+        self._inbox: queue.Queue[_Sequence | PendingScore] = queue.Queue()
         self._waiting: list[_Sequence] = []
         self._batch: Batch[_Sequence] | None = None
         self._cancel_requests: set[uuid.UUID] = set()
@@ -102,6 +104,10 @@ class GenerationEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmq-engine", daemon=True)
         self.steps = 0
+        self.metrics = EngineMetrics(self)
+        # Scoring jobs take turns with decode steps on this thread (workers/scoring.py).
+        self.scorer = Scorer(host, max_batch_tokens)
+        self._scoring: list[PendingScore] = []
 
     # -- the surface used by other threads -------------------------------------------------
 
@@ -127,6 +133,15 @@ class GenerationEngine:
             self._inbox.put(seq)
         return future
 
+    def submit_score(self, request: ScoreRequest) -> Future:
+        """Score continuations; runs between decode steps, batched with other scoring jobs."""
+        pending = PendingScore(request)
+        if self._stop.is_set():
+            pending.future.set_exception(EngineStopped("the worker is shutting down"))
+        else:
+            self._inbox.put(pending)
+        return pending.future
+
     def cancel(self, job_id: uuid.UUID) -> None:
         """The job leaves its batch at the next step boundary."""
         with self._lock:
@@ -143,8 +158,10 @@ class GenerationEngine:
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
-                    self._collect(block=self._batch is None and not self._waiting)
+                    idle = self._batch is None and not self._waiting and not self._scoring
+                    self._collect(block=idle)
                     self._admit()
+                    self._score_some()
                     if self._batch is not None:
                         self._step()
                 except Exception as exc:  # the batch is lost, but never the engine
@@ -156,7 +173,7 @@ class GenerationEngine:
         """Move submitted requests to the waiting list; when idle, wait for a micro-batch."""
         if block:
             try:
-                self._waiting.append(self._inbox.get(timeout=0.1))
+                self._receive(self._inbox.get(timeout=0.1))
             except queue.Empty:
                 return
             # Give concurrent submitters max_wait to join this micro-batch.
@@ -166,14 +183,27 @@ class GenerationEngine:
                 if remaining <= 0:
                     break
                 try:
-                    self._waiting.append(self._inbox.get(timeout=remaining))
+                    self._receive(self._inbox.get(timeout=remaining))
                 except queue.Empty:
                     break
         while True:
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                self._receive(self._inbox.get_nowait())
             except queue.Empty:
                 return
+
+    def _receive(self, item: _Sequence | PendingScore) -> None:
+        (self._scoring if isinstance(item, PendingScore) else self._waiting).append(item)
+
+    def _score_some(self) -> None:
+        """One turn of scoring: up to a batch of waiting scoring jobs, resolved here."""
+        if not self._scoring:
+            return
+        turn, self._scoring = (
+            self._scoring[: self.max_batch_size],
+            self._scoring[self.max_batch_size :],
+        )
+        self.scorer.run(turn)
 
     def _admit(self) -> None:
         """Prefill waiting requests that fit the batch's size and token budget, then merge them."""
@@ -266,6 +296,7 @@ class GenerationEngine:
             if reason is not _TIMED_OUT:
                 self._finish(batch.seqs[row], reason, now)
         self.steps += 1
+        self.metrics.decode_step(len(batch.seqs))
         keep = [row for row in range(len(batch.seqs)) if row not in finished]
         if not keep:
             self._batch = None
@@ -367,7 +398,8 @@ class GenerationEngine:
 
     def _fail_all(self, exc: Exception) -> None:
         self._fail_batch(exc)
-        pending = self._waiting
+        pending = self._waiting + self._scoring
+        self._scoring = []
         while True:
             try:
                 pending.append(self._inbox.get_nowait())

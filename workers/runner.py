@@ -6,6 +6,7 @@ that calls it stays a thin adapter.
 
 import time
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import structlog
@@ -17,10 +18,13 @@ from db.session import session_scope
 from llmq.events import DoneEvent, ErrorEvent
 from llmq.protocol import ErrorCategory, FinishReason, JobStatus, SamplingParams
 from llmq.publisher import TokenPublisher
+from workers import metrics as worker_metrics
 from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
 from workers.host import ModelHost
 
 log = structlog.get_logger(__name__)
+
+STALL_GRACE_S = 30.0
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -53,17 +57,29 @@ class JobRunner:
         if job is None:
             bound.info("job skipped: cancelled or already finished")
             return
+        if job_id in self.engine.active_job_ids():
+            # This worker was presumed lost while it ran the job, and got it back: the run in
+            # progress stores the result.
+            bound.info("job already running in this worker")
+            return
         if job.attempts > 1:  # a redelivery: the lost attempt's partial stream is void
             self.publisher.reset(job_id)
         try:
             params = SamplingParams.model_validate(job.params)
-            prompt_ids = self.host.encode(job.input["prompt"])
-            deadline = time.monotonic() + self.job_timeout_s
-            output = self.engine.submit(
-                GenerationRequest(job_id, prompt_ids, params, deadline)
-            ).result()
+            prompt_ids = params.truncate_prompt(self.host.encode(job.input["prompt"]))
+            timeout_s = job.timeout_s or self.job_timeout_s
+            deadline = time.monotonic() + timeout_s
+            future = self.engine.submit(GenerationRequest(job_id, prompt_ids, params, deadline))
+            # The engine enforces the deadline at each step; if it stops stepping at all, the
+            # job must still end, so wait a little longer than the deadline and no more.
+            output = future.result(timeout=timeout_s + STALL_GRACE_S)
         except JobTimeout as exc:
             self._fail(job_id, ErrorCategory.TIMEOUT, str(exc))
+        except FutureTimeout:
+            bound.error("the engine made no progress past the job's deadline")
+            self.engine.cancel(job_id)
+            message = f"the worker made no progress within {timeout_s + STALL_GRACE_S:.0f}s"
+            self._fail(job_id, ErrorCategory.TIMEOUT, message)
         except (ValueError, KeyError, TypeError) as exc:
             bound.warning("job input rejected", error=str(exc))
             self._fail(job_id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
@@ -76,10 +92,15 @@ class JobRunner:
                 self._publish_done(job_id, output, JobStatus.CANCELLED)
                 return
             try:
-                self._complete(job_id, output)
+                stored = self._complete(job_id, output)
             except Exception as exc:  # a result Postgres refuses must not leave the job running
                 bound.exception("result could not be stored")
                 self._fail(job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
+                return
+            if not stored:
+                bound.warning("result dropped: the job was cancelled or handed to another worker")
+                if self._was_cancelled(job_id):  # cancelled as it finished: tell its streams
+                    self._publish_done(job_id, output, JobStatus.CANCELLED)
                 return
             self._publish_done(job_id, output, JobStatus.SUCCEEDED)
             bound.info(
@@ -91,10 +112,14 @@ class JobRunner:
     @db_retry
     def _claim(self, job_id: uuid.UUID):  # -> db.tables.Job | None
         with session_scope(self.database_url) as session:
-            return job_queries.claim_job(session, job_id, self.worker_name)
+            job = job_queries.claim_job(session, job_id, self.worker_name)
+        if job is not None:
+            structlog.contextvars.bind_contextvars(request_id=job.request_id)
+            worker_metrics.job_started(job)
+        return job
 
     @db_retry
-    def _complete(self, job_id: uuid.UUID, output: GenerationOutput) -> None:
+    def _complete(self, job_id: uuid.UUID, output: GenerationOutput) -> bool:
         outcome = job_queries.Outcome(
             text=output.text,
             finish_reason=output.finish_reason.value,
@@ -104,17 +129,31 @@ class JobRunner:
             duration_ms=output.duration_ms,
         )
         with session_scope(self.database_url) as session:
-            job_queries.complete_job(session, job_id, outcome)
+            stored = job_queries.complete_job(session, job_id, self.worker_name, outcome)
+        if stored:
+            worker_metrics.job_succeeded(job_id, output)
+        return stored
+
+    @db_retry
+    def _was_cancelled(self, job_id: uuid.UUID) -> bool:
+        with session_scope(self.database_url) as session:
+            return bool(job_queries.cancelled_among(session, [job_id]))
 
     def _fail(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:
-        self._store_failure(job_id, category, message)
+        if not self._store_failure(job_id, category, message):
+            return  # cancelled, or handed to another worker: its outcome is not ours to tell
         event = ErrorEvent(job_id=job_id, category=category.value, message=message)
         self.publisher.publish_final(job_id, event)
 
     @db_retry
-    def _store_failure(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:
+    def _store_failure(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> bool:
         with session_scope(self.database_url) as session:
-            job_queries.fail_job(session, job_id, category.value, message)
+            stored = job_queries.fail_job(
+                session, job_id, self.worker_name, category.value, message
+            )
+        if stored:
+            worker_metrics.job_failed(job_id, category.value)
+        return stored
 
     def _publish_done(self, job_id: uuid.UUID, output: GenerationOutput, status: JobStatus):
         event = DoneEvent(

@@ -10,10 +10,12 @@ from llmq.protocol import SamplingParams
 from llmq.publisher import TokenPublisher
 from llmq.registry import get_registry
 from llmq.settings import Settings
+from workers import metrics as worker_metrics
 from workers.cancellation import CancellationWatcher
 from workers.engine import GenerationEngine, GenerationRequest
 from workers.host import ModelHost, detect_device
 from workers.runner import JobRunner
+from workers.score_runner import ScoreRunner
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +26,7 @@ class WorkerRuntime:
     engine: GenerationEngine
     watcher: CancellationWatcher
     runner: JobRunner
+    score_runner: ScoreRunner
 
     @classmethod
     def start(cls, settings: Settings, worker_name: str) -> "WorkerRuntime":
@@ -33,6 +36,7 @@ class WorkerRuntime:
                 f"LLMQ_WORKER_MODEL={settings.worker_model!r} is not in {settings.models_file}"
             )
         host = ModelHost.load(spec, detect_device(settings.worker_device), settings.data_dir)
+        worker_metrics.model_loaded(host)
         publisher = TokenPublisher(settings.redis_url)
         engine = GenerationEngine(
             host,
@@ -49,7 +53,10 @@ class WorkerRuntime:
         runner = JobRunner(
             engine, host, publisher, settings.database_url, worker_name, settings.job_time_limit_s
         )
-        return cls(host, engine, watcher, runner)
+        score_runner = ScoreRunner(
+            engine, host, settings.database_url, worker_name, settings.job_time_limit_s
+        )
+        return cls(host, engine, watcher, runner, score_runner)
 
     def stop(self) -> None:
         self.watcher.stop()

@@ -1,13 +1,30 @@
-"""Thin Celery task adapters; the work happens in workers.runner."""
+"""Thin Celery task adapters; the work happens in workers.runner and workers.score_runner."""
 
 import uuid
 
-from llmq.protocol import GENERATE_TASK, GenerateTask
+from llmq.logs import job_log_context
+from llmq.protocol import GENERATE_TASK, SCORE_TASK, GenerateTask, ScoreTask
 from workers.app import app, get_runtime
 
 
 @app.task(name=GENERATE_TASK)
 def generate(payload: dict) -> None:
     """Run one generation job; the message is acknowledged once its outcome is in Postgres."""
-    task = GenerateTask.model_validate(payload)
-    get_runtime().runner.run(uuid.UUID(str(task.job_id)))
+    job_id = uuid.UUID(str(GenerateTask.model_validate(payload).job_id))
+    runtime = get_runtime()
+    with _log_context(runtime, job_id):
+        runtime.runner.run(job_id)
+
+
+@app.task(name=SCORE_TASK)
+def score(payload: dict) -> None:
+    """Run one scoring job (log-likelihood of continuations), acknowledged once stored."""
+    job_id = uuid.UUID(str(ScoreTask.model_validate(payload).job_id))
+    runtime = get_runtime()
+    with _log_context(runtime, job_id):
+        runtime.score_runner.run(job_id)
+
+
+def _log_context(runtime, job_id: uuid.UUID):
+    spec, device = runtime.host.spec, runtime.host.device
+    return job_log_context(job_id, spec.id, spec.queue(device))

@@ -5,6 +5,7 @@ from alembic.script import ScriptDirectory
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from redis import Redis
+from redis.exceptions import ResponseError
 from sqlalchemy import text
 
 from api.deps import SettingsDep
@@ -16,6 +17,17 @@ router = APIRouter(tags=["health"])
 
 def migration_head() -> str | None:
     return ScriptDirectory.from_config(Config(str(PROJECT_ROOT / "alembic.ini"))).get_current_head()
+
+
+def eviction_check(redis: Redis) -> str:
+    """Redis must never evict: an evicted queue or unacknowledged-message key loses jobs."""
+    try:
+        policy = redis.config_get("maxmemory-policy").get("maxmemory-policy")
+    except ResponseError:
+        return "ok"  # CONFIG is disabled (managed Redis): the operator vouches for the policy
+    if policy == "noeviction":
+        return "ok"
+    return f"maxmemory-policy is {policy}; set it to noeviction or queued jobs can be lost"
 
 
 @router.get("/healthz")
@@ -38,8 +50,10 @@ def readyz(settings: SettingsDep) -> JSONResponse:
         checks["postgres"] = f"unavailable: {type(exc).__name__}"
         checks["migrations"] = "unknown"
     try:
-        Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+        redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        redis.ping()
         checks["redis"] = "ok"
+        checks["redis_eviction"] = eviction_check(redis)
     except Exception as exc:
         checks["redis"] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())

@@ -5,12 +5,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from api.deps import LiveQueuesDep, PromptCounterDep, RegistryDep, SessionDep
+from api.deps import (
+    LiveQueuesDep,
+    PromptCounterDep,
+    RegistryDep,
+    RequestIdDep,
+    SessionDep,
+    SettingsDep,
+)
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
-from llmq.errors import JobNotCancellable, JobNotFound
+from llmq.errors import InvalidRequest, JobNotCancellable, JobNotFound
 from llmq.events import DoneEvent
+from llmq.metrics import job_finished
 from llmq.protocol import JobStatus, SamplingParams
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -28,6 +36,15 @@ def sampling_params(body: JobCreate, defaults) -> SamplingParams:
         stop=body.stop_list(),
         ignore_eos=body.ignore_eos,
     )
+
+
+def job_timeout(requested: float | None, limit_s: float) -> float | None:
+    if requested is not None and requested > limit_s:
+        raise InvalidRequest(
+            f"timeout_s is {requested:g}; this server runs a job for at most {limit_s:g} seconds",
+            param="timeout_s",
+        )
+    return requested
 
 
 def cancelled_event(job_id: uuid.UUID) -> DoneEvent:
@@ -49,6 +66,8 @@ def create_job(
     counter: PromptCounterDep,
     live: LiveQueuesDep,
     response: Response,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Accept a generation job: it is stored, then queued for a worker of its model."""
@@ -61,6 +80,8 @@ def create_job(
         counter=counter,
         live=live,
         idempotency_key=idempotency_key,
+        request_id=request_id,
+        timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
     )
     if not submission.created:
         response.status_code = status.HTTP_200_OK
@@ -107,6 +128,8 @@ def cancel_job(job_id: uuid.UUID, session: SessionDep, request: Request) -> JobP
     cancelled = job_queries.cancel_job(session, job_id)
     session.commit()
     session.refresh(job)
+    if cancelled:
+        job_finished(job.model, JobStatus.CANCELLED.value)
     if cancelled and never_started:  # a running job's worker announces its own end
         request.app.state.publisher.publish_final(job_id, cancelled_event(job_id))
     if not cancelled and job.status != JobStatus.CANCELLED.value:

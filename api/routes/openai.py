@@ -17,8 +17,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.errors import error_body
-from api.events import StreamedEvent
+from api.errors import RETRY_AFTER_S, error_body
+from api.events import STREAM_INTERRUPTED, StreamedEvent
+from api.middleware import request_id_of
 from api.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -35,7 +36,8 @@ from api.openai_protocol import (
 from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
 from db.session import get_sessionmaker, session_scope
-from llmq.protocol import MAX_TOKENS_LIMIT
+from llmq.metrics import job_finished
+from llmq.protocol import MAX_TOKENS_LIMIT, JobStatus
 from llmq.registry import ModelSpec
 
 log = structlog.get_logger(__name__)
@@ -75,16 +77,17 @@ def _submit_choices(
                     params=params,
                     counter=state.prompt_counter,
                     live=state.live_queues,
+                    request_id=request_id_of(request),
                 ).job
                 choices.append(Choice(p * body.n + j, job.id, counts_prompt=j == 0))
     log.info("openai request queued", model=spec.id, jobs=len(choices), **source)
     return choices
 
 
-def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID]) -> None:
+def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID], model: str) -> None:
     with session_scope(database_url) as session:
-        for job_id in job_ids:
-            job_queries.cancel_job(session, job_id)
+        cancelled = sum(job_queries.cancel_job(session, job_id) for job_id in job_ids)
+    job_finished(model, JobStatus.CANCELLED.value, cancelled)
 
 
 async def _final_event(request: Request, job_id: uuid.UUID) -> StreamedEvent:
@@ -114,6 +117,9 @@ async def _merged_events(request: Request, choices: list[Choice]):
 
 def _job_failed(event: StreamedEvent) -> JSONResponse:
     data = json.loads(event.data)
+    if data["category"] == STREAM_INTERRUPTED:  # the job runs on; only this wait ended
+        body = error_body(data["message"], "service_unavailable", code=data["category"])
+        return JSONResponse(body, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
     message = f"generation failed ({data['category']}): {data['message']}"
     return JSONResponse(error_body(message, "server_error", code=data["category"]), 500)
 
@@ -162,7 +168,7 @@ def _stream(request: Request, choices: list[Choice], fmt: ChunkFormat) -> EventS
             if not completed:  # the client went away: free the batch
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(
-                        _cancel_jobs, database_url, [c.job_id for c in choices]
+                        _cancel_jobs, database_url, [c.job_id for c in choices], fmt.model
                     )
                 log.info("stream abandoned; jobs cancelled", jobs=len(choices))
 

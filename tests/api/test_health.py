@@ -8,7 +8,26 @@ def test_healthz_is_ok(client):
 def test_readyz_reports_postgres_redis_and_migrations(client):
     response = client.get("/readyz")
     assert response.status_code == 200, response.text
-    assert response.json()["checks"] == {"postgres": "ok", "migrations": "ok", "redis": "ok"}
+    assert response.json()["checks"] == {
+        "postgres": "ok",
+        "migrations": "ok",
+        "redis": "ok",
+        "redis_eviction": "ok",
+    }
+
+
+def test_readyz_is_503_when_redis_may_evict_keys(client, redis_url):
+    from redis import Redis
+
+    redis = Redis.from_url(redis_url)
+    before = redis.config_get("maxmemory-policy")["maxmemory-policy"]
+    redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        response = client.get("/readyz")
+    finally:
+        redis.config_set("maxmemory-policy", before)
+    assert response.status_code == 503
+    assert "set it to noeviction" in response.json()["checks"]["redis_eviction"]
 
 
 def test_readyz_is_503_when_redis_is_unreachable(database_url, tiny_model_path):

@@ -87,7 +87,8 @@ def test_list_jobs_filters_by_status_and_model_and_pages(live_client):
     assert page["total"] >= 3
     assert all(j["status"] == "succeeded" and j["model"] == "tiny-llama" for j in page["data"])
     rest = live_client.get(
-        "/v1/jobs", params={"status": "succeeded", "limit": 500, "offset": 2}
+        "/v1/jobs",
+        params={"status": "succeeded", "model": "tiny-llama", "limit": 500, "offset": 2},
     ).json()
     assert len(rest["data"]) == page["total"] - 2
     assert not {j["id"] for j in page["data"]} & {j["id"] for j in rest["data"]}

@@ -100,3 +100,60 @@ def test_rejected_input_stores_no_job(client):
 def test_prompt_with_nul_character_is_400(client):
     body = {"model": "tiny-llama", "prompt": "a\u0000b"}
     assert "NUL" in _error(client.post("/v1/jobs", json=body), 400)
+
+
+def test_invalid_utf8_is_400(client):
+    response = client.post(
+        "/v1/jobs",
+        content=b'{"model": "tiny-llama", "prompt": "caf\xe9"}',
+        headers={"content-type": "application/json"},
+    )
+    assert "UTF-8" in _error(response, 400)
+
+
+def test_wrong_content_type_is_415(client):
+    response = client.post(
+        "/v1/jobs",
+        content=b'{"model": "tiny-llama", "prompt": "hi"}',
+        headers={"content-type": "text/plain"},
+    )
+    assert "application/json" in _error(response, 415)
+
+
+def test_body_over_the_size_limit_is_413(client):
+    body = {"model": "tiny-llama", "prompt": "x" * (9 * 1024 * 1024)}
+    assert "larger than 8,388,608 bytes" in _error(client.post("/v1/jobs", json=body), 413)
+
+
+def test_chunked_body_over_the_size_limit_is_413(client):
+    chunks = (b"x" * 1024 * 1024 for _ in range(9))
+    response = client.post(
+        "/v1/jobs", content=chunks, headers={"content-type": "application/json"}
+    )
+    assert "larger than" in _error(response, 413)
+
+
+@pytest.mark.parametrize("value", [10**30, -(10**30), 1e308])
+def test_huge_numbers_are_400(client, value):
+    body = {"model": "tiny-llama", "prompt": "hi", "seed": value}
+    assert "seed" in _error(client.post("/v1/jobs", json=body), 400)
+
+
+def test_oversized_n_is_400(client):
+    body = {"model": "tiny-llama", "prompt": "hi", "n": 10_000}
+    assert "'n'" in _error(client.post("/v1/completions", json=body), 400)
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/not-a-uuid", "/v1/jobs/123/events"])
+def test_malformed_job_id_is_400(client, path):
+    assert "UUID" in _error(client.get(path), 400)
+
+
+def test_unknown_job_id_is_404(client):
+    message = _error(client.get("/v1/jobs/3f2b9c4e-8a1d-4c2e-9f7a-1b2c3d4e5f60"), 404)
+    assert "3f2b9c4e-8a1d-4c2e-9f7a-1b2c3d4e5f60" in message
+
+
+def test_nul_character_in_a_query_parameter_is_400(client):
+    message = _error(client.get("/v1/jobs", params={"model": "a\x00b"}), 400)
+    assert "NUL" in message

@@ -1,0 +1,192 @@
+"""Moves evaluation runs forward: plans their items, keeps a window of their jobs on the queue,
+grades the items whose jobs have ended, and finishes runs once every item is graded.
+
+Everything it knows it reads from Postgres each sweep, so any API process can drive any run,
+and a run survives restarts: a run caught mid-plan is planned again (the plan is one
+transaction), jobs lost with a worker are requeued by the reconciler, and finished items are
+never redone. Two processes never feed one run at once: feeding locks the run's row.
+
+Why a window rather than every job at once: an MMLU run is 14,042 jobs; sent together they
+would sit in front of every other job of the model for the whole run, and a cancelled run
+would leave thousands of messages behind. A few batches of jobs in flight keep the workers busy.
+"""
+
+import time
+import uuid
+
+import structlog
+
+from api.enqueue import enqueue_job, route
+from api.live_workers import LiveQueues
+from api.prompts import PromptCounter
+from db.queries import evals as eval_queries
+from db.queries import jobs as job_queries
+from db.session import session_scope
+from llmq.errors import LlmqError
+from llmq.evals.grading import grade_generation, grade_scores
+from llmq.evals.planning import Benchmark, ModelFacts, RunSettings, plan
+from llmq.evals.summary import summarize
+from llmq.periodic import PeriodicTask
+from llmq.protocol import JobKind
+from llmq.registry import Registry
+from llmq.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+BATCHES_IN_FLIGHT = 4
+GRADE_PAGE = 2000
+
+
+class EvalDriver:
+    def __init__(
+        self, settings: Settings, registry: Registry, counter: PromptCounter, live: LiveQueues
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.counter = counter
+        self.live = live
+        self._sweeper = PeriodicTask("llmq-eval-driver", settings.eval_interval_s, self._sweep)
+
+    def start(self) -> None:
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._sweeper.stop()
+
+    def sweep(self) -> None:
+        url = self.settings.database_url
+        with session_scope(url) as session:
+            queued = eval_queries.runs_with_status(session, eval_queries.RunStatus.QUEUED)
+            running = eval_queries.runs_with_status(session, eval_queries.RunStatus.RUNNING)
+        for run_id in queued:
+            self.plan(run_id)
+        for run_id in running:
+            self.grade(run_id)
+            self.feed(run_id)
+            self.finish_if_done(run_id)
+
+    def plan(self, run_id: uuid.UUID) -> None:
+        with session_scope(self.settings.database_url) as session:
+            run = eval_queries.lock_run(session, run_id, eval_queries.RunStatus.QUEUED)
+            if run is None:
+                return
+            spec = self.registry.get(run.model)
+            if spec is None:
+                eval_queries.fail_run(session, run_id, f"model {run.model!r} is not served here")
+                return
+            settings = RunSettings(
+                Benchmark(run.benchmark), run.num_fewshot, run.limit, run.subjects, run.dataset
+            )
+            facts = ModelFacts(
+                spec.id, spec.source, spec.context_length, self.counter.eos_text(spec)
+            )
+            try:
+                items = plan(settings, facts)
+            except LlmqError as exc:
+                log.warning("evaluation run could not start", run_id=str(run_id), error=str(exc))
+                eval_queries.fail_run(session, run_id, exc.message)
+                return
+            except Exception as exc:  # unreadable files, or a bug: fail the run, not each sweep
+                log.exception("evaluation run could not be planned", run_id=str(run_id))
+                eval_queries.fail_run(session, run_id, f"{type(exc).__name__}: {exc}")
+                return
+            new_items = [
+                eval_queries.NewItem(
+                    position,
+                    item.task,
+                    item.doc_index,
+                    item.kind.value,
+                    item.input,
+                    item.params,
+                    item.request_key(facts),
+                    item.gold,
+                )
+                for position, item in enumerate(items)
+            ]
+            reused = eval_queries.store_plan(session, run, new_items)
+        log.info("evaluation run planned", run_id=str(run_id), items=len(items), reused=reused)
+
+    def feed(self, run_id: uuid.UUID) -> int:
+        """Top the run's jobs in flight up to its window; returns how many were sent."""
+        created: list[tuple[uuid.UUID, str, str]] = []
+        with session_scope(self.settings.database_url) as session:
+            run = eval_queries.lock_run(session, run_id, eval_queries.RunStatus.RUNNING)
+            if run is None:
+                return 0
+            spec = self.registry.get(run.model)
+            if spec is None:
+                eval_queries.fail_run(session, run_id, f"model {run.model!r} is not served here")
+                return 0
+            window = self.settings.eval_jobs_in_flight or BATCHES_IN_FLIGHT * spec.max_batch_size
+            room = window - eval_queries.in_flight_jobs(session, run_id)
+            if room <= 0:
+                return 0
+            queue = route(spec, self.live.queues)
+            for item in eval_queries.next_requests(session, run_id, room):
+                job = job_queries.create_job(
+                    session,
+                    job_queries.NewJob(
+                        kind=item.kind,
+                        model=spec.id,
+                        queue=queue,
+                        input=item.input,
+                        params=item.params,
+                        owner=f"eval:{run_id}",
+                        timeout_s=spec.timeout_s,
+                    ),
+                )
+                eval_queries.assign_job(session, run_id, item.request_key, job.id)
+                created.append((job.id, item.kind, queue))
+        # After the commit, as for every job; a lost send is resent by the reconciler.
+        for job_id, kind, job_queue in created:
+            enqueue_job(job_id, kind, job_queue)
+        return len(created)
+
+    def grade(self, run_id: uuid.UUID) -> int:
+        """Grade the run's items whose jobs have ended; returns how many."""
+        total = 0
+        while True:
+            with session_scope(self.settings.database_url) as session:
+                finished = eval_queries.finished_items(session, run_id, GRADE_PAGE)
+                grades = []
+                for item in finished:
+                    grade = {"id": item.item_id, "output": None, "details": None, "metrics": None}
+                    if item.error is not None:
+                        grades.append(grade | {"error": item.error})
+                        continue
+                    if item.kind == JobKind.SCORE.value:
+                        result = grade_scores(item.loglikelihoods or [], item.gold)
+                    else:
+                        result = grade_generation(item.text or "", item.gold)
+                    grades.append(
+                        grade
+                        | {
+                            "output": result.output,
+                            "details": result.details,
+                            "metrics": result.metrics,
+                            "error": None,
+                        }
+                    )
+                eval_queries.store_grades(session, grades)
+            total += len(finished)
+            if len(finished) < GRADE_PAGE:
+                return total
+
+    def finish_if_done(self, run_id: uuid.UUID) -> None:
+        with session_scope(self.settings.database_url) as session:
+            run = eval_queries.get_run(session, run_id)
+            if run is None or run.status != eval_queries.RunStatus.RUNNING:
+                return
+            if eval_queries.progress(session, run_id, run.total).graded < run.total:
+                return
+            scores = summarize(
+                Benchmark(run.benchmark), eval_queries.graded_metrics(session, run_id)
+            )
+            if eval_queries.finish_run(session, run_id, scores):
+                log.info("evaluation run finished", run_id=str(run_id), scores=scores["metrics"])
+
+    def _sweep(self) -> None:
+        started = time.monotonic()
+        self.sweep()
+        if time.monotonic() - started > 5:
+            log.info("slow evaluation sweep", seconds=round(time.monotonic() - started, 1))

@@ -1,0 +1,109 @@
+"""The API's Prometheus metrics: HTTP traffic and submitted jobs, counted as they happen, and the
+figures read when Prometheus scrapes: each queue's depth (Redis) and its live workers (the
+LiveQueues poller). Workers serve their own metrics (workers/metrics.py)."""
+
+from collections.abc import Iterator
+
+import structlog
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis import Redis, RedisError
+
+from api.live_workers import LiveQueues
+from llmq.registry import Registry
+
+log = structlog.get_logger(__name__)
+
+HTTP_REQUESTS = Counter(
+    "llmq_http_requests_total",
+    "HTTP requests by route template, method and status code",
+    ["method", "route", "status"],
+)
+HTTP_DURATION = Histogram(
+    "llmq_http_request_duration_seconds",
+    "Time from receiving a request to the end of its response (a stream's whole length)",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+JOBS_SUBMITTED = Counter(
+    "llmq_jobs_submitted_total", "Jobs stored and sent to a queue", ["model", "queue"]
+)
+
+
+def job_submitted(model: str, queue: str) -> None:
+    JOBS_SUBMITTED.labels(model, queue).inc()
+
+
+def request_served(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_DURATION.labels(method, route).observe(seconds)
+
+
+class QueueCollector(Collector):
+    """Queue depth and live workers for every configured `llmq.<model>.<device>` queue, read at
+    scrape time so that they are never stale, and zero for a queue nobody consumes."""
+
+    def __init__(self, registry: Registry, live: LiveQueues, redis: Redis) -> None:
+        self.registry = registry
+        self.live = live
+        self.redis = redis
+
+    @staticmethod
+    def families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "llmq_queue_depth",
+            "Messages waiting in the queue (not yet taken by a worker)",
+            labels=["model", "queue"],
+        )
+        workers = GaugeMetricFamily(
+            "llmq_live_workers",
+            "Workers that answered the last broadcast as consumers of the queue",
+            labels=["model", "queue"],
+        )
+        return depth, workers
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self.families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth, workers = self.families()
+        queues = [
+            (spec.id, spec.queue(device))
+            for spec in self.registry.models
+            for device in spec.devices
+        ]
+        for model, queue in queues:
+            workers.add_metric([model, queue], self.live.consumers.get(queue, 0))
+        yield workers
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for _, queue in queues:
+                pipe.llen(queue)  # kombu keeps each queue as a Redis list
+            lengths = pipe.execute()
+        except RedisError as exc:  # no figure is better than a wrong zero
+            log.warning("queue depth unavailable", error=str(exc))
+            return
+        for (model, queue), length in zip(queues, lengths, strict=True):
+            depth.add_metric([model, queue], length)
+        yield depth
+
+
+def scrape_registry(registry: Registry, live: LiveQueues, redis_url: str) -> CollectorRegistry:
+    """The app's scrape-time collectors, kept apart from the process-wide registry so that each
+    app (tests build several) reports its own queues."""
+    scraped = CollectorRegistry()
+    redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    scraped.register(QueueCollector(registry, live, redis))
+    return scraped
+
+
+def exposition(scraped: CollectorRegistry) -> bytes:
+    """The text the /metrics endpoint serves: process-wide metrics, then the app's queues."""
+    return generate_latest(REGISTRY) + generate_latest(scraped)

@@ -1,0 +1,112 @@
+"""Makes Postgres's view of the jobs come true on the broker: the guarantee that every accepted
+job finishes, whatever the broker or a worker lost.
+
+Each sweep, in one API process at a time (a Postgres advisory lock):
+- the running jobs of workers that stopped answering Celery's broadcast for
+  `worker_lost_after_s` (killed, frozen, on a lost machine) go back to queued. kombu would hand
+  their unacknowledged messages back only after the visibility timeout (an hour), and some
+  `kill -9` cases never; a job that already lost `max_job_attempts` workers fails instead.
+- queued jobs last sent more than `requeue_after_s` ago whose message is not waiting in their
+  queue are sent again: the enqueue after the commit failed, or Redis restarted or was flushed.
+A job sent twice still runs once: claiming it is a compare-and-set on its row.
+"""
+
+import json
+from dataclasses import dataclass
+
+import structlog
+from redis import Redis
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from api.enqueue import enqueue_job
+from api.live_workers import LiveQueues
+from db.queries import jobs as job_queries
+from db.session import session_scope
+from llmq.metrics import job_failed
+from llmq.periodic import PeriodicTask
+from llmq.protocol import ErrorCategory
+from llmq.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Any constant shared by all API processes; it names the reconciler's advisory lock.
+ADVISORY_LOCK_KEY = 0x6C6C6D71  # "llmq"
+MAX_JOBS_PER_SWEEP = 5000
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    ran: bool  # False when another process held the lock
+    requeued_from_lost_workers: int = 0
+    failed_after_lost_workers: int = 0
+    resent: int = 0
+
+
+def waiting_job_ids(redis: Redis, queues: set[str]) -> set[str]:
+    """Ids of the jobs whose messages wait in these queues (kombu keeps a queue as a list)."""
+    ids: set[str] = set()
+    for queue in queues:
+        for raw in redis.lrange(queue, 0, -1):
+            try:
+                ids.add(json.loads(raw)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not a Celery message; the worker will reject it
+    return ids
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, live: LiveQueues) -> None:
+        self.settings = settings
+        self.live = live
+        self.redis = Redis.from_url(settings.redis_url, socket_timeout=10)
+        self._sweeper = PeriodicTask("llmq-reconciler", settings.reconcile_interval_s, self.sweep)
+
+    def start(self) -> None:
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._sweeper.stop()
+        self.redis.close()
+
+    def sweep(self) -> SweepReport:
+        with session_scope(self.settings.database_url) as session:
+            locked = session.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
+            )
+            if not locked:
+                return SweepReport(ran=False)
+            requeued, failed_models = self._release_jobs_of_lost_workers(session)
+            resent = self._resend_missing(session)
+        for model in failed_models:
+            job_failed(model, ErrorCategory.WORKER_LOST.value)
+        return SweepReport(True, requeued, len(failed_models), resent)
+
+    def _release_jobs_of_lost_workers(self, session: Session) -> tuple[int, list[str]]:
+        running_on = job_queries.running_workers(session)
+        lost = self.live.lost(running_on, self.settings.worker_lost_after_s)
+        requeued, failed_models = job_queries.release_jobs_of(
+            session, lost, self.settings.max_job_attempts
+        )
+        if lost:
+            log.warning(
+                "workers lost; their jobs go back to the queue",
+                workers=sorted(lost),
+                requeued=requeued,
+                failed=len(failed_models),
+            )
+        return requeued, failed_models
+
+    def _resend_missing(self, session: Session) -> int:
+        stale = job_queries.stale_queued(session, self.settings.requeue_after_s, MAX_JOBS_PER_SWEEP)
+        if not stale:
+            return 0
+        waiting = waiting_job_ids(self.redis, {job.queue for job in stale})
+        resent = [
+            j.id for j in stale if str(j.id) not in waiting and enqueue_job(j.id, j.kind, j.queue)
+        ]
+        # Jobs found waiting are fine: their clock restarts, so they are not scanned each sweep.
+        job_queries.mark_enqueued(session, [j.id for j in stale if str(j.id) in waiting] + resent)
+        if resent:
+            log.warning("jobs missing from the broker were sent again", count=len(resent))
+        return len(resent)

@@ -1,0 +1,131 @@
+"""Scoring on the real tiny model: batched log-likelihoods equal a direct computation with torch,
+one (prompt, continuation) at a time, as lm-eval's Hugging Face backend makes it."""
+
+import uuid
+
+import pytest
+import torch
+
+from llmq.protocol import SamplingParams
+
+PAIRS = [
+    ("Once upon a time there was", " a little girl"),
+    ("The quick brown fox jumps over the lazy dog. The dog", " was not happy"),
+    ("Question: 2 + 2?\nAnswer:", " A"),
+    ("Question: 2 + 2?\nAnswer:", " B"),
+    ("Question: 2 + 2?\nAnswer: ", "C"),  # the space moves to the continuation
+    ("x", " 漢字 🙂"),
+]
+
+
+@pytest.fixture(scope="module")
+def host(tiny_model_path):
+    from llmq.registry import ModelSpec
+    from workers.host import ModelHost
+
+    spec = ModelSpec(id="tiny-llama", source=str(tiny_model_path), context_length=512)
+    return ModelHost.load(spec, "cpu", tiny_model_path.parent)
+
+
+def direct(host, context: str, continuation: str, max_length: int) -> tuple[float, bool]:
+    """One row, no batch: log-softmax at each continuation token, summed."""
+    tokenizer = host.tokenizer
+    if context.endswith(" "):
+        context, continuation = context[:-1], " " + continuation
+    whole = tokenizer(context + continuation).input_ids
+    continuation_ids = whole[len(tokenizer(context).input_ids) :]
+    row = whole[-(max_length + 1) :][:-1]
+    with torch.inference_mode():
+        logits = host.model(input_ids=torch.tensor([row])).logits[0]
+    logprobs = torch.log_softmax(logits, dim=-1)[-len(continuation_ids) :]
+    picked = [logprobs[i, token].item() for i, token in enumerate(continuation_ids)]
+    greedy = logprobs.argmax(-1).tolist() == continuation_ids
+    return sum(picked), greedy
+
+
+def score_all(host, pairs, max_length: int, max_batch_tokens: int = 100_000):
+    from workers.scoring import PairEncoder, PendingScore, Scorer, ScoreRequest
+
+    encoder = PairEncoder(host.tokenizer)
+    pending = [
+        PendingScore(ScoreRequest(uuid.uuid4(), [encoder.pair(c, x)], max_length)) for c, x in pairs
+    ]
+    with torch.inference_mode():
+        Scorer(host, max_batch_tokens).run(pending)
+    return [p.future.result() for p in pending]
+
+
+@pytest.mark.parametrize("max_length", [512, 14])
+def test_batched_scores_equal_direct_computation(host, max_length):
+    outputs = score_all(host, PAIRS, max_length)
+    for (context, continuation), output in zip(PAIRS, outputs, strict=True):
+        expected, greedy = direct(host, context, continuation, max_length)
+        assert output.loglikelihoods[0] == pytest.approx(expected, abs=1e-4)
+        assert output.greedy == [greedy]
+
+
+def test_small_token_budget_splits_passes_without_changing_scores(host):
+    together = score_all(host, PAIRS, 512)
+    apart = score_all(host, PAIRS, 512, max_batch_tokens=8)
+    for a, b in zip(together, apart, strict=True):
+        assert a.loglikelihoods == pytest.approx(b.loglikelihoods, rel=1e-6)
+
+
+def test_choices_sharing_a_prompt_share_one_row(host):
+    from workers.scoring import PairEncoder, PendingScore, Scorer, ScoreRequest
+
+    encoder = PairEncoder(host.tokenizer)
+    prompt = "Question: 2 + 2?\nAnswer:"
+    pairs = [encoder.pair(prompt, c) for c in (" A", " B", " C", " D")]
+    one_token = [p for p in pairs if len(p[1]) == 1]
+    pending = PendingScore(ScoreRequest(uuid.uuid4(), pairs, 512))
+    with torch.inference_mode():
+        Scorer(host, 100_000).run([pending])
+    output = pending.future.result()
+    rows = {tuple(c + x[:-1]) for c, x in pairs}
+    assert output.input_tokens == sum(len(row) for row in rows)
+    if len(one_token) > 1:  # every one-token choice reads the same row: the prompt
+        assert len(rows) < len(pairs)
+
+
+def test_empty_prompt_is_scored_after_the_bos_token(host):
+    from workers.scoring import PairEncoder
+
+    encoder = PairEncoder(host.tokenizer)
+    context, continuation = encoder.pair("", "Hello")
+    assert context == [host.tokenizer.bos_token_id]
+    assert continuation == host.tokenizer("Hello", add_special_tokens=False).input_ids
+
+
+def test_engine_scores_between_decode_steps(host):
+    """Scoring jobs submitted while generations decode all finish, and neither changes the
+    other's result."""
+    from workers.engine import GenerationEngine, GenerationRequest
+    from workers.scoring import PairEncoder, ScoreRequest
+
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = ["Once upon a time", "The dog", "A queue holds jobs"]
+    encoder = PairEncoder(host.tokenizer)
+    engine = GenerationEngine(host, max_batch_size=8, max_batch_tokens=100_000, max_wait_ms=5)
+    engine.start()
+    try:
+        alone = [
+            engine.submit(GenerationRequest(uuid.uuid4(), host.encode(p), params)).result(60)
+            for p in prompts
+        ]
+        generations = [
+            engine.submit(GenerationRequest(uuid.uuid4(), host.encode(p), params)) for p in prompts
+        ]
+        scores = [
+            engine.submit_score(ScoreRequest(uuid.uuid4(), [encoder.pair(c, x)], 512))
+            for c, x in PAIRS
+        ]
+        mixed = [f.result(60) for f in generations]
+        scored = [f.result(60) for f in scores]
+    finally:
+        engine.stop()
+    assert [o.text for o in mixed] == [o.text for o in alone]
+    for (context, continuation), output in zip(PAIRS, scored, strict=True):
+        assert output.loglikelihoods[0] == pytest.approx(
+            direct(host, context, continuation, 512)[0], abs=1e-4
+        )

@@ -1,0 +1,197 @@
+"""Scoring (`llmq.score` jobs): the log-likelihood of each continuation after a prompt, computed
+as lm-evaluation-harness's Hugging Face backend computes it (`HFLM._loglikelihood_tokens`).
+
+Tokens: the prompt and each continuation are encoded together with the tokenizer's default
+special tokens, and the continuation's tokens are those past the prompt's own encoding;
+whitespace ending the prompt moves to the continuation first. An empty prompt becomes the BOS
+token (or EOS when there is none). The model reads the last `max_length` tokens of prompt +
+continuation without its final token; the score is the sum of the continuation tokens'
+log-softmax, and `greedy` tells whether argmax decoding would produce them all.
+
+Batching: rows are right-padded with no attention mask, as lm-eval runs them. Continuations
+whose model input is the same row (an MMLU question's ` A` … ` D`: one token after a shared
+prompt) share one row, so one forward pass scores all of a question's choices, and the rows of
+many jobs share each forward pass. Only the positions some continuation needs get logits.
+
+The engine thread runs these forward passes between its decode steps, so the model is only ever
+used by one thread and scoring and generation take turns (see GenerationEngine.submit_score).
+"""
+
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from workers.host import ModelHost
+
+log = structlog.get_logger(__name__)
+
+
+class ScoreTimeout(Exception):
+    """The scoring job reached its deadline before its turn on the model."""
+
+
+Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    job_id: uuid.UUID
+    pairs: list[Pair]
+    max_length: int
+    deadline: float | None = None  # time.monotonic() value
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    loglikelihoods: list[float]
+    greedy: list[bool]
+    input_tokens: int  # tokens this job put through the model, shared rows counted once
+    duration_ms: float
+
+
+@dataclass
+class PendingScore:
+    request: ScoreRequest
+    future: Future = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class PairEncoder:
+    """Prompt/continuation token pairs exactly as lm-eval's `TemplateLM._encode_pair` and
+    `loglikelihood` make them, with this model's tokenizer."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.prefix_token_id: int = bos if bos is not None else eos
+        self.prefix_text: str = tokenizer.decode(self.prefix_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        # A text that already starts with the BOS text gets no second one.
+        if self.prefix_text and text.startswith(self.prefix_text):
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(text))
+
+    def pair(self, context: str, continuation: str) -> Pair:
+        if context == "":
+            tokens = list(self.tokenizer.encode(continuation, add_special_tokens=False))
+            if tokens and tokens[0] == self.prefix_token_id:
+                return tokens[:1], tokens[1:]
+            return [self.prefix_token_id], tokens
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.encode(context + continuation)
+        context_ids = self.encode(context)
+        return context_ids, whole[len(context_ids) :]
+
+
+@dataclass
+class _Row:
+    tokens: list[int]
+    # The continuation lengths read from this row: each scores the row's last `n` positions.
+    needed: int = 0
+    logprobs: torch.Tensor | None = None  # [needed, vocab], the row's last `needed` positions
+    greedy: torch.Tensor | None = None  # [needed]
+
+
+class Scorer:
+    """Scores pending requests in as few forward passes as the token budget allows."""
+
+    def __init__(self, host: ModelHost, max_batch_tokens: int) -> None:
+        self.host = host
+        self.max_batch_tokens = max_batch_tokens
+
+    def run(self, pending: list[PendingScore]) -> None:
+        """Resolve every pending future with its output or its error."""
+        now = time.monotonic()
+        live = []
+        for item in pending:
+            deadline = item.request.deadline
+            if deadline is not None and now > deadline:
+                item.future.set_exception(ScoreTimeout("the job ran past its deadline"))
+            else:
+                live.append(item)
+        try:
+            self._score(live)
+        except Exception as exc:  # one bad job must not fail the others: score each alone
+            unresolved = [item for item in live if not item.future.done()]
+            if len(live) == 1:
+                for item in unresolved:
+                    item.future.set_exception(exc)
+                return
+            log.warning("batched scoring failed; scoring each job alone", error=str(exc))
+            for item in unresolved:
+                self.run([item])
+
+    def _score(self, pending: list[PendingScore]) -> None:
+        rows: dict[tuple[int, ...], _Row] = {}
+        plans = []  # per job: (row key, continuation tokens) per pair
+        for item in pending:
+            plan = []
+            for context, continuation in item.request.pairs:
+                if not context or not continuation:
+                    raise ValueError("a prompt and a continuation must each have a token")
+                if len(continuation) > item.request.max_length:
+                    raise ValueError(
+                        f"a continuation is {len(continuation)} tokens; the model reads "
+                        f"{item.request.max_length}"
+                    )
+                key = tuple((context + continuation)[-(item.request.max_length + 1) :][:-1])
+                row = rows.setdefault(key, _Row(list(key)))
+                row.needed = max(row.needed, len(continuation))
+                plan.append((key, continuation))
+            plans.append(plan)
+        for chunk in self._chunks(sorted(rows.values(), key=lambda r: -len(r.tokens))):
+            self._forward(chunk)
+        finished = time.monotonic()
+        for item, plan in zip(pending, plans, strict=True):
+            scores, greedy, seen = [], [], set()
+            for key, continuation in plan:
+                row = rows[key]
+                logprobs = row.logprobs[-len(continuation) :]
+                choices = row.greedy[-len(continuation) :]
+                wanted = torch.tensor(continuation, device=logprobs.device)
+                picked = torch.gather(logprobs, 1, wanted.unsqueeze(-1)).squeeze(-1)
+                scores.append(float(picked.sum()))
+                greedy.append(bool((choices == wanted).all()))
+                seen.add(key)
+            item.future.set_result(
+                ScoreOutput(
+                    loglikelihoods=scores,
+                    greedy=greedy,
+                    input_tokens=sum(len(key) for key in seen),
+                    duration_ms=(finished - item.submitted_at) * 1000,
+                )
+            )
+
+    def _chunks(self, rows: list[_Row]):
+        """Rows longest first (like lm-eval), as many per pass as the token budget holds."""
+        chunk: list[_Row] = []
+        for row in rows:
+            if chunk and (len(chunk) + 1) * len(chunk[0].tokens) > self.max_batch_tokens:
+                yield chunk
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            yield chunk
+
+    def _forward(self, rows: list[_Row]) -> None:
+        width = len(rows[0].tokens)
+        ids = torch.full((len(rows), width), self.host.pad_token_id, dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, : len(row.tokens)] = torch.tensor(row.tokens)
+        # Logits only from the first position any row needs to the end.
+        keep = width - min(len(row.tokens) - row.needed for row in rows)
+        logits = self.host.model(
+            input_ids=ids.to(self.host.device), logits_to_keep=keep, use_cache=False
+        ).logits
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for index, row in enumerate(rows):
+            end = len(row.tokens) - (width - keep)  # the row's last position, in kept columns
+            row.logprobs = logprobs[index, end - row.needed : end]
+            row.greedy = row.logprobs.argmax(dim=-1)
