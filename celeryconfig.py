@@ -3,6 +3,7 @@
 Every value is chosen for batching LLM jobs that may run for minutes; see the comments.
 """
 
+from llmq.protocol import PRIORITY_STEPS
 from llmq.settings import get_settings
 
 _settings = get_settings()
@@ -15,6 +16,8 @@ broker_transport_options = {
     "visibility_timeout": max(
         _settings.broker_visibility_timeout_s, 2 * _settings.job_time_limit_s
     ),
+    # One Redis list per step; workers pop the lowest step first (interactive before batch).
+    "priority_steps": list(PRIORITY_STEPS),
 }
 
 # Results and job state live in Postgres; Celery's result backend is not used.

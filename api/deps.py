@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.auth import Caller, authenticate, require_admin
 from api.live_workers import LiveQueues
 from api.middleware import request_id_of
 from api.prompts import PromptCounter
@@ -14,7 +15,9 @@ from llmq.registry import Registry
 from llmq.settings import Settings
 
 
-def get_settings_dep(request: Request) -> Settings:
+# The accessors are async because they do no I/O: FastAPI runs a sync dependency in its thread
+# pool, a hop per dependency on every request.
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -23,19 +26,19 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_registry_dep(request: Request) -> Registry:
+async def get_registry_dep(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_prompt_counter(request: Request) -> PromptCounter:
+async def get_prompt_counter(request: Request) -> PromptCounter:
     return request.app.state.prompt_counter
 
 
-def get_live_queues(request: Request) -> LiveQueues:
+async def get_live_queues(request: Request) -> LiveQueues:
     return request.app.state.live_queues
 
 
-def get_request_id(request: Request) -> str | None:
+async def get_request_id(request: Request) -> str | None:
     return request_id_of(request)
 
 
@@ -45,3 +48,6 @@ RegistryDep = Annotated[Registry, Depends(get_registry_dep)]
 PromptCounterDep = Annotated[PromptCounter, Depends(get_prompt_counter)]
 LiveQueuesDep = Annotated[LiveQueues, Depends(get_live_queues)]
 RequestIdDep = Annotated[str | None, Depends(get_request_id)]
+# The caller behind the request's API key, counted against its rate limit; AdminDep: admins only.
+ApiKeyDep = Annotated[Caller, Depends(authenticate)]
+AdminDep = Annotated[Caller, Depends(require_admin)]

@@ -32,7 +32,7 @@ def route(spec: ModelSpec, live_queues: set[str]) -> str:
 TASK_FOR_KIND = {JobKind.GENERATE.value: GENERATE_TASK, JobKind.SCORE.value: SCORE_TASK}
 
 
-def enqueue_job(job_id: uuid.UUID, kind: str, queue: str) -> bool:
+def enqueue_job(job_id: uuid.UUID, kind: str, queue: str, priority: int = 0) -> bool:
     """Send after the job row is committed. False if the broker is unreachable: the job row
     stays queued and the reconciler sends it later, so the client's 202 still holds."""
     payload = GenerateTask(job_id=job_id).model_dump(mode="json")
@@ -42,6 +42,7 @@ def enqueue_job(job_id: uuid.UUID, kind: str, queue: str) -> bool:
             args=[payload],
             task_id=str(job_id),
             queue=queue,
+            priority=priority,  # Redis serves priority 0 first: see llmq.protocol
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
         )
@@ -51,9 +52,3 @@ def enqueue_job(job_id: uuid.UUID, kind: str, queue: str) -> bool:
     return True
 
 
-def enqueue_generate(job_id: uuid.UUID, queue: str) -> bool:
-    return enqueue_job(job_id, JobKind.GENERATE.value, queue)
-
-
-def enqueue_score(job_id: uuid.UUID, queue: str) -> bool:
-    return enqueue_job(job_id, JobKind.SCORE.value, queue)

@@ -40,10 +40,13 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "The request is malformed or cannot be served as asked; the message says why",
+        401: "No API key, or an unknown or revoked one",
+        403: "The API key's role may not do this",
         404: "No such job, or the model is not served",
         409: "The job has already finished",
         413: "The request body is too large",
         415: "The body is not JSON",
+        429: "A limit of the API key is reached; retry after Retry-After seconds",
         503: "Postgres or Redis is unavailable; retry after Retry-After seconds",
     }.items()
 }
@@ -77,7 +80,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LlmqError)
     async def handle_llmq_error(_request: Request, exc: LlmqError) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status_code == 503 else None
+        headers = dict(exc.headers or {})
+        if exc.status_code == 503:
+            headers["Retry-After"] = str(RETRY_AFTER_S)
         return JSONResponse(
             error_body(exc.message, exc.error_type, exc.param, exc.code),
             exc.status_code,

@@ -11,18 +11,21 @@ would sit in front of every other job of the model for the whole run, and a canc
 would leave thousands of messages behind. A few batches of jobs in flight keep the workers busy.
 """
 
+import sys
 import time
 import uuid
 
 import structlog
 
 from api.enqueue import enqueue_job, route
+from api.limits import job_room, limits_of
 from api.live_workers import LiveQueues
 from api.prompts import PromptCounter
 from db.queries import evals as eval_queries
 from db.queries import jobs as job_queries
+from db.queries import keys as key_queries
 from db.session import session_scope
-from llmq.errors import LlmqError
+from llmq.errors import LlmqError, QuotaExceeded
 from llmq.evals.grading import grade_generation, grade_scores
 from llmq.evals.planning import Benchmark, ModelFacts, RunSettings, plan
 from llmq.evals.summary import summarize
@@ -119,6 +122,8 @@ class EvalDriver:
                 return 0
             window = self.settings.eval_jobs_in_flight or BATCHES_IN_FLIGHT * spec.max_batch_size
             room = window - eval_queries.in_flight_jobs(session, run_id)
+            if run.owner is not None:
+                room = min(room, self._key_room(session, run))
             if room <= 0:
                 return 0
             queue = route(spec, self.live.queues)
@@ -131,7 +136,7 @@ class EvalDriver:
                         queue=queue,
                         input=item.input,
                         params=item.params,
-                        owner=f"eval:{run_id}",
+                        owner=run.owner or f"eval:{run_id}",
                         timeout_s=spec.timeout_s,
                     ),
                 )
@@ -141,6 +146,20 @@ class EvalDriver:
         for job_id, kind, job_queue in created:
             enqueue_job(job_id, kind, job_queue)
         return len(created)
+
+    def _key_room(self, session, run) -> int:
+        """The jobs that the run's API key may still add: its jobs count toward the key's
+        concurrent jobs. Once the key's monthly tokens are spent, the run fails."""
+        key = key_queries.get_key(session, uuid.UUID(run.owner))
+        if key is None:
+            return sys.maxsize
+        try:
+            room = job_room(session, run.owner, limits_of(key, self.settings))
+        except QuotaExceeded as exc:
+            eval_queries.fail_run(session, run.id, exc.message)
+            log.info("evaluation run stopped: quota spent", run_id=str(run.id))
+            return 0
+        return sys.maxsize if room is None else room
 
     def grade(self, run_id: uuid.UUID) -> int:
         """Grade the run's items whose jobs have ended; returns how many."""

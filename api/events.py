@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from db.queries.jobs import get_job
 from db.session import session_scope
+from db.tables import Job
 from llmq.events import (
     DoneEvent,
     ErrorEvent,
@@ -70,22 +71,26 @@ class FinishedJob:
 LoadFinished = Callable[[uuid.UUID], Awaitable[FinishedJob | None]]
 
 
+def finished_job(job: Job | None) -> FinishedJob | None:
+    """What a job's row says of its end; None while it is queued or running."""
+    if job is None or not JobStatus(job.status).is_final:
+        return None
+    result = job.result
+    return FinishedJob(
+        status=job.status,
+        text=result.text if result else "",
+        finish_reason=result.finish_reason if result else None,
+        prompt_tokens=result.prompt_tokens if result else 0,
+        completion_tokens=result.completion_tokens if result else 0,
+        error_category=job.error_category,
+        error_message=job.error_message,
+    )
+
+
 def postgres_loader(database_url: str) -> LoadFinished:
     def load(job_id: uuid.UUID) -> FinishedJob | None:
         with session_scope(database_url) as session:
-            job = get_job(session, job_id)
-            if job is None or not JobStatus(job.status).is_final:
-                return None
-            result = job.result
-            return FinishedJob(
-                status=job.status,
-                text=result.text if result else "",
-                finish_reason=result.finish_reason if result else None,
-                prompt_tokens=result.prompt_tokens if result else 0,
-                completion_tokens=result.completion_tokens if result else 0,
-                error_category=job.error_category,
-                error_message=job.error_message,
-            )
+            return finished_job(get_job(session, job_id))
 
     async def load_async(job_id: uuid.UUID) -> FinishedJob | None:
         return await run_in_threadpool(load, job_id)
@@ -177,16 +182,18 @@ class JobEventReader:
         self.idle_s = idle_s
 
     async def events(
-        self, job_id: uuid.UUID, after: str | None = None
+        self, job_id: uuid.UUID, after: str | None = None, finished: FinishedJob | None = None
     ) -> AsyncIterator[StreamedEvent]:
         """Every event of the job after `after` (a Last-Event-ID), in order, each once.
 
+        `finished` is the job's end when the caller has just read it from Postgres: a finished
+        job with nothing in Redis (a cache hit, an expired buffer) is then rebuilt at once.
         If Redis goes away mid-stream, the stream waits for the job's row in Postgres and sends
         the rest of the text and the final event from there, or ends with an error event when
         that cannot continue the text already sent."""
         progress = StreamProgress(after)
         try:
-            async for event in self._live_events(job_id, after):
+            async for event in self._live_events(job_id, after, finished):
                 progress.record(event)
                 yield event
             return
@@ -229,7 +236,7 @@ class JobEventReader:
             idle_s = min(idle_s * 2, MAX_POLL_WITHOUT_REDIS_S)
 
     async def _live_events(
-        self, job_id: uuid.UUID, after: str | None
+        self, job_id: uuid.UUID, after: str | None, finished: FinishedJob | None
     ) -> AsyncIterator[StreamedEvent]:
         key = events_key(job_id)
         last = parse_event_id(after) if after else (0, 0)
@@ -241,6 +248,10 @@ class JobEventReader:
                 yield event
                 if event.final:
                     return
+            if finished is not None and not await self.redis.exists(key):
+                for event in rebuild_events(job_id, finished, after):
+                    yield event
+                return
             # Postgres is asked only when the feed is quiet: soon after connecting (the job may
             # have finished long ago, its buffer gone), then with a growing interval.
             idle_s = FIRST_IDLE_S

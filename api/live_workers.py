@@ -60,3 +60,10 @@ class LiveQueues:
         answered = {name for reply in replies or [] for name in reply}
         self.seen_at.update(dict.fromkeys(answered, time.monotonic()))
         return silent - answered
+
+    def active_tasks(self, workers: set[str], timeout_s: float = 5.0) -> dict[str, set[str]] | None:
+        """The task ids (job ids) each of `workers` is executing; None if any did not answer."""
+        replies = self.app.control.inspect(destination=sorted(workers), timeout=timeout_s).active()
+        if not replies or set(replies) != workers:
+            return None
+        return {worker: {task["id"] for task in tasks} for worker, tasks in replies.items()}

@@ -4,19 +4,36 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from api.auth import Authenticator, authenticate
+from api.batch_driver import BatchDriver
+from api.batch_input import MAX_FILE_BYTES
 from api.enqueue import producer
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.eval_driver import EvalDriver
 from api.events import JobEventReader, postgres_loader
+from api.limits import RateLimiter, RateLimitHeaders
 from api.live_workers import LiveQueues
 from api.metrics import scrape_registry
 from api.middleware import RequestContextMiddleware
 from api.prompts import PromptCounter
 from api.reconciler import Reconciler
 from api.request_size import RequestSizeLimit
-from api.routes import evals, health, jobs, metrics, models, openai, stats, streams
+from api.routes import (
+    admin,
+    batches,
+    evals,
+    files,
+    health,
+    jobs,
+    me,
+    metrics,
+    models,
+    openai,
+    stats,
+    streams,
+)
 from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
@@ -28,17 +45,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.authenticator.ensure_bootstrap_key()
+        app.state.rate_limiter = RateLimiter(settings.redis_url)
         app.state.live_queues.start()
         reconciler = app.state.reconciler = Reconciler(settings, app.state.live_queues)
         reconciler.start()
         app.state.eval_driver.start()
+        app.state.batch_driver.start()
         redis = aioredis.Redis.from_url(settings.redis_url, max_connections=1000)
         app.state.event_reader = JobEventReader(redis, postgres_loader(settings.database_url))
         yield
         app.state.live_queues.stop()
         reconciler.stop()
         app.state.eval_driver.stop()
+        app.state.batch_driver.stop()
         await redis.aclose()
+        await app.state.rate_limiter.close()
 
     app = FastAPI(
         title="llmq",
@@ -52,17 +74,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.prompt_counter = PromptCounter(settings.data_dir)
     app.state.live_queues = LiveQueues(producer(), interval_s=settings.workers_cache_s)
     app.state.publisher = TokenPublisher(settings.redis_url)
+    app.state.authenticator = Authenticator(settings)
     app.state.eval_driver = EvalDriver(
         settings, app.state.registry, app.state.prompt_counter, app.state.live_queues
     )
+    app.state.batch_driver = BatchDriver(app.state, settings.batch_interval_s)
     app.state.scrape_registry = scrape_registry(
         app.state.registry, app.state.live_queues, settings.redis_url
     )
     install_error_handlers(app)
-    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RateLimitHeaders)
+    app.add_middleware(
+        RequestSizeLimit,
+        max_bytes=settings.max_request_bytes,
+        # Batch input files are large by design; the upload route enforces their own limit.
+        larger_limits={"/v1/files": MAX_FILE_BYTES + 1024 * 1024},
+    )
     app.add_middleware(RequestContextMiddleware)  # outermost: every answer gets an id
-    for module in (health, jobs, streams, models, openai, stats, metrics, evals):
+    for module in (health, metrics):  # probes and Prometheus stay open, as do the docs
         app.include_router(module.router, responses=ERROR_RESPONSES)
+    keyed = (jobs, streams, models, openai, files, batches, stats, evals, me, admin)
+    for module in keyed:  # every route of these needs an API key
+        app.include_router(
+            module.router, responses=ERROR_RESPONSES, dependencies=[Depends(authenticate)]
+        )
     return app
 
 

@@ -43,6 +43,9 @@ class _SamplingFields(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=100_000)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
+    # llmq's own: false keeps a deterministic request from the completion cache and from
+    # sharing an identical request's run (OpenAI clients send it in extra_body).
+    cache: bool = True
     # Defined by OpenAI, accepted only at their neutral values.
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)

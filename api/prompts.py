@@ -56,7 +56,7 @@ class PromptCounter:
         if local is None:
             from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(spec.source, name))
+            return Path(hf_hub_download(spec.source, name, revision=spec.revision))
         if spec.is_builtin and not (local / "tokenizer.json").exists():
             from llmq.tiny_model import ensure_tiny_model  # first use only
 

@@ -6,6 +6,8 @@ Each sweep, in one API process at a time (a Postgres advisory lock):
   `worker_lost_after_s` (killed, frozen, on a lost machine) go back to queued. kombu would hand
   their unacknowledged messages back only after the visibility timeout (an hour), and some
   `kill -9` cases never; a job that already lost `max_job_attempts` workers fails instead.
+- running jobs that a live worker is not executing (Celery's own list of its active tasks),
+  two sweeps in a row, go back to queued: their task ended without storing an outcome.
 - queued jobs last sent more than `requeue_after_s` ago whose message is not waiting in their
   queue are sent again: the enqueue after the commit failed, or Redis restarted or was flushed.
 A job sent twice still runs once: claiming it is a compare-and-set on its row.
@@ -15,6 +17,7 @@ import json
 from dataclasses import dataclass
 
 import structlog
+from kombu.transport import redis as redis_transport
 from redis import Redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -25,7 +28,7 @@ from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq.metrics import job_failed
 from llmq.periodic import PeriodicTask
-from llmq.protocol import ErrorCategory
+from llmq.protocol import PRIORITY_STEPS, ErrorCategory
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -33,6 +36,7 @@ log = structlog.get_logger(__name__)
 # Any constant shared by all API processes; it names the reconciler's advisory lock.
 ADVISORY_LOCK_KEY = 0x6C6C6D71  # "llmq"
 MAX_JOBS_PER_SWEEP = 5000
+PRIORITY_SEPARATOR = redis_transport.Channel.sep
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,17 @@ class SweepReport:
     resent: int = 0
 
 
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue: the queue's name for priority 0, and one
+    more per further priority step."""
+    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS[1:]]
+
+
 def waiting_job_ids(redis: Redis, queues: set[str]) -> set[str]:
-    """Ids of the jobs whose messages wait in these queues (kombu keeps a queue as a list)."""
+    """Ids of the jobs whose messages wait in these queues."""
     ids: set[str] = set()
-    for queue in queues:
-        for raw in redis.lrange(queue, 0, -1):
+    for key in (key for queue in queues for key in priority_lists(queue)):
+        for raw in redis.lrange(key, 0, -1):
             try:
                 ids.add(json.loads(raw)["headers"]["id"])
             except (ValueError, KeyError, TypeError):
@@ -60,6 +70,7 @@ class Reconciler:
         self.settings = settings
         self.live = live
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=10)
+        self._orphan_suspects: set[str] = set()
         self._sweeper = PeriodicTask("llmq-reconciler", settings.reconcile_interval_s, self.sweep)
 
     def start(self) -> None:
@@ -76,7 +87,10 @@ class Reconciler:
             )
             if not locked:
                 return SweepReport(ran=False)
+            # A row held by a stalled transaction must not stall the sweep with it.
+            session.execute(text("SET LOCAL lock_timeout = '5s'"))
             requeued, failed_models = self._release_jobs_of_lost_workers(session)
+            requeued += self._release_orphans(session)
             resent = self._resend_missing(session)
         for model in failed_models:
             job_failed(model, ErrorCategory.WORKER_LOST.value)
@@ -97,14 +111,30 @@ class Reconciler:
             )
         return requeued, failed_models
 
+    def _release_orphans(self, session: Session) -> int:
+        held = job_queries.running_jobs_by_worker(session)
+        live = set(held) - self.live.lost(set(held), self.settings.worker_lost_after_s)
+        if not live:
+            self._orphan_suspects = set()
+            return 0
+        active = self.live.active_tasks(live)
+        if active is None:
+            return 0  # a worker did not answer: judge nothing this time
+        orphans = {job for worker in live for job in held[worker] - active.get(worker, set())}
+        # A task may start between the two reads: only a job orphaned twice in a row is.
+        confirmed, self._orphan_suspects = orphans & self._orphan_suspects, orphans
+        released = job_queries.release_jobs(session, confirmed)
+        if released:
+            log.warning("running jobs no worker executes go back to the queue", count=released)
+        return released
+
     def _resend_missing(self, session: Session) -> int:
         stale = job_queries.stale_queued(session, self.settings.requeue_after_s, MAX_JOBS_PER_SWEEP)
         if not stale:
             return 0
         waiting = waiting_job_ids(self.redis, {job.queue for job in stale})
-        resent = [
-            j.id for j in stale if str(j.id) not in waiting and enqueue_job(j.id, j.kind, j.queue)
-        ]
+        missing = [job for job in stale if str(job.id) not in waiting]
+        resent = [j.id for j in missing if enqueue_job(j.id, j.kind, j.queue, j.priority)]
         # Jobs found waiting are fine: their clock restarts, so they are not scanned each sweep.
         job_queries.mark_enqueued(session, [j.id for j in stale if str(j.id) in waiting] + resent)
         if resent:

@@ -12,19 +12,23 @@ class RequestSizeLimit:
     """A declared Content-Length over the limit is refused at once; a chunked body is read up
     to the limit, then handed on or refused."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, larger_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger_limits = larger_limits or {}  # exact path -> its own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger_limits.get(scope["path"], self.max_bytes)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None:
-            if not declared.isdigit() or int(declared) > self.max_bytes:
-                await self._refuse(send)
+            if not declared.isdigit() or int(declared) > limit:
+                await self._refuse(send, limit)
             else:
                 await self.app(scope, receive, send)
             return
@@ -38,16 +42,16 @@ class RequestSizeLimit:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send)
+            if size > limit:
+                await self._refuse(send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
-    async def _refuse(self, send: Send) -> None:
-        message = f"request body is larger than {self.max_bytes:,} bytes; send a smaller one"
+    async def _refuse(self, send: Send, limit: int) -> None:
+        message = f"request body is larger than {limit:,} bytes; send a smaller one"
         body = json.dumps(
             error_body(message, "invalid_request_error", code="request_too_large")
         ).encode()

@@ -33,6 +33,11 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens tokens.")
+    cache: bool = Field(
+        default=True,
+        description="A deterministic job (temperature 0, or a seed) may be answered from the "
+        "completion cache, or share the run of an identical job in flight. false: run it anew.",
+    )
     timeout_s: float | None = Field(
         default=None,
         gt=0,
@@ -87,6 +92,14 @@ class JobPublic(BaseModel):
     request_id: str | None = Field(
         default=None, description="The X-Request-ID of the request that submitted the job"
     )
+    cache_hit: bool = Field(
+        default=False, description="Answered from the completion cache; it never ran"
+    )
+    follows_job_id: uuid.UUID | None = Field(
+        default=None,
+        description="The identical job whose run this one shares: it gets that job's outcome "
+        "instead of running itself",
+    )
     result: ResultPublic | None = None
     error: JobError | None = None
 
@@ -122,6 +135,8 @@ class JobPublic(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             request_id=job.request_id,
+            cache_hit=job.cache_hit,
+            follows_job_id=job.follows_job_id,
             result=result,
             error=error,
         )

@@ -51,7 +51,8 @@ def main() -> None:
     requests = [Request(r.prompt, args.max_tokens) for r in make_workload("a", args.jobs, seed=3)]
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
-    with llmq_stack([spec], workdir, ["memory"]) as (base, workers):
+    # Every job must reach the worker, even a prompt the workload happens to repeat.
+    with llmq_stack([spec], workdir, ["memory"], LLMQ_CACHE="off") as (base, workers):
         worker = workers[1]  # [api, worker]
         sampler = threading.Thread(target=sample_rss, args=(worker.pid, samples, stop))
         sampler.start()

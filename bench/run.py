@@ -299,7 +299,10 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         return lambda: asyncio.run(run_clients(requests, args.clients, make))
 
     cpu_shares: dict[str, float] = {}
-    with llmq_stack(models, workdir, [name, f"{name}-static"]) as (base, processes):
+    # The workloads repeat greedy requests: with the completion cache on, every run after the
+    # first would measure cache hits, not the engine.
+    stack = llmq_stack(models, workdir, [name, f"{name}-static"], LLMQ_CACHE="off")
+    with stack as (base, processes):
         for requests in workloads.values():  # warm-up, not counted
             llmq(requests[: args.clients], name)()
             llmq(requests[: args.clients], f"{name}-static")()

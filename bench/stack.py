@@ -17,12 +17,12 @@ from db.admin import create_database, migrate
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench_urls() -> tuple[str, str]:
+def bench_urls(database: str = "llmq_bench") -> tuple[str, str]:
     server = make_url(
         os.environ.get("LLMQ_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/llmq")
     )
     redis_base = os.environ.get("LLMQ_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    return server.set(database="llmq_bench").render_as_string(False), f"{redis_base}/13"
+    return server.set(database=database).render_as_string(False), f"{redis_base}/13"
 
 
 def stack_env(workdir: Path, models: list[dict], database_url: str, redis_url: str) -> dict:
@@ -34,6 +34,8 @@ def stack_env(workdir: Path, models: list[dict], database_url: str, redis_url: s
         "LLMQ_MODELS_FILE": str(models_file),
         "LLMQ_DATA_DIR": str(workdir),
         "LLMQ_LOG_LEVEL": "WARNING",
+        # Benchmarks measure the queue and the model; bench.auth turns auth on to measure it.
+        "LLMQ_AUTH": "off",
     }
 
 
@@ -52,13 +54,16 @@ def llmq_stack(
     worker_models: list[str],
     port: int = 8765,
     redis_url: str | None = None,
+    database: str = "llmq_bench",
     **settings: str,
 ):
     """Yields the API base URL and the processes once every named worker consumes its queue.
 
-    `redis_url` replaces the benchmark's Redis database; `settings` are extra LLMQ_* variables.
+    `redis_url` replaces the benchmark's Redis database and `database` its Postgres database
+    (both are emptied first), so that two benchmarks can run at once; `settings` are extra
+    LLMQ_* variables.
     """
-    database_url, default_redis_url = bench_urls()
+    database_url, default_redis_url = bench_urls(database)
     redis_url = redis_url or default_redis_url
     create_database(database_url, replace=True)
     migrate(database_url)
@@ -73,7 +78,7 @@ def llmq_stack(
     processes += [start_worker(model, env, workdir) for model in worker_models]
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_workers(base, worker_models, processes)
+        _wait_for_workers(base, worker_models, processes, env.get("LLMQ_BOOTSTRAP_ADMIN_KEY"))
         yield base, processes
     finally:
         for process in processes:
@@ -86,13 +91,17 @@ def llmq_stack(
                 process.kill()
 
 
-def _wait_for_workers(base: str, models: list[str], processes, timeout: float = 180) -> None:
+def _wait_for_workers(
+    base: str, models: list[str], processes, api_key: str | None, timeout: float = 180
+) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in processes):
             raise RuntimeError("a benchmark process exited during start-up")
         try:
-            live = {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"] if m["live"]}
+            models_page = httpx.get(f"{base}/v1/models", headers=headers).json()
+            live = {m["id"] for m in models_page["data"] if m["live"]}
             if set(models) <= live:
                 return
         except httpx.HTTPError:

@@ -7,6 +7,12 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+# A process that stops mid-transaction (frozen, partitioned) would hold its row locks for ever
+# and stall every writer behind it; Postgres ends such a session after this long instead.
+# No transaction of llmq waits on anything else for more than a few seconds.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 30_000
+IDLE_TIMEOUT_OPTION = f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+
 _lock = threading.Lock()
 _factories: dict[str, sessionmaker[Session]] = {}
 
@@ -17,7 +23,13 @@ def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
     with _lock:
         factory = _factories.get(database_url)
         if factory is None:
-            engine = create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            engine = create_engine(
+                database_url,
+                pool_pre_ping=True,
+                pool_size=10,
+                max_overflow=20,
+                connect_args={"options": IDLE_TIMEOUT_OPTION},
+            )
             factory = _factories[database_url] = sessionmaker(engine, expire_on_commit=False)
         return factory
 

@@ -12,11 +12,14 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
     false,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -31,6 +34,7 @@ class Job(Base):
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_follows_job_id", "follows_job_id"),
         Index("ix_jobs_cache_key_status", "cache_key", "status"),
+        Index("ix_jobs_batch_id", "batch_id"),
         Index("ix_jobs_owner_status", "owner", "status"),
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
     )
@@ -65,6 +69,9 @@ class Job(Base):
     # Model, prompt and output-shaping parameters hashed, for deterministic jobs only: the key
     # of the completion cache, and how identical jobs in flight are found.
     cache_key: Mapped[str | None] = mapped_column(String(64))
+    # Broker priority: 0, interactive, goes first; batch lines wait behind (see api/enqueue.py).
+    priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
+    batch_id: Mapped[str | None] = mapped_column(String(64))  # the batch this job is a line of
 
     result: Mapped["JobResult | None"] = relationship(back_populates="job", lazy="selectin")
 
@@ -217,3 +224,64 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StoredFile(Base):
+    """A file uploaded for the Batch API, or a batch's output or error file."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_owner_created_at", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    filename: Mapped[str] = mapped_column(String(500))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Batch(Base):
+    """An OpenAI-style batch: a file of requests, each line run as jobs on the queue."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_status", "status"),
+        Index("ix_batches_owner_created_at", "owner", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    batch_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONB)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchLine(Base):
+    """One request line of a batch and the jobs (one per choice) that answer it."""
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (UniqueConstraint("batch_id", "line", name="uq_batch_lines_batch_id_line"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(String(64), ForeignKey("batches.id", ondelete="CASCADE"))
+    line: Mapped[int] = mapped_column(Integer)  # 1-based, as in the input file
+    custom_id: Mapped[str] = mapped_column(String(512))
+    url: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    job_ids: Mapped[list[str]] = mapped_column(JSONB)

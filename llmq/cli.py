@@ -6,13 +6,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmq.batch_cli import batch_app
 from llmq.evals.cli import eval_command
+from llmq.keys_cli import keys_app
 from llmq.registry import get_registry
 from llmq.settings import get_settings
 
 app = typer.Typer(help="llmq: a queue-backed job system for LLM inference.", no_args_is_help=True)
 models_app = typer.Typer(help="The models in models.yaml.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(batch_app, name="batch")
+app.add_typer(keys_app, name="keys")
 app.command("eval")(eval_command)
 console = Console()
 

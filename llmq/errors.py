@@ -4,11 +4,18 @@ LlmqError
 ├── InvalidRequest          400  the request is well-formed but cannot be served as asked
 │   ├── PromptTooLong       400  prompt plus max_tokens exceed the model's context
 │   └── DatasetUnavailable  400  an evaluation's data cannot be read (llmq/evals/datasets.py)
-├── JobNotFound             404
+├── AuthenticationFailed    401  no API key, or one that is unknown or revoked
+├── PermissionDenied        403  the key's role may not do this (admin endpoints)
+├── JobNotFound             404  also another key's job: its existence is not revealed
 ├── EvalRunNotFound         404
+├── ApiKeyNotFound          404
 ├── ModelNotServed          404  the model is not in the registry
 ├── JobNotCancellable       409  the job already finished
 │   └── EvalRunNotCancellable 409  the evaluation run already ended
+├── TooManyRequests         429  with Retry-After
+│   ├── RateLimited         429  the key's requests per minute are spent
+│   ├── TooManyConcurrentJobs 429  the key has its most jobs queued or running
+│   └── QuotaExceeded       429  the key's monthly token quota is spent
 └── ServiceUnavailable      503  Postgres or Redis cannot be reached right now
 """
 
@@ -17,6 +24,7 @@ class LlmqError(Exception):
     status_code = 500
     error_type = "internal_error"
     code: str | None = None
+    headers: dict[str, str] | None = None  # added to the HTTP answer
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -82,4 +90,92 @@ class EvalRunNotFound(LlmqError):
 
 
 class EvalRunNotCancellable(JobNotCancellable):
+    pass
+
+
+class AuthenticationFailed(LlmqError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDenied(LlmqError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class ApiKeyNotFound(LlmqError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __init__(self, key_id: object) -> None:
+        super().__init__(f"no API key with id {key_id}")
+
+
+class TooManyRequests(LlmqError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int, should_retry: bool = True) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, retry_after_s))}
+        if not should_retry:  # OpenAI's clients honour this header and give up at once
+            self.headers["x-should-retry"] = "false"
+
+
+class RateLimited(TooManyRequests):
+    code = "rate_limit_exceeded"
+
+    def __init__(self, limit: int, reset_s: int) -> None:
+        super().__init__(
+            f"rate limit reached: this key may send {limit:,} requests per minute; "
+            f"retry in {reset_s} s",
+            reset_s,
+        )
+
+
+class TooManyConcurrentJobs(TooManyRequests):
+    code = "concurrent_jobs_exceeded"
+
+    def __init__(self, in_flight: int, adding: int, limit: int) -> None:
+        super().__init__(
+            f"this key has {in_flight:,} jobs queued or running and may have {limit:,} at once; "
+            f"this request adds {adding:,}. Wait for some to finish, or cancel some.",
+            1,
+        )
+
+
+class QuotaExceeded(TooManyRequests):
+    """OpenAI's answer to a spent quota: 429 with type and code insufficient_quota."""
+
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, used: int, quota: int, month: str, renews_in_s: int) -> None:
+        super().__init__(
+            f"monthly token quota spent: this key has used {used:,} of its {quota:,} tokens in "
+            f"{month} (UTC); it renews at the start of next month, or an admin can raise it",
+            renews_in_s,
+            should_retry=False,
+        )
+
+
+class FileNotFound(LlmqError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __init__(self, file_id: object) -> None:
+        super().__init__(f"no file with id {file_id}", param="file_id")
+
+
+class BatchNotFound(LlmqError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __init__(self, batch_id: object) -> None:
+        super().__init__(f"no batch with id {batch_id}", param="batch_id")
+
+
+class BatchNotCancellable(JobNotCancellable):
     pass

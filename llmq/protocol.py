@@ -11,6 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 GENERATE_TASK = "llmq.generate"
 SCORE_TASK = "llmq.score"
 
+# Broker priorities. kombu's Redis transport keeps one list per step of a queue and always
+# serves the lower step first, so interactive jobs overtake batch lines on the same model.
+PRIORITY_STEPS = (0, 3, 6, 9)
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = 9
+
 MAX_TOKENS_LIMIT = 8192
 MAX_STOP_STRINGS = 8
 

@@ -23,6 +23,7 @@ from llmq.events import (
     JobEvent,
     TokenEvent,
     events_key,
+    final_channel,
     token_event_id,
 )
 
@@ -112,13 +113,11 @@ class TokenPublisher:
             if isinstance(item, _Reset):
                 pipe.delete(events_key(item.job_id))
             elif isinstance(item, _Final):
-                self._add(
-                    pipe,
-                    item.job_id,
-                    final_event_id(),
-                    item.event.type,
-                    item.event.model_dump_json(),
-                )
+                event_id, data = final_event_id(), item.event.model_dump_json()
+                self._add(pipe, item.job_id, event_id, item.event.type, data)
+                # For waiters that need no tokens (non-streamed responses).
+                channel = final_channel(item.job_id)
+                pipe.publish(channel, live_message(event_id, item.event.type, data))
             else:
                 for emission in item:
                     self._add(

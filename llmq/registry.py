@@ -29,6 +29,10 @@ class ModelSpec(BaseModel):
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source: str
+    # The weights' name for the completion cache (llmq/fingerprint.py): a hub model is loaded at
+    # this revision; for a local folder, change it when the weights change. Unset: the cache
+    # tells the weights apart by their files.
+    revision: str | None = Field(default=None, min_length=1, max_length=100)
     devices: list[Device] = Field(default_factory=lambda: ["cpu"])
     max_batch_size: int = Field(default=16, ge=1)
     max_wait_ms: int = Field(default=5, ge=0)

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(default=60.0, gt=0)
     worker_lost_after_s: float = Field(default=30.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
+    # How often the Batch API's driver moves batches along (api/batch_driver.py).
+    batch_interval_s: float = Field(default=2.0, gt=0)
 
     log_level: str = "INFO"
     log_json: bool = True
@@ -61,6 +63,26 @@ class Settings(BaseSettings):
     eval_data_dir: Path | None = None
     eval_interval_s: float = Field(default=0.25, gt=0)
     eval_jobs_in_flight: int = Field(default=0, ge=0)
+
+    # API keys (api/auth.py). Auth is on unless turned off explicitly (LLMQ_AUTH=off); then every
+    # caller acts as a local admin. The bootstrap key is made to exist, as an admin key, when the
+    # API starts. (The CLI's client commands send LLMQ_API_KEY.)
+    auth: bool = True
+    bootstrap_admin_key: SecretStr | None = Field(default=None, min_length=16)
+    # How long an API process trusts what it read about a key: another process's revocation or
+    # new limits take effect within this many seconds (at once in the process that made them).
+    auth_cache_s: float = Field(default=5.0, ge=0)
+    # Limits of a key that does not set its own (api/limits.py); 0 means no limit. The token
+    # quota counts prompt and completion tokens computed for the key in the calendar month (UTC).
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    max_concurrent_jobs: int = Field(default=64, ge=0)
+    monthly_token_quota: int = Field(default=0, ge=0)
+
+    # Completion cache (api/submit.py, db/queries/cache.py): deterministic requests are answered
+    # from an identical earlier one, and identical ones in flight share one run. LLMQ_CACHE=off
+    # turns both off; entries older than cache_ttl_s are computed anew (0: they never expire).
+    cache: bool = True
+    cache_ttl_s: float = Field(default=7 * 86_400, ge=0)
 
     @property
     def eval_data_root(self) -> Path:

@@ -38,9 +38,12 @@ READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 EMBEDDED_HINT = 'install the embedded servers with: pip install -e ".[embedded]"'
 CURL_EXAMPLE = (
-    "curl -s {api}/v1/jobs -H 'Content-Type: application/json' "
+    'curl -s {api}/v1/jobs -H "Authorization: Bearer $LLMQ_API_KEY" '
+    "-H 'Content-Type: application/json' "
     """-d '{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 16}}'"""
 )
+# The development stack's admin key, kept under LLMQ_DATA_DIR so that it outlives a restart.
+DEV_KEY_FILE = "dev-admin-key"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -230,6 +233,20 @@ def flower_password(settings: Settings) -> str:
     return secrets.token_urlsafe(12)
 
 
+def admin_key(settings: Settings) -> str:
+    """The configured bootstrap admin key, or the development one (made on the first run)."""
+    if settings.bootstrap_admin_key is not None:
+        return settings.bootstrap_admin_key.get_secret_value()
+    path = settings.data_dir / DEV_KEY_FILE
+    if not path.exists():
+        from db.queries.keys import generate_key
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(generate_key())
+    return path.read_text().strip()
+
+
 def start_children(settings: Settings, env: dict[str, str]) -> dict[str, subprocess.Popen[bytes]]:
     """Each child leads its own process group: Ctrl-C reaches devstack, which stops them in turn."""
     children = {}
@@ -284,7 +301,9 @@ def local_address(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def print_banner(settings: Settings, stack: Services, took_s: float, flower_secret: str) -> None:
+def print_banner(
+    settings: Settings, stack: Services, took_s: float, flower_secret: str, api_key: str
+) -> None:
     api = f"http://{local_address(settings.api_host)}:{settings.api_port}"
     flower = f"http://{local_address(settings.api_host)}:{settings.flower_port}"
     print(f"\nllmq is up (started in {took_s:.1f} s)")
@@ -296,7 +315,12 @@ def print_banner(settings: Settings, stack: Services, took_s: float, flower_secr
         metrics += f", worker http://{worker_host}:{settings.worker_metrics_port}/metrics"
     print(f"  Metrics   {metrics}")
     print(f"  Postgres  {redacted(stack.database_url)}\n  Redis     {redacted(stack.redis_url)}")
-    print(f"Try:\n  {CURL_EXAMPLE.format(api=api, model=settings.worker_model)}")
+    if settings.auth:
+        print(f"  API key   {api_key}  (admin; more with `llmq keys create --name ...`)")
+        print(f"Try:\n  export LLMQ_API_KEY={api_key}")
+    else:
+        print("  API key   none needed: LLMQ_AUTH=off\nTry:")
+    print(f"  {CURL_EXAMPLE.format(api=api, model=settings.worker_model)}")
     print("Ctrl-C stops everything.\n", flush=True)
 
 
@@ -316,12 +340,16 @@ def run() -> None:
     exit_code = 0
     try:
         flower_secret = flower_password(settings)
-        env = child_env(stack) | {"LLMQ_FLOWER_PASSWORD": flower_secret}
+        api_key = admin_key(settings)
+        env = child_env(stack) | {
+            "LLMQ_FLOWER_PASSWORD": flower_secret,
+            "LLMQ_BOOTSTRAP_ADMIN_KEY": api_key,  # the API stores it at start-up
+        }
         prepare(env)
         children = start_children(settings, env)
         ready_url = f"http://{local_address(settings.api_host)}:{settings.api_port}/readyz"
         wait_ready(ready_url, children)
-        print_banner(settings, stack, time.monotonic() - started, flower_secret)
+        print_banner(settings, stack, time.monotonic() - started, flower_secret, api_key)
         while True:
             check_children(children)
             time.sleep(1)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.factories import ADMIN_KEY  # reads no settings
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA_DIR = Path(tempfile.mkdtemp(prefix="llmq-test-"))
 
@@ -43,9 +45,17 @@ os.environ.update(
     LLMQ_RECONCILE_INTERVAL_S="0.5",
     LLMQ_REQUEUE_AFTER_S="2",
     LLMQ_WORKER_LOST_AFTER_S="8",
+    # The suite's admin key: stored by the API at start-up, sent by every client (AUTH).
+    LLMQ_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+    LLMQ_API_KEY=ADMIN_KEY,  # what `llmq eval` sends
+    # One key drives the whole suite: no default limits. Limit tests set their keys' own.
+    LLMQ_RATE_LIMIT_PER_MINUTE="0",
+    LLMQ_MAX_CONCURRENT_JOBS="0",
+    LLMQ_BATCH_INTERVAL_S="0.3",
 )
 
 from tests.factories import (  # noqa: E402
+    AUTH,
     create_database,
     drop_database,
     migrate,
@@ -112,7 +122,7 @@ def app(database_url, redis_url, tiny_model_path):
 def client(app):
     from fastapi.testclient import TestClient
 
-    with TestClient(app) as test_client:
+    with TestClient(app, headers=AUTH) as test_client:
         yield test_client
 
 

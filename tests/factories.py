@@ -5,15 +5,33 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
 from db.admin import create_database, downgrade, drop_database, migrate
+from db.session import session_scope
 
 ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = ["create_database", "downgrade", "drop_database", "migrate"]
+
+# The suite's admin key: conftest makes it LLMQ_BOOTSTRAP_ADMIN_KEY.
+ADMIN_KEY = "llmq_test-suite-admin-key"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+AUTH = bearer(ADMIN_KEY)
+
+
+def api_client(base_url: str, headers: dict[str, str] = AUTH, **options) -> httpx.Client:
+    """An HTTP client for an API server, sending the suite's admin key unless told otherwise."""
+    return httpx.Client(base_url=base_url, headers=headers, **options)
 
 
 def start_worker(model: str) -> subprocess.Popen:
@@ -81,11 +99,51 @@ def wait_for_queue(queue: str, process: subprocess.Popen, timeout: float = 120) 
     raise TimeoutError(f"no worker consumed {queue} within {timeout}s")
 
 
-def submit(client, **body) -> dict:
+def submit(client, headers: dict[str, str] | None = None, **body) -> dict:
+    """Submit a job (as the client's key, or the one in `headers`) and return it."""
     body.setdefault("model", "tiny-llama")
-    response = client.post("/v1/jobs", json=body)
+    response = client.post("/v1/jobs", json=body, headers=headers)
     assert response.status_code == 202, response.text
     return response.json()
+
+
+def create_key(admin_client, name: str = "test key", **fields) -> dict:
+    """A new API key made through the admin API: its row, with the key itself under "key"."""
+    response = admin_client.post("/v1/admin/keys", json={"name": name, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def record_usage(
+    database_url: str,
+    owner: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    *,
+    model: str = "tiny-llama",
+    cached: bool = False,
+    at: datetime | None = None,
+) -> None:
+    """A finished job and its usage row, as a worker (or the cache) writes them, at `at`."""
+    from db.tables import Job, Usage
+
+    job_id = uuid.uuid4()
+    at = at or datetime.now(UTC)
+    with session_scope(database_url) as session:
+        session.add(
+            Job(
+                id=job_id, kind="generate", model=model, queue=f"llmq.{model}.cpu",
+                status="succeeded", input={"prompt": "recorded"}, params={}, owner=owner,
+                attempts=1, created_at=at, finished_at=at,
+            )
+        )  # fmt: skip
+        session.flush()
+        session.add(
+            Usage(
+                job_id=job_id, owner=owner, model=model, prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens, cached=cached, created_at=at,
+            )
+        )  # fmt: skip
 
 
 def wait_for_job(client, job_id: str, timeout: float = 60, until=("succeeded", "failed")) -> dict:

@@ -14,8 +14,9 @@ from tests.factories import submit
 
 MODEL = "tiny-faults"
 QUEUE = "llmq.tiny-faults.cpu"
-# Long enough that a batch is still decoding when the signal lands.
-LONG_JOB = {"model": MODEL, "max_tokens": 400, "ignore_eos": True}
+# Long enough that a batch is still decoding when the signal lands; never answered from the
+# completion cache, as the tests repeat their prompts and need every job to run.
+LONG_JOB = {"model": MODEL, "max_tokens": 400, "ignore_eos": True, "cache": False}
 
 
 class CuttableLink:

@@ -45,8 +45,10 @@ class ModelHost:
     def load(cls, spec: ModelSpec, device: Device, data_dir: Path) -> "ModelHost":
         started = time.perf_counter()
         source = resolve_source(spec, data_dir)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").to(device).eval()
+        revision = spec.revision  # pins a hub model; a local folder ignores it
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", revision=revision)
+        model = model.to(device).eval()
         host = cls(spec, device, model, tokenizer, time.perf_counter() - started)
         log.info("model loaded", model=spec.id, device=device, seconds=round(host.load_seconds, 2))
         return host

@@ -9,15 +9,18 @@ import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+import psycopg
 import structlog
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.session import session_scope
-from llmq.events import DoneEvent, ErrorEvent
+from llmq import metrics as outcomes
+from llmq.events import DoneEvent, ErrorEvent, TokenEvent
 from llmq.protocol import ErrorCategory, FinishReason, JobStatus, SamplingParams
-from llmq.publisher import TokenPublisher
+from llmq.publisher import TokenEmission, TokenPublisher
 from workers import metrics as worker_metrics
 from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
 from workers.host import ModelHost
@@ -28,9 +31,14 @@ STALL_GRACE_S = 30.0
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, OperationalError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    )
+    """Lost or refused connections: how Postgres being away, restarting or cut off shows."""
+    if isinstance(exc, DBAPIError):
+        return (
+            exc.connection_invalidated
+            or isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
+            or isinstance(exc, OperationalError | InterfaceError)
+        )
+    return isinstance(exc, DisconnectionError | ConnectionError)
 
 
 # Postgres may be briefly away; keep trying so that no job is acknowledged before it is stored.
@@ -92,21 +100,23 @@ class JobRunner:
                 self._publish_done(job_id, output, JobStatus.CANCELLED)
                 return
             try:
-                stored = self._complete(job_id, output)
+                followers = self._complete(job_id, output)
             except Exception as exc:  # a result Postgres refuses must not leave the job running
                 bound.exception("result could not be stored")
                 self._fail(job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
                 return
-            if not stored:
+            if followers is None:
                 bound.warning("result dropped: the job was cancelled or handed to another worker")
                 if self._was_cancelled(job_id):  # cancelled as it finished: tell its streams
                     self._publish_done(job_id, output, JobStatus.CANCELLED)
                 return
             self._publish_done(job_id, output, JobStatus.SUCCEEDED)
+            self._publish_followers_done(followers, output)
             bound.info(
                 "job succeeded",
                 completion_tokens=output.completion_tokens,
                 duration_ms=round(output.duration_ms, 1),
+                followers=len(followers),
             )
 
     @db_retry
@@ -119,7 +129,9 @@ class JobRunner:
         return job
 
     @db_retry
-    def _complete(self, job_id: uuid.UUID, output: GenerationOutput) -> bool:
+    def _complete(self, job_id: uuid.UUID, output: GenerationOutput) -> list[uuid.UUID] | None:
+        """Store the result, its cache entry and the results of the jobs that follow it, in one
+        transaction. Returns the followers' ids; None if the job was not this worker's."""
         outcome = job_queries.Outcome(
             text=output.text,
             finish_reason=output.finish_reason.value,
@@ -129,10 +141,14 @@ class JobRunner:
             duration_ms=output.duration_ms,
         )
         with session_scope(self.database_url) as session:
-            stored = job_queries.complete_job(session, job_id, self.worker_name, outcome)
-        if stored:
-            worker_metrics.job_succeeded(job_id, output)
-        return stored
+            job = job_queries.complete_job(session, job_id, self.worker_name, outcome)
+            if job is None:
+                return None
+            cache_queries.store_entry(session, job, outcome)
+            followers = cache_queries.complete_followers(session, job, outcome)
+        worker_metrics.job_succeeded(job_id, output)
+        outcomes.job_finished(job.model, JobStatus.SUCCEEDED.value, len(followers))
+        return followers
 
     @db_retry
     def _was_cancelled(self, job_id: uuid.UUID) -> bool:
@@ -140,20 +156,29 @@ class JobRunner:
             return bool(job_queries.cancelled_among(session, [job_id]))
 
     def _fail(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:
-        if not self._store_failure(job_id, category, message):
+        failed_followers = self._store_failure(job_id, category, message)
+        if failed_followers is None:
             return  # cancelled, or handed to another worker: its outcome is not ours to tell
-        event = ErrorEvent(job_id=job_id, category=category.value, message=message)
-        self.publisher.publish_final(job_id, event)
+        for failed in (job_id, *failed_followers):
+            event = ErrorEvent(job_id=failed, category=category.value, message=message)
+            self.publisher.publish_final(failed, event)
 
     @db_retry
-    def _store_failure(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> bool:
+    def _store_failure(
+        self, job_id: uuid.UUID, category: ErrorCategory, message: str
+    ) -> list[uuid.UUID] | None:
+        """Store the failure and settle the jobs that follow this one, in one transaction.
+        Returns the followers that failed with it; None if the job was not this worker's."""
         with session_scope(self.database_url) as session:
-            stored = job_queries.fail_job(
-                session, job_id, self.worker_name, category.value, message
+            if not job_queries.fail_job(session, job_id, self.worker_name, category.value, message):
+                return None
+            failed_followers = cache_queries.settle_followers_of_failed(
+                session, job_id, category.value, message
             )
-        if stored:
-            worker_metrics.job_failed(job_id, category.value)
-        return stored
+        worker_metrics.job_failed(job_id, category.value)
+        for _ in failed_followers:
+            outcomes.job_failed(self.host.spec.id, category.value)
+        return failed_followers
 
     def _publish_done(self, job_id: uuid.UUID, output: GenerationOutput, status: JobStatus):
         event = DoneEvent(
@@ -165,3 +190,13 @@ class JobRunner:
             completion_tokens=output.completion_tokens,
         )
         self.publisher.publish_final(job_id, event)
+
+    def _publish_followers_done(self, followers: list[uuid.UUID], output: GenerationOutput):
+        """A follower's stream gets the whole text as one token event, then its end, as a
+        stream rebuilt from Postgres would."""
+        for follower in followers:
+            if output.text:
+                index = max(output.completion_tokens - 1, 0)
+                token = TokenEvent(job_id=follower, token_index=index, text=output.text)
+                self.publisher.publish_tokens([TokenEmission(1, token)])
+            self._publish_done(follower, output, JobStatus.SUCCEEDED)

@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
-from api.deps import RegistryDep, SessionDep, SettingsDep
+from api.auth import Caller
+from api.deps import ApiKeyDep, RegistryDep, SessionDep, SettingsDep
 from api.eval_schemas import (
     EvalItemPublic,
     EvalItemsPublic,
@@ -17,6 +18,7 @@ from api.eval_schemas import (
     EvalRunsPublic,
     EvalScores,
 )
+from api.limits import admit
 from api.submit import resolve_model
 from db.queries import evals as eval_queries
 from db.tables import EvalItem, EvalRun
@@ -117,9 +119,10 @@ def item_public(benchmark: Benchmark, item: EvalItem, job_status: str | None) ->
     )
 
 
-def get_run_or_404(session, run_id: uuid.UUID) -> EvalRun:
+def get_run_or_404(session, caller: Caller, run_id: uuid.UUID) -> EvalRun:
+    """The run if the caller may see it: another key's run is 404, as if it did not exist."""
     run = eval_queries.get_run(session, run_id)
-    if run is None:
+    if run is None or not caller.can_see(run.owner):
         raise EvalRunNotFound(run_id)
     return run
 
@@ -131,9 +134,12 @@ def create_eval_run(
     registry: RegistryDep,
     settings: SettingsDep,
     request: Request,
+    caller: ApiKeyDep,
 ) -> EvalRunPublic:
-    """Start a benchmark run: it is stored, then its items run as jobs on the model's queue."""
+    """Start a benchmark run: it is stored, then its items run as jobs on the model's queue.
+    Its jobs belong to the key: they count toward its usage, quota and concurrent jobs."""
     spec = resolve_model(registry, body.model)
+    admit(session, caller.owner, caller.limits, jobs=0)  # the quota; the driver keeps the rest
     benchmark = Benchmark(body.benchmark)
     if body.subjects is not None and benchmark is not Benchmark.MMLU:
         raise InvalidRequest("subjects apply to mmlu only; remove them", param="subjects")
@@ -148,6 +154,7 @@ def create_eval_run(
             limit=body.limit,
             subjects=body.subjects,
             dataset=resolve_dataset(benchmark, body.dataset, settings.eval_data_root),
+            owner=caller.owner,
         ),
     )
     session.commit()
@@ -158,31 +165,35 @@ def create_eval_run(
 def list_eval_runs(
     session: SessionDep,
     request: Request,
+    caller: ApiKeyDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> EvalRunsPublic:
-    """Evaluation runs, newest first."""
-    runs, total = eval_queries.list_runs(session, limit, offset)
+    """The key's evaluation runs (an admin's: everyone's), newest first."""
+    runs, total = eval_queries.list_runs(session, limit, offset, owner=caller.sees_only)
     data = [run_public(session, request, run) for run in runs]
     return EvalRunsPublic(data=data, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{run_id}", response_model=EvalRunPublic)
-def read_eval_run(run_id: uuid.UUID, session: SessionDep, request: Request) -> EvalRunPublic:
+def read_eval_run(
+    run_id: uuid.UUID, session: SessionDep, request: Request, caller: ApiKeyDep
+) -> EvalRunPublic:
     """A run: status, items done of total, items/s, ETA, and its scores so far."""
-    return run_public(session, request, get_run_or_404(session, run_id))
+    return run_public(session, request, get_run_or_404(session, caller, run_id))
 
 
 @router.get("/{run_id}/items", response_model=EvalItemsPublic)
 def list_eval_items(
     run_id: uuid.UUID,
     session: SessionDep,
+    caller: ApiKeyDep,
     task: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> EvalItemsPublic:
     """The run's items in order: prompt, model output, extracted answer, gold, correct."""
-    run = get_run_or_404(session, run_id)
+    run = get_run_or_404(session, caller, run_id)
     rows, total = eval_queries.list_items(session, run_id, task=task, limit=limit, offset=offset)
     benchmark = Benchmark(run.benchmark)
     data = [item_public(benchmark, item, job_status) for item, job_status in rows]
@@ -190,9 +201,11 @@ def list_eval_items(
 
 
 @router.post("/{run_id}/cancel", response_model=EvalRunPublic)
-def cancel_eval_run(run_id: uuid.UUID, session: SessionDep, request: Request) -> EvalRunPublic:
+def cancel_eval_run(
+    run_id: uuid.UUID, session: SessionDep, request: Request, caller: ApiKeyDep
+) -> EvalRunPublic:
     """Cancel a run: its queued jobs never run and its running ones leave their batch."""
-    run = get_run_or_404(session, run_id)
+    run = get_run_or_404(session, caller, run_id)
     if not eval_queries.cancel_run(session, run_id):
         session.rollback()
         raise EvalRunNotCancellable(f"evaluation run {run_id} already {run.status}")

@@ -5,7 +5,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
+from api.auth import Caller
 from api.deps import (
+    ApiKeyDep,
     LiveQueuesDep,
     PromptCounterDep,
     RegistryDep,
@@ -13,9 +15,11 @@ from api.deps import (
     SessionDep,
     SettingsDep,
 )
+from api.limits import admit
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
+from db.tables import Job
 from llmq.errors import InvalidRequest, JobNotCancellable, JobNotFound
 from llmq.events import DoneEvent
 from llmq.metrics import job_finished
@@ -47,6 +51,14 @@ def job_timeout(requested: float | None, limit_s: float) -> float | None:
     return requested
 
 
+def get_job_of(session, caller: Caller, job_id: uuid.UUID) -> Job:
+    """The job if the caller may see it: another key's job is 404, as if it did not exist."""
+    job = job_queries.get_job(session, job_id)
+    if job is None or not caller.can_see(job.owner):
+        raise JobNotFound(job_id)
+    return job
+
+
 def cancelled_event(job_id: uuid.UUID) -> DoneEvent:
     return DoneEvent(
         job_id=job_id,
@@ -68,10 +80,13 @@ def create_job(
     response: Response,
     settings: SettingsDep,
     request_id: RequestIdDep,
+    caller: ApiKeyDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
-    """Accept a generation job: it is stored, then queued for a worker of its model."""
+    """Accept a generation job: it is stored, then queued for a worker of its model. A
+    deterministic job may come back succeeded at once, answered from the completion cache."""
     spec = resolve_model(registry, body.model)
+    admit(session, caller.owner, caller.limits, jobs=1)
     submission = submit_generation(
         session,
         spec=spec,
@@ -80,8 +95,10 @@ def create_job(
         counter=counter,
         live=live,
         idempotency_key=idempotency_key,
+        owner=caller.owner,
         request_id=request_id,
         timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
+        use_cache=body.cache,
     )
     if not submission.created:
         response.status_code = status.HTTP_200_OK
@@ -89,29 +106,28 @@ def create_job(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+def read_job(job_id: uuid.UUID, session: SessionDep, caller: ApiKeyDep) -> JobPublic:
     """A job with its status and, once finished, its result or error."""
-    job = job_queries.get_job(session, job_id)
-    if job is None:
-        raise JobNotFound(job_id)
-    return JobPublic.from_row(job)
+    return JobPublic.from_row(get_job_of(session, caller, job_id))
 
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
     session: SessionDep,
+    caller: ApiKeyDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> JobsPublic:
-    """Jobs, newest first, filtered by status and model."""
+    """The key's jobs (an admin's: everyone's), newest first, filtered by status and model."""
     rows, total = job_queries.list_jobs(
         session,
         status=status_filter.value if status_filter else None,
         model=model,
         limit=limit,
         offset=offset,
+        owner=caller.sees_only,
     )
     return JobsPublic(
         data=[JobPublic.from_row(j) for j in rows], total=total, limit=limit, offset=offset
@@ -119,11 +135,11 @@ def list_jobs(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: uuid.UUID, session: SessionDep, request: Request) -> JobPublic:
+def cancel_job(
+    job_id: uuid.UUID, session: SessionDep, request: Request, caller: ApiKeyDep
+) -> JobPublic:
     """Cancel a queued job (it never runs) or a running one (it leaves its batch)."""
-    job = job_queries.get_job(session, job_id)
-    if job is None:
-        raise JobNotFound(job_id)
+    job = get_job_of(session, caller, job_id)
     never_started = job.status == JobStatus.QUEUED.value
     cancelled = job_queries.cancel_job(session, job_id)
     session.commit()

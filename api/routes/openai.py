@@ -9,7 +9,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import anyio
 import structlog
@@ -17,28 +16,32 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.auth import Caller
+from api.deps import ApiKeyDep
 from api.errors import RETRY_AFTER_S, error_body
-from api.events import STREAM_INTERRUPTED, StreamedEvent
+from api.events import STREAM_INTERRUPTED, StreamedEvent, final_event
+from api.limits import admit
 from api.middleware import request_id_of
 from api.openai_protocol import (
-    AssistantMessage,
-    ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChunkFormat,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     UsageInfo,
-    _SamplingFields,
     new_response_id,
 )
-from api.submit import resolve_model, submit_generation
+from api.openai_requests import (
+    Choice,
+    PlannedRequest,
+    build_response,
+    plan_request,
+    submit_choices,
+)
 from db.queries import jobs as job_queries
 from db.session import get_sessionmaker, session_scope
 from llmq.metrics import job_finished
-from llmq.protocol import MAX_TOKENS_LIMIT, JobStatus
-from llmq.registry import ModelSpec
+from llmq.protocol import JobStatus
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -46,41 +49,16 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 PING_S = 15
 
 
-@dataclass(frozen=True)
-class Choice:
-    index: int
-    job_id: uuid.UUID
-    counts_prompt: bool  # prompt tokens are counted once per prompt, not once per choice
-
-
 def _submit_choices(
-    request: Request,
-    spec: ModelSpec,
-    body: _SamplingFields,
-    prompts: list[str],
-    max_tokens: list[int],
-    source: dict[str, object],
+    request: Request, planned: PlannedRequest, source: dict, caller: Caller
 ) -> list[Choice]:
-    """One job per prompt × n, committed and queued. A seed gives choice j the seed + j."""
     state = request.app.state
-    choices = []
     with get_sessionmaker(state.settings.database_url)() as session:
-        for p, prompt in enumerate(prompts):
-            for j in range(body.n):
-                params = body.sampling_params(max_tokens[p])
-                if params.seed is not None:
-                    params = params.model_copy(update={"seed": params.seed + j})
-                job = submit_generation(
-                    session,
-                    spec=spec,
-                    prompt=prompt,
-                    params=params,
-                    counter=state.prompt_counter,
-                    live=state.live_queues,
-                    request_id=request_id_of(request),
-                ).job
-                choices.append(Choice(p * body.n + j, job.id, counts_prompt=j == 0))
-    log.info("openai request queued", model=spec.id, jobs=len(choices), **source)
+        admit(session, caller.owner, caller.limits, jobs=len(planned.prompts) * planned.body.n)
+        choices = submit_choices(
+            session, state, planned, owner=caller.owner, request_id=request_id_of(request)
+        )
+    log.info("openai request queued", model=planned.spec.id, jobs=len(choices), **source)
     return choices
 
 
@@ -90,8 +68,10 @@ def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID], model: str) -> Non
     job_finished(model, JobStatus.CANCELLED.value, cancelled)
 
 
-async def _final_event(request: Request, job_id: uuid.UUID) -> StreamedEvent:
-    return await request.app.state.event_reader.final(job_id)
+async def _final_event(request: Request, choice: Choice) -> StreamedEvent:
+    if choice.finished is not None:  # answered from the cache: nothing to wait for
+        return final_event(choice.job_id, choice.finished)
+    return await request.app.state.event_reader.final(choice.job_id)
 
 
 async def _merged_events(request: Request, choices: list[Choice]):
@@ -99,7 +79,8 @@ async def _merged_events(request: Request, choices: list[Choice]):
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:
-        async for event in request.app.state.event_reader.events(choice.job_id):
+        reader = request.app.state.event_reader
+        async for event in reader.events(choice.job_id, finished=choice.finished):
             await queue.put((choice, event))
 
     tasks = [asyncio.create_task(pump(choice)) for choice in choices]
@@ -125,7 +106,7 @@ def _job_failed(event: StreamedEvent) -> JSONResponse:
 
 
 async def _respond(request: Request, choices: list[Choice], build) -> object:
-    events = await asyncio.gather(*(_final_event(request, c.job_id) for c in choices))
+    events = await asyncio.gather(*(_final_event(request, c) for c in choices))
     usage = UsageInfo()
     finished = []
     for choice, event in zip(choices, events, strict=True):
@@ -179,65 +160,31 @@ def _data(payload: dict) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
 
 
-async def _serve(
-    request: Request,
-    spec: ModelSpec,
-    body: _SamplingFields,
-    prompts: list[str],
-    max_tokens: list[int],
-    chat: bool,
-):
+async def _serve(request: Request, planned: PlannedRequest, caller: Caller):
     """Queue the choices, then stream them or answer once all have finished."""
-    endpoint = "chat" if chat else "completions"
-    choices = await anyio.to_thread.run_sync(
-        _submit_choices, request, spec, body, prompts, max_tokens, {"endpoint": endpoint}
-    )
-    response_id, created = new_response_id("chatcmpl" if chat else "cmpl")
-    if body.stream:
-        fmt = ChunkFormat(response_id, created, spec.id, chat, body.include_usage)
+    source = {"endpoint": "chat" if planned.chat else "completions"}
+    choices = await anyio.to_thread.run_sync(_submit_choices, request, planned, source, caller)
+    response_id, created = new_response_id("chatcmpl" if planned.chat else "cmpl")
+    if planned.body.stream:
+        spec, body = planned.spec, planned.body
+        fmt = ChunkFormat(response_id, created, spec.id, planned.chat, body.include_usage)
         return _stream(request, choices, fmt)
 
     def build(finished, usage):
-        common = {"id": response_id, "created": created, "model": spec.id, "usage": usage}
-        if chat:
-            return ChatCompletionResponse(
-                **common,
-                choices=[
-                    ChatChoice(
-                        index=i,
-                        message=AssistantMessage(content=d["text"]),
-                        finish_reason=d["finish_reason"],
-                    )
-                    for i, d in finished
-                ],
-            )
-        return CompletionResponse(
-            **common,
-            choices=[
-                CompletionChoice(index=i, text=d["text"], finish_reason=d["finish_reason"])
-                for i, d in finished
-            ],
-        )
+        return build_response(planned.chat, planned.spec.id, response_id, created, finished, usage)
 
     return await _respond(request, choices, build)
 
 
 @router.post("/completions", response_model=CompletionResponse)
-async def create_completion(body: CompletionRequest, request: Request):
+async def create_completion(body: CompletionRequest, request: Request, caller: ApiKeyDep):
     """OpenAI's text completions, on the queue."""
-    spec = resolve_model(request.app.state.registry, body.model)
-    max_tokens = [body.max_tokens or 16] * len(body.prompts)  # OpenAI's default is 16
-    return await _serve(request, spec, body, body.prompts, max_tokens, chat=False)
+    return await _serve(request, plan_request(request.app.state, body), caller)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, caller: ApiKeyDep
+):
     """OpenAI's chat completions, on the queue; the prompt comes from the model's chat template."""
-    state = request.app.state
-    spec = resolve_model(state.registry, body.model)
-    prompt = state.prompt_counter.render_chat(spec, body.template_messages())
-    requested = body.requested_max_tokens
-    if requested is None:  # as vLLM: whatever the context leaves
-        room = spec.context_length - state.prompt_counter.count(spec, prompt)
-        requested = max(1, min(room, MAX_TOKENS_LIMIT))
-    return await _serve(request, spec, body, [prompt], [requested], chat=True)
+    return await _serve(request, plan_request(request.app.state, body), caller)

@@ -7,7 +7,8 @@ from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import SessionDep
+from api.deps import ApiKeyDep, SessionDep
+from api.events import finished_job
 from db.queries import jobs as job_queries
 from llmq.errors import InvalidRequest, JobNotFound
 from llmq.events import parse_event_id
@@ -40,6 +41,7 @@ async def stream_job_events(
     job_id: uuid.UUID,
     request: Request,
     session: SessionDep,
+    caller: ApiKeyDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
 ) -> EventSourceResponse:
     """Stream a job: `token` events with text deltas, then one `done` or `error` event.
@@ -48,13 +50,15 @@ async def stream_job_events(
     keeps running when the client goes away; its result is stored either way.
     """
     after = check_event_id(last_event_id)
-    if await run_in_threadpool(job_queries.get_job, session, job_id) is None:
+    job = await run_in_threadpool(job_queries.get_job, session, job_id)
+    if job is None or not caller.can_see(job.owner):  # another key's job does not exist here
         raise JobNotFound(job_id)
+    finished = finished_job(job)  # a job that has finished is not waited for
     session.close()  # the stream may be long; give the connection back now
     reader = request.app.state.event_reader
 
     async def publish():
-        async for event in reader.events(job_id, after):
+        async for event in reader.events(job_id, after, finished):
             yield ServerSentEvent(data=event.data, event=event.type, id=event.id)
 
     return EventSourceResponse(publish(), ping=PING_S)

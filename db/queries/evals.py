@@ -38,6 +38,7 @@ class NewRun:
     limit: int | None
     subjects: list[str] | None
     dataset: str
+    owner: str | None = None  # the API key that started it
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def create_run(session: Session, new: NewRun) -> EvalRun:
         limit=new.limit,
         subjects=new.subjects,
         dataset=new.dataset,
+        owner=new.owner,
         total=0,
     )
     session.add(run)
@@ -96,10 +98,16 @@ def get_run(session: Session, run_id: uuid.UUID) -> EvalRun | None:
     return session.get(EvalRun, run_id)
 
 
-def list_runs(session: Session, limit: int, offset: int) -> tuple[list[EvalRun], int]:
-    total = session.scalar(select(func.count()).select_from(EvalRun)) or 0
+def list_runs(
+    session: Session, limit: int, offset: int, owner: str | None = None
+) -> tuple[list[EvalRun], int]:
+    """A page of runs, newest first, and how many there are; only `owner`'s when given."""
+    stmt = select(EvalRun)
+    if owner is not None:
+        stmt = stmt.where(EvalRun.owner == owner)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
     rows = session.scalars(
-        select(EvalRun).order_by(EvalRun.created_at.desc(), EvalRun.id).limit(limit).offset(offset)
+        stmt.order_by(EvalRun.created_at.desc(), EvalRun.id).limit(limit).offset(offset)
     )
     return list(rows), total
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.tables import Job, JobResult, Usage
 from llmq.protocol import ErrorCategory, JobStatus
@@ -26,6 +26,10 @@ class NewJob:
     idempotency_key: str | None = None
     request_id: str | None = None
     timeout_s: float | None = None
+    priority: int = 0
+    batch_id: str | None = None
+    cache_key: str | None = None  # deterministic jobs only (llmq/fingerprint.py)
+    follows_job_id: uuid.UUID | None = None  # an identical job in flight, whose result it gets
 
 
 @dataclass(frozen=True)
@@ -44,22 +48,32 @@ def find_by_idempotency_key(session: Session, owner: str | None, key: str) -> Jo
     return session.scalars(stmt).first()
 
 
-def create_job(session: Session, new: NewJob) -> Job:
-    job = Job(
+def job_row(new: NewJob) -> Job:
+    """The row of a new queued job, not yet in a session."""
+    return Job(
         id=uuid.uuid4(),
         kind=new.kind,
         model=new.model,
         queue=new.queue,
         status=JobStatus.QUEUED.value,
-        enqueued_at=func.now(),  # the send follows the commit; the reconciler covers a failure
+        # The send follows the commit; the reconciler covers a failure. A follower is not sent.
+        enqueued_at=None if new.follows_job_id else func.now(),
         input=new.input,
         params=new.params,
         owner=new.owner,
         idempotency_key=new.idempotency_key,
         request_id=new.request_id,
         timeout_s=new.timeout_s,
+        priority=new.priority,
+        batch_id=new.batch_id,
+        cache_key=new.cache_key,
+        follows_job_id=new.follows_job_id,
         attempts=0,
     )
+
+
+def create_job(session: Session, new: NewJob) -> Job:
+    job = job_row(new)
     session.add(job)
     session.flush()
     return job
@@ -76,12 +90,17 @@ def list_jobs(
     model: str | None,
     limit: int,
     offset: int,
+    owner: str | None = None,
 ) -> tuple[list[Job], int]:
+    """A page of jobs, newest first, with the count of all that match; only `owner`'s when
+    given."""
     stmt = select(Job)
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if model is not None:
         stmt = stmt.where(Job.model == model)
+    if owner is not None:
+        stmt = stmt.where(Job.owner == owner)
     total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
     rows = session.scalars(
         stmt.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
@@ -90,14 +109,43 @@ def list_jobs(
 
 
 def cancel_job(session: Session, job_id: uuid.UUID) -> bool:
-    """Mark a queued or running job cancelled; False if it had already finished."""
+    """Mark a queued or running job cancelled; False if it had already finished. Jobs that
+    followed it still want their result: they go back to the queue (`release_followers`)."""
     updated = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(RUNNABLE))
         .values(status=JobStatus.CANCELLED.value, finished_at=func.now())
         .returning(Job.id)
     ).first()
-    return updated is not None
+    if updated is None:
+        return False
+    release_followers(session, job_id)
+    return True
+
+
+def release_followers(session: Session, leader_id: uuid.UUID) -> uuid.UUID | None:
+    """The queued followers of a job that will not give them a result (cancelled, or failed for
+    a reason other than their common input) get one of their own: the oldest becomes a job like
+    any other, left for the reconciler to send, and the others follow it. Returns its id."""
+    heir = session.scalar(
+        select(Job.id)
+        .where(Job.follows_job_id == leader_id, Job.status == JobStatus.QUEUED.value)
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+    )
+    if heir is None:
+        return None
+    session.execute(
+        update(Job)
+        .where(
+            Job.follows_job_id == leader_id,
+            Job.status == JobStatus.QUEUED.value,
+            Job.id != heir,
+        )
+        .values(follows_job_id=heir)
+    )
+    session.execute(update(Job).where(Job.id == heir).values(follows_job_id=None, enqueued_at=None))
+    return heir
 
 
 def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
@@ -124,21 +172,33 @@ class Delivery:
     id: uuid.UUID
     kind: str
     queue: str
+    priority: int
 
 
 def stale_queued(session: Session, older_than_s: float, limit: int) -> list[Delivery]:
-    """Queued jobs last sent to the broker more than `older_than_s` ago, oldest first."""
+    """Queued jobs last sent to the broker more than `older_than_s` ago, oldest first.
+
+    Followers are never sent: their leader's outcome settles them in its own transaction. Only
+    a follower left behind by a leader that finished without settling it is sent, so that no
+    job can wait forever."""
     cutoff = func.now() - timedelta(seconds=older_than_s)
+    leader = aliased(Job)
+    leader_in_flight = (
+        select(leader.id)
+        .where(leader.id == Job.follows_job_id, leader.status.in_(RUNNABLE))
+        .exists()
+    )
     rows = session.execute(
-        select(Job.id, Job.kind, Job.queue)
+        select(Job.id, Job.kind, Job.queue, Job.priority)
         .where(
             Job.status == JobStatus.QUEUED.value,
             or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
+            or_(Job.follows_job_id.is_(None), ~leader_in_flight),
         )
         .order_by(Job.created_at)
         .limit(limit)
     )
-    return [Delivery(row.id, row.kind, row.queue) for row in rows]
+    return [Delivery(row.id, row.kind, row.queue, row.priority) for row in rows]
 
 
 def running_workers(session: Session) -> set[str]:
@@ -149,12 +209,36 @@ def running_workers(session: Session) -> set[str]:
     return {worker for worker in rows if worker is not None}
 
 
+def running_jobs_by_worker(session: Session) -> dict[str, set[str]]:
+    """The ids of the running jobs of each worker."""
+    held: dict[str, set[str]] = {}
+    for job_id, worker in session.execute(
+        select(Job.id, Job.worker).where(Job.status == JobStatus.RUNNING.value)
+    ):
+        held.setdefault(worker, set()).add(str(job_id))
+    return held
+
+
+def release_jobs(session: Session, job_ids: set[str]) -> int:
+    """Put running jobs back to queued, to be sent again."""
+    if not job_ids:
+        return 0
+    released = session.execute(
+        update(Job)
+        .where(Job.id.in_([uuid.UUID(j) for j in job_ids]), Job.status == JobStatus.RUNNING.value)
+        .values(status=JobStatus.QUEUED.value, worker=None, enqueued_at=None)
+        .returning(Job.id)
+    ).all()
+    return len(released)
+
+
 def release_jobs_of(
     session: Session, workers: set[str], max_attempts: int
 ) -> tuple[int, list[str]]:
     """Put the running jobs of lost workers back to queued, to be sent again; a job that has
     already lost `max_attempts` workers fails instead, as it may be what kills them.
-    Returns how many were requeued, and the model of each job that failed."""
+    Returns how many were requeued, and the model of each job that failed. The followers of a
+    failed job are released: losing workers says nothing about their input."""
     if not workers:
         return 0, []
     of_lost = (Job.status == JobStatus.RUNNING.value, Job.worker.in_(workers))
@@ -167,15 +251,17 @@ def release_jobs_of(
             error_category=ErrorCategory.WORKER_LOST.value,
             error_message=f"its worker was lost {max_attempts} times while running it",
         )
-        .returning(Job.model)
+        .returning(Job.id, Job.model)
     ).all()
+    for job in failed:
+        release_followers(session, job.id)
     requeued = session.execute(
         update(Job)
         .where(*of_lost)
         .values(status=JobStatus.QUEUED.value, worker=None, enqueued_at=None)
         .returning(Job.id)
     ).all()
-    return len(requeued), list(failed)
+    return len(requeued), [job.model for job in failed]
 
 
 def mark_enqueued(session: Session, job_ids: list[uuid.UUID]) -> None:
@@ -190,9 +276,10 @@ def cancelled_among(session: Session, job_ids: list[uuid.UUID]) -> set[uuid.UUID
     return set(rows)
 
 
-def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outcome) -> bool:
+def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outcome) -> Job | None:
     """Store the result and usage and mark the job succeeded, exactly once: only the worker that
-    holds the job may, so a worker that was presumed lost and comes back writes nothing."""
+    holds the job may, so a worker that was presumed lost and comes back writes nothing.
+    Returns the job, or None when it was not this worker's to complete."""
     job = session.scalars(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
@@ -200,7 +287,7 @@ def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outc
         .returning(Job)
     ).first()
     if job is None:
-        return False
+        return None
     session.execute(
         pg_insert(JobResult)
         .values(
@@ -226,7 +313,7 @@ def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outc
         )
         .on_conflict_do_nothing()
     )
-    return True
+    return job
 
 
 def fail_job(session: Session, job_id: uuid.UUID, worker: str, category: str, message: str) -> bool:

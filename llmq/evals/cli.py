@@ -26,6 +26,7 @@ def eval_command(
     dataset: str = typer.Option(None, help="Folder under the data dir, or a hub id"),
     api: str = typer.Option(None, help="API base URL (default from LLMQ_API_HOST/PORT)"),
     output: str = typer.Option("eval-reports", help="Folder for the JSON and PNG report"),
+    api_key: str = typer.Option(None, "--api-key", envvar="LLMQ_API_KEY", help="An API key"),
 ) -> None:
     """Run GSM8K or MMLU on a served model, scored as lm-evaluation-harness scores them."""
     settings = get_settings()
@@ -35,7 +36,8 @@ def eval_command(
     body |= {key: value for key, value in optional.items() if value is not None}
     if subjects:
         body["subjects"] = [s.strip() for s in subjects.split(",") if s.strip()]
-    with httpx.Client(base_url=base, timeout=30) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
         response = client.post("/v1/evals", json=body)
         if response.status_code != 202:
             console.print(f"[red]{response.json()['error']['message']}[/red]")

@@ -11,16 +11,17 @@ from redis import Redis
 
 from llmq.events import ErrorEvent
 from llmq.publisher import TokenPublisher
+from tests.factories import ADMIN_KEY, AUTH
 
 
 @pytest.fixture
 def client(api_server):
-    return openai.OpenAI(base_url=f"{api_server}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{api_server}/v1", api_key=ADMIN_KEY, max_retries=0)
 
 
 @pytest.fixture
 def async_client(api_server):
-    return openai.AsyncOpenAI(base_url=f"{api_server}/v1", api_key="unused", max_retries=0)
+    return openai.AsyncOpenAI(base_url=f"{api_server}/v1", api_key=ADMIN_KEY, max_retries=0)
 
 
 def test_models_list_in_openai_format(client):
@@ -48,13 +49,16 @@ def test_completion_matches_the_job_api_and_is_a_job(client, api_server):
             "max_tokens": 10,
             "ignore_eos": True,
         },
+        headers=AUTH,
     ).json()
     deadline = time.monotonic() + 30
-    while (found := httpx.get(f"{api_server}/v1/jobs/{job['id']}").json())["status"] != "succeeded":
+    while (found := httpx.get(f"{api_server}/v1/jobs/{job['id']}", headers=AUTH).json())[
+        "status"
+    ] != "succeeded":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert found["result"]["text"] == choice.text
-    listed = httpx.get(f"{api_server}/v1/jobs", params={"limit": 500}).json()["data"]
+    listed = httpx.get(f"{api_server}/v1/jobs", params={"limit": 500}, headers=AUTH).json()["data"]
     assert sum(bool(j["result"]) and j["result"]["text"] == choice.text for j in listed) >= 2
 
 
@@ -204,7 +208,9 @@ def test_error_after_stream_began_raises_api_error(api_server, client, redis_url
         model="tiny-offline", prompt="fail me", max_tokens=4, stream=True
     )
     jobs = httpx.get(
-        f"{api_server}/v1/jobs", params={"model": "tiny-offline", "status": "queued"}
+        f"{api_server}/v1/jobs",
+        params={"model": "tiny-offline", "status": "queued"},
+        headers=AUTH,
     ).json()["data"]
     job_id = uuid.UUID(next(j["id"] for j in jobs if j["prompt"] == "fail me"))
     # What a worker publishes when a job fails in the model.
@@ -215,19 +221,21 @@ def test_error_after_stream_began_raises_api_error(api_server, client, redis_url
     publisher.close()
     with pytest.raises(openai.APIError, match="the model crashed"):
         list(stream)
-    httpx.post(f"{api_server}/v1/jobs/{job_id}/cancel")
+    httpx.post(f"{api_server}/v1/jobs/{job_id}/cancel", headers=AUTH)
 
 
 def test_disconnected_stream_cancels_its_job(api_server, redis_url):
     # On the model without a worker the job is certain to be unfinished when the client leaves.
     body = {"model": "tiny-offline", "prompt": "abandoned", "max_tokens": 8, "stream": True}
-    with httpx.Client(timeout=30) as http:
+    with httpx.Client(timeout=30, headers=AUTH) as http:
         with http.stream("POST", f"{api_server}/v1/completions", json=body) as response:
             assert response.status_code == 200
             time.sleep(0.5)
     deadline = time.monotonic() + 20
     while True:
-        jobs = httpx.get(f"{api_server}/v1/jobs", params={"model": "tiny-offline"}).json()["data"]
+        jobs = httpx.get(
+            f"{api_server}/v1/jobs", params={"model": "tiny-offline"}, headers=AUTH
+        ).json()["data"]
         job = next(j for j in jobs if j["prompt"] == "abandoned")
         if job["status"] == "cancelled":
             break

@@ -10,17 +10,18 @@ from httpx_sse import connect_sse
 from redis import Redis
 
 from llmq.events import events_key
+from tests.factories import AUTH
 
 
 def submit(base: str, **body) -> dict:
     body = {"model": "tiny-llama", "prompt": "Once upon a time"} | body
-    response = httpx.post(f"{base}/v1/jobs", json=body)
+    response = httpx.post(f"{base}/v1/jobs", json=body, headers=AUTH)
     assert response.status_code == 202, response.text
     return response.json()
 
 
 def read_events(base: str, job_id: str, last_event_id: str | None = None, limit: int | None = None):
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    headers = AUTH | ({"Last-Event-ID": last_event_id} if last_event_id else {})
     events = []
     with httpx.Client(timeout=60) as http:
         with connect_sse(http, "GET", f"{base}/v1/jobs/{job_id}/events", headers=headers) as source:
@@ -35,7 +36,7 @@ def read_events(base: str, job_id: str, last_event_id: str | None = None, limit:
 def wait_done(base: str, job_id: str) -> dict:
     deadline = time.monotonic() + 60
     while True:
-        job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
+        job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=AUTH).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         assert time.monotonic() < deadline
@@ -134,7 +135,7 @@ def test_stop_string_spanning_tokens_is_never_streamed(api_server):
 
 def test_cancelled_queued_job_ends_its_stream(api_server):
     job = submit(api_server, model="tiny-offline", prompt="never")
-    httpx.post(f"{api_server}/v1/jobs/{job['id']}/cancel")
+    httpx.post(f"{api_server}/v1/jobs/{job['id']}/cancel", headers=AUTH)
     events = read_events(api_server, job["id"])
     assert events[-1].event == "done"
     assert json.loads(events[-1].data)["status"] == "cancelled"
@@ -144,12 +145,14 @@ def test_cancelled_queued_job_ends_its_stream(api_server):
 def test_malformed_last_event_id_is_400(api_server, header):
     job = submit(api_server, max_tokens=2)
     response = httpx.get(
-        f"{api_server}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": header}
+        f"{api_server}/v1/jobs/{job['id']}/events", headers=AUTH | {"Last-Event-ID": header}
     )
     assert response.status_code == 400
     assert "Last-Event-ID" in response.json()["error"]["message"]
 
 
 def test_stream_of_unknown_job_is_404(api_server):
-    response = httpx.get(f"{api_server}/v1/jobs/00000000-0000-0000-0000-000000000000/events")
+    response = httpx.get(
+        f"{api_server}/v1/jobs/00000000-0000-0000-0000-000000000000/events", headers=AUTH
+    )
     assert response.status_code == 404

@@ -12,7 +12,7 @@ from redis import Redis
 from api.enqueue import enqueue_job
 from db.queries import jobs as job_queries
 from db.session import session_scope
-from tests.factories import start_api, stop_worker, submit, wait_for_job
+from tests.factories import AUTH, api_client, start_api, stop_worker, submit, wait_for_job
 from tests.faults import (
     QUEUE,
     CuttableLink,
@@ -46,14 +46,19 @@ def test_jobs_accepted_while_broker_is_away_run_when_it_returns(worker, redis_li
     api, base = start_api(LLMQ_REDIS_URL=redis_link.url_for(redis_url))
     try:
         redis_link.cut()
-        body = {"model": "tiny-llama", "prompt": "while redis is down", "max_tokens": 4}
-        accepted = [httpx.post(f"{base}/v1/jobs", json=body, timeout=30) for _ in range(3)]
+        accepted = [
+            httpx.post(f"{base}/v1/jobs", json=body, headers=AUTH, timeout=30)
+            for body in (  # distinct prompts: identical ones would share one run
+                {"model": "tiny-llama", "prompt": f"while redis is down {i}", "max_tokens": 4}
+                for i in range(3)
+            )
+        ]
         assert [r.status_code for r in accepted] == [202] * 3
         assert {r.json()["status"] for r in accepted} == {"queued"}
 
         redis_link.restore()
         for response in accepted:
-            job = wait_for_job(httpx.Client(base_url=base), response.json()["id"], timeout=60)
+            job = wait_for_job(api_client(base), response.json()["id"], timeout=60)
             assert job["status"] == "succeeded" and job["attempts"] == 1
     finally:
         stop_worker(api)
@@ -63,9 +68,9 @@ def test_stream_ends_cleanly_when_redis_is_lost_mid_stream(worker, redis_link, r
     api, base = start_api(LLMQ_REDIS_URL=redis_link.url_for(redis_url))
     try:
         body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 100, "ignore_eos": True}
-        job = httpx.post(f"{base}/v1/jobs", json=body).json()
+        job = httpx.post(f"{base}/v1/jobs", json=body, headers=AUTH).json()
         events = []
-        with httpx.Client(timeout=60) as http:
+        with api_client(base, timeout=60) as http:
             url = f"{base}/v1/jobs/{job['id']}/events"
             with connect_sse(http, "GET", url) as source:
                 for sse in source.iter_sse():

@@ -7,7 +7,14 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from tests.factories import start_worker, stop_worker, submit, wait_for_job, wait_for_queue
+from tests.factories import (
+    AUTH,
+    start_worker,
+    stop_worker,
+    submit,
+    wait_for_job,
+    wait_for_queue,
+)
 from tests.faults import LONG_JOB, QUEUE, CuttableLink, running_on, wait_until
 
 
@@ -27,7 +34,7 @@ def app_via_link(postgres_link, database_url, redis_url, tiny_model_path):
     settings = get_settings().model_copy(
         update={"database_url": postgres_link.url_for(database_url)}
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=AUTH) as client:
         yield client
 
 

@@ -1,0 +1,235 @@
+"""Moves batches through their states, from what Postgres holds, in any API process:
+
+validating → in_progress: the input file is read and checked; its valid lines become jobs at
+batch priority (a line's jobs and its row are stored line by line, so a restart carries on
+where it stopped). in_progress → finalizing → completed once every job has ended; expired when
+the completion window passes first; cancelling → cancelled once no job of the batch is open.
+Finalizing writes the output file (lines that succeeded) and the error file (the rest).
+A batch is driven by one process at a time: each step locks its row.
+"""
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from sqlalchemy.orm import Session
+
+from api.batch_input import RequestLine, read_input
+from api.openai_protocol import UsageInfo
+from api.openai_requests import build_response, plan_request, submit_choices
+from db.queries import batches as batch_queries
+from db.queries import files as file_queries
+from db.queries.batches import BatchStatus
+from db.session import get_sessionmaker, session_scope
+from db.tables import Batch, BatchLine, Job
+from llmq.errors import LlmqError
+from llmq.periodic import PeriodicTask
+from llmq.protocol import BATCH_PRIORITY, JobStatus
+
+log = structlog.get_logger(__name__)
+
+WINDOWS = {"24h": timedelta(hours=24)}
+LINES_PER_SWEEP = 500
+
+
+class BatchDriver:
+    def __init__(self, state, interval_s: float) -> None:
+        self.state = state  # the app's state: settings, registry, prompt counter, live queues
+        self._sweeper = PeriodicTask("llmq-batch-driver", interval_s, self.sweep)
+
+    def start(self) -> None:
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._sweeper.stop()
+
+    @property
+    def database_url(self) -> str:
+        return self.state.settings.database_url
+
+    def sweep(self) -> None:
+        with session_scope(self.database_url) as session:
+            validating = batch_queries.batches_with_status(session, BatchStatus.VALIDATING)
+            running = batch_queries.batches_with_status(
+                session, BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING
+            )
+        for batch_id in validating:
+            self.start_batch(batch_id)
+        for batch_id in running:
+            while self.advance(batch_id):  # lines are queued a share at a time
+                pass
+
+    def start_batch(self, batch_id: str) -> None:
+        """Validate the input; the valid lines are then queued by `advance`."""
+        with session_scope(self.database_url) as session:
+            batch = batch_queries.lock_batch(session, batch_id, BatchStatus.VALIDATING)
+            if batch is None:
+                return
+            valid, errors = self._read(session, batch)
+            reported = [e.as_batch_error() for e in errors] or None
+            if not valid:
+                batch_queries.set_status(session, batch_id, BatchStatus.FAILED, errors=reported)
+                log.info("batch failed validation", batch_id=batch_id, errors=len(errors))
+                return
+            total = len(valid) + len(errors)
+            batch_queries.set_status(
+                session, batch_id, BatchStatus.IN_PROGRESS, total=total, errors=reported
+            )
+        while self.advance(batch_id):
+            pass
+
+    def advance(self, batch_id: str) -> bool:
+        """Queue lines not yet queued, apply a cancel or the expiry, finalize once all ended.
+        True when it queued lines and has more to queue."""
+        with session_scope(self.database_url) as session:
+            batch = batch_queries.lock_batch(
+                session, batch_id, BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING
+            )
+            if batch is None:
+                return False
+            open_statuses = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+            lines = batch_queries.lines(session, batch_id)
+            if batch.status == BatchStatus.CANCELLING:
+                # Queued lines are dropped; running ones finish and are kept.
+                batch_queries.cancel_open_jobs(session, batch_id, (JobStatus.QUEUED.value,))
+                final = BatchStatus.CANCELLED
+            elif batch_queries.expired(batch, datetime.now(UTC)):
+                batch_queries.cancel_open_jobs(session, batch_id, open_statuses)
+                final = BatchStatus.EXPIRED
+            else:
+                final = BatchStatus.COMPLETED
+                if len(lines) < self._valid_lines(batch):
+                    # The batch's row stays locked meanwhile: no other process queues them too.
+                    queued = self._queue_lines(batch, {line.line for line in lines}, session)
+                    return len(lines) + queued < self._valid_lines(batch)
+            if batch_queries.job_counts(session, batch_id).open:
+                return False
+            batch_queries.set_status(session, batch_id, BatchStatus.FINALIZING)
+            self._finalize(session, batch, lines, final)
+            return False
+
+    def _read(self, session: Session, batch: Batch):
+        content = file_queries.file_content(session, batch.input_file_id)
+        return read_input(content, batch.endpoint, self.state.registry)
+
+    def _queue_lines(self, batch: Batch, done: set[int], session: Session) -> int:
+        valid, _errors = self._read(session, batch)
+        # A bounded share per sweep, so that the batch's row is never locked for long.
+        todo = [line for line in valid if line.line not in done][:LINES_PER_SWEEP]
+        # Its own session: submitting commits each job, which must not end the lock's transaction.
+        with get_sessionmaker(self.database_url)() as submitting:
+            for line in todo:
+                job_ids, refusal = self._submit_line(submitting, batch, line)
+                body = line.body if refusal is None else {**line.body, "_error": refusal}
+                batch_queries.add_line(
+                    submitting, batch.id, line.line, line.custom_id, line.url, body, job_ids
+                )
+                submitting.commit()
+        log.info("batch lines queued", batch_id=batch.id, lines=len(todo))
+        return len(todo)
+
+    def _submit_line(
+        self, session: Session, batch: Batch, line: RequestLine
+    ) -> tuple[list[uuid.UUID], dict | None]:
+        """The line's job ids, or no jobs and why the line was refused."""
+        try:
+            planned = plan_request(self.state, line.request)
+            choices = submit_choices(
+                session,
+                self.state,
+                planned,
+                owner=batch.owner,
+                priority=BATCH_PRIORITY,
+                batch_id=batch.id,
+            )
+        except LlmqError as exc:  # e.g. the prompt does not fit the model's context
+            return [], {"code": exc.code or exc.error_type, "message": exc.message}
+        return [choice.job_id for choice in choices], None
+
+    def _valid_lines(self, batch: Batch) -> int:
+        return batch.total - len(batch.errors or [])
+
+    def _finalize(self, session: Session, batch: Batch, lines: list[BatchLine], final: str):
+        jobs = batch_queries.jobs_of(session, batch.id)
+        outputs, failures = [], []
+        expired = final == BatchStatus.EXPIRED
+        for line in lines:
+            line_jobs = [jobs[j] for j in line.job_ids if j in jobs]
+            record = _output_record(line, line_jobs, expired)
+            (outputs if record["error"] is None else failures).append(record)
+        for error in batch.errors or []:
+            failures.append(_failed_record(None, error["code"], error["message"], error["line"]))
+        fields = {}
+        if outputs:
+            fields["output_file_id"] = self._write_file(session, batch, "output", outputs)
+        if failures:
+            fields["error_file_id"] = self._write_file(session, batch, "errors", failures)
+        batch_queries.set_status(session, batch.id, final, **fields)
+        log.info(
+            "batch finished", batch_id=batch.id, status=final, ok=len(outputs), failed=len(failures)
+        )
+
+    def _write_file(self, session: Session, batch: Batch, kind: str, records: list[dict]) -> str:
+        content = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        stored = file_queries.create_file(
+            session,
+            owner=batch.owner,
+            filename=f"{batch.id}_{kind}.jsonl",
+            purpose="batch_output",
+            content=content,
+        )
+        return stored.id
+
+
+def _output_record(line: BatchLine, jobs: list[Job], expired: bool) -> dict:
+    """One line of the output file, or of the error file when `error` is set."""
+    if "_error" in line.body:
+        problem = line.body["_error"]
+        return _failed_record(line.custom_id, problem["code"], problem["message"], line.line)
+    if jobs and all(job.status == JobStatus.SUCCEEDED.value for job in jobs):
+        chat = line.url == "/v1/chat/completions"
+        usage = UsageInfo()
+        finished = []
+        for index, job in enumerate(jobs):
+            result = job.result
+            usage.add(result.prompt_tokens if index == 0 else 0, result.completion_tokens)
+            finished.append((index, {"text": result.text, "finish_reason": result.finish_reason}))
+        prefix = "chatcmpl" if chat else "cmpl"
+        created = int(jobs[0].finished_at.timestamp()) if jobs[0].finished_at else int(time.time())
+        body = build_response(
+            chat, jobs[0].model, f"{prefix}-{jobs[0].id.hex}", created, finished, usage
+        )
+        return {
+            "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+            "custom_id": line.custom_id,
+            "response": {
+                "status_code": 200,
+                "request_id": str(jobs[0].id),
+                "body": body.model_dump(),
+            },
+            "error": None,
+        }
+    if expired and any(job.status == JobStatus.CANCELLED.value for job in jobs):
+        return _failed_record(line.custom_id, "batch_expired", "the batch expired first", line.line)
+    failed = next((job for job in jobs if job.status == JobStatus.FAILED.value), None)
+    if failed is not None:
+        message = f"generation failed ({failed.error_category}): {failed.error_message}"
+        return _failed_record(line.custom_id, failed.error_category or "failed", message, line.line)
+    return _failed_record(
+        line.custom_id, "batch_cancelled", "the batch was cancelled first", line.line
+    )
+
+
+def _failed_record(custom_id: str | None, code: str, message: str, line: int | None) -> dict:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message, "line": line},
+    }
+
+
+def expires_at(window: str) -> datetime:
+    return datetime.now(UTC) + WINDOWS[window]

@@ -1,0 +1,173 @@
+"""Per-key limits: requests per minute, counted in Redis; jobs queued or running at once, and
+tokens per calendar month, read from Postgres. Their state lives in Redis and Postgres, so the
+limits hold however many API processes serve a key.
+
+A spent monthly quota is refused with 429 and type `insufficient_quota`, as OpenAI does, with
+`x-should-retry: false` so that OpenAI's clients do not retry until the month ends. Concurrent
+jobs are counted before new ones are stored: requests that arrive together can overshoot the
+limit by the number of them, never by more.
+"""
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from db.queries import usage as usage_queries
+from db.tables import ApiKey
+from llmq.errors import QuotaExceeded, TooManyConcurrentJobs
+from llmq.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+WINDOW_S = 60
+# How long to stop counting after Redis failed: requests pass unlimited rather than each wait
+# out a timeout, and the queue itself needs Redis anyway.
+REST_AFTER_FAILURE_S = 5.0
+REDIS_TIMEOUT_S = 0.5
+STATE_KEY = "rate_limit"  # where the request's Window waits for RateLimitHeaders
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's limits in force: its own, or the settings' defaults; 0 means no limit."""
+
+    rate_limit_per_minute: int = 0
+    max_concurrent_jobs: int = 0
+    monthly_token_quota: int = 0
+
+
+@dataclass(frozen=True)
+class Window:
+    """One key's count in the current minute."""
+
+    limit: int
+    count: int
+    reset_s: int  # until the window ends
+
+    @property
+    def exceeded(self) -> bool:
+        return self.count > self.limit
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(max(0, self.limit - self.count)),
+            "X-RateLimit-Reset": str(self.reset_s),
+        }
+
+
+class RateLimiter:
+    """Fixed one-minute windows per key in Redis: `SET NX EX` then `INCR`, pipelined, which is
+    one round trip per request. The expiry cleans old windows up."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._redis = aioredis.Redis.from_url(
+            redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
+        self._resting_until = 0.0
+
+    async def hit(self, key_id: uuid.UUID, limit: int) -> Window | None:
+        """Count a request; None when Redis cannot count it (then it is not limited)."""
+        now = time.time()
+        if now < self._resting_until:
+            return None
+        window = int(now // WINDOW_S)
+        name = f"llmq:ratelimit:{key_id}:{window}"
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(name, 0, ex=2 * WINDOW_S, nx=True)
+                pipe.incr(name)
+                _, count = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._resting_until = now + REST_AFTER_FAILURE_S
+            log.warning("rate limits not counted: Redis unavailable", error=str(exc))
+            return None
+        return Window(limit, count, math.ceil((window + 1) * WINDOW_S - now))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def limits_of(row: ApiKey, settings: Settings) -> KeyLimits:
+    """The key's own limits where it sets them, the settings' defaults where not."""
+
+    def pick(own: int | None, default: int) -> int:
+        return default if own is None else own
+
+    return KeyLimits(
+        rate_limit_per_minute=pick(row.rate_limit_per_minute, settings.rate_limit_per_minute),
+        max_concurrent_jobs=pick(row.max_concurrent_jobs, settings.max_concurrent_jobs),
+        monthly_token_quota=pick(row.monthly_token_quota, settings.monthly_token_quota),
+    )
+
+
+def _load(
+    session: Session, owner: str | None, limits: KeyLimits, count_jobs: bool
+) -> usage_queries.Load | None:
+    """The key's jobs in flight (when counted) after QuotaExceeded (429) if it has spent its
+    monthly tokens; None when there is nothing to check."""
+    if owner is None or not (count_jobs or limits.monthly_token_quota):
+        return None  # with auth off no one owns anything, and nothing is limited
+    now = datetime.now(UTC)
+    since = usage_queries.month_start(now) if limits.monthly_token_quota else None
+    load = usage_queries.load(session, owner, count_jobs=count_jobs, since=since)
+    if limits.monthly_token_quota and load.tokens_this_month >= limits.monthly_token_quota:
+        renews = usage_queries.next_month_start(now)
+        raise QuotaExceeded(
+            load.tokens_this_month,
+            limits.monthly_token_quota,
+            now.strftime("%B %Y"),
+            math.ceil((renews - now).total_seconds()),
+        )
+    return load
+
+
+def job_room(session: Session, owner: str | None, limits: KeyLimits) -> int | None:
+    """How many more jobs the key may have queued or running now (None: no limit), after
+    QuotaExceeded (429) if it has spent its monthly tokens."""
+    count_jobs = bool(limits.max_concurrent_jobs)
+    load = _load(session, owner, limits, count_jobs)
+    if load is None or not count_jobs:
+        return None
+    return max(0, limits.max_concurrent_jobs - load.jobs_in_flight)
+
+
+def admit(session: Session, owner: str | None, limits: KeyLimits, jobs: int) -> None:
+    """Refuse new work (429) once the key has spent its monthly tokens, or when `jobs` more
+    would take it past its jobs queued or running at once. `jobs=0` checks the quota only."""
+    count_jobs = bool(limits.max_concurrent_jobs) and jobs > 0
+    load = _load(session, owner, limits, count_jobs)
+    if load is not None and count_jobs:
+        if load.jobs_in_flight + jobs > limits.max_concurrent_jobs:
+            raise TooManyConcurrentJobs(load.jobs_in_flight, jobs, limits.max_concurrent_jobs)
+
+
+class RateLimitHeaders:
+    """Adds X-RateLimit-Limit/Remaining/Reset to every answer to a request that counted against
+    a key's rate limit: errors and event streams too, which bypass FastAPI's response headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                window = scope.get("state", {}).get(STATE_KEY)
+                if window is not None:
+                    MutableHeaders(scope=message).update(window.headers())
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)

@@ -1,0 +1,85 @@
+"""The calling key's own account: its token usage, limits and monthly quota."""
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import ApiKeyDep, SessionDep
+from api.key_schemas import (
+    DayUsage,
+    LimitsPublic,
+    ModelUsage,
+    QuotaPublic,
+    UsagePublic,
+    UsageTotals,
+)
+from db.queries import usage as usage_queries
+from db.queries.usage import Totals
+from llmq.errors import InvalidRequest
+
+router = APIRouter(prefix="/v1/me", tags=["usage"])
+
+MAX_PERIOD_DAYS = 366
+StartDay = Annotated[
+    date | None, Query(description="First UTC day, YYYY-MM-DD; default: the 1st of this month")
+]
+EndDay = Annotated[date | None, Query(description="Last UTC day, included; default: today")]
+
+
+def usage_period(start: date | None, end: date | None) -> tuple[date, date]:
+    """The days asked for, this month so far by default; 400 for a backwards or overlong one."""
+    today = datetime.now(UTC).date()
+    end = end or today
+    start = start or min(end, today).replace(day=1)
+    if start > end:
+        raise InvalidRequest(f"start {start} is after end {end}; swap them", param="start")
+    if (end - start).days >= MAX_PERIOD_DAYS:
+        raise InvalidRequest(
+            f"the period is {(end - start).days + 1:,} days; ask for at most {MAX_PERIOD_DAYS}",
+            param="start",
+        )
+    return start, end
+
+
+def period_bounds(start: date, end: date) -> tuple[datetime, datetime]:
+    """[start, end] as UTC days: [midnight of start, midnight after end)."""
+    return usage_queries.day_start(start), usage_queries.day_start(end + timedelta(days=1))
+
+
+@router.get("/usage", response_model=UsagePublic)
+def read_my_usage(
+    caller: ApiKeyDep, session: SessionDep, start: StartDay = None, end: EndDay = None
+) -> UsagePublic:
+    """This key's tokens over a period of UTC days, by model and by day, with its limits and
+    what is left of its monthly quota."""
+    start, end = usage_period(start, end)
+    rows = usage_queries.by_model_and_day(session, caller.owner, *period_bounds(start, end))
+    total, models, days = Totals(), {}, {}
+    for model, day, totals in rows:
+        total.add(totals)
+        models.setdefault(model, Totals()).add(totals)
+        days.setdefault(day, Totals()).add(totals)
+    month_start = usage_queries.month_start(datetime.now(UTC))
+    used = usage_queries.tokens_since(session, caller.owner, month_start)
+    quota = caller.limits.monthly_token_quota
+    return UsagePublic(
+        key_id=caller.key_id,
+        start=start,
+        end=end,
+        total=UsageTotals.of(total),
+        by_model=[
+            ModelUsage(model=model, **UsageTotals.of(totals).model_dump())
+            for model, totals in sorted(models.items())
+        ],
+        by_day=[
+            DayUsage(date=day, **UsageTotals.of(totals).model_dump())
+            for day, totals in sorted(days.items())
+        ],
+        limits=LimitsPublic.of(caller.limits),
+        quota=QuotaPublic(
+            monthly_token_quota=quota,
+            used_this_month=used,
+            remaining=max(0, quota - used) if quota else None,
+        ),
+    )

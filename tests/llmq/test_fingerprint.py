@@ -1,0 +1,105 @@
+"""Completion-cache fingerprints: every change that can change the text changes the key, and
+nothing else does."""
+
+import os
+
+import pytest
+
+from llmq.fingerprint import (
+    ModelRevisions,
+    fingerprint,
+    folder_revision,
+    is_deterministic,
+    output_shaping_params,
+)
+from llmq.protocol import SamplingParams
+from llmq.registry import ModelSpec
+
+SPEC = ModelSpec(id="tiny", source="builtin:tiny-llama")
+QUEUE = "llmq.tiny.cpu"
+SEEDED = SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9, top_k=40, seed=3)
+
+
+def key(params: SamplingParams = SEEDED, prompt: str = "Once", **identity) -> str:
+    identity = {"spec": SPEC, "revision": "files:abc", "queue": QUEUE} | identity
+    return fingerprint(prompt=prompt, params=params, **identity).cache_key
+
+
+# Another value for every SamplingParams field; a new field fails the test until it is listed.
+CHANGES = {
+    "max_tokens": 17,
+    "temperature": 0.8,
+    "top_p": 0.95,
+    "top_k": 41,
+    "seed": 4,
+    "stop": ["."],
+    "ignore_eos": True,
+    "min_tokens": 2,
+    "truncate_prompt_tokens": 64,
+}
+
+
+def test_every_sampling_parameter_is_listed():
+    assert set(CHANGES) == set(SamplingParams.model_fields)
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_changing_any_parameter_of_a_seeded_request_changes_the_key(field):
+    assert key(SEEDED.model_copy(update={field: CHANGES[field]})) != key()
+
+
+def test_stop_strings_count_in_order_and_content():
+    one = SEEDED.model_copy(update={"stop": ["a", "b"]})
+    assert key(one) != key(SEEDED.model_copy(update={"stop": ["a"]}))
+    assert key(one) == key(SEEDED.model_copy(update={"stop": ["a", "b"]}))
+
+
+def test_prompt_model_revision_and_device_change_the_key():
+    assert key(prompt="Once ") != key()
+    assert key(spec=ModelSpec(id="other", source="builtin:tiny-llama")) != key()
+    assert key(revision="files:def") != key()
+    assert key(queue="llmq.tiny.cuda") != key()
+
+
+def test_greedy_request_ignores_what_greedy_decoding_does_not_use():
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    unused = greedy.model_copy(update={"seed": 9, "top_p": 0.5, "top_k": 3})
+    assert key(unused) == key(greedy)
+    assert "seed" not in output_shaping_params(greedy)
+    assert key(greedy.model_copy(update={"stop": ["x"]})) != key(greedy)
+
+
+def test_only_greedy_or_seeded_requests_are_deterministic():
+    assert is_deterministic(SamplingParams(max_tokens=4, temperature=0.0))
+    assert is_deterministic(SamplingParams(max_tokens=4, temperature=1.0, seed=0))
+    assert not is_deterministic(SamplingParams(max_tokens=4, temperature=1.0))
+
+
+def test_folder_revision_follows_the_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    first = folder_revision(tmp_path)
+
+    assert folder_revision(tmp_path) == first
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "lock").write_text("")
+    assert folder_revision(tmp_path) == first, "hidden download state is not the model"
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")
+    stat = (tmp_path / "model.safetensors").stat()
+    os.utime(tmp_path / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert folder_revision(tmp_path) != first
+    assert folder_revision(tmp_path / "missing") is None
+
+
+def test_revision_in_models_yaml_names_the_weights(tmp_path):
+    local = ModelSpec(id="local", source=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    revisions = ModelRevisions(tmp_path, refresh_s=0)
+
+    assert revisions.revision(local).startswith("files:")
+    assert revisions.revision(local.model_copy(update={"revision": "v2"})) == "rev:v2"
+
+
+def test_hub_model_never_downloaded_has_no_revision(tmp_path):
+    hub = ModelSpec(id="hub", source="nobody/never-downloaded")
+    assert ModelRevisions(tmp_path, refresh_s=0).revision(hub) is None
