@@ -7,6 +7,7 @@ Each step's text deltas go to `on_tokens` (the token publisher) in one call, bef
 that step is resolved, so a job's final event always follows its last token event.
 """
 
+import bisect
 import queue
 import threading
 import time
@@ -49,6 +50,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     deadline: float | None = None  # time.monotonic() value
+    priority: int = 0  # lower first: interactive jobs join the batch before batch-API lines
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,10 @@ class GenerationEngine:
                 return
 
     def _receive(self, item: _Sequence | PendingScore) -> None:
-        (self._scoring if isinstance(item, PendingScore) else self._waiting).append(item)
+        if isinstance(item, PendingScore):
+            self._scoring.append(item)
+        else:  # after those of its priority, before those of lower priority
+            bisect.insort(self._waiting, item, key=lambda seq: seq.request.priority)
 
     def _score_some(self) -> None:
         """One turn of scoring: up to a batch of waiting scoring jobs, resolved here."""

@@ -77,7 +77,8 @@ class JobRunner:
             prompt_ids = params.truncate_prompt(self.host.encode(job.input["prompt"]))
             timeout_s = job.timeout_s or self.job_timeout_s
             deadline = time.monotonic() + timeout_s
-            future = self.engine.submit(GenerationRequest(job_id, prompt_ids, params, deadline))
+            request = GenerationRequest(job_id, prompt_ids, params, deadline, job.priority)
+            future = self.engine.submit(request)
             # The engine enforces the deadline at each step; if it stops stepping at all, the
             # job must still end, so wait a little longer than the deadline and no more.
             output = future.result(timeout=timeout_s + STALL_GRACE_S)

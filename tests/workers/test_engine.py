@@ -200,3 +200,24 @@ def test_deadline_passed_fails_with_timeout(host, make_engine):
     late = GenerationRequest(req.job_id, req.prompt_ids, req.params, deadline=time.monotonic())
     with pytest.raises(JobTimeout):
         engine.submit(late).result(timeout=60)
+
+
+def test_interactive_job_joins_before_waiting_batch_lines(host, make_engine):
+    from dataclasses import replace
+
+    engine = make_engine(max_batch_size=1)
+    finished: list[str] = []
+    batch_lines = [
+        replace(request(host, f"line {i}", max_tokens=20, ignore_eos=True), priority=9)
+        for i in range(4)
+    ]
+    interactive = request(host, "me first", max_tokens=20, ignore_eos=True)
+    futures = []
+    for name, item in [*(("batch", r) for r in batch_lines), ("interactive", interactive)]:
+        future = engine.submit(item)
+        future.add_done_callback(lambda _f, name=name: finished.append(name))
+        futures.append(future)
+    for future in futures:
+        future.result(timeout=60)
+    # The batch line already running finishes first; the interactive job overtakes the rest.
+    assert finished.index("interactive") <= 1, finished
