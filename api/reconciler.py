@@ -89,16 +89,18 @@ class Reconciler:
                 return SweepReport(ran=False)
             # A row held by a stalled transaction must not stall the sweep with it.
             session.execute(text("SET LOCAL lock_timeout = '5s'"))
-            requeued, failed_models = self._release_jobs_of_lost_workers(session)
-            requeued += self._release_orphans(session)
+            # Which worker runs what, read once: both checks below judge the same view.
+            held = job_queries.running_jobs_by_worker(session)
+            lost = self.live.lost(set(held), self.settings.worker_lost_after_s)
+            requeued, failed_models = self._release_jobs_of(session, lost)
+            live = {worker: jobs for worker, jobs in held.items() if worker not in lost}
+            requeued += self._release_orphans(session, live)
             resent = self._resend_missing(session)
         for model in failed_models:
             job_failed(model, ErrorCategory.WORKER_LOST.value)
         return SweepReport(True, requeued, len(failed_models), resent)
 
-    def _release_jobs_of_lost_workers(self, session: Session) -> tuple[int, list[str]]:
-        running_on = job_queries.running_workers(session)
-        lost = self.live.lost(running_on, self.settings.worker_lost_after_s)
+    def _release_jobs_of(self, session: Session, lost: set[str]) -> tuple[int, list[str]]:
         requeued, failed_models = job_queries.release_jobs_of(
             session, lost, self.settings.max_job_attempts
         )
@@ -111,16 +113,15 @@ class Reconciler:
             )
         return requeued, failed_models
 
-    def _release_orphans(self, session: Session) -> int:
-        held = job_queries.running_jobs_by_worker(session)
-        live = set(held) - self.live.lost(set(held), self.settings.worker_lost_after_s)
+    def _release_orphans(self, session: Session, live: dict[str, set[str]]) -> int:
+        """Release the jobs `live` workers hold in Postgres but do not execute."""
         if not live:
             self._orphan_suspects = set()
             return 0
-        active = self.live.active_tasks(live)
+        active = self.live.active_tasks(set(live))
         if active is None:
             return 0  # a worker did not answer: judge nothing this time
-        orphans = {job for worker in live for job in held[worker] - active.get(worker, set())}
+        orphans = {job for worker, jobs in live.items() for job in jobs - active.get(worker, set())}
         # A task may start between the two reads: only a job orphaned twice in a row is.
         confirmed, self._orphan_suspects = orphans & self._orphan_suspects, orphans
         released = job_queries.release_jobs(session, confirmed)

@@ -25,7 +25,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench.lmeval_tasks import write_tasks
+from bench.lmeval_tasks import lmeval_run, write_tasks
 from bench.models import SHARED_STORIES
 from bench.stack import llmq_stack
 from llmq.evals import mmlu
@@ -37,21 +37,17 @@ MAX_LENGTH = 512  # stories260K's max_position_embeddings, lm-eval's max_length 
 
 
 def run_lmeval(python: str, tasks_dir: Path, task: str, args, out: Path) -> float:
-    env = os.environ | {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(out / "hf"),
-    }
-    command = [
-        python, "-m", "lm_eval", "--model", "hf",
-        "--model_args", f"pretrained={args.model},dtype=float32,max_length={MAX_LENGTH}",
-        "--device", "cpu", "--include_path", str(tasks_dir), "--tasks", task,
-        "--num_fewshot", str(args.num_fewshot), "--batch_size", str(args.batch_size),
-        "--log_samples", "--output_path", str(out / task),
-    ]  # fmt: skip
-    if args.limit:
-        command += ["--limit", str(args.limit)]
+    command, env = lmeval_run(
+        python,
+        args.model,
+        tasks_dir,
+        [task],
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        output_dir=out / task,
+        limit=args.limit,
+        max_length=MAX_LENGTH,
+    )
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started

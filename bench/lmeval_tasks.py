@@ -7,6 +7,7 @@ get an `llmq_` prefix so they never shadow the stock ones.
 """
 
 import json
+import os
 from pathlib import Path
 
 from llmq.evals.mmlu import SUBJECT_CATEGORIES
@@ -148,3 +149,34 @@ def write_tasks(data_dir: Path, out_dir: Path) -> Path:
     }
     (out_dir / "_llmq_mmlu.yaml").write_text(_yaml(top))
     return out_dir
+
+
+def lmeval_run(
+    python: str,
+    model_dir: Path,
+    tasks_dir: Path,
+    tasks: list[str],
+    *,
+    num_fewshot: int,
+    batch_size: int,
+    output_dir: Path,
+    limit: int | None = None,
+    max_length: int = 512,
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run lm-eval offline on these tasks, logging samples."""
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(output_dir / "hf"),
+    }
+    command = [
+        python, "-m", "lm_eval", "--model", "hf",
+        "--model_args", f"pretrained={model_dir},dtype=float32,max_length={max_length}",
+        "--device", "cpu", "--include_path", str(tasks_dir), "--tasks", ",".join(tasks),
+        "--num_fewshot", str(num_fewshot), "--batch_size", str(batch_size),
+        "--log_samples", "--output_path", str(output_dir),
+    ]  # fmt: skip
+    if limit:
+        command += ["--limit", str(limit)]
+    return command, env

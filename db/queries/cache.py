@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from db.queries.jobs import RUNNABLE, NewJob, Outcome, job_row, release_followers
+from db.queries.jobs import RUNNABLE, NewJob, Outcome, failed_values, job_row, release_followers
 from db.tables import CompletionCache, Job, JobResult, Usage
 from llmq.fingerprint import Fingerprint
 from llmq.protocol import ErrorCategory, FinishReason, JobStatus
@@ -262,12 +262,7 @@ def settle_followers_of_failed(
         session.scalars(
             update(Job)
             .where(Job.follows_job_id == leader_id, Job.status == JobStatus.QUEUED.value)
-            .values(
-                status=JobStatus.FAILED.value,
-                finished_at=func.now(),
-                error_category=category,
-                error_message=message[:4000],
-            )
+            .values(failed_values(category, message))
             .returning(Job.id)
         )
     )

@@ -201,14 +201,6 @@ def stale_queued(session: Session, older_than_s: float, limit: int) -> list[Deli
     return [Delivery(row.id, row.kind, row.queue, row.priority) for row in rows]
 
 
-def running_workers(session: Session) -> set[str]:
-    """The workers that hold running jobs."""
-    rows = session.scalars(
-        select(Job.worker).where(Job.status == JobStatus.RUNNING.value).distinct()
-    )
-    return {worker for worker in rows if worker is not None}
-
-
 def running_jobs_by_worker(session: Session) -> dict[str, set[str]]:
     """The ids of the running jobs of each worker."""
     held: dict[str, set[str]] = {}
@@ -246,10 +238,10 @@ def release_jobs_of(
         update(Job)
         .where(*of_lost, Job.attempts >= max_attempts)
         .values(
-            status=JobStatus.FAILED.value,
-            finished_at=func.now(),
-            error_category=ErrorCategory.WORKER_LOST.value,
-            error_message=f"its worker was lost {max_attempts} times while running it",
+            failed_values(
+                ErrorCategory.WORKER_LOST.value,
+                f"its worker was lost {max_attempts} times while running it",
+            )
         )
         .returning(Job.id, Job.model)
     ).all()
@@ -316,17 +308,22 @@ def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outc
     return job
 
 
+def failed_values(category: str, message: str) -> dict:
+    """The columns of a job that ends failed."""
+    return {
+        "status": JobStatus.FAILED.value,
+        "finished_at": func.now(),
+        "error_category": category,
+        "error_message": message[:4000],
+    }
+
+
 def fail_job(session: Session, job_id: uuid.UUID, worker: str, category: str, message: str) -> bool:
     """Mark a job failed; like a result, only by the worker that holds it."""
     failed = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
-        .values(
-            status=JobStatus.FAILED.value,
-            finished_at=func.now(),
-            error_category=category,
-            error_message=message[:4000],
-        )
+        .values(failed_values(category, message))
         .returning(Job.id)
     ).first()
     return failed is not None

@@ -60,7 +60,7 @@ def records(oai, file_id: str | None) -> dict[str, dict]:
     return {r["custom_id"]: r for r in map(json.loads, content.splitlines())}
 
 
-def test_chat_batch_runs_to_completion_and_joins_on_custom_id(oai, worker):
+def test_chat_batch_runs_to_completion_and_joins_on_custom_id(oai, worker, api_server):
     lines = [chat_line(f"q{i}", f"Tell me about {i}") for i in range(5)]
     lines.append(chat_line("too-long", "word " * 400))  # refused when queued: over the context
     lines.append({**chat_line("wrong-url", "x"), "url": "/v1/embeddings"})
@@ -91,16 +91,11 @@ def test_chat_batch_runs_to_completion_and_joins_on_custom_id(oai, worker):
         body = record["response"]["body"]
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
         assert body["usage"]["completion_tokens"] == 6
-        job = wait_for_job_by_id(oai, record["response"]["request_id"])
+        job = wait_for_job(api_client(api_server), record["response"]["request_id"])
         assert job["result"]["text"] == body["choices"][0]["message"]["content"]
     errors = records(oai, batch.error_file_id)
     assert errors["too-long"]["error"]["code"] == "context_length_exceeded"
     assert {r["error"]["line"] for r in errors.values()} >= {6}
-
-
-def wait_for_job_by_id(oai, job_id: str) -> dict:
-    base = str(oai.base_url).removesuffix("/v1/")
-    return wait_for_job(api_client(base), job_id)
 
 
 def test_file_with_no_valid_line_fails_with_line_numbers(oai):

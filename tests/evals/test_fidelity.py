@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.lmeval_tasks import write_tasks
+from bench.lmeval_tasks import lmeval_run, write_tasks
 from llmq.evals import mmlu
 from tests.evals.conftest import EVAL_DATA_ROOT, EVAL_MODEL, write_benchmarks
 from tests.evals.test_runs import items_of, start_run, wait_for_run
@@ -37,19 +37,15 @@ def lmeval_samples(eval_data, tiny_model_path, tmp_path_factory) -> dict:
     data = write_benchmarks(EVAL_DATA_ROOT / DATA, mixed_layouts=False)
     tasks = write_tasks(data, out / "tasks")
     names = ["llmq_gsm8k", *(f"llmq_mmlu_{s}" for s in SUBJECTS)]
-    env = os.environ | {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(out / "hf"),
-    }
-    command = [
-        LMEVAL_PYTHON, "-m", "lm_eval", "--model", "hf",
-        "--model_args", f"pretrained={tiny_model_path},dtype=float32,max_length=512",
-        "--device", "cpu", "--include_path", str(tasks), "--tasks", ",".join(names),
-        "--num_fewshot", str(SHOTS), "--batch_size", "4",
-        "--log_samples", "--output_path", str(out / "results"),
-    ]  # fmt: skip
+    command, env = lmeval_run(
+        LMEVAL_PYTHON,
+        tiny_model_path,
+        tasks,
+        names,
+        num_fewshot=SHOTS,
+        batch_size=4,
+        output_dir=out / "results",
+    )
     subprocess.run(command, check=True, env=env, capture_output=True, timeout=600)
     samples = {}
     for path in glob.glob(str(out / "results" / "*" / "samples_*.jsonl")):
