@@ -2,10 +2,13 @@
 
 validating → in_progress: the input file is read and checked; its valid lines become jobs at
 batch priority (a line's jobs and its row are stored line by line, so a restart carries on
-where it stopped). in_progress → finalizing → completed once every job has ended; expired when
-the completion window passes first; cancelling → cancelled once no job of the batch is open.
-Finalizing writes the output file (lines that succeeded) and the error file (the rest).
-A batch is driven by one process at a time: each step locks its row.
+where it stopped). Lines are released as the model's workers take them: at most
+`ModelSpec.background_window` batch jobs per live worker are queued or running at once, so a
+worker's Celery threads never all hold batch lines and an interactive job is picked up at once.
+in_progress → finalizing → completed once every job has ended; expired when the completion
+window passes first; cancelling → cancelled once no job of the batch is open. Finalizing
+writes the output file (lines that succeeded) and the error file (the rest). A batch is driven
+by one process at a time: each step locks its row.
 """
 
 import json
@@ -31,13 +34,13 @@ from llmq.protocol import BATCH_PRIORITY, JobStatus
 log = structlog.get_logger(__name__)
 
 WINDOWS = {"24h": timedelta(hours=24)}
-LINES_PER_SWEEP = 500
 
 
 class BatchDriver:
     def __init__(self, state, interval_s: float) -> None:
         self.state = state  # the app's state: settings, registry, prompt counter, live queues
         self._sweeper = PeriodicTask("llmq-batch-driver", interval_s, self.sweep)
+        self._valid: dict[str, list[RequestLine]] = {}  # a running batch's checked input lines
 
     def start(self) -> None:
         self._sweeper.start()
@@ -58,8 +61,7 @@ class BatchDriver:
         for batch_id in validating:
             self.start_batch(batch_id)
         for batch_id in running:
-            while self.advance(batch_id):  # lines are queued a share at a time
-                pass
+            self.advance(batch_id)
 
     def start_batch(self, batch_id: str) -> None:
         """Validate the input; the valid lines are then queued by `advance`."""
@@ -77,20 +79,18 @@ class BatchDriver:
             batch_queries.set_status(
                 session, batch_id, BatchStatus.IN_PROGRESS, total=total, errors=reported
             )
-        while self.advance(batch_id):
-            pass
+        self.advance(batch_id)
 
-    def advance(self, batch_id: str) -> bool:
-        """Queue lines not yet queued, apply a cancel or the expiry, finalize once all ended.
-        True when it queued lines and has more to queue."""
+    def advance(self, batch_id: str) -> None:
+        """Queue lines as the window allows, apply a cancel or the expiry, finalize once all
+        lines are queued and every job has ended."""
         with session_scope(self.database_url) as session:
             batch = batch_queries.lock_batch(
                 session, batch_id, BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING
             )
             if batch is None:
-                return False
+                return
             open_statuses = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-            lines = batch_queries.lines(session, batch_id)
             if batch.status == BatchStatus.CANCELLING:
                 # Queued lines are dropped; running ones finish and are kept.
                 batch_queries.cancel_open_jobs(session, batch_id, (JobStatus.QUEUED.value,))
@@ -100,24 +100,35 @@ class BatchDriver:
                 final = BatchStatus.EXPIRED
             else:
                 final = BatchStatus.COMPLETED
-                if len(lines) < self._valid_lines(batch):
+                submitted = batch_queries.submitted_lines(session, batch_id)
+                if len(submitted) < self._valid_lines(batch):
                     # The batch's row stays locked meanwhile: no other process queues them too.
-                    queued = self._queue_lines(batch, {line.line for line in lines}, session)
-                    return len(lines) + queued < self._valid_lines(batch)
+                    self._queue_lines(batch, submitted, session)
+                    return
             if batch_queries.job_counts(session, batch_id).open:
-                return False
+                return
             batch_queries.set_status(session, batch_id, BatchStatus.FINALIZING)
-            self._finalize(session, batch, lines, final)
-            return False
+            self._finalize(session, batch, batch_queries.lines(session, batch_id), final)
+            self._valid.pop(batch_id, None)
 
     def _read(self, session: Session, batch: Batch):
         content = file_queries.file_content(session, batch.input_file_id)
         return read_input(content, batch.endpoint, self.state.registry)
 
-    def _queue_lines(self, batch: Batch, done: set[int], session: Session) -> int:
-        valid, _errors = self._read(session, batch)
-        # A bounded share per sweep, so that the batch's row is never locked for long.
-        todo = [line for line in valid if line.line not in done][:LINES_PER_SWEEP]
+    def _valid_input(self, session: Session, batch: Batch) -> list[RequestLine]:
+        if batch.id not in self._valid:  # read once per process: input files never change
+            self._valid[batch.id] = self._read(session, batch)[0]
+        return self._valid[batch.id]
+
+    def _queue_lines(self, batch: Batch, submitted: set[int], session: Session) -> None:
+        room = self._room(session)
+        todo = []
+        for line in self._valid_input(session, batch):
+            model = line.request.model
+            if line.line in submitted or room.get(model, 1) <= 0:
+                continue
+            room[model] = room.get(model, 1) - 1
+            todo.append(line)
         # Its own session: submitting commits each job, which must not end the lock's transaction.
         with get_sessionmaker(self.database_url)() as submitting:
             for line in todo:
@@ -127,8 +138,18 @@ class BatchDriver:
                     submitting, batch.id, line.line, line.custom_id, line.url, body, job_ids
                 )
                 submitting.commit()
-        log.info("batch lines queued", batch_id=batch.id, lines=len(todo))
-        return len(todo)
+        if todo:
+            log.debug("batch lines queued", batch_id=batch.id, lines=len(todo))
+
+    def _room(self, session: Session) -> dict[str, int]:
+        """How many more batch jobs each served model takes now, across every batch."""
+        in_flight = batch_queries.open_batch_jobs_by_model(session)
+        consumers = self.state.live_queues.consumers
+        room = {}
+        for spec in self.state.registry.models:
+            workers = sum(consumers[spec.queue(device)] for device in spec.devices)
+            room[spec.id] = max(1, workers) * spec.background_window - in_flight.get(spec.id, 0)
+        return room
 
     def _submit_line(
         self, session: Session, batch: Batch, line: RequestLine

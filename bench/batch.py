@@ -30,7 +30,7 @@ console = Console(width=140)
 ENDED = ("completed", "failed", "expired", "cancelled")
 
 
-def model_entry() -> dict:
+def model_entry(background_share: float) -> dict:
     source = str(SHARED_STORIES) if SHARED_STORIES.is_dir() else "builtin:tiny-llama"
     return {
         "id": "bench-batch",
@@ -38,6 +38,7 @@ def model_entry() -> dict:
         "devices": ["cpu"],
         "max_batch_size": 64,
         "context_length": 512,
+        "background_share": background_share,
     }
 
 
@@ -149,11 +150,16 @@ def main() -> None:
     parser.add_argument("--probe-lines", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--background-share", type=float, default=0.2, help="models.yaml background_share"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="llmq-bench-batch-"))
     batch_runs, client_runs, idle, loaded = [], [], [], []
-    with llmq_stack([model_entry()], workdir, ["bench-batch"], LLMQ_AUTH="off") as (base, _):
+    with llmq_stack(
+        [model_entry(args.background_share)], workdir, ["bench-batch"], LLMQ_AUTH="off"
+    ) as (base, _):
         for r in range(args.repeats):
             batch_runs.append(run_batch(base, f"batch{r}", args.lines, args.max_tokens))
             client_runs.append(

@@ -52,8 +52,8 @@ def worker(
 
     from workers.app import app as celery_app
 
-    # Threads share the one loaded model; a few more than the batch keep the next jobs ready.
-    threads = concurrency or spec.max_batch_size + max(1, spec.max_batch_size // 4)
+    # Threads share the one loaded model (ModelSpec.worker_threads says how many and why).
+    threads = concurrency or spec.worker_threads
     celery_app.worker_main(
         [
             "worker",

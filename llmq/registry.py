@@ -41,10 +41,25 @@ class ModelSpec(BaseModel):
     # continuous: jobs join and leave the running batch at every decode step; static: a
     # micro-batch runs to its end before the next one starts (kept for comparison).
     scheduling: Literal["continuous", "static"] = "continuous"
+    # The most of the engine's time background jobs (Batch API lines) get while interactive jobs
+    # run; alone, they get all of it.
+    background_share: float = Field(default=0.2, gt=0, lt=1)
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     # Seconds a job of this model may run before it fails with category timeout (None: the
     # server's job time limit).
     timeout_s: float | None = Field(default=None, gt=0)
+
+    @property
+    def background_window(self) -> int:
+        """Batch-API jobs the Batch driver keeps queued or running per live worker: a full
+        background batch and half as many ready to join it."""
+        return self.max_batch_size + self.max_batch_size // 2
+
+    @property
+    def worker_threads(self) -> int:
+        """Celery threads per worker: the background window, the interactive batch, and a few
+        more, so an interactive job is always picked up at once, however many lines wait."""
+        return self.background_window + self.max_batch_size + max(1, self.max_batch_size // 4)
 
     @property
     def is_builtin(self) -> bool:

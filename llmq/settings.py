@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(default=60.0, gt=0)
     worker_lost_after_s: float = Field(default=30.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
-    # How often the Batch API's driver moves batches along (api/batch_driver.py).
-    batch_interval_s: float = Field(default=2.0, gt=0)
+    # How often the Batch API's driver moves batches along and refills its windows
+    # (api/batch_driver.py).
+    batch_interval_s: float = Field(default=0.25, gt=0)
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -3,6 +3,12 @@
 One engine thread owns the model. Celery task threads `submit` requests and wait on futures.
 At every decode-step boundary the engine admits waiting requests (prefill, then merge into the
 running batch's KV cache) and drops finished ones, so a short job never waits behind a long one.
+
+Two lanes, each with its own running batch: interactive jobs, and background jobs (Batch API
+lines, BATCH_PRIORITY). While interactive work runs, the background lane gets at most
+`background_share` of the engine's time, so an interactive job steps in a small batch instead of
+inside a full one of batch lines; when no interactive job is there, the background lane runs
+alone at full speed.
 Each step's text deltas go to `on_tokens` (the token publisher) in one call, before any job of
 that step is resolved, so a job's final event always follows its last token event.
 """
@@ -21,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from llmq.events import TokenEvent
-from llmq.protocol import FinishReason, SamplingParams
+from llmq.protocol import BATCH_PRIORITY, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
 from workers.batch import Batch, cache_tensors
 from workers.detokenize import TextState, advance_texts
@@ -34,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 
 _TIMED_OUT = object()
+# Background time saved up while it had nothing to run is capped, so batch lines arriving
+# during a long interactive stretch cannot take the engine for long in one burst.
+_MAX_BACKGROUND_CREDIT_S = 0.1
 
 
 class JobTimeout(Exception):
@@ -78,6 +87,18 @@ class _Sequence:
     def budget(self) -> int:
         return len(self.request.prompt_ids) + self.request.params.max_tokens
 
+    @property
+    def background(self) -> bool:
+        return self.request.priority >= BATCH_PRIORITY
+
+
+@dataclass
+class _Lane:
+    """One running batch: its sequences share a KV cache and step together."""
+
+    background: bool
+    batch: Batch[_Sequence] | None = None
+
 
 class GenerationEngine:
     """submit / cancel from any thread; the engine thread runs prefill and decode steps."""
@@ -90,6 +111,7 @@ class GenerationEngine:
         max_batch_tokens: int,
         max_wait_ms: int,
         continuous: bool = True,
+        background_share: float = 0.2,
         on_tokens: Callable[[list[TokenEmission]], None] | None = None,
     ) -> None:
         self.host = host
@@ -100,7 +122,13 @@ class GenerationEngine:
         self.on_tokens = on_tokens
         self._inbox: queue.Queue[_Sequence | PendingScore] = queue.Queue()
         self._waiting: list[_Sequence] = []
-        self._batch: Batch[_Sequence] | None = None
+        self._interactive = _Lane(background=False)
+        self._background = _Lane(background=True)
+        # Engine seconds the background lane may still use while interactive work runs: each
+        # interactive second earns share / (1 - share), each background second spends one.
+        self._background_credit = 0.0
+        self._background_rate = background_share / (1 - background_share)
+        self._background_turn_s = 0.0  # how long its last turn took
         self._cancel_requests: set[uuid.UUID] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -149,27 +177,68 @@ class GenerationEngine:
         with self._lock:
             self._cancel_requests.add(job_id)
 
+    def running(self) -> list[_Sequence]:
+        return [seq for lane in self._lanes() if lane.batch for seq in lane.batch.seqs]
+
     def active_job_ids(self) -> list[uuid.UUID]:
-        batch, waiting = self._batch, list(self._waiting)
-        running = [s.request.job_id for s in batch.seqs] if batch else []
-        return running + [s.request.job_id for s in waiting]
+        waiting = list(self._waiting)
+        return [s.request.job_id for s in self.running() + waiting]
 
     # -- the engine thread -------------------------------------------------------------------
+
+    def _lanes(self) -> tuple[_Lane, _Lane]:
+        return self._interactive, self._background
 
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
-                    idle = self._batch is None and not self._waiting and not self._scoring
-                    self._collect(block=idle)
-                    self._admit()
-                    self._score_some()
-                    if self._batch is not None:
-                        self._step()
-                except Exception as exc:  # the batch is lost, but never the engine
-                    log.exception("engine step failed")
-                    self._fail_batch(exc)
+                    self._cycle()
+                except Exception as exc:  # the running batches are lost, but never the engine
+                    log.exception("engine cycle failed")
+                    for lane in self._lanes():
+                        self._fail_lane(lane, exc)
         self._fail_all(EngineStopped("the worker is shutting down"))
+
+    def _cycle(self) -> None:
+        idle = not self.running() and not self._waiting and not self._scoring
+        self._collect(block=idle)
+        self._drop_cancelled_waiting()
+        self._score_some()
+        earned = self._background_rate * self._timed_turn(self._interactive)
+        ceiling = max(_MAX_BACKGROUND_CREDIT_S, self._background_turn_s)
+        self._background_credit = min(self._background_credit + earned, ceiling)
+        if not self._interactive_busy():
+            self._background_credit = 0.0
+            self._background_turn()
+        elif self._background_credit >= self._background_turn_s:
+            # Only a whole turn's worth of credit runs one, so a short interactive job is not
+            # held up by a background step it did not yet pay for.
+            self._background_credit -= self._background_turn()
+
+    def _background_turn(self) -> float:
+        spent = self._timed_turn(self._background)
+        if self._background.batch is not None:
+            self._background_turn_s = spent
+        return spent
+
+    def _interactive_busy(self) -> bool:
+        return self._interactive.batch is not None or any(not s.background for s in self._waiting)
+
+    def _timed_turn(self, lane: _Lane) -> float:
+        started = time.monotonic()
+        self._turn(lane)
+        return time.monotonic() - started
+
+    def _turn(self, lane: _Lane) -> None:
+        """Admit the lane's waiting jobs, then run one decode step of its batch."""
+        try:
+            self._admit(lane)
+            if lane.batch is not None:
+                self._step(lane)
+        except Exception as exc:  # the lane's batch is lost, but never the engine
+            log.exception("engine step failed")
+            self._fail_lane(lane, exc)
 
     def _collect(self, block: bool) -> None:
         """Move submitted requests to the waiting list; when idle, wait for a micro-batch."""
@@ -210,15 +279,16 @@ class GenerationEngine:
         )
         self.scorer.run(turn)
 
-    def _admit(self) -> None:
-        """Prefill waiting requests that fit the batch's size and token budget, then merge them."""
-        self._drop_cancelled_waiting()
-        if not self._waiting or (self._batch is not None and not self.continuous):
+    def _admit(self, lane: _Lane) -> None:
+        """Prefill the lane's waiting requests that fit its batch's size and token budget, then
+        merge them into it."""
+        candidates = [s for s in self._waiting if s.background == lane.background]
+        if not candidates or (lane.batch is not None and not self.continuous):
             return
-        running = self._batch.seqs if self._batch else []
+        running = lane.batch.seqs if lane.batch else []
         tokens = sum(s.budget for s in running)
         admitted: list[_Sequence] = []
-        for seq in list(self._waiting):
+        for seq in candidates:
             if len(running) + len(admitted) >= self.max_batch_size:
                 break
             alone = not running and not admitted
@@ -228,11 +298,12 @@ class GenerationEngine:
             admitted.append(seq)
         if not admitted:
             return
-        self._waiting = self._waiting[len(admitted) :]
+        taken = {id(s) for s in admitted}
+        self._waiting = [s for s in self._waiting if id(s) not in taken]
         fresh = self._prefill(admitted)
         if fresh is None:
             return
-        self._batch = fresh if self._batch is None else self._batch.concat(fresh)
+        lane.batch = fresh if lane.batch is None else lane.batch.concat(fresh)
 
     def _prefill(self, seqs: list[_Sequence]) -> Batch | None:
         try:
@@ -274,9 +345,9 @@ class GenerationEngine:
         )
         return Batch(seqs, cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
 
-    def _step(self) -> None:
+    def _step(self, lane: _Lane) -> None:
         """Pick one token per row, publish the text, retire finished rows, run one decode pass."""
-        batch = self._batch
+        batch = lane.batch
         assert batch is not None
         now = time.monotonic()
         with self._lock:
@@ -304,12 +375,12 @@ class GenerationEngine:
         self.metrics.decode_step(len(batch.seqs))
         keep = [row for row in range(len(batch.seqs)) if row not in finished]
         if not keep:
-            self._batch = None
+            lane.batch = None
             return
         if len(keep) < len(batch.seqs):
             batch = batch.select(keep)
         next_ids = torch.tensor([[seq.generated[-1]] for seq in batch.seqs])
-        self._batch = self._forward_step(batch, next_ids.to(self.host.device))
+        lane.batch = self._forward_step(batch, next_ids.to(self.host.device))
 
     def _forward_step(self, batch: Batch, next_ids: torch.Tensor) -> Batch:
         positions = batch.mask.sum(-1, keepdim=True)
@@ -394,15 +465,16 @@ class GenerationEngine:
             self._waiting.remove(seq)
             self._finish(seq, FinishReason.CANCELLED, now)
 
-    def _fail_batch(self, exc: Exception) -> None:
-        if self._batch is not None:
-            for seq in self._batch.seqs:
+    def _fail_lane(self, lane: _Lane, exc: Exception) -> None:
+        if lane.batch is not None:
+            for seq in lane.batch.seqs:
                 if not seq.future.done():
                     seq.future.set_exception(exc)
-        self._batch = None
+        lane.batch = None
 
     def _fail_all(self, exc: Exception) -> None:
-        self._fail_batch(exc)
+        for lane in self._lanes():
+            self._fail_lane(lane, exc)
         pending = self._waiting + self._scoring
         self._scoring = []
         while True:

@@ -44,6 +44,7 @@ class WorkerRuntime:
             max_batch_tokens=spec.max_batch_tokens,
             max_wait_ms=spec.max_wait_ms,
             continuous=spec.scheduling == "continuous",
+            background_share=spec.background_share,
             on_tokens=publisher.publish_tokens,
         )
         engine.start()

@@ -125,6 +125,19 @@ def job_counts(session: Session, batch_id: str) -> JobCounts:
     return JobCounts(open_jobs, by_status)
 
 
+def open_batch_jobs_by_model(session: Session) -> dict[str, int]:
+    """Batch-API jobs queued or running, per model, over every batch."""
+    rows = session.execute(
+        select(Job.model, func.count())
+        .where(
+            Job.batch_id.is_not(None),
+            Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)),
+        )
+        .group_by(Job.model)
+    ).all()
+    return {model: count for model, count in rows}
+
+
 def jobs_of(session: Session, batch_id: str) -> dict[str, Job]:
     jobs = session.scalars(select(Job).where(Job.batch_id == batch_id))
     return {str(job.id): job for job in jobs}

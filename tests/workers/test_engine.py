@@ -162,9 +162,7 @@ def test_token_budget_bounds_the_running_batch(host, make_engine):
 
     def watch():
         while not stop.is_set():
-            batch = engine._batch
-            if batch is not None:
-                sizes.append(sum(s.budget for s in batch.seqs))
+            sizes.append(sum(s.budget for s in engine.running()))
             time.sleep(0.0005)
 
     watcher = threading.Thread(target=watch)
@@ -173,7 +171,7 @@ def test_token_budget_bounds_the_running_batch(host, make_engine):
     stop.set()
     watcher.join()
     assert all(o.completion_tokens == 20 for o in outputs)
-    assert sizes and max(sizes) <= 60
+    assert max(sizes) > 0 and max(sizes) <= 60
 
 
 def test_a_prompt_that_breaks_the_model_fails_alone(host, make_engine):
@@ -221,3 +219,66 @@ def test_interactive_job_joins_before_waiting_batch_lines(host, make_engine):
         future.result(timeout=60)
     # The batch line already running finishes first; the interactive job overtakes the rest.
     assert finished.index("interactive") <= 1, finished
+
+
+def batch_line(host, prompt, **params):
+    from dataclasses import replace
+
+    from llmq.protocol import BATCH_PRIORITY
+
+    return replace(request(host, prompt, **params), priority=BATCH_PRIORITY)
+
+
+def test_interactive_job_steps_beside_batch_lines_not_inside_their_batch(host, make_engine):
+    engine = make_engine(max_batch_size=8, background_share=0.2)
+    lines = [
+        engine.submit(batch_line(host, f"line {i}", max_tokens=100, ignore_eos=True))
+        for i in range(8)
+    ]
+    while len(engine.running()) < 8:
+        time.sleep(0.001)
+    interactive_sizes: list[int] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            batch = engine._interactive.batch
+            if batch is not None:
+                interactive_sizes.append(len(batch.seqs))
+            time.sleep(0.0002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    steps_before = engine.steps
+    alone = request(host, "Once upon a time", max_tokens=20, ignore_eos=True)
+    output = engine.submit(alone).result(timeout=60)
+    stop.set()
+    watcher.join()
+    steps_taken = engine.steps - steps_before
+    assert output.completion_tokens == 20
+    assert interactive_sizes and max(interactive_sizes) == 1
+    # Its 20 steps, plus the batch lines' share of the engine: far fewer than a step of the
+    # lines after each of its own.
+    assert steps_taken < 35, steps_taken
+    assert not any(line.done() for line in lines)
+    assert all(line.result(timeout=60).completion_tokens == 100 for line in lines)
+
+
+def test_batch_lines_keep_moving_under_steady_interactive_traffic(host, make_engine):
+    engine = make_engine(max_batch_size=4, background_share=0.3)
+    line = engine.submit(batch_line(host, "a line", max_tokens=40, ignore_eos=True))
+    deadline = time.monotonic() + 60
+    while not line.done():
+        assert time.monotonic() < deadline, "the batch line starved"
+        engine.submit(request(host, "The dog", max_tokens=30, ignore_eos=True)).result(timeout=60)
+    assert line.result().completion_tokens == 40
+
+
+def test_interactive_and_batch_lines_give_the_texts_they_give_alone(host, make_engine):
+    engine = make_engine(max_batch_size=4)
+    alone = [run_all(engine, [request(host, p, max_tokens=16)])[0].text for p in PROMPTS]
+    mixed = [
+        batch_line(host, p, max_tokens=16) if i % 2 else request(host, p, max_tokens=16)
+        for i, p in enumerate(PROMPTS)
+    ]
+    assert [o.text for o in run_all(engine, mixed, stagger_s=0.002)] == alone
