@@ -14,6 +14,7 @@ by one process at a time: each step locks its row.
 import json
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -143,12 +144,14 @@ class BatchDriver:
 
     def _room(self, session: Session) -> dict[str, int]:
         """How many more batch jobs each served model takes now, across every batch."""
-        in_flight = batch_queries.open_batch_jobs_by_model(session)
+        in_flight: Counter[str] = Counter()
+        for (model, _status), count in batch_queries.open_batch_jobs(session).items():
+            in_flight[model] += count
         consumers = self.state.live_queues.consumers
         room = {}
         for spec in self.state.registry.models:
             workers = sum(consumers[spec.queue(device)] for device in spec.devices)
-            room[spec.id] = max(1, workers) * spec.background_window - in_flight.get(spec.id, 0)
+            room[spec.id] = max(1, workers) * spec.background_window - in_flight[spec.id]
         return room
 
     def _submit_line(

@@ -5,8 +5,9 @@ from functools import lru_cache
 
 import structlog
 from celery import Celery
+from kombu.transport import redis as redis_transport
 
-from llmq.protocol import GENERATE_TASK, SCORE_TASK, GenerateTask, JobKind
+from llmq.protocol import GENERATE_TASK, PRIORITY_STEPS, SCORE_TASK, GenerateTask, JobKind
 from llmq.registry import ModelSpec
 
 log = structlog.get_logger(__name__)
@@ -52,3 +53,8 @@ def enqueue_job(job_id: uuid.UUID, kind: str, queue: str, priority: int = 0) -> 
     return True
 
 
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue: the queue's name for priority 0, and one
+    more per further priority step."""
+    separator = redis_transport.Channel.sep
+    return [queue] + [f"{queue}{separator}{step}" for step in PRIORITY_STEPS[1:]]

@@ -196,13 +196,27 @@ class EvalDriver:
             run = eval_queries.get_run(session, run_id)
             if run is None or run.status != eval_queries.RunStatus.RUNNING:
                 return
-            if eval_queries.progress(session, run_id, run.total).graded < run.total:
+            progress = eval_queries.progress(session, run_id, run.total)
+            if progress.graded < run.total:
                 return
             scores = summarize(
                 Benchmark(run.benchmark), eval_queries.graded_metrics(session, run_id)
             )
-            if eval_queries.finish_run(session, run_id, scores):
-                log.info("evaluation run finished", run_id=str(run_id), scores=scores["metrics"])
+            # A score over fewer items than the benchmark is not the benchmark's score: say so.
+            error = None
+            if progress.failed:
+                error = (
+                    f"{progress.failed} of {run.total} items failed (their errors are in "
+                    f"/v1/evals/{run_id}/items); the scores cover the other "
+                    f"{run.total - progress.failed}"
+                )
+            if eval_queries.finish_run(session, run_id, scores, error):
+                log.info(
+                    "evaluation run finished",
+                    run_id=str(run_id),
+                    scores=scores["metrics"],
+                    failed_items=progress.failed,
+                )
 
     def _sweep(self) -> None:
         started = time.monotonic()

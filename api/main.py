@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.batch_driver = BatchDriver(app.state, settings.batch_interval_s)
     app.state.scrape_registry = scrape_registry(
-        app.state.registry, app.state.live_queues, settings.redis_url
+        app.state.registry, app.state.live_queues, settings.redis_url, settings.database_url
     )
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)

@@ -1,6 +1,7 @@
 """The API's Prometheus metrics: HTTP traffic and submitted jobs, counted as they happen, and the
 figures read when Prometheus scrapes: each queue's depth (Redis) and its live workers (the
-LiveQueues poller). Workers serve their own metrics (workers/metrics.py)."""
+LiveQueues poller), and the Batch API's batches and open jobs (Postgres). Workers serve their
+own metrics (workers/metrics.py)."""
 
 from collections.abc import Iterator
 
@@ -15,8 +16,12 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis, RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
+from api.enqueue import priority_lists
 from api.live_workers import LiveQueues
+from db.queries import batches as batch_queries
+from db.session import session_scope
 from llmq.registry import Registry
 
 log = structlog.get_logger(__name__)
@@ -85,8 +90,11 @@ class QueueCollector(Collector):
         try:
             pipe = self.redis.pipeline(transaction=False)
             for _, queue in queues:
-                pipe.llen(queue)  # kombu keeps each queue as a Redis list
-            lengths = pipe.execute()
+                for key in priority_lists(queue):  # kombu: one Redis list per priority step
+                    pipe.llen(key)
+            per_list = pipe.execute()
+            steps = len(priority_lists(""))
+            lengths = [sum(per_list[i : i + steps]) for i in range(0, len(per_list), steps)]
         except RedisError as exc:  # no figure is better than a wrong zero
             log.warning("queue depth unavailable", error=str(exc))
             return
@@ -95,12 +103,53 @@ class QueueCollector(Collector):
         yield depth
 
 
-def scrape_registry(registry: Registry, live: LiveQueues, redis_url: str) -> CollectorRegistry:
+class BatchCollector(Collector):
+    """Batch API progress: batches by status, and their jobs queued or running per model."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    @staticmethod
+    def families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        batches = GaugeMetricFamily(
+            "llmq_batches", "Batch API batches by status", labels=["status"]
+        )
+        jobs = GaugeMetricFamily(
+            "llmq_batch_jobs_open",
+            "Jobs of Batch API lines queued or running (the Batch driver's window)",
+            labels=["model", "status"],
+        )
+        return batches, jobs
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self.families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        batches, jobs = self.families()
+        try:
+            with session_scope(self.database_url) as session:
+                by_status = batch_queries.batches_by_status(session)
+                open_jobs = batch_queries.open_batch_jobs(session)
+        except SQLAlchemyError as exc:
+            log.warning("batch figures unavailable", error=str(exc))
+            return
+        for status, count in sorted(by_status.items()):
+            batches.add_metric([status], count)
+        for (model, status), count in sorted(open_jobs.items()):
+            jobs.add_metric([model, status], count)
+        yield batches
+        yield jobs
+
+
+def scrape_registry(
+    registry: Registry, live: LiveQueues, redis_url: str, database_url: str
+) -> CollectorRegistry:
     """The app's scrape-time collectors, kept apart from the process-wide registry so that each
     app (tests build several) reports its own queues."""
     scraped = CollectorRegistry()
     redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     scraped.register(QueueCollector(registry, live, redis))
+    scraped.register(BatchCollector(database_url))
     return scraped
 
 

@@ -17,18 +17,17 @@ import json
 from dataclasses import dataclass
 
 import structlog
-from kombu.transport import redis as redis_transport
 from redis import Redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.enqueue import enqueue_job
+from api.enqueue import enqueue_job, priority_lists
 from api.live_workers import LiveQueues
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq.metrics import job_failed
 from llmq.periodic import PeriodicTask
-from llmq.protocol import PRIORITY_STEPS, ErrorCategory
+from llmq.protocol import ErrorCategory
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -36,7 +35,6 @@ log = structlog.get_logger(__name__)
 # Any constant shared by all API processes; it names the reconciler's advisory lock.
 ADVISORY_LOCK_KEY = 0x6C6C6D71  # "llmq"
 MAX_JOBS_PER_SWEEP = 5000
-PRIORITY_SEPARATOR = redis_transport.Channel.sep
 
 
 @dataclass(frozen=True)
@@ -45,12 +43,6 @@ class SweepReport:
     requeued_from_lost_workers: int = 0
     failed_after_lost_workers: int = 0
     resent: int = 0
-
-
-def priority_lists(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for one queue: the queue's name for priority 0, and one
-    more per further priority step."""
-    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS[1:]]
 
 
 def waiting_job_ids(redis: Redis, queues: set[str]) -> set[str]:

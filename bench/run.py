@@ -16,7 +16,6 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -140,7 +139,8 @@ def llmq_request(base: str, model: str, stream: bool):
 
 
 def sse_overhead_request(base: str, model: str, overheads: list[float]):
-    """Job API + SSE: the client's time to first token minus the worker's own, per job."""
+    """Job API + SSE: when the client saw the first token minus when the worker made it (the
+    token event's `created`; same machine, same clock)."""
 
     async def one(http: httpx.AsyncClient, request: Request) -> Sample:
         body = {
@@ -151,19 +151,16 @@ def sse_overhead_request(base: str, model: str, overheads: list[float]):
         }
         started = time.perf_counter()
         job = (await http.post(f"{base}/v1/jobs", json=body)).json()
-        first = first_wall = None
+        first = None
         async with aconnect_sse(http, "GET", f"{base}/v1/jobs/{job['id']}/events") as source:
             async for event in source.aiter_sse():
                 if first is None and event.event == "token":
-                    first, first_wall = time.perf_counter() - started, time.time()
+                    first = time.perf_counter() - started
+                    overheads.append(time.time() - json.loads(event.data)["created"])
                 if event.event in ("done", "error"):
                     break
         latency = time.perf_counter() - started
         stored = (await http.get(f"{base}/v1/jobs/{job['id']}")).json()
-        # Same machine, same clock: when the client saw the first token minus when the worker
-        # made it (the job's start plus the worker's own time to first token).
-        made = datetime.fromisoformat(stored["started_at"]).timestamp()
-        overheads.append(first_wall - made - stored["result"]["time_to_first_token_ms"] / 1000)
         return Sample(
             latency, first, stored["result"]["usage"]["completion_tokens"], request.max_tokens
         )

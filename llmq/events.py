@@ -45,6 +45,9 @@ class TokenEvent(BaseModel):
     job_id: uuid.UUID
     token_index: int  # position of the newest token this delta covers
     text: str
+    # Unix time at which the worker made the delta (None when rebuilt from Postgres): with it a
+    # client can tell how long the stream took to bring each token.
+    created: float | None = None
 
 
 class DoneEvent(BaseModel):

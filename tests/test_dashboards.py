@@ -47,7 +47,11 @@ def defined_series() -> frozenset[str]:
     import llmq.metrics  # noqa: F401
     import workers.metrics  # noqa: F401
 
-    families = [*REGISTRY.collect(), *api.metrics.QueueCollector.families()]
+    families = [
+        *REGISTRY.collect(),
+        *api.metrics.QueueCollector.families(),
+        *api.metrics.BatchCollector.families(),
+    ]
     names = set()
     for family in families:
         base = family.name.removesuffix("_total") if family.type == "counter" else family.name

@@ -4,13 +4,14 @@ One engine thread owns the model. Celery task threads `submit` requests and wait
 At every decode-step boundary the engine admits waiting requests (prefill, then merge into the
 running batch's KV cache) and drops finished ones, so a short job never waits behind a long one.
 
+Each step's text deltas go to `on_tokens` (the token publisher) in one call, before any job of
+that step is resolved, so a job's final event always follows its last token event.
+
 Two lanes, each with its own running batch: interactive jobs, and background jobs (Batch API
 lines, BATCH_PRIORITY). While interactive work runs, the background lane gets at most
 `background_share` of the engine's time, so an interactive job steps in a small batch instead of
 inside a full one of batch lines; when no interactive job is there, the background lane runs
 alone at full speed.
-Each step's text deltas go to `on_tokens` (the token publisher) in one call, before any job of
-that step is resolved, so a job's final event always follows its last token event.
 """
 
 import bisect
@@ -426,6 +427,7 @@ class GenerationEngine:
     def _publish(self, seqs: list[_Sequence], finished: set[int]) -> None:
         """Hand this step's text deltas to the publisher, all in one call."""
         emissions = []
+        created = time.time()
         for seq in seqs:
             final = id(seq) in finished
             if final:
@@ -437,6 +439,7 @@ class GenerationEngine:
                     job_id=seq.request.job_id,
                     token_index=len(seq.generated) - 1,
                     text=delta,
+                    created=created,
                 )
                 emissions.append(TokenEmission(seq.deltas_sent, event))
         if emissions and self.on_tokens is not None:

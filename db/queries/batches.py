@@ -125,17 +125,22 @@ def job_counts(session: Session, batch_id: str) -> JobCounts:
     return JobCounts(open_jobs, by_status)
 
 
-def open_batch_jobs_by_model(session: Session) -> dict[str, int]:
-    """Batch-API jobs queued or running, per model, over every batch."""
+def open_batch_jobs(session: Session) -> dict[tuple[str, str], int]:
+    """Batch-API jobs queued or running over every batch, per (model, status)."""
     rows = session.execute(
-        select(Job.model, func.count())
+        select(Job.model, Job.status, func.count())
         .where(
             Job.batch_id.is_not(None),
             Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)),
         )
-        .group_by(Job.model)
+        .group_by(Job.model, Job.status)
     ).all()
-    return {model: count for model, count in rows}
+    return {(model, status): count for model, status, count in rows}
+
+
+def batches_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Batch.status, func.count()).group_by(Batch.status)).all()
+    return {status: count for status, count in rows}
 
 
 def jobs_of(session: Session, batch_id: str) -> dict[str, Job]:

@@ -25,7 +25,9 @@ class RunStatus:
     QUEUED = "queued"  # accepted; its items are not planned yet
     RUNNING = "running"
     SUCCEEDED = "succeeded"
-    FAILED = "failed"  # it could not start: unreadable data, an unknown model
+    # It could not start (unreadable data, an unknown model), or some items failed for good:
+    # then its scores cover only the others, and its error says how many.
+    FAILED = "failed"
     CANCELLED = "cancelled"
     ACTIVE = (QUEUED, RUNNING)
 
@@ -276,15 +278,20 @@ def graded_metrics(session: Session, run_id: uuid.UUID) -> list[tuple[str, dict[
         .where(EvalItem.run_id == run_id, EvalItem.metrics.is_not(None))
         .order_by(EvalItem.position)
     )
-    return [(row.task, row.metrics) for row in rows]
+    # A failed item's metrics are a JSON null, which `IS NOT NULL` lets through.
+    return [(row.task, row.metrics) for row in rows if row.metrics is not None]
 
 
-def finish_run(session: Session, run_id: uuid.UUID, scores: dict[str, Any]) -> bool:
-    """Mark a running run succeeded with its final scores, once every item is graded."""
+def finish_run(
+    session: Session, run_id: uuid.UUID, scores: dict[str, Any], error: str | None = None
+) -> bool:
+    """End a running run with its final scores once every item is graded: succeeded, or
+    failed with `error` when some items failed."""
+    status = RunStatus.SUCCEEDED if error is None else RunStatus.FAILED
     done = session.execute(
         update(EvalRun)
         .where(EvalRun.id == run_id, EvalRun.status == RunStatus.RUNNING)
-        .values(status=RunStatus.SUCCEEDED, scores=scores, finished_at=func.now())
+        .values(status=status, scores=scores, error=error, finished_at=func.now())
         .returning(EvalRun.id)
     ).first()
     return done is not None

@@ -50,10 +50,12 @@ def eval_command(
         run = follow(client, run)
     if run["status"] != "succeeded":
         console.print(f"[red]run {run['status']}: {run.get('error') or ''}[/red]")
+    if run.get("scores"):  # a run with failed items still shows what the others scored
+        console.print(scores_table(run))
+        for path in write_report(run, Path(output)):
+            console.print(f"wrote {path}")
+    if run["status"] != "succeeded":
         raise typer.Exit(1)
-    console.print(scores_table(run))
-    for path in write_report(run, Path(output)):
-        console.print(f"wrote {path}")
 
 
 def follow(client: httpx.Client, run: dict) -> dict:

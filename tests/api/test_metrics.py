@@ -4,6 +4,9 @@ scrape time (queue depth from Redis, live workers from the worker poll).
 The API runs in this process, so its counters also hold other tests' traffic: each test
 compares a scrape before with one after."""
 
+import json
+import time
+
 from tests.factories import read_samples, sample, submit
 
 OFFLINE = {"model": "tiny-offline", "queue": "llmq.tiny-offline.cpu"}
@@ -88,3 +91,43 @@ def test_live_workers_counts_the_running_worker(live_client):
     running = {"model": "tiny-llama", "queue": "llmq.tiny-llama.cpu"}
     assert sample(samples, "llmq_live_workers", **running) >= 1
     assert sample(samples, "llmq_live_workers", **OFFLINE) == 0
+
+
+def test_batch_lines_show_in_queue_depth_and_batch_figures(client):
+    before = scrape(client)
+    lines = "".join(
+        json.dumps(
+            {
+                "custom_id": f"m{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "tiny-offline", "messages": [{"role": "user", "content": "hi"}]},
+            }
+        )
+        + "\n"
+        for i in range(3)
+    )
+    upload = client.post(
+        "/v1/files", files={"file": ("m.jsonl", lines.encode())}, data={"purpose": "batch"}
+    ).json()
+    batch = client.post(
+        "/v1/batches",
+        json={"input_file_id": upload["id"], "endpoint": "/v1/chat/completions"},
+    ).json()
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            sample(scrape(client), "llmq_batch_jobs_open", model="tiny-offline", status="queued")
+            < 3
+        ):
+            assert time.monotonic() < deadline, "the batch's lines were never queued"
+            time.sleep(0.1)
+        after = scrape(client)
+        # Batch lines wait on the queue's lower-priority list: the depth counts them too.
+        assert (
+            sample(after, "llmq_queue_depth", **OFFLINE)
+            >= sample(before, "llmq_queue_depth", **OFFLINE) + 3
+        )
+        assert sample(after, "llmq_batches", status="in_progress") >= 1
+    finally:
+        client.post(f"/v1/batches/{batch['id']}/cancel")

@@ -48,8 +48,10 @@ def texts(events) -> str:
 
 
 def test_stream_deltas_concatenate_to_the_stored_text(api_server):
+    submitted_at = time.time()
     job = submit(api_server, max_tokens=40, ignore_eos=True)
     events = read_events(api_server, job["id"])
+    received_at = time.time()
     assert events[-1].event == "done"
     done = json.loads(events[-1].data)
     stored = wait_done(api_server, job["id"])["result"]
@@ -57,6 +59,9 @@ def test_stream_deltas_concatenate_to_the_stored_text(api_server):
     assert done["completion_tokens"] == 40 and done["finish_reason"] == "length"
     ids = [e.id for e in events]
     assert len(set(ids)) == len(ids), "every event id is unique"
+    # Each delta says when the worker made it, in order, within the job's life.
+    made = [json.loads(e.data)["created"] for e in events if e.event == "token"]
+    assert made == sorted(made) and submitted_at <= made[0] and made[-1] <= received_at
 
 
 def test_late_join_after_finish_gets_everything_once(api_server):

@@ -177,3 +177,25 @@ def test_read_unknown_run_is_404(client):
     response = client.get("/v1/evals/3f2b9c4e-8a1d-4c2e-9f7a-1b2c3d4e5f60")
     assert response.status_code == 404
     assert response.json()["error"]["message"].startswith("no evaluation run with id")
+
+
+def test_run_with_failed_items_ends_failed_and_scores_the_rest(client, eval_worker, eval_data):
+    run = start_run(client, {**GSM8K_RUN, "limit": 3, "num_fewshot": 3})
+    deadline = time.monotonic() + 60
+    cancelled = None
+    while cancelled is None:  # one item's job is cancelled from outside: that item fails
+        assert time.monotonic() < deadline, "no item's job could be cancelled"
+        for item in items_of(client, run["id"]):
+            job_id = item["job_id"]
+            if job_id and client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200:
+                cancelled = item
+                break
+        else:
+            time.sleep(0.02)
+    failed = wait_for_run(client, run["id"], until=("failed",))
+    assert failed["error"].startswith("1 of 3 items failed")
+    assert failed["progress"]["failed"] == 1
+    assert failed["scores"]["metrics"], "the two other items are still scored"
+    errors = {i["position"]: i["error"] for i in items_of(client, run["id"])}
+    assert errors[cancelled["position"]].startswith("job cancelled")
+    assert sum(e is not None for e in errors.values()) == 1
