@@ -15,7 +15,7 @@ import random
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -138,9 +138,17 @@ def llmq_request(base: str, model: str, stream: bool):
     return one
 
 
-def sse_overhead_request(base: str, model: str, overheads: list[float]):
-    """Job API + SSE: when the client saw the first token minus when the worker made it (the
-    token event's `created`; same machine, same clock)."""
+@dataclass
+class Delivery:
+    """How long SSE took to bring tokens after the worker made them (seconds)."""
+
+    first: list[float] = field(default_factory=list)  # each job's first token
+    live: list[float] = field(default_factory=list)  # tokens made after the stream was open
+
+
+def sse_overhead_request(base: str, model: str, delivery: Delivery):
+    """Job API + SSE: when the client saw a token minus when the worker made it (the token
+    event's `created`; same machine, same clock)."""
 
     async def one(http: httpx.AsyncClient, request: Request) -> Sample:
         body = {
@@ -153,10 +161,15 @@ def sse_overhead_request(base: str, model: str, overheads: list[float]):
         job = (await http.post(f"{base}/v1/jobs", json=body)).json()
         first = None
         async with aconnect_sse(http, "GET", f"{base}/v1/jobs/{job['id']}/events") as source:
+            opened = time.time()
             async for event in source.aiter_sse():
-                if first is None and event.event == "token":
-                    first = time.perf_counter() - started
-                    overheads.append(time.time() - json.loads(event.data)["created"])
+                if event.event == "token":
+                    seen, made = time.time(), json.loads(event.data)["created"]
+                    if first is None:
+                        first = time.perf_counter() - started
+                        delivery.first.append(seen - made)
+                    if made > opened:
+                        delivery.live.append(seen - made)
                 if event.event in ("done", "error"):
                     break
         latency = time.perf_counter() - started
@@ -288,8 +301,7 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
 
     for w, requests in workloads.items():
         repeat(w, "ceiling", args.repeats, lambda r=requests: run_ceiling(model_dir, r))
-    overheads: list[float] = []
-    light_overheads: list[float] = []
+    loaded_delivery, light_delivery = Delivery(), Delivery()
 
     def llmq(requests, model, stream=False, client=None):
         make = client or llmq_request(base, model, stream)
@@ -312,10 +324,10 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
                 "a",
                 "llmq, job API + SSE",
                 args.repeats,
-                llmq(a, name, client=sse_overhead_request(base, name, overheads)),
+                llmq(a, name, client=sse_overhead_request(base, name, loaded_delivery)),
             )
             light = [Request(r.prompt, 16) for r in a[:30]]
-            asyncio.run(run_clients(light, 1, sse_overhead_request(base, name, light_overheads)))
+            asyncio.run(run_clients(light, 1, sse_overhead_request(base, name, light_delivery)))
         if "b" in workloads:
             b = workloads["b"]
             repeat("b", "llmq", args.repeats, llmq(b, name))
@@ -349,15 +361,20 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         report(
             f"{name}: {title}, {args.clients} clients, median of {args.repeats}", rows, reference
         )
-    for label, values in [
-        ("one client at a time", light_overheads),
-        (f"{args.clients} clients", overheads),
+    for label, delivery in [
+        ("one client at a time", light_delivery),
+        (f"{args.clients} clients", loaded_delivery),
     ]:
-        console.print(
-            f"{name}: SSE delivery of the first token after the worker made it, {label}, "
-            f"{len(values)} jobs: p50 {percentile(values, 50) * 1000:.1f} ms, "
-            f"p99 {percentile(values, 99) * 1000:.1f} ms"
-        )
+        for what, values in [
+            ("first token (the stream opened after the POST)", delivery.first),
+            ("tokens made after the stream opened", delivery.live),
+        ]:
+            if values:
+                console.print(
+                    f"{name}: SSE delivery after the worker made it, {label}, {what}, "
+                    f"{len(values)}: p50 {percentile(values, 50) * 1000:.1f} ms, "
+                    f"p99 {percentile(values, 99) * 1000:.1f} ms"
+                )
     if cpu_shares:
         console.print(
             f"{name}: CPU seconds during the llmq (a) runs, by process: "
