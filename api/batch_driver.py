@@ -101,10 +101,9 @@ class BatchDriver:
                 final = BatchStatus.EXPIRED
             else:
                 final = BatchStatus.COMPLETED
-                submitted = batch_queries.submitted_lines(session, batch_id)
-                if len(submitted) < self._valid_lines(batch):
+                if batch_queries.line_count(session, batch_id) < self._valid_lines(batch):
                     # The batch's row stays locked meanwhile: no other process queues them too.
-                    self._queue_lines(batch, submitted, session)
+                    self._queue_lines(batch, session)
                     return
             if batch_queries.job_counts(session, batch_id).open:
                 return
@@ -121,15 +120,22 @@ class BatchDriver:
             self._valid[batch.id] = self._read(session, batch)[0]
         return self._valid[batch.id]
 
-    def _queue_lines(self, batch: Batch, submitted: set[int], session: Session) -> None:
+    def _queue_lines(self, batch: Batch, session: Session) -> None:
         room = self._room(session)
+        left = sum(max(0, free) for free in room.values())
+        if not left:  # the usual sweep while a batch runs: every window is full
+            return
+        submitted = batch_queries.submitted_lines(session, batch.id)
         todo = []
         for line in self._valid_input(session, batch):
-            model = line.request.model
-            if line.line in submitted or room.get(model, 1) <= 0:
+            model = line.request.model  # validated: a served model
+            if line.line in submitted or room[model] <= 0:
                 continue
-            room[model] = room.get(model, 1) - 1
+            room[model] -= 1
             todo.append(line)
+            left -= 1
+            if not left:
+                break
         # Its own session: submitting commits each job, which must not end the lock's transaction.
         with get_sessionmaker(self.database_url)() as submitting:
             for line in todo:

@@ -15,11 +15,9 @@ percentiles, in milliseconds.
 import argparse
 import asyncio
 import logging
-import statistics
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,6 +28,7 @@ from rich.table import Table
 from sqlalchemy import update
 
 from api.main import create_app
+from bench.samples import Samples
 from bench.stack import bench_urls
 from db.admin import create_database, migrate
 from db.queries.keys import generate_key
@@ -49,15 +48,6 @@ HIGH_LIMITS = {
     "monthly_token_quota": 10**15,
 }
 console = Console()
-
-
-@dataclass
-class Samples:
-    runs: list[list[float]] = field(default_factory=list)
-
-    def percentile(self, q: int) -> float:
-        per_run = [statistics.quantiles(run, n=100, method="inclusive")[q - 1] for run in self.runs]
-        return statistics.median(per_run) * 1000
 
 
 async def submit_times(http: httpx.AsyncClient, count: int) -> list[float]:

@@ -11,18 +11,17 @@ The stack runs without API keys: the cost of auth is measured on its own.
 """
 
 import argparse
-import statistics
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
+from bench.samples import Samples
 from bench.stack import bench_urls, llmq_stack
 
 MODEL = "tiny"
@@ -31,18 +30,6 @@ DATABASE = "llmq_bench_cache"
 REDIS_DB = 12
 MAX_TOKENS = 16
 console = Console()
-
-
-@dataclass
-class Samples:
-    """Latencies in seconds, per run."""
-
-    runs: list[list[float]] = field(default_factory=list)
-
-    def percentile(self, q: float) -> float:
-        """The median over runs of each run's q-th percentile, in milliseconds."""
-        per_run = [statistics.quantiles(run, n=100, method="inclusive")[q - 1] for run in self.runs]
-        return statistics.median(per_run) * 1000
 
 
 def job_until_result(http: httpx.Client, prompt: str) -> dict:

@@ -202,7 +202,11 @@ class GenerationEngine:
         self._fail_all(EngineStopped("the worker is shutting down"))
 
     def _cycle(self) -> None:
-        idle = not self.running() and not self._waiting and not self._scoring
+        idle = (
+            all(lane.batch is None for lane in self._lanes())
+            and not self._waiting
+            and not self._scoring
+        )
         self._collect(block=idle)
         self._drop_cancelled_waiting()
         self._score_some()

@@ -85,6 +85,12 @@ def set_status(session: Session, batch_id: str, status: str, **fields) -> None:
     )
 
 
+def line_count(session: Session, batch_id: str) -> int:
+    return session.scalar(
+        select(func.count()).select_from(BatchLine).where(BatchLine.batch_id == batch_id)
+    )
+
+
 def submitted_lines(session: Session, batch_id: str) -> set[int]:
     return set(session.scalars(select(BatchLine.line).where(BatchLine.batch_id == batch_id)))
 
