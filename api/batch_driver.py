@@ -2,9 +2,8 @@
 
 validating → in_progress: the input file is read and checked; its valid lines become jobs at
 batch priority (a line's jobs and its row are stored line by line, so a restart carries on
-where it stopped). Lines are released as the model's workers take them: at most
-`ModelSpec.background_window` batch jobs per live worker are queued or running at once, so a
-worker's Celery threads never all hold batch lines and an interactive job is picked up at once.
+where it stopped). Lines are released as the model's workers take them, within the model's
+background window (api/background.py), which evaluation runs share.
 in_progress → finalizing → completed once every job has ended; expired when the completion
 window passes first; cancelling → cancelled once no job of the batch is open. Finalizing
 writes the output file (lines that succeeded) and the error file (the rest). A batch is driven
@@ -14,12 +13,12 @@ by one process at a time: each step locks its row.
 import json
 import time
 import uuid
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import structlog
 from sqlalchemy.orm import Session
 
+from api.background import background_room
 from api.batch_input import RequestLine, read_input
 from api.openai_protocol import UsageInfo
 from api.openai_requests import build_response, plan_request, submit_choices
@@ -121,7 +120,7 @@ class BatchDriver:
         return self._valid[batch.id]
 
     def _queue_lines(self, batch: Batch, session: Session) -> None:
-        room = self._room(session)
+        room = background_room(session, self.state.registry, self.state.live_queues)
         left = sum(max(0, free) for free in room.values())
         if not left:  # the usual sweep while a batch runs: every window is full
             return
@@ -147,18 +146,6 @@ class BatchDriver:
                 submitting.commit()
         if todo:
             log.debug("batch lines queued", batch_id=batch.id, lines=len(todo))
-
-    def _room(self, session: Session) -> dict[str, int]:
-        """How many more batch jobs each served model takes now, across every batch."""
-        in_flight: Counter[str] = Counter()
-        for (model, _status), count in batch_queries.open_batch_jobs(session).items():
-            in_flight[model] += count
-        consumers = self.state.live_queues.consumers
-        room = {}
-        for spec in self.state.registry.models:
-            workers = sum(consumers[spec.queue(device)] for device in spec.devices)
-            room[spec.id] = max(1, workers) * spec.background_window - in_flight[spec.id]
-        return room
 
     def _submit_line(
         self, session: Session, batch: Batch, line: RequestLine

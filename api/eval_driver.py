@@ -6,9 +6,11 @@ and a run survives restarts: a run caught mid-plan is planned again (the plan is
 transaction), jobs lost with a worker are requeued by the reconciler, and finished items are
 never redone. Two processes never feed one run at once: feeding locks the run's row.
 
-Why a window rather than every job at once: an MMLU run is 14,042 jobs; sent together they
-would sit in front of every other job of the model for the whole run, and a cancelled run
-would leave thousands of messages behind. A few batches of jobs in flight keep the workers busy.
+Items are background jobs (BATCH_PRIORITY): in the workers they run in the background lane, so
+a run does not slow interactive jobs down, and they are released within the model's background
+window (api/background.py), shared with the Batch API, rather than all at once: an MMLU run is
+14,042 jobs; sent together they would hold every Celery thread of the model's workers, and a
+cancelled run would leave thousands of messages behind.
 """
 
 import sys
@@ -17,6 +19,7 @@ import uuid
 
 import structlog
 
+from api.background import background_room
 from api.enqueue import enqueue_job, route
 from api.limits import job_room, limits_of
 from api.live_workers import LiveQueues
@@ -30,13 +33,12 @@ from llmq.evals.grading import grade_generation, grade_scores
 from llmq.evals.planning import Benchmark, ModelFacts, RunSettings, plan
 from llmq.evals.summary import summarize
 from llmq.periodic import PeriodicTask
-from llmq.protocol import JobKind
+from llmq.protocol import BATCH_PRIORITY, JobKind
 from llmq.registry import Registry
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-BATCHES_IN_FLIGHT = 4
 GRADE_PAGE = 2000
 
 
@@ -120,8 +122,10 @@ class EvalDriver:
             if spec is None:
                 eval_queries.fail_run(session, run_id, f"model {run.model!r} is not served here")
                 return 0
-            window = self.settings.eval_jobs_in_flight or BATCHES_IN_FLIGHT * spec.max_batch_size
-            room = window - eval_queries.in_flight_jobs(session, run_id)
+            room = background_room(session, self.registry, self.live)[spec.id]
+            if self.settings.eval_jobs_in_flight:
+                cap = self.settings.eval_jobs_in_flight
+                room = min(room, cap - eval_queries.in_flight_jobs(session, run_id))
             if run.owner is not None:
                 room = min(room, self._key_room(session, run))
             if room <= 0:
@@ -138,13 +142,14 @@ class EvalDriver:
                         params=item.params,
                         owner=run.owner or f"eval:{run_id}",
                         timeout_s=spec.timeout_s,
+                        priority=BATCH_PRIORITY,
                     ),
                 )
                 eval_queries.assign_job(session, run_id, item.request_key, job.id)
                 created.append((job.id, item.kind, queue))
         # After the commit, as for every job; a lost send is resent by the reconciler.
         for job_id, kind, job_queue in created:
-            enqueue_job(job_id, kind, job_queue)
+            enqueue_job(job_id, kind, job_queue, BATCH_PRIORITY)
         return len(created)
 
     def _key_room(self, session, run) -> int:

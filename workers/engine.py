@@ -5,13 +5,14 @@ At every decode-step boundary the engine admits waiting requests (prefill, then 
 running batch's KV cache) and drops finished ones, so a short job never waits behind a long one.
 
 Each step's text deltas go to `on_tokens` (the token publisher) in one call, before any job of
-that step is resolved, so a job's final event always follows its last token event.
+that step is resolved, so a job's final event always follows its last token event. Background
+jobs publish their text in one delta when they finish.
 
 Two lanes, each with its own running batch: interactive jobs, and background jobs (Batch API
-lines, BATCH_PRIORITY). While interactive work runs, the background lane gets at most
-`background_share` of the engine's time, so an interactive job steps in a small batch instead of
-inside a full one of batch lines; when no interactive job is there, the background lane runs
-alone at full speed.
+lines and evaluation items, BATCH_PRIORITY). While interactive work runs, the background lane
+gets at most `background_share` of the engine's time, so an interactive job steps in a small
+batch instead of inside a full one of background jobs; when no interactive job is there, the
+background lane runs alone at full speed.
 """
 
 import bisect
@@ -25,12 +26,12 @@ from dataclasses import dataclass, field
 
 import structlog
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
 from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
-from workers.batch import Batch, cache_tensors
+from workers.batch import Batch, GrowingLayer
 from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.metrics import EngineMetrics
@@ -340,15 +341,16 @@ class GenerationEngine:
             mask[row, longest - len(prompt) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = Cache(layer_class_to_replicate=GrowingLayer)
         out = self.host.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=DynamicCache(),
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        return Batch(seqs, cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
+        return Batch(seqs, cache.layers, mask, out.logits[:, -1, :])
 
     def _step(self, lane: _Lane) -> None:
         """Pick one token per row, publish the text, retire finished rows, run one decode pass."""
@@ -394,10 +396,10 @@ class GenerationEngine:
             input_ids=next_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=DynamicCache(batch.kv),
+            past_key_values=batch.cache(),
             use_cache=True,
         )
-        return Batch(batch.seqs, cache_tensors(out.past_key_values), mask, out.logits[:, -1, :])
+        return Batch(batch.seqs, batch.layers, mask, out.logits[:, -1, :])
 
     def _mask_early_eos(self, batch: Batch[_Sequence]) -> None:
         """Rows that have not reached their min_tokens may not pick EOS."""
@@ -429,13 +431,17 @@ class GenerationEngine:
         return None
 
     def _publish(self, seqs: list[_Sequence], finished: set[int]) -> None:
-        """Hand this step's text deltas to the publisher, all in one call."""
+        """Hand this step's text deltas to the publisher, all in one call. A background job's
+        text goes out whole when it finishes: nobody watches bulk work token by token, and a
+        delta per row per step would cost the decode loop more than the step."""
         emissions = []
         created = time.time()
         for seq in seqs:
             final = id(seq) in finished
             if final:
                 seq.detok.finish(self.host.decode(seq.generated))
+            elif seq.background:
+                continue
             delta = seq.detok.take_delta(final)
             if delta:
                 seq.deltas_sent += 1

@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased
 
 from db.tables import Job, JobResult, Usage
-from llmq.protocol import ErrorCategory, JobStatus
+from llmq.protocol import BATCH_PRIORITY, ErrorCategory, JobStatus
 
 RUNNABLE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
@@ -327,3 +327,16 @@ def fail_job(session: Session, job_id: uuid.UUID, worker: str, category: str, me
         .returning(Job.id)
     ).first()
     return failed is not None
+
+
+def open_background_jobs(session: Session) -> dict[str, int]:
+    """Background jobs (Batch API lines and evaluation items) queued or running, per model."""
+    rows = session.execute(
+        select(Job.model, func.count())
+        .where(
+            Job.priority >= BATCH_PRIORITY,
+            Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)),
+        )
+        .group_by(Job.model)
+    ).all()
+    return {model: count for model, count in rows}

@@ -1,11 +1,15 @@
 """Evaluation runs end to end: API → Postgres → queue → real worker → grades → scores."""
 
 import time
+import uuid
 
 import pytest
 import torch
 
+from db.session import session_scope
+from db.tables import Job
 from llmq.evals import gsm8k
+from llmq.protocol import BATCH_PRIORITY
 from tests.evals.conftest import EVAL_MODEL, GSM8K_TEST
 
 MMLU_RUN = {
@@ -110,12 +114,16 @@ def test_second_run_with_same_settings_reuses_every_result(client, mmlu_run):
 
 
 def test_gsm8k_run_generates_until_a_stop_and_grades_both_filters(
-    client, eval_worker, eval_data, tiny_model_path
+    client, eval_worker, eval_data, tiny_model_path, database_url
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = wait_for_run(client, start_run(client, GSM8K_RUN)["id"])
     items = items_of(client, run["id"])
+    with session_scope(database_url) as session:  # background jobs, beside interactive ones
+        assert {session.get(Job, uuid.UUID(i["job_id"])).priority for i in items} == {
+            BATCH_PRIORITY
+        }
     assert [i["gold"] for i in items] == [row["answer"] for row in GSM8K_TEST[:2]]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()

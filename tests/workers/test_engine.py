@@ -282,3 +282,25 @@ def test_interactive_and_batch_lines_give_the_texts_they_give_alone(host, make_e
         for i, p in enumerate(PROMPTS)
     ]
     assert [o.text for o in run_all(engine, mixed, stagger_s=0.002)] == alone
+
+
+def test_background_jobs_publish_their_text_once_and_interactive_jobs_token_by_token(host):
+    from workers.engine import GenerationEngine
+
+    published: list = []
+    engine = GenerationEngine(
+        host, max_batch_size=4, max_batch_tokens=100_000, max_wait_ms=5, on_tokens=published.extend
+    )
+    engine.start()
+    try:
+        line = batch_line(host, "Once upon a time", max_tokens=12, ignore_eos=True)
+        chat = request(host, "Once upon a time", max_tokens=12, ignore_eos=True)
+        line_text = engine.submit(line).result(timeout=60).text
+        chat_text = engine.submit(chat).result(timeout=60).text
+    finally:
+        engine.stop()
+    line_deltas = [e.event for e in published if e.event.job_id == line.job_id]
+    chat_deltas = [e.event for e in published if e.event.job_id == chat.job_id]
+    assert [d.text for d in line_deltas] == [line_text]
+    assert line_deltas[0].token_index == 11
+    assert len(chat_deltas) > 1 and "".join(d.text for d in chat_deltas) == chat_text
