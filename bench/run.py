@@ -285,6 +285,8 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         "context_length": 512,
         "max_batch_tokens": 1_000_000,
     }
+    if args.join_every_steps:
+        spec["join_every_steps"] = args.join_every_steps
     models = [{"id": name, **spec}, {"id": f"{name}-static", **spec, "scheduling": "static"}]
     # (a) one request per client, as one static batch would take them; (b) several per client,
     # so that new requests arrive while long ones still run.
@@ -390,6 +392,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="ab", help="a, b or ab")
     parser.add_argument("--models", default="stories260K,llama-25m")
     parser.add_argument("--quick", action="store_true", help="baseline once, and not on (b)")
+    parser.add_argument(
+        "--join-every-steps", type=int, default=None, help="the models' join_every_steps"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
     for name in args.models.split(","):

@@ -38,6 +38,12 @@ class ModelSpec(BaseModel):
     max_wait_ms: int = Field(default=5, ge=0)
     context_length: int = Field(default=2048, ge=8)
     max_batch_tokens: int = Field(default=65536, ge=64)
+    # A running batch takes newcomers at most every this many decode steps, sooner when they
+    # would fill it: each join costs a prefill pass, about a whole step on a CPU.
+    join_every_steps: int = Field(default=1, ge=1)
+    # Tokens per scoring turn (and forward pass): the engine runs one turn between decode steps,
+    # so this bounds how long a scoring turn holds up other jobs.
+    max_score_tokens: int = Field(default=8192, ge=64)
     # continuous: jobs join and leave the running batch at every decode step; static: a
     # micro-batch runs to its end before the next one starts (kept for comparison).
     scheduling: Literal["continuous", "static"] = "continuous"

@@ -90,6 +90,14 @@ def _stacked(parts: list[torch.Tensor], length: int) -> torch.Tensor:
     return buffer
 
 
+def _selected(used: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """`rows` of `used` from column `start` on, in a buffer with ROOM free columns after them."""
+    length = used.shape[2] - start
+    buffer = _buffer(used, len(rows), length + ROOM)
+    torch.index_select(used[:, :, start:], 0, rows, out=buffer[:, :, :length])
+    return buffer
+
+
 @dataclass
 class Batch(Generic[Row]):
     """Running sequences with their shared left-padded KV cache and next-token logits."""
@@ -130,9 +138,7 @@ class Batch(Generic[Row]):
         length = self.length - start
         layers = [
             GrowingLayer(
-                _stacked([layer.keys[:, :, start:].index_select(0, index)], length),
-                _stacked([layer.values[:, :, start:].index_select(0, index)], length),
-                length,
+                _selected(layer.keys, index, start), _selected(layer.values, index, start), length
             )
             for layer in self.layers
         ]

@@ -100,6 +100,7 @@ class _Lane:
 
     background: bool
     batch: Batch[_Sequence] | None = None
+    steps_since_join: int = 0  # decode steps of the running batch since newcomers last joined
 
 
 class GenerationEngine:
@@ -112,6 +113,8 @@ class GenerationEngine:
         max_batch_size: int,
         max_batch_tokens: int,
         max_wait_ms: int,
+        max_score_tokens: int = 8192,
+        join_every_steps: int = 1,
         continuous: bool = True,
         background_share: float = 0.2,
         on_tokens: Callable[[list[TokenEmission]], None] | None = None,
@@ -121,6 +124,7 @@ class GenerationEngine:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.continuous = continuous
+        self.join_every_steps = join_every_steps
         self.on_tokens = on_tokens
         self._inbox: queue.Queue[_Sequence | PendingScore] = queue.Queue()
         self._waiting: list[_Sequence] = []
@@ -137,8 +141,10 @@ class GenerationEngine:
         self._thread = threading.Thread(target=self._run, name="llmq-engine", daemon=True)
         self.steps = 0
         self.metrics = EngineMetrics(self)
-        # Scoring jobs take turns with decode steps on this thread (workers/scoring.py).
-        self.scorer = Scorer(host, max_batch_tokens)
+        # Scoring jobs take turns with decode steps on this thread (workers/scoring.py): one
+        # turn scores about max_score_tokens, so a turn stays short beside interactive jobs.
+        self.max_score_tokens = max_score_tokens
+        self.scorer = Scorer(host, max_score_tokens)
         self._scoring: list[PendingScore] = []
 
     # -- the surface used by other threads -------------------------------------------------
@@ -210,7 +216,7 @@ class GenerationEngine:
         )
         self._collect(block=idle)
         self._drop_cancelled_waiting()
-        self._score_some()
+        self._score_some(background=False)
         earned = self._background_rate * self._timed_turn(self._interactive)
         ceiling = max(_MAX_BACKGROUND_CREDIT_S, self._background_turn_s)
         self._background_credit = min(self._background_credit + earned, ceiling)
@@ -223,13 +229,21 @@ class GenerationEngine:
             self._background_credit -= self._background_turn()
 
     def _background_turn(self) -> float:
-        spent = self._timed_turn(self._background)
-        if self._background.batch is not None:
+        """One decode step of the background lane and one turn of background scoring."""
+        started = time.monotonic()
+        self._turn(self._background)
+        scored = self._score_some(background=True)
+        spent = time.monotonic() - started
+        if self._background.batch is not None or scored:
             self._background_turn_s = spent
         return spent
 
     def _interactive_busy(self) -> bool:
-        return self._interactive.batch is not None or any(not s.background for s in self._waiting)
+        return (
+            self._interactive.batch is not None
+            or any(not s.background for s in self._waiting)
+            or any(not p.background for p in self._scoring)
+        )
 
     def _timed_turn(self, lane: _Lane) -> float:
         started = time.monotonic()
@@ -275,15 +289,24 @@ class GenerationEngine:
         else:  # after those of its priority, before those of lower priority
             bisect.insort(self._waiting, item, key=lambda seq: seq.request.priority)
 
-    def _score_some(self) -> None:
-        """One turn of scoring: up to a batch of waiting scoring jobs, resolved here."""
-        if not self._scoring:
-            return
-        turn, self._scoring = (
-            self._scoring[: self.max_batch_size],
-            self._scoring[self.max_batch_size :],
-        )
+    def _score_some(self, background: bool) -> bool:
+        """One turn of scoring: the first waiting scoring jobs of the kind, about
+        max_score_tokens of them (at least one job), resolved here. True if it scored any."""
+        turn: list[PendingScore] = []
+        rest: list[PendingScore] = []
+        tokens = 0
+        for pending in self._scoring:
+            fits = not turn or tokens + pending.request.tokens <= self.max_score_tokens
+            if pending.background == background and fits:
+                turn.append(pending)
+                tokens += pending.request.tokens
+            else:
+                rest.append(pending)
+        if not turn:
+            return False
+        self._scoring = rest
         self.scorer.run(turn)
+        return True
 
     def _admit(self, lane: _Lane) -> None:
         """Prefill the lane's waiting requests that fit its batch's size and token budget, then
@@ -292,6 +315,8 @@ class GenerationEngine:
         if not candidates or (lane.batch is not None and not self.continuous):
             return
         running = lane.batch.seqs if lane.batch else []
+        if running and not self._join_due(lane, len(candidates)):
+            return
         tokens = sum(s.budget for s in running)
         admitted: list[_Sequence] = []
         for seq in candidates:
@@ -310,6 +335,16 @@ class GenerationEngine:
         if fresh is None:
             return
         lane.batch = fresh if lane.batch is None else lane.batch.concat(fresh)
+        lane.steps_since_join = 0
+
+    def _join_due(self, lane: _Lane, waiting: int) -> bool:
+        """Whether newcomers join the running batch now: every join_every_steps decode steps,
+        or sooner when they fill it. A join costs a prefill pass, which on a CPU costs about a
+        whole step however few prompts it carries, so newcomers arriving one by one join in
+        groups instead of each paying a pass."""
+        assert lane.batch is not None
+        free = self.max_batch_size - len(lane.batch.seqs)
+        return lane.steps_since_join >= self.join_every_steps or waiting >= free
 
     def _prefill(self, seqs: list[_Sequence]) -> Batch | None:
         try:
@@ -379,6 +414,7 @@ class GenerationEngine:
             if reason is not _TIMED_OUT:
                 self._finish(batch.seqs[row], reason, now)
         self.steps += 1
+        lane.steps_since_join += 1
         self.metrics.decode_step(len(batch.seqs))
         keep = [row for row in range(len(batch.seqs)) if row not in finished]
         if not keep:

@@ -42,6 +42,8 @@ class WorkerRuntime:
             host,
             max_batch_size=spec.max_batch_size,
             max_batch_tokens=spec.max_batch_tokens,
+            max_score_tokens=spec.max_score_tokens,
+            join_every_steps=spec.join_every_steps,
             max_wait_ms=spec.max_wait_ms,
             continuous=spec.scheduling == "continuous",
             background_share=spec.background_share,

@@ -46,7 +46,8 @@ class ScoreRunner:
             given = ScoreInput.model_validate(job.input)
             params = ScoreParams.model_validate(job.params)
             pairs = [self.encoder.pair(given.prompt, c) for c in given.continuations]
-            request = ScoreRequest(job_id, pairs, params.max_length, time.monotonic() + timeout_s)
+            deadline = time.monotonic() + timeout_s
+            request = ScoreRequest(job_id, pairs, params.max_length, deadline, job.priority)
             output = self.engine.submit_score(request).result(timeout=timeout_s + STALL_GRACE_S)
         except (ScoreTimeout, FutureTimeout) as exc:
             self._fail(job_id, ErrorCategory.TIMEOUT, str(exc) or "no result within the deadline")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
+from llmq.protocol import BATCH_PRIORITY
 from workers.host import ModelHost
 
 log = structlog.get_logger(__name__)
@@ -43,6 +44,13 @@ class ScoreRequest:
     pairs: list[Pair]
     max_length: int
     deadline: float | None = None  # time.monotonic() value
+    priority: int = 0  # BATCH_PRIORITY and above: a background job (an evaluation item)
+
+    @property
+    def tokens(self) -> int:
+        """About how many tokens its rows put through the model (shared rows counted once)."""
+        rows = {tuple(context): len(continuation) for context, continuation in self.pairs}
+        return sum(min(len(c) + n, self.max_length) for c, n in rows.items())
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,10 @@ class PendingScore:
     request: ScoreRequest
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def background(self) -> bool:
+        return self.request.priority >= BATCH_PRIORITY
 
 
 class PairEncoder:
@@ -102,9 +114,9 @@ class _Row:
 class Scorer:
     """Scores pending requests in as few forward passes as the token budget allows."""
 
-    def __init__(self, host: ModelHost, max_batch_tokens: int) -> None:
+    def __init__(self, host: ModelHost, max_pass_tokens: int) -> None:
         self.host = host
-        self.max_batch_tokens = max_batch_tokens
+        self.max_pass_tokens = max_pass_tokens
 
     def run(self, pending: list[PendingScore]) -> None:
         """Resolve every pending future with its output or its error."""
@@ -173,7 +185,7 @@ class Scorer:
         """Rows longest first (like lm-eval), as many per pass as the token budget holds."""
         chunk: list[_Row] = []
         for row in rows:
-            if chunk and (len(chunk) + 1) * len(chunk[0].tokens) > self.max_batch_tokens:
+            if chunk and (len(chunk) + 1) * len(chunk[0].tokens) > self.max_pass_tokens:
                 yield chunk
                 chunk = []
             chunk.append(row)

@@ -205,7 +205,9 @@ def running_jobs_by_worker(session: Session) -> dict[str, set[str]]:
     """The ids of the running jobs of each worker."""
     held: dict[str, set[str]] = {}
     for job_id, worker in session.execute(
-        select(Job.id, Job.worker).where(Job.status == JobStatus.RUNNING.value)
+        select(Job.id, Job.worker).where(
+            Job.status == JobStatus.RUNNING.value, Job.worker.is_not(None)
+        )
     ):
         held.setdefault(worker, set()).add(str(job_id))
     return held

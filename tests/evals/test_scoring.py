@@ -129,3 +129,35 @@ def test_engine_scores_between_decode_steps(host):
         assert output.loglikelihoods[0] == pytest.approx(
             direct(host, context, continuation, 512)[0], abs=1e-4
         )
+
+
+def test_interactive_scoring_job_goes_before_waiting_evaluation_items(host):
+    """Evaluation items score in background turns of about max_score_tokens each; a scoring
+    job of an interactive client waits for none of them."""
+    from llmq.protocol import BATCH_PRIORITY
+    from workers.engine import GenerationEngine
+    from workers.scoring import PairEncoder, ScoreRequest
+
+    encoder = PairEncoder(host.tokenizer)
+    engine = GenerationEngine(
+        host, max_batch_size=8, max_batch_tokens=100_000, max_wait_ms=5, max_score_tokens=64
+    )
+    finished: list[str] = []
+    futures = []
+    # Everything is submitted before the engine starts, so its first cycle sees all of it.
+    for i in range(12):
+        pair = encoder.pair(f"Question {i}: what comes next?\nAnswer:", " A")
+        item = ScoreRequest(uuid.uuid4(), [pair], 512, priority=BATCH_PRIORITY)
+        futures.append((f"item {i}", engine.submit_score(item)))
+    mine = ScoreRequest(uuid.uuid4(), [encoder.pair("Once upon a time", " there")], 512)
+    futures.append(("interactive", engine.submit_score(mine)))
+    for name, future in futures:
+        future.add_done_callback(lambda _f, name=name: finished.append(name))
+    engine.start()
+    try:
+        for _, future in futures:
+            future.result(60)
+    finally:
+        engine.stop()
+    assert finished[0] == "interactive", finished
+    assert sorted(finished[1:]) == sorted(f"item {i}" for i in range(12))

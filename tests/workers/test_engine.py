@@ -304,3 +304,21 @@ def test_background_jobs_publish_their_text_once_and_interactive_jobs_token_by_t
     assert [d.text for d in line_deltas] == [line_text]
     assert line_deltas[0].token_index == 11
     assert len(chat_deltas) > 1 and "".join(d.text for d in chat_deltas) == chat_text
+
+
+def test_newcomers_join_a_running_batch_in_groups_every_few_steps(host, make_engine):
+    from workers.batch import Batch
+    from workers.engine import _Lane
+
+    engine = make_engine(max_batch_size=8, join_every_steps=4)
+    lane = _Lane(background=False, batch=Batch(["a", "b", "c"], [], None, None))  # 5 rows free
+    lane.steps_since_join = 1
+    assert not engine._join_due(lane, waiting=2)  # they wait for the group
+    assert engine._join_due(lane, waiting=5)  # they fill the batch: no reason to wait
+    lane.steps_since_join = 4
+    assert engine._join_due(lane, waiting=1)  # their turn came
+
+    alone = [run_all(engine, [request(host, p, max_tokens=16)])[0].text for p in PROMPTS]
+    requests = [request(host, p, max_tokens=16) for p in PROMPTS]
+    joined = run_all(engine, requests, stagger_s=0.002)
+    assert [o.text for o in joined] == alone
