@@ -40,7 +40,7 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int = Field(default=65536, ge=64)
     # A running batch takes newcomers at most every this many decode steps, sooner when they
     # would fill it: each join costs a prefill pass, about a whole step on a CPU.
-    join_every_steps: int = Field(default=1, ge=1)
+    join_every_steps: int = Field(default=4, ge=1)
     # Tokens per scoring turn (and forward pass): the engine runs one turn between decode steps,
     # so this bounds how long a scoring turn holds up other jobs.
     max_score_tokens: int = Field(default=8192, ge=64)
