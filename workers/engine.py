@@ -144,7 +144,7 @@ class GenerationEngine:
         # Scoring jobs take turns with decode steps on this thread (workers/scoring.py): one
         # turn scores about max_score_tokens, so a turn stays short beside interactive jobs.
         self.max_score_tokens = max_score_tokens
-        self.scorer = Scorer(host, max_score_tokens)
+        self.scorer = Scorer(host, max_score_tokens, on_pass=self.metrics.forward_pass)
         self._scoring: list[PendingScore] = []
 
     # -- the surface used by other threads -------------------------------------------------
@@ -377,6 +377,7 @@ class GenerationEngine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = Cache(layer_class_to_replicate=GrowingLayer)
+        started = time.perf_counter()
         out = self.host.model(
             input_ids=ids,
             attention_mask=mask,
@@ -385,6 +386,7 @@ class GenerationEngine:
             use_cache=True,
             logits_to_keep=1,
         )
+        self.metrics.forward_pass("prefill", time.perf_counter() - started)
         return Batch(seqs, cache.layers, mask, out.logits[:, -1, :])
 
     def _step(self, lane: _Lane) -> None:
@@ -428,6 +430,7 @@ class GenerationEngine:
     def _forward_step(self, batch: Batch, next_ids: torch.Tensor) -> Batch:
         positions = batch.mask.sum(-1, keepdim=True)
         mask = torch.cat([batch.mask, torch.ones_like(positions)], dim=-1)
+        started = time.perf_counter()
         out = self.host.model(
             input_ids=next_ids,
             attention_mask=mask,
@@ -435,6 +438,7 @@ class GenerationEngine:
             past_key_values=batch.cache(),
             use_cache=True,
         )
+        self.metrics.forward_pass("decode", time.perf_counter() - started)
         return Batch(batch.seqs, batch.layers, mask, out.logits[:, -1, :])
 
     def _mask_early_eos(self, batch: Batch[_Sequence]) -> None:

@@ -67,6 +67,15 @@ BATCH_SIZE = Histogram(
     LABELS,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+FORWARD_PASS = Histogram(
+    "llmq_forward_pass_seconds",
+    "One forward pass of the model, by kind: prefill (newcomers joining a batch), decode (one "
+    "step of a running batch), score (one pass of scoring rows). A pass that slows while its "
+    "batch does not grow shares the machine's cores with other work",
+    [*LABELS, "kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PASS_KINDS = ("prefill", "decode", "score")
 DECODE_STEPS = Counter("llmq_decode_steps_total", "Decode steps the engine ran", LABELS)
 ACTIVE_SEQUENCES = Gauge(
     "llmq_active_sequences",
@@ -125,12 +134,16 @@ class EngineMetrics:
         labels = (engine.host.spec.id, engine.host.spec.queue(engine.host.device))
         self._batch_size = BATCH_SIZE.labels(*labels)
         self._decode_steps = DECODE_STEPS.labels(*labels)
+        self._passes = {kind: FORWARD_PASS.labels(*labels, kind) for kind in PASS_KINDS}
         # Read when scraped, so the decode loop pays nothing for it.
         ACTIVE_SEQUENCES.labels(*labels).set_function(lambda: len(engine.active_job_ids()))
 
     def decode_step(self, batch_size: int) -> None:
         self._batch_size.observe(batch_size)
         self._decode_steps.inc()
+
+    def forward_pass(self, kind: str, seconds: float) -> None:
+        self._passes[kind].observe(seconds)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ class ScoreRunner:
         try:
             given = ScoreInput.model_validate(job.input)
             params = ScoreParams.model_validate(job.params)
-            pairs = [self.encoder.pair(given.prompt, c) for c in given.continuations]
+            pairs = self.encoder.pairs(given.prompt, given.continuations)
             deadline = time.monotonic() + timeout_s
             request = ScoreRequest(job_id, pairs, params.max_length, deadline, job.priority)
             output = self.engine.submit_score(request).result(timeout=timeout_s + STALL_GRACE_S)

@@ -19,6 +19,7 @@ used by one thread and scoring and generation take turns (see GenerationEngine.s
 
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -89,17 +90,27 @@ class PairEncoder:
         return list(self.tokenizer.encode(text))
 
     def pair(self, context: str, continuation: str) -> Pair:
+        return self.pairs(context, [continuation])[0]
+
+    def pairs(self, context: str, continuations: list[str]) -> list[Pair]:
+        """One pair per continuation; the context is encoded once for all of them (an MMLU
+        prompt is a few thousand characters, its continuations ` A` … ` D`)."""
         if context == "":
-            tokens = list(self.tokenizer.encode(continuation, add_special_tokens=False))
-            if tokens and tokens[0] == self.prefix_token_id:
-                return tokens[:1], tokens[1:]
-            return [self.prefix_token_id], tokens
+            return [self._after_prefix(continuation) for continuation in continuations]
         spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.encode(context + continuation)
+        moved = context[-spaces:] if spaces else ""
+        context = context[: len(context) - spaces]
         context_ids = self.encode(context)
-        return context_ids, whole[len(context_ids) :]
+        return [
+            (context_ids, self.encode(context + moved + continuation)[len(context_ids) :])
+            for continuation in continuations
+        ]
+
+    def _after_prefix(self, continuation: str) -> Pair:
+        tokens = list(self.tokenizer.encode(continuation, add_special_tokens=False))
+        if tokens and tokens[0] == self.prefix_token_id:
+            return tokens[:1], tokens[1:]
+        return [self.prefix_token_id], tokens
 
 
 @dataclass
@@ -114,9 +125,15 @@ class _Row:
 class Scorer:
     """Scores pending requests in as few forward passes as the token budget allows."""
 
-    def __init__(self, host: ModelHost, max_pass_tokens: int) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        max_pass_tokens: int,
+        on_pass: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.host = host
         self.max_pass_tokens = max_pass_tokens
+        self.on_pass = on_pass  # (pass kind, seconds) after each forward pass
 
     def run(self, pending: list[PendingScore]) -> None:
         """Resolve every pending future with its output or its error."""
@@ -199,9 +216,12 @@ class Scorer:
             ids[index, : len(row.tokens)] = torch.tensor(row.tokens)
         # Logits only from the first position any row needs to the end.
         keep = width - min(len(row.tokens) - row.needed for row in rows)
+        started = time.perf_counter()
         logits = self.host.model(
             input_ids=ids.to(self.host.device), logits_to_keep=keep, use_cache=False
         ).logits
+        if self.on_pass is not None:
+            self.on_pass("score", time.perf_counter() - started)
         logprobs = torch.log_softmax(logits, dim=-1)
         for index, row in enumerate(rows):
             end = len(row.tokens) - (width - keep)  # the row's last position, in kept columns

@@ -161,3 +161,53 @@ def test_interactive_scoring_job_goes_before_waiting_evaluation_items(host):
         engine.stop()
     assert finished[0] == "interactive", finished
     assert sorted(finished[1:]) == sorted(f"item {i}" for i in range(12))
+
+
+def test_pairs_of_one_prompt_equal_lm_evals_pairs(host):
+    """The prompt is encoded once for all its continuations; each pair is still the one lm-eval
+    makes: the prompt without its trailing whitespace, and the tokens past it in the encoding
+    of the whole text."""
+    from workers.scoring import PairEncoder
+
+    tokenizer = host.tokenizer
+    encoder = PairEncoder(tokenizer)
+    for prompt in ("Question: 2 + 2?\nAnswer:", "Question: 2 + 2?\nAnswer: ", "x"):
+        continuations = [" A", " B", "C", " 漢字 🙂"]
+        context = prompt.rstrip()
+        moved = prompt[len(context) :]
+        expected_context = tokenizer(context).input_ids
+        expected = [
+            (expected_context, tokenizer(context + moved + c).input_ids[len(expected_context) :])
+            for c in continuations
+        ]
+        assert encoder.pairs(prompt, continuations) == expected
+
+
+def test_engine_times_its_forward_passes_by_kind(host):
+    """llmq_forward_pass_seconds: a prefill and decode steps for a generation, one scoring
+    pass for a scoring request."""
+    from prometheus_client import REGISTRY
+
+    from workers.engine import GenerationEngine, GenerationRequest
+    from workers.scoring import PairEncoder, ScoreRequest
+
+    labels = {"model": host.spec.id, "queue": host.spec.queue(host.device)}
+
+    def passes(kind: str) -> float:
+        name = "llmq_forward_pass_seconds_count"
+        return REGISTRY.get_sample_value(name, labels | {"kind": kind}) or 0.0
+
+    before = {kind: passes(kind) for kind in ("prefill", "decode", "score")}
+    engine = GenerationEngine(host, max_batch_size=8, max_batch_tokens=100_000, max_wait_ms=5)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        engine.submit(GenerationRequest(uuid.uuid4(), host.encode("The dog"), params)).result(60)
+        pair = PairEncoder(host.tokenizer).pair("Once upon a time", " there")
+        engine.submit_score(ScoreRequest(uuid.uuid4(), [pair], 512)).result(60)
+    finally:
+        engine.stop()
+    # The first token comes from the prefill; each later one from a decode pass.
+    assert passes("prefill") - before["prefill"] == 1
+    assert passes("decode") - before["decode"] == 5
+    assert passes("score") - before["score"] == 1
