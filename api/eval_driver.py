@@ -201,6 +201,8 @@ class EvalDriver:
             run = eval_queries.get_run(session, run_id)
             if run is None or run.status != eval_queries.RunStatus.RUNNING:
                 return
+            if eval_queries.has_ungraded(session, run_id):
+                return
             progress = eval_queries.progress(session, run_id, run.total)
             if progress.graded < run.total:
                 return

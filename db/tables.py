@@ -180,6 +180,20 @@ class EvalItem(Base):
         UniqueConstraint("run_id", "position", name="uq_eval_items_run_id_position"),
         Index("ix_eval_items_request_key", "request_key"),
         Index("ix_eval_items_job_id", "job_id"),
+        # What the evaluation driver's sweeps read: items with no job yet, and items with a
+        # job but no grade. Without them a sweep walked every item of the run before those.
+        Index(
+            "ix_eval_items_unassigned",
+            "run_id",
+            "position",
+            postgresql_where=text("job_id IS NULL AND graded_at IS NULL"),
+        ),
+        Index(
+            "ix_eval_items_ungraded",
+            "run_id",
+            "position",
+            postgresql_where=text("job_id IS NOT NULL AND graded_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

@@ -223,7 +223,14 @@ def finished_items(session: Session, run_id: uuid.UUID, limit: int) -> list[Fini
         .join(Job, Job.id == EvalItem.job_id)
         .outerjoin(JobResult, JobResult.job_id == Job.id)
         .outerjoin(ScoreResult, ScoreResult.job_id == Job.id)
-        .where(EvalItem.run_id == run_id, EvalItem.graded_at.is_(None), Job.status.in_(FINAL))
+        .where(
+            EvalItem.run_id == run_id,
+            # Spelled out (the join implies it) so that the partial index ix_eval_items_ungraded
+            # serves the scan: it holds only the items with a job and no grade.
+            EvalItem.job_id.is_not(None),
+            EvalItem.graded_at.is_(None),
+            Job.status.in_(FINAL),
+        )
         .order_by(EvalItem.position)
         .limit(limit)
     )
@@ -252,6 +259,15 @@ def store_grades(session: Session, grades: list[dict[str, Any]]) -> None:
     if grades:
         now = datetime.now(UTC)
         session.execute(update(EvalItem), [g | {"graded_at": now} for g in grades])
+
+
+def has_ungraded(session: Session, run_id: uuid.UUID) -> bool:
+    """Whether any item of the run still waits for a job or a grade; reads the partial indexes
+    only, so the driver can ask at every sweep whatever the run's size."""
+    waiting = EvalItem.run_id == run_id, EvalItem.graded_at.is_(None)
+    unassigned = select(EvalItem.id).where(*waiting, EvalItem.job_id.is_(None)).limit(1)
+    assigned = select(EvalItem.id).where(*waiting, EvalItem.job_id.is_not(None)).limit(1)
+    return bool(session.scalar(select(unassigned.exists() | assigned.exists())))
 
 
 def progress(session: Session, run_id: uuid.UUID, total: int) -> Progress:
