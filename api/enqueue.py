@@ -7,7 +7,15 @@ import structlog
 from celery import Celery
 from kombu.transport import redis as redis_transport
 
-from llmq.protocol import GENERATE_TASK, PRIORITY_STEPS, SCORE_TASK, GenerateTask, JobKind
+from llmq.protocol import (
+    GENERATE_TASK,
+    PRIORITY_STEPS,
+    SCORE_GROUP_TASK,
+    SCORE_TASK,
+    GenerateTask,
+    JobKind,
+    ScoreGroupTask,
+)
 from llmq.registry import ModelSpec
 
 log = structlog.get_logger(__name__)
@@ -37,18 +45,29 @@ def enqueue_job(job_id: uuid.UUID, kind: str, queue: str, priority: int = 0) -> 
     """Send after the job row is committed. False if the broker is unreachable: the job row
     stays queued and the reconciler sends it later, so the client's 202 still holds."""
     payload = GenerateTask(job_id=job_id).model_dump(mode="json")
+    return _send(TASK_FOR_KIND[kind], payload, str(job_id), queue, priority)
+
+
+def enqueue_score_group(job_ids: list[uuid.UUID], queue: str, priority: int) -> bool:
+    """Several committed scoring jobs in one message (evaluation items). As for enqueue_job,
+    a failed send leaves them queued for the reconciler, which then sends each alone."""
+    payload = ScoreGroupTask(job_ids=job_ids).model_dump(mode="json")
+    return _send(SCORE_GROUP_TASK, payload, str(uuid.uuid4()), queue, priority)
+
+
+def _send(task: str, payload: dict, task_id: str, queue: str, priority: int) -> bool:
     try:
         producer().send_task(
-            TASK_FOR_KIND[kind],
+            task,
             args=[payload],
-            task_id=str(job_id),
+            task_id=task_id,
             queue=queue,
             priority=priority,  # Redis serves priority 0 first: see llmq.protocol
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
         )
     except Exception as exc:
-        log.warning("enqueue failed; job stays queued", job_id=str(job_id), error=str(exc))
+        log.warning("enqueue failed; jobs stay queued", task_id=task_id, error=str(exc))
         return False
     return True
 

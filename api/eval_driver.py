@@ -20,7 +20,7 @@ import uuid
 import structlog
 
 from api.background import background_room
-from api.enqueue import enqueue_job, route
+from api.enqueue import enqueue_job, enqueue_score_group, route
 from api.limits import job_room, limits_of
 from api.live_workers import LiveQueues
 from api.prompts import PromptCounter
@@ -40,6 +40,10 @@ from llmq.settings import Settings
 log = structlog.get_logger(__name__)
 
 GRADE_PAGE = 2000
+# Scoring items (MMLU) go out this many to a message: one claim and one result transaction in
+# the worker for all of them instead of one each. An item costs the worker about as much
+# Python and Postgres work as the model's forward pass for it, on a small model.
+SCORE_GROUP_SIZE = 16
 
 
 class EvalDriver:
@@ -147,9 +151,14 @@ class EvalDriver:
                 )
                 eval_queries.assign_job(session, run_id, item.request_key, job.id)
                 created.append((job.id, item.kind, queue))
-        # After the commit, as for every job; a lost send is resent by the reconciler.
+        # After the commit, as for every job; a lost send is resent by the reconciler, job by job.
+        scoring = [job_id for job_id, kind, _ in created if kind == JobKind.SCORE.value]
+        for start in range(0, len(scoring), SCORE_GROUP_SIZE):
+            group = scoring[start : start + SCORE_GROUP_SIZE]
+            enqueue_score_group(group, created[0][2], BATCH_PRIORITY)  # one queue per feed
         for job_id, kind, job_queue in created:
-            enqueue_job(job_id, kind, job_queue, BATCH_PRIORITY)
+            if kind != JobKind.SCORE.value:
+                enqueue_job(job_id, kind, job_queue, BATCH_PRIORITY)
         return len(created)
 
     def _key_room(self, session, run) -> int:

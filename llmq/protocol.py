@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 GENERATE_TASK = "llmq.generate"
 SCORE_TASK = "llmq.score"
+# Several scoring jobs in one message: evaluation items, claimed and stored together.
+SCORE_GROUP_TASK = "llmq.score_group"
 
 # Broker priorities. kombu's Redis transport keeps one list per step of a queue and always
 # serves the lower step first, so interactive jobs overtake batch lines on the same model.
@@ -111,3 +113,11 @@ class ScoreTask(BaseModel):
     """The message of a scoring job: the job id only, like GenerateTask."""
 
     job_id: uuid.UUID
+
+
+class ScoreGroupTask(BaseModel):
+    """The message of several scoring jobs of one model. Each job still has its own row, is
+    claimed, completed or failed on its own, and is resent alone by the reconciler if the
+    message is lost; one message, one claim and one result transaction serve them all."""
+
+    job_ids: list[uuid.UUID] = Field(min_length=1, max_length=256)

@@ -1,9 +1,12 @@
-"""One scoring job's life inside a worker: claim it in Postgres, score it in the engine (see
-workers/scoring.py), store the log-likelihoods. The twin of workers/runner.py for `llmq.score`.
+"""Scoring jobs' life inside a worker: claim them in Postgres, score them in the engine (see
+workers/scoring.py), store the log-likelihoods. The twin of workers/runner.py for `llmq.score`
+(one job) and `llmq.score_group` (several evaluation items in one message: one claim and one
+result transaction for all of them, while each job still succeeds or fails on its own).
 """
 
 import time
 import uuid
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -23,8 +26,18 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass
+class _Scoring:
+    """A claimed job handed to the engine."""
+
+    job_id: uuid.UUID
+    given: ScoreInput
+    future: Future
+    wait_until: float  # time.monotonic(): its deadline plus a grace for a stalled engine
+
+
+@dataclass
 class ScoreRunner:
-    """One scoring job's life in a worker: claim it, score it in the engine, store the outcome."""
+    """Scoring jobs' life in a worker: claim them, score them in the engine, store outcomes."""
 
     engine: GenerationEngine
     host: ModelHost
@@ -36,62 +49,98 @@ class ScoreRunner:
         self.encoder = PairEncoder(self.host.tokenizer)
 
     def run(self, job_id: uuid.UUID) -> None:
-        bound = log.bind(job_id=str(job_id), model=self.host.spec.id)
-        job = self._claim(job_id)
-        if job is None:
-            bound.info("job skipped: cancelled, finished or held by another worker")
-            return
+        self.run_group([job_id])
+
+    def run_group(self, job_ids: list[uuid.UUID]) -> None:
+        """Every job of the group ends stored, failed or skipped before this returns (and the
+        message is acknowledged)."""
+        claimed = self._claim(job_ids)
+        skipped = set(job_ids) - {job.id for job in claimed}
+        for job_id in skipped:
+            log.info(
+                "job skipped: cancelled, finished or held by another worker", job_id=str(job_id)
+            )
+        # All go to the engine before any is waited on, so they share its scoring passes.
+        scoring = [s for s in map(self._submit, claimed) if s is not None]
+        outputs = [(s, output) for s in scoring if (output := self._wait(s)) is not None]
+        if outputs:
+            self._store(outputs)
+
+    def _submit(self, job) -> _Scoring | None:  # job: db.tables.Job
         timeout_s = job.timeout_s or self.job_timeout_s
         try:
             given = ScoreInput.model_validate(job.input)
             params = ScoreParams.model_validate(job.params)
             pairs = self.encoder.pairs(given.prompt, given.continuations)
-            deadline = time.monotonic() + timeout_s
-            request = ScoreRequest(job_id, pairs, params.max_length, deadline, job.priority)
-            output = self.engine.submit_score(request).result(timeout=timeout_s + STALL_GRACE_S)
-        except (ScoreTimeout, FutureTimeout) as exc:
-            self._fail(job_id, ErrorCategory.TIMEOUT, str(exc) or "no result within the deadline")
         except (ValidationError, ValueError, KeyError, TypeError) as exc:
-            bound.warning("job input rejected", error=str(exc))
-            self._fail(job_id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
+            log.warning("job input rejected", job_id=str(job.id), error=str(exc))
+            self._fail(job.id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
+            return None
+        deadline = time.monotonic() + timeout_s
+        request = ScoreRequest(job.id, pairs, params.max_length, deadline, job.priority)
+        future = self.engine.submit_score(request)
+        return _Scoring(job.id, given, future, deadline + STALL_GRACE_S)
+
+    def _wait(self, scoring: _Scoring) -> ScoreOutput | None:
+        """The job's output, or None once its failure is stored."""
+        try:
+            return scoring.future.result(timeout=max(0.0, scoring.wait_until - time.monotonic()))
+        except (ScoreTimeout, FutureTimeout) as exc:
+            message = str(exc) or "no result within the deadline"
+            self._fail(scoring.job_id, ErrorCategory.TIMEOUT, message)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("job input rejected", job_id=str(scoring.job_id), error=str(exc))
+            message = f"{type(exc).__name__}: {exc}"
+            self._fail(scoring.job_id, ErrorCategory.INVALID_INPUT, message)
         except Exception as exc:
-            bound.exception("job failed in the model")
-            self._fail(job_id, ErrorCategory.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
-        else:
-            try:
-                stored = self._complete(job_id, given, output)
-            except Exception as exc:  # a result Postgres refuses must not leave the job running
-                bound.exception("result could not be stored")
-                self._fail(job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
+            log.exception("job failed in the model", job_id=str(scoring.job_id))
+            self._fail(scoring.job_id, ErrorCategory.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _store(self, outputs: list[tuple[_Scoring, ScoreOutput]]) -> None:
+        """All results in one transaction; if Postgres refuses it, each alone, so one bad
+        result fails its own job only."""
+        try:
+            self._complete(outputs)
+            return
+        except Exception as exc:  # a result Postgres refuses must not leave the job running
+            if len(outputs) == 1:
+                scoring = outputs[0][0]
+                log.exception("result could not be stored", job_id=str(scoring.job_id))
+                self._fail(scoring.job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
                 return
-            if not stored:
-                bound.warning("result dropped: the job was cancelled or handed to another worker")
+            log.exception("results could not be stored together; storing each alone")
+        for pair in outputs:
+            self._store([pair])
 
     @db_retry
-    def _claim(self, job_id: uuid.UUID):  # -> db.tables.Job | None
+    def _claim(self, job_ids: list[uuid.UUID]) -> list:  # -> list[db.tables.Job]
         with session_scope(self.database_url) as session:
-            return job_queries.claim_job(session, job_id, self.worker_name)
+            return job_queries.claim_jobs(session, job_ids, self.worker_name)
 
     @db_retry
-    def _complete(self, job_id: uuid.UUID, given: ScoreInput, output: ScoreOutput) -> bool:
-        best = max(range(len(output.loglikelihoods)), key=lambda i: (output.loglikelihoods[i], -i))
-        outcome = job_queries.Outcome(
-            text=given.continuations[best],  # the most likely continuation, shown as the result
-            finish_reason="stop",
-            prompt_tokens=output.input_tokens,
-            completion_tokens=0,
-            time_to_first_token_ms=None,
-            duration_ms=output.duration_ms,
-        )
+    def _complete(self, outputs: list[tuple[_Scoring, ScoreOutput]]) -> None:
         with session_scope(self.database_url) as session:
-            if not job_queries.complete_job(session, job_id, self.worker_name, outcome):
-                return False
-            session.add(
-                ScoreResult(
-                    job_id=job_id, loglikelihoods=output.loglikelihoods, greedy=output.greedy
+            for scoring, output in outputs:
+                scores = output.loglikelihoods
+                best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+                outcome = job_queries.Outcome(
+                    text=scoring.given.continuations[best],  # the likeliest, shown as the result
+                    finish_reason="stop",
+                    prompt_tokens=output.input_tokens,
+                    completion_tokens=0,
+                    time_to_first_token_ms=None,
+                    duration_ms=output.duration_ms,
                 )
-            )
-            return True
+                if not job_queries.complete_job(session, scoring.job_id, self.worker_name, outcome):
+                    log.warning(
+                        "result dropped: the job was cancelled or handed to another worker",
+                        job_id=str(scoring.job_id),
+                    )
+                    continue
+                session.add(
+                    ScoreResult(job_id=scoring.job_id, loglikelihoods=scores, greedy=output.greedy)
+                )
 
     @db_retry
     def _fail(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:

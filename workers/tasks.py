@@ -3,7 +3,14 @@
 import uuid
 
 from llmq.logs import job_log_context
-from llmq.protocol import GENERATE_TASK, SCORE_TASK, GenerateTask, ScoreTask
+from llmq.protocol import (
+    GENERATE_TASK,
+    SCORE_GROUP_TASK,
+    SCORE_TASK,
+    GenerateTask,
+    ScoreGroupTask,
+    ScoreTask,
+)
 from workers.app import app, get_runtime
 
 
@@ -23,6 +30,14 @@ def score(payload: dict) -> None:
     runtime = get_runtime()
     with _log_context(runtime, job_id):
         runtime.score_runner.run(job_id)
+
+
+@app.task(name=SCORE_GROUP_TASK)
+def score_group(payload: dict) -> None:
+    """Run several scoring jobs (evaluation items), acknowledged once every one has ended; its
+    log lines name their job each."""
+    job_ids = ScoreGroupTask.model_validate(payload).job_ids
+    get_runtime().score_runner.run_group(job_ids)
 
 
 def _log_context(runtime, job_id: uuid.UUID):

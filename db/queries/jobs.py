@@ -152,17 +152,25 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
     """Move a queued job to running for this worker; None if another worker holds it, or it was
     cancelled or has finished. A duplicate delivery therefore never runs a job twice at once;
     a job whose worker was lost is put back to queued by the reconciler, then claimed anew."""
-    return session.scalars(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-        .values(
-            status=JobStatus.RUNNING.value,
-            started_at=func.coalesce(Job.started_at, func.now()),
-            attempts=Job.attempts + 1,
-            worker=worker,
+    claimed = claim_jobs(session, [job_id], worker)
+    return claimed[0] if claimed else None
+
+
+def claim_jobs(session: Session, job_ids: list[uuid.UUID], worker: str) -> list[Job]:
+    """claim_job for several jobs in one statement: those of them that are queued."""
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value)
+            .values(
+                status=JobStatus.RUNNING.value,
+                started_at=func.coalesce(Job.started_at, func.now()),
+                attempts=Job.attempts + 1,
+                worker=worker,
+            )
+            .returning(Job)
         )
-        .returning(Job)
-    ).first()
+    )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from db.session import session_scope
 from db.tables import Job, JobResult
-from tests.evals.conftest import EVAL_MODEL, write_jsonl
+from tests.evals.conftest import ANATOMY_DEV, EVAL_MODEL, write_cais_csv, write_jsonl
 from tests.evals.test_runs import items_of, start_run, wait_for_run
 from tests.factories import start_worker, stop_worker, wait_for_queue
 
@@ -17,6 +17,10 @@ FAULT_MODEL, FAULT_QUEUE = "tiny-faults", "llmq.tiny-faults.cpu"
 LONG_TEST = [
     {"question": f"Sam has {n} cats. How many cats?", "answer": f"{n} cats.\n#### {n}"}
     for n in range(24)
+]
+# Distinct questions (a repeated one would reuse the first one's job).
+LONG_MMLU_TEST = [
+    (f"Which bone is number {n}?", ["arm", "leg", "skull", "hand"], n % 4) for n in range(240)
 ]
 
 
@@ -33,15 +37,30 @@ def job_rows(database_url, job_ids) -> dict[str, tuple[str, int, int]]:
         return {str(r.id): (r.status, r.attempts, r[3]) for r in rows}
 
 
-def test_worker_killed_mid_run_loses_nothing(client, database_url, eval_data, tiny_model_path):
+def test_worker_killed_mid_gsm8k_run_loses_nothing(
+    client, database_url, eval_data, tiny_model_path
+):
     write_jsonl(eval_data / "gsm8k-long" / "train.jsonl", LONG_TEST)
     write_jsonl(eval_data / "gsm8k-long" / "test.jsonl", LONG_TEST)
+    body = {"benchmark": "gsm8k", "num_fewshot": 0, "dataset": "gsm8k-long"}
+    kill_worker_mid_run(client, database_url, body, len(LONG_TEST))
+
+
+def test_worker_killed_mid_mmlu_run_loses_nothing(client, database_url, eval_data, tiny_model_path):
+    """MMLU items travel in groups (llmq.score_group): the killed worker's group is lost with
+    it, and its jobs are requeued one by one."""
+    write_cais_csv(eval_data / "mmlu-long" / "dev" / "anatomy_dev.csv", ANATOMY_DEV)
+    write_cais_csv(eval_data / "mmlu-long" / "test" / "anatomy_test.csv", LONG_MMLU_TEST)
+    body = {"benchmark": "mmlu", "num_fewshot": 0, "dataset": "mmlu-long", "subjects": ["anatomy"]}
+    kill_worker_mid_run(client, database_url, body, len(LONG_MMLU_TEST))
+
+
+def kill_worker_mid_run(client, database_url, body: dict, total: int) -> None:
     first = start_worker(FAULT_MODEL)
     second = None
     try:
         wait_for_queue(FAULT_QUEUE, first)
-        body = {"benchmark": "gsm8k", "model": FAULT_MODEL, "num_fewshot": 0}
-        run = start_run(client, {**body, "dataset": "gsm8k-long"})
+        run = start_run(client, {**body, "model": FAULT_MODEL})
         deadline = time.monotonic() + 120
         while True:
             progress = client.get(f"/v1/evals/{run['id']}").json()["progress"]
@@ -56,7 +75,7 @@ def test_worker_killed_mid_run_loses_nothing(client, database_url, eval_data, ti
             for i in items_of(client, run["id"])
             if i["status"] == "succeeded"
         }
-        assert 4 <= len(before) < len(LONG_TEST), "the kill must land mid-run"
+        assert 4 <= len(before) < total, "the kill must land mid-run"
         second = start_worker(FAULT_MODEL)
         wait_for_queue(FAULT_QUEUE, second)
         done = wait_for_run(client, run["id"], timeout=240)
@@ -64,12 +83,12 @@ def test_worker_killed_mid_run_loses_nothing(client, database_url, eval_data, ti
         for process in (first, second):
             if process is not None and process.poll() is None:
                 stop_worker(process)
-    assert done["progress"]["done"] == done["progress"]["total"] == len(LONG_TEST)
+    assert done["progress"]["done"] == done["progress"]["total"] == total
     assert done["progress"]["failed"] == 0
     items = items_of(client, run["id"])
     assert all(i["status"] == "succeeded" for i in items)
     jobs = job_rows(database_url, [i["job_id"] for i in items])
-    assert len(jobs) == len(LONG_TEST)  # one job per item: none made twice
+    assert len(jobs) == total  # one job per item: none made twice
     assert all(status == "succeeded" and results == 1 for status, _, results in jobs.values())
     for position, job_id in before.items():
         assert items[position]["job_id"] == job_id
