@@ -90,29 +90,42 @@ def run_llmq(base: str, benchmark: str, args) -> tuple[float, dict, list[dict]]:
     return wall, run, items
 
 
-def compare(benchmark: str, items: list[dict], samples: dict) -> dict:
-    """Item-by-item agreement with lm-eval."""
+def compare(benchmark: str, items: list[dict], samples: dict) -> tuple[dict, list[dict]]:
+    """Item-by-item agreement with lm-eval, and the items that differ in any way."""
     checked = prompts = answers = texts = 0
     worst_ll = 0.0
+    differences = []
     for item in items:
         first = "strict-match" if benchmark == "gsm8k" else "none"
         sample = samples.get((item["task"], item["doc_index"], first))
         if sample is None:
             continue
         checked += 1
-        prompts += sample["arguments"]["gen_args_0"]["arg_0"] == item["prompt"]
+        same_prompt = sample["arguments"]["gen_args_0"]["arg_0"] == item["prompt"]
         if benchmark == "mmlu":
             theirs = [float(r[0][0]) for r in sample["resps"]]
             ours = item["answer"]["loglikelihoods"]
             worst_ll = max(worst_ll, *(abs(a - b) for a, b in zip(theirs, ours, strict=True)))
-            answers += mmlu.predict(theirs) == mmlu.predict(ours)
-            texts += 1
+            same_answer = same_text = mmlu.predict(theirs) == mmlu.predict(ours)
         else:
-            texts += sample["resps"][0][0] == item["output"]
-            answers += all(
+            theirs, ours = sample["resps"][0][0], item["output"]
+            same_text = theirs == ours
+            same_answer = all(
                 samples[(item["task"], item["doc_index"], name)]["filtered_resps"][0]
                 == item["answer"][name]
                 for name in ("strict-match", "flexible-extract")
+            )
+        prompts += same_prompt
+        answers += same_answer
+        texts += same_text
+        if not (same_prompt and same_answer and same_text):
+            differences.append(
+                {
+                    "task": item["task"],
+                    "doc_index": item["doc_index"],
+                    "llmq": ours,
+                    "lm-eval": theirs,
+                }
             )
     return {
         "items": len(items),
@@ -121,7 +134,7 @@ def compare(benchmark: str, items: list[dict], samples: dict) -> dict:
         "same answer": answers,
         "same text" if benchmark == "gsm8k" else "same prediction": texts,
         "max |Δ loglikelihood|": worst_ll,
-    }
+    }, differences
 
 
 def score_pairs(benchmark: str, run: dict, results: dict) -> list[tuple[str, float, float]]:
@@ -187,8 +200,13 @@ def main() -> None:
     for benchmark in benchmarks:
         wall, run, items = llmq[benchmark]
         samples, results = lmeval_outputs(workdir, f"llmq_{benchmark}")
-        agreement = compare(benchmark, items, samples)
-        report[benchmark] = {"llmq_s": wall, "lmeval_s": lmeval_wall[benchmark], **agreement}
+        agreement, differences = compare(benchmark, items, samples)
+        report[benchmark] = {
+            "llmq_s": wall,
+            "lmeval_s": lmeval_wall[benchmark],
+            **agreement,
+            "differences": differences,
+        }
         ratio = lmeval_wall[benchmark] / wall
         timing.add_row(
             benchmark, str(len(items)), f"{wall:.1f}", f"{lmeval_wall[benchmark]:.1f}",

@@ -32,9 +32,14 @@ def worker(
     ),
 ) -> None:
     """Start a Celery worker that holds one model and drains its llmq.<model>.<device> queue."""
-    # Between forward passes the engine runs Python; spinning OpenMP threads would take those
-    # cores from it, the API and the clients on the same machine. Set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads spin briefly between the many small operations of a forward pass, then
+    # sleep: waking them for every operation (OMP_WAIT_POLICY=PASSIVE) made a decode step about
+    # twice as slow, and spinning without end would take the cores the engine's Python, the API
+    # and the clients need between passes. Set before torch loads.
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+    # The per-step detokenization of a few tokens per row is microseconds of work; the Rust
+    # tokenizer's thread pool would wake threads for it that fight those OpenMP threads.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from workers.host import detect_device
 
     settings = get_settings()
