@@ -33,10 +33,10 @@ def worker(
 ) -> None:
     """Start a Celery worker that holds one model and drains its llmq.<model>.<device> queue."""
     # OpenMP threads spin briefly between the many small operations of a forward pass, then
-    # sleep: waking them for every operation (OMP_WAIT_POLICY=PASSIVE) made a decode step about
-    # twice as slow, and spinning without end would take the cores the engine's Python, the API
-    # and the clients need between passes. Set before torch loads.
-    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+    # sleep: waking them for every operation (OMP_WAIT_POLICY=PASSIVE) made evaluation decoding
+    # about 1.4x slower, and spinning longer takes the cores the API and the Celery threads need
+    # to admit an interactive job beside a running batch. Set before torch loads.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     # The per-step detokenization of a few tokens per row is microseconds of work; the Rust
     # tokenizer's thread pool would wake threads for it that fight those OpenMP threads.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
