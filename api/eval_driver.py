@@ -41,8 +41,8 @@ log = structlog.get_logger(__name__)
 
 GRADE_PAGE = 2000
 # Scoring items (MMLU) go out this many to a message: one claim and one result transaction in
-# the worker for all of them instead of one each. On stories260K, an item's message, claim and
-# completion cost about two thirds of the CPU of its forward passes.
+# the worker for all of them instead of one each. Sent one to a message, a stories260K item's
+# message, claim and completion cost about two thirds of the CPU of its forward passes.
 SCORE_GROUP_SIZE = 16
 
 
