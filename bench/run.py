@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
@@ -24,10 +25,11 @@ from httpx_sse import aconnect_sse
 from rich.console import Console
 from rich.table import Table
 
-from bench.models import SHARED_STORIES, ensure_llama_25m
+from bench.models import benchmark_models
 from bench.stack import baseline_server, llmq_stack
 
 console = Console(width=180)
+Measured = TypeVar("Measured")  # a run's result with a tokens_per_s
 SHORT_JOB_TOKENS = 32
 
 WORDS = "once upon a time there was a little girl named lily who liked to play in the park".split()
@@ -235,7 +237,8 @@ def cpu_accounting(processes, shares: dict[str, float]):
     shares["wall"] = time.perf_counter() - wall
 
 
-def median_result(results: list[RunResult]) -> RunResult:
+def median_result(results: list[Measured]) -> Measured:
+    """The run with the median tokens/s."""
     return sorted(results, key=lambda r: r.tokens_per_s)[len(results) // 2]
 
 
@@ -397,16 +400,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
-    for name in args.models.split(","):
-        if name == "stories260K":
-            if not SHARED_STORIES.is_dir():
-                console.print(f"skipping stories260K: {SHARED_STORIES} is absent")
-                continue
-            bench_model(name, SHARED_STORIES, args, workdir)
-        elif name == "llama-25m":
-            bench_model(name, ensure_llama_25m(workdir / "llama-25m"), args, workdir)
-        else:
-            raise SystemExit(f"unknown benchmark model {name!r}")
+    for name, model_dir in benchmark_models(args.models, workdir, console.print):
+        bench_model(name, model_dir, args, workdir)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from llmq.evals.cli import eval_command
 from llmq.keys_cli import keys_app
 from llmq.registry import get_registry
 from llmq.settings import get_settings
+from workers.threads import apply_thread_defaults
 
 app = typer.Typer(help="llmq: a queue-backed job system for LLM inference.", no_args_is_help=True)
 models_app = typer.Typer(help="The models in models.yaml.", no_args_is_help=True)
@@ -32,14 +33,7 @@ def worker(
     ),
 ) -> None:
     """Start a Celery worker that holds one model and drains its llmq.<model>.<device> queue."""
-    # OpenMP threads spin briefly between the many small operations of a forward pass, then
-    # sleep: waking them for every operation (OMP_WAIT_POLICY=PASSIVE) made evaluation decoding
-    # about 1.4x slower, and spinning longer takes the cores the API and the Celery threads need
-    # to admit an interactive job beside a running batch. Set before torch loads.
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-    # The per-step detokenization of a few tokens per row is microseconds of work; the Rust
-    # tokenizer's thread pool would wake threads for it that fight those OpenMP threads.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    apply_thread_defaults()  # before torch loads
     from workers.host import detect_device
 
     settings = get_settings()

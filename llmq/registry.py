@@ -41,6 +41,9 @@ class ModelSpec(BaseModel):
     # A running batch takes newcomers at most every this many decode steps, sooner when they
     # would fill it: each join costs a prefill pass, about a whole step on a CPU.
     join_every_steps: int = Field(default=4, ge=1)
+    # Groups the running batch's KV cache may be split into (workers/batch.py): more groups pad
+    # less in attention, but each costs one more attention call per layer and decode step.
+    max_cache_groups: int = Field(default=4, ge=1)
     # Tokens per scoring turn (and forward pass): the engine runs one turn between decode steps,
     # so this bounds how long a scoring turn holds up other jobs.
     max_score_tokens: int = Field(default=8192, ge=64)

@@ -1,8 +1,11 @@
-"""The running batch: sequences that share one left-padded KV cache.
+"""The running batch: sequences whose KV caches are kept in groups of left-padded rows.
 
-`concat` (join) and `select` (leave) follow TGI's CausalLMBatch.concatenate and filter: rows of
-different lengths are aligned by padding on the left, and columns that are padding in every
-remaining row are dropped when rows leave, so the cache never grows past the longest live row.
+Rows that join together (one prefill) form a group. A join adds a group and a leave copies only
+the groups that lose rows; a decode step attends group by group (workers/ragged.py), so a row
+never attends over another group's longer past. When the groups exceed the engine's limit, the
+two neighbours whose lengths are closest merge: within a group, merging and leaving follow
+TGI's CausalLMBatch.concatenate and filter (rows of different lengths aligned by padding on the
+left; columns that are padding in every remaining row dropped when rows leave).
 
 Each layer's keys and values live in buffers with free columns after the used ones
 (`GrowingLayer`), so a decode step writes its one new column in place. Transformers'
@@ -16,6 +19,8 @@ from typing import Generic, TypeVar
 import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
+
+from workers.ragged import ragged_cache
 
 Row = TypeVar("Row")
 
@@ -98,53 +103,141 @@ def _selected(used: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tenso
     return buffer
 
 
-@dataclass
-class Batch(Generic[Row]):
-    """Running sequences with their shared left-padded KV cache and next-token logits."""
+# A forward pass costs about as much as this many more prompt tokens: its fixed part (reading
+# the weights, running its operations), which splitting a prefill pays once per group.
+PASS_COST_TOKENS = 64
 
-    seqs: list[Row]
-    layers: list[GrowingLayer]  # per model layer, [batch, heads, length, dim] of used columns
-    mask: torch.Tensor  # [batch, length], 0 where a row is padded on the left
-    logits: torch.Tensor  # [batch, vocab], for the token each row picks next
+
+def length_groups(lengths: list[int], most: int) -> list[list[int]]:
+    """The prompts (indices into `lengths`) in at most `most` groups of similar lengths, for
+    prefills that each pad to their own longest prompt: the split minimises padded tokens plus
+    PASS_COST_TOKENS per group (exactly, over the prompts sorted by length)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    count = len(order)
+    if most <= 1 or count <= 1 or lengths[order[0]] == lengths[order[-1]]:
+        return [order]
+    # cost[k][j]: the least cost of the j shortest prompts in k groups; start[k][j]: where the
+    # last of those groups starts.
+    cost = [[float("inf")] * (count + 1) for _ in range(most + 1)]
+    start = [[0] * (count + 1) for _ in range(most + 1)]
+    cost[0][0] = 0
+    for k in range(1, most + 1):
+        for j in range(k, count + 1):
+            longest = lengths[order[j - 1]]
+            for i in range(k - 1, j):
+                total = cost[k - 1][i] + (j - i) * longest + PASS_COST_TOKENS
+                if total < cost[k][j]:
+                    cost[k][j], start[k][j] = total, i
+    k = min(range(1, most + 1), key=lambda groups: cost[groups][count])
+    groups, end = [], count
+    while k > 0:
+        begin = start[k][end]
+        groups.append(order[begin:end])
+        end, k = begin, k - 1
+    return groups[::-1]
+
+
+@dataclass
+class Group:
+    """Rows that joined the running batch together, with their own left-padded KV cache."""
+
+    layers: list[GrowingLayer]  # per model layer, [rows, heads, length, dim] of used columns
+    mask: torch.Tensor  # [rows, length], 0 where a row is padded on the left
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
 
-    def cache(self) -> Cache:
-        """The cache for the next forward pass, which appends to these layers in place."""
-        return Cache(layers=list(self.layers))
-
-    def concat(self, other: "Batch[Row]") -> "Batch[Row]":
-        length = max(self.length, other.length)
+    @classmethod
+    def stacked(cls, groups: "list[Group]") -> "Group":
+        """One group of all the groups' rows, right-aligned to the longest."""
+        length = max(g.length for g in groups)
         layers = [
             GrowingLayer(
-                _stacked([a.keys, b.keys], length), _stacked([a.values, b.values], length), length
+                _stacked([layer.keys for layer in parts], length),
+                _stacked([layer.values for layer in parts], length),
+                length,
             )
-            for a, b in zip(self.layers, other.layers, strict=True)
+            for parts in zip(*(g.layers for g in groups), strict=True)
         ]
-        masks = [
-            torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in (self.mask, other.mask)
-        ]
-        return Batch(
-            self.seqs + other.seqs, layers, torch.cat(masks), torch.cat([self.logits, other.logits])
-        )
+        masks = [torch.nn.functional.pad(g.mask, (length - g.length, 0)) for g in groups]
+        return cls(layers, torch.cat(masks))
 
-    def select(self, rows: list[int]) -> "Batch[Row]":
-        """Keep only `rows`, and drop left columns that are padding in every remaining row."""
+    def select(self, rows: list[int]) -> "Group":
+        """Only `rows`, without the left columns that are padding in every one of them."""
         index = torch.tensor(rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int((mask.sum(0) == 0).long().cumprod(0).sum().item())
-        length = self.length - start
         layers = [
             GrowingLayer(
-                _selected(layer.keys, index, start), _selected(layer.values, index, start), length
+                _selected(layer.keys, index, start),
+                _selected(layer.values, index, start),
+                self.length - start,
             )
             for layer in self.layers
         ]
-        return Batch(
-            [self.seqs[r] for r in rows],
-            layers,
-            mask[:, start:],
-            self.logits.index_select(0, index),
-        )
+        return Group(layers, mask[:, start:])
+
+    def extended(self) -> "Group":
+        """The mask with one more column, for the token a decode step appends to every row."""
+        ones = self.mask.new_ones((self.rows, 1))
+        return Group(self.layers, torch.cat([self.mask, ones], dim=-1))
+
+
+def merge_padding(a: Group, b: Group) -> int:
+    """Padding cells that stacking two groups into one adds."""
+    length = max(a.length, b.length)
+    return a.rows * (length - a.length) + b.rows * (length - b.length)
+
+
+@dataclass
+class Batch(Generic[Row]):
+    """Running sequences, their KV caches in groups (rows in the same order as `seqs`), and
+    their next-token logits."""
+
+    seqs: list[Row]
+    groups: list[Group]
+    logits: torch.Tensor  # [batch, vocab], for the token each row picks next
+
+    def positions(self) -> torch.Tensor:
+        """[batch, 1]: each row's position for the token it appends next."""
+        return torch.cat([g.mask.sum(-1, keepdim=True) for g in self.groups])
+
+    def extended(self) -> "Batch[Row]":
+        return Batch(self.seqs, [g.extended() for g in self.groups], self.logits)
+
+    def attention_inputs(self) -> dict:
+        """The decode pass's mask and cache (which appends to the groups' layers in place):
+        one group runs the model's own attention; several run ragged attention."""
+        if len(self.groups) == 1:
+            group = self.groups[0]
+            cache = Cache(layers=list(group.layers))
+            return {"attention_mask": group.mask, "past_key_values": cache}
+        cache = ragged_cache([g.layers for g in self.groups], [g.mask for g in self.groups])
+        return {"attention_mask": None, "past_key_values": cache}
+
+    def concat(self, other: "Batch[Row]", max_groups: int) -> "Batch[Row]":
+        """Both batches' rows; their groups stay apart, except that while there are more than
+        `max_groups` the neighbouring two whose merge pads least become one."""
+        groups = self.groups + other.groups
+        while len(groups) > max_groups:
+            pair = min(range(len(groups) - 1), key=lambda i: merge_padding(*groups[i : i + 2]))
+            groups[pair : pair + 2] = [Group.stacked(groups[pair : pair + 2])]
+        return Batch(self.seqs + other.seqs, groups, torch.cat([self.logits, other.logits]))
+
+    def select(self, rows: list[int]) -> "Batch[Row]":
+        """Keep only `rows` (in order); a group copies its cache only if it loses rows."""
+        groups, start = [], 0
+        for group in self.groups:
+            kept = [r - start for r in rows if start <= r < start + group.rows]
+            if len(kept) == group.rows:
+                groups.append(group)
+            elif kept:
+                groups.append(group.select(kept))
+            start += group.rows
+        index = torch.tensor(rows, device=self.logits.device)
+        return Batch([self.seqs[r] for r in rows], groups, self.logits.index_select(0, index))

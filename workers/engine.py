@@ -31,7 +31,7 @@ from transformers import Cache
 from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
-from workers.batch import Batch, GrowingLayer
+from workers.batch import Batch, Group, GrowingLayer, length_groups
 from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.metrics import EngineMetrics
@@ -115,6 +115,7 @@ class GenerationEngine:
         max_wait_ms: int,
         max_score_tokens: int = 8192,
         join_every_steps: int = 1,
+        max_cache_groups: int = 4,
         continuous: bool = True,
         background_share: float = 0.2,
         on_tokens: Callable[[list[TokenEmission]], None] | None = None,
@@ -125,6 +126,8 @@ class GenerationEngine:
         self.max_wait_s = max_wait_ms / 1000
         self.continuous = continuous
         self.join_every_steps = join_every_steps
+        # A model without ragged attention keeps its running batch in one cache.
+        self.max_cache_groups = max_cache_groups if host.ragged_attention else 1
         self.on_tokens = on_tokens
         self._inbox: queue.Queue[_Sequence | PendingScore] = queue.Queue()
         self._waiting: list[_Sequence] = []
@@ -331,11 +334,18 @@ class GenerationEngine:
             return
         taken = {id(s) for s in admitted}
         self._waiting = [s for s in self._waiting if id(s) not in taken]
-        fresh = self._prefill(admitted)
-        if fresh is None:
-            return
-        lane.batch = fresh if lane.batch is None else lane.batch.concat(fresh)
-        lane.steps_since_join = 0
+        # Newcomers of very different lengths prefill in groups of similar lengths, so that a
+        # short prompt is not padded to the longest; each group joins as its own cache group.
+        free = self.max_cache_groups - (len(lane.batch.groups) if lane.batch else 0)
+        lengths = [len(s.request.prompt_ids) for s in admitted]
+        for rows in length_groups(lengths, most=free):
+            fresh = self._prefill([admitted[row] for row in rows])
+            if fresh is None:
+                continue
+            if lane.batch is not None:
+                fresh = lane.batch.concat(fresh, self.max_cache_groups)
+            lane.batch = fresh
+            lane.steps_since_join = 0
 
     def _join_due(self, lane: _Lane, waiting: int) -> bool:
         """Whether newcomers join the running batch now: every join_every_steps decode steps,
@@ -362,7 +372,7 @@ class GenerationEngine:
                 seq.future.set_exception(exc)
         merged: Batch | None = None
         for batch in batches:
-            merged = batch if merged is None else merged.concat(batch)
+            merged = batch if merged is None else merged.concat(batch, self.max_cache_groups)
         return merged
 
     def _forward_prompts(self, seqs: list[_Sequence]) -> Batch:
@@ -387,7 +397,7 @@ class GenerationEngine:
             logits_to_keep=1,
         )
         self.metrics.forward_pass("prefill", time.perf_counter() - started)
-        return Batch(seqs, cache.layers, mask, out.logits[:, -1, :])
+        return Batch(seqs, [Group(cache.layers, mask)], out.logits[:, -1, :])
 
     def _step(self, lane: _Lane) -> None:
         """Pick one token per row, publish the text, retire finished rows, run one decode pass."""
@@ -428,18 +438,14 @@ class GenerationEngine:
         lane.batch = self._forward_step(batch, next_ids.to(self.host.device))
 
     def _forward_step(self, batch: Batch, next_ids: torch.Tensor) -> Batch:
-        positions = batch.mask.sum(-1, keepdim=True)
-        mask = torch.cat([batch.mask, torch.ones_like(positions)], dim=-1)
+        positions = batch.positions()
+        batch = batch.extended()
         started = time.perf_counter()
         out = self.host.model(
-            input_ids=next_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=batch.cache(),
-            use_cache=True,
+            input_ids=next_ids, position_ids=positions, use_cache=True, **batch.attention_inputs()
         )
         self.metrics.forward_pass("decode", time.perf_counter() - started)
-        return Batch(batch.seqs, batch.layers, mask, out.logits[:, -1, :])
+        return Batch(batch.seqs, batch.groups, out.logits[:, -1, :])
 
     def _mask_early_eos(self, batch: Batch[_Sequence]) -> None:
         """Rows that have not reached their min_tokens may not pick EOS."""

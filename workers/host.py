@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmq.registry import Device, ModelSpec
 from llmq.tiny_model import ensure_tiny_model
+from workers.ragged import enable_ragged_attention
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,7 @@ class ModelHost:
         pad = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
         self.pad_token_id: int = pad if pad is not None else (self.eos_token_id or 0)
         self._backend = self.tokenizer.backend_tokenizer  # type: ignore[attr-defined]
+        self.ragged_attention = enable_ragged_attention(self.model)
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]

@@ -9,10 +9,7 @@ import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-import psycopg
 import structlog
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
@@ -22,32 +19,14 @@ from llmq.events import DoneEvent, ErrorEvent, TokenEvent
 from llmq.protocol import ErrorCategory, FinishReason, JobStatus, SamplingParams
 from llmq.publisher import TokenEmission, TokenPublisher
 from workers import metrics as worker_metrics
+from workers.db_retry import db_retry
 from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
 from workers.host import ModelHost
+from workers.result_writer import ResultWriter
 
 log = structlog.get_logger(__name__)
 
 STALL_GRACE_S = 30.0
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Lost or refused connections: how Postgres being away, restarting or cut off shows."""
-    if isinstance(exc, DBAPIError):
-        return (
-            exc.connection_invalidated
-            or isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
-            or isinstance(exc, OperationalError | InterfaceError)
-        )
-    return isinstance(exc, DisconnectionError | ConnectionError)
-
-
-# Postgres may be briefly away; keep trying so that no job is acknowledged before it is stored.
-db_retry = retry(
-    retry=retry_if_exception(_is_transient),
-    wait=wait_exponential_jitter(initial=0.2, max=10),
-    stop=stop_after_delay(600),
-    reraise=True,
-)
 
 
 @dataclass
@@ -58,6 +37,7 @@ class JobRunner:
     database_url: str
     worker_name: str
     job_timeout_s: float
+    results: ResultWriter
 
     def run(self, job_id: uuid.UUID) -> None:
         bound = log.bind(job_id=str(job_id), model=self.host.spec.id)
@@ -129,10 +109,10 @@ class JobRunner:
             worker_metrics.job_started(job)
         return job
 
-    @db_retry
     def _complete(self, job_id: uuid.UUID, output: GenerationOutput) -> list[uuid.UUID] | None:
         """Store the result, its cache entry and the results of the jobs that follow it, in one
-        transaction. Returns the followers' ids; None if the job was not this worker's."""
+        transaction (shared with other jobs finishing at the same time). Returns the followers'
+        ids; None if the job was not this worker's."""
         outcome = job_queries.Outcome(
             text=output.text,
             finish_reason=output.finish_reason.value,
@@ -141,15 +121,12 @@ class JobRunner:
             time_to_first_token_ms=output.time_to_first_token_ms,
             duration_ms=output.duration_ms,
         )
-        with session_scope(self.database_url) as session:
-            job = job_queries.complete_job(session, job_id, self.worker_name, outcome)
-            if job is None:
-                return None
-            cache_queries.store_entry(session, job, outcome)
-            followers = cache_queries.complete_followers(session, job, outcome)
+        stored = self.results.store(job_id, outcome)
+        if stored is None:
+            return None
         worker_metrics.job_succeeded(job_id, output)
-        outcomes.job_finished(job.model, JobStatus.SUCCEEDED.value, len(followers))
-        return followers
+        outcomes.job_finished(stored.job.model, JobStatus.SUCCEEDED.value, len(stored.followers))
+        return stored.followers
 
     @db_retry
     def _was_cancelled(self, job_id: uuid.UUID) -> bool:

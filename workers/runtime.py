@@ -14,6 +14,7 @@ from workers import metrics as worker_metrics
 from workers.cancellation import CancellationWatcher
 from workers.engine import GenerationEngine, GenerationRequest
 from workers.host import ModelHost, detect_device
+from workers.result_writer import ResultWriter
 from workers.runner import JobRunner
 from workers.score_runner import ScoreRunner
 
@@ -44,6 +45,7 @@ class WorkerRuntime:
             max_batch_tokens=spec.max_batch_tokens,
             max_score_tokens=spec.max_score_tokens,
             join_every_steps=spec.join_every_steps,
+            max_cache_groups=spec.max_cache_groups,
             max_wait_ms=spec.max_wait_ms,
             continuous=spec.scheduling == "continuous",
             background_share=spec.background_share,
@@ -53,8 +55,16 @@ class WorkerRuntime:
         _warm_up(engine, host)
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
+        results = ResultWriter(settings.database_url, worker_name)
+        results.start()
         runner = JobRunner(
-            engine, host, publisher, settings.database_url, worker_name, settings.job_time_limit_s
+            engine,
+            host,
+            publisher,
+            settings.database_url,
+            worker_name,
+            settings.job_time_limit_s,
+            results,
         )
         score_runner = ScoreRunner(
             engine, host, settings.database_url, worker_name, settings.job_time_limit_s
@@ -64,6 +74,7 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.watcher.stop()
         self.engine.stop()
+        self.runner.results.stop()
         self.runner.publisher.close()
 
 

@@ -17,9 +17,10 @@ from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import ScoreResult
 from llmq.protocol import ErrorCategory, ScoreInput, ScoreParams
+from workers.db_retry import db_retry
 from workers.engine import GenerationEngine
 from workers.host import ModelHost
-from workers.runner import STALL_GRACE_S, db_retry
+from workers.runner import STALL_GRACE_S
 from workers.scoring import PairEncoder, ScoreOutput, ScoreRequest, ScoreTimeout
 
 log = structlog.get_logger(__name__)

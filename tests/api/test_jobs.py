@@ -35,10 +35,10 @@ def test_submit_job_matches_transformers_generate(live_client, tiny_model_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     prompt = "The quick brown fox"
-    inputs = tokenizer(prompt, return_tensors="pt")
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=10, do_sample=False, min_new_tokens=10)
-    expected = tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+        out = model.generate(input_ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    expected = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
     job = submit(live_client, prompt=prompt, max_tokens=10, ignore_eos=True)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from workers.batch import ROOM, Batch, GrowingLayer
+from workers.batch import ROOM, Batch, Group, GrowingLayer, length_groups
 
 
 def states(rows: int, length: int, start: float = 0.0) -> torch.Tensor:
@@ -29,25 +29,74 @@ def test_update_appends_in_place_until_the_buffer_is_full():
     assert layer.get_seq_length() == 5 + ROOM + 1
 
 
-def batch(rows: int, length: int, start: float) -> Batch:
+def group(rows: int, length: int, start: float) -> Group:
     layer = GrowingLayer()
     layer.update(states(rows, length, start), states(rows, length, start + 0.5))
-    mask = torch.ones(rows, length, dtype=torch.long)
-    return Batch(list(range(rows)), [layer], mask, torch.zeros(rows, 4))
+    return Group([layer], torch.ones(rows, length, dtype=torch.long))
 
 
-def test_concat_right_aligns_the_shorter_batch_with_zeros_and_select_drops_padding():
-    long, short = batch(1, 4, 0), batch(2, 2, 100)
-    joined = long.concat(short)
-    keys = joined.layers[0].keys
+def batch(*groups: Group, first: int = 0) -> Batch:
+    """Rows numbered from `first`, as their sequences and their logits."""
+    rows = range(first, first + sum(g.rows for g in groups))
+    return Batch(list(rows), list(groups), torch.tensor(rows).float()[:, None])
+
+
+def test_a_merge_right_aligns_the_shorter_rows_with_zeros_and_a_leave_drops_padding():
+    long, short = batch(group(1, 4, 0)), batch(group(2, 2, 100), first=1)
+    joined = long.concat(short, max_groups=1)
+    [merged] = joined.groups
+    keys = merged.layers[0].keys
     assert keys.shape == (3, 2, 4, 3)
     assert torch.equal(keys[0], states(1, 4)[0])
     assert torch.equal(keys[1:, :, 2:], states(2, 2, 100))
     assert not keys[1:, :, :2].any()  # left padding holds zeros, never stale memory
-    assert joined.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]
-    assert joined.layers[0].key_buffer.shape[2] == 4 + ROOM
+    assert merged.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]
+    assert merged.layers[0].key_buffer.shape[2] == 4 + ROOM
 
-    kept = joined.select([2, 1])  # the long row leaves: its extra columns go with it
-    assert kept.seqs == [1, 0] and kept.mask.tolist() == [[1, 1], [1, 1]]
-    assert torch.equal(kept.layers[0].keys, states(2, 2, 100).flip(0))
-    assert torch.equal(kept.layers[0].values, states(2, 2, 100.5).flip(0))
+    kept = joined.select([1, 2])  # the long row leaves: its extra columns go with it
+    assert kept.seqs == [1, 2] and kept.groups[0].mask.tolist() == [[1, 1], [1, 1]]
+    assert torch.equal(kept.groups[0].layers[0].keys, states(2, 2, 100))
+    assert torch.equal(kept.groups[0].layers[0].values, states(2, 2, 100.5))
+    assert kept.logits.flatten().tolist() == [1, 2]
+
+
+def test_a_join_adds_a_group_and_a_leave_copies_only_the_groups_that_lose_rows():
+    first, second, third = group(2, 6, 0), group(3, 3, 1000), group(1, 2, 2000)
+    joined = batch(first).concat(batch(second, first=2), max_groups=4)
+    joined = joined.concat(batch(third, first=5), max_groups=4)
+    assert all(a is b for a, b in zip(joined.groups, [first, second, third], strict=True))
+    assert joined.positions().flatten().tolist() == [6, 6, 3, 3, 3, 2]
+
+    kept = joined.select([0, 1, 3, 4])  # one row of the second group and the third group leave
+    assert kept.seqs == [0, 1, 3, 4] and kept.logits.flatten().tolist() == [0, 1, 3, 4]
+    assert kept.groups[0] is first
+    assert len(kept.groups) == 2
+    assert torch.equal(kept.groups[1].layers[0].keys, states(3, 3, 1000)[1:])
+
+
+def test_past_the_limit_the_neighbouring_groups_that_pad_least_merge():
+    groups = [group(2, 10, 0), group(2, 9, 1000), group(2, 3, 2000)]
+    joined = batch(groups[0]).concat(batch(*groups[1:], first=2), max_groups=2)
+    assert [(g.rows, g.length) for g in joined.groups] == [(4, 10), (2, 3)]
+    assert joined.groups[1] is groups[2]
+    assert joined.groups[0].mask[2:].tolist() == [[0] + [1] * 9] * 2
+
+
+def test_prompts_prefill_in_groups_of_similar_lengths_only_where_it_saves_padding():
+    # Far apart: two groups, each padded to its own longest prompt.
+    assert length_groups([5, 30, 5, 30, 5, 30] * 10, most=4) == [
+        list(range(0, 60, 2)),
+        list(range(1, 60, 2)),
+    ]
+    # Close together: a second pass costs more than the padding it saves.
+    assert length_groups([10, 11, 12, 10], most=4) == [[0, 3, 1, 2]]
+    assert length_groups([5, 300], most=1) == [[0, 1]]
+    assert length_groups([7], most=4) == [[0]]
+    # Every prompt in exactly one group, the groups in order of length.
+    lengths = [(i * 37) % 50 + 1 for i in range(64)]
+    groups = length_groups(lengths, most=3)
+    assert sorted(i for g in groups for i in g) == list(range(64)) and len(groups) <= 3
+    assert all(
+        max(lengths[i] for i in a) <= min(lengths[i] for i in b)
+        for a, b in zip(groups, groups[1:], strict=False)
+    )

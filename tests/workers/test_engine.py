@@ -311,7 +311,7 @@ def test_newcomers_join_a_running_batch_in_groups_every_few_steps(host, make_eng
     from workers.engine import _Lane
 
     engine = make_engine(max_batch_size=8, join_every_steps=4)
-    lane = _Lane(background=False, batch=Batch(["a", "b", "c"], [], None, None))  # 5 rows free
+    lane = _Lane(background=False, batch=Batch(["a", "b", "c"], [], None))  # 5 rows free
     lane.steps_since_join = 1
     assert not engine._join_due(lane, waiting=2)  # they wait for the group
     assert engine._join_due(lane, waiting=5)  # they fill the batch: no reason to wait
