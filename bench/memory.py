@@ -1,7 +1,10 @@
 """Worker memory over a long run: many short jobs through the API while the worker's resident
 memory is sampled. Target: it stays within the model's size + 500 MB, and does not creep.
 
-    python -m bench.memory [--jobs 10000] [--clients 64]
+    python -m bench.memory [--models stories260K,llama-25m] [--jobs 10000] [--clients 64]
+
+For each model it prints the peak against the model's size, and the resident memory at each
+tenth of the run, so that a plateau shows apart from a creep.
 """
 
 import argparse
@@ -17,7 +20,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from bench.models import SHARED_STORIES, ensure_llama_25m
+from bench.models import benchmark_models
 from bench.run import Request, llmq_request, make_workload, run_clients
 from bench.stack import llmq_stack
 
@@ -32,14 +35,7 @@ def sample_rss(pid: int, samples: list[tuple[float, int]], stop: threading.Event
         samples.append((time.monotonic() - started, process.memory_info().rss))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=8)
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="llmq-memory-"))
-    model_dir = SHARED_STORIES if SHARED_STORIES.is_dir() else ensure_llama_25m(workdir / "m")
+def measure(name: str, model_dir: Path, workdir: Path, args) -> None:
     model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     spec = {
         "id": "memory",
@@ -52,18 +48,20 @@ def main() -> None:
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     # Every job must reach the worker, even a prompt the workload happens to repeat.
-    with llmq_stack([spec], workdir, ["memory"], LLMQ_CACHE="off") as (base, workers):
+    stack_dir = workdir / f"stack-{name}"
+    stack_dir.mkdir()
+    with llmq_stack([spec], stack_dir, ["memory"], LLMQ_CACHE="off") as (base, workers):
         worker = workers[1]  # [api, worker]
-        sampler = threading.Thread(target=sample_rss, args=(worker.pid, samples, stop))
-        sampler.start()
-        warm = asyncio.run(
+        asyncio.run(
             run_clients(
                 requests[: args.clients * 4],
                 args.clients,
                 llmq_request(base, "memory", stream=False),
             )
         )
-        after_warmup = samples[-1][1] if samples else 0
+        after_warmup = psutil.Process(worker.pid).memory_info().rss
+        sampler = threading.Thread(target=sample_rss, args=(worker.pid, samples, stop))
+        sampler.start()
         result = asyncio.run(
             run_clients(requests, args.clients, llmq_request(base, "memory", stream=False))
         )
@@ -71,9 +69,10 @@ def main() -> None:
         sampler.join()
         succeeded = httpx.get(f"{base}/v1/jobs", params={"status": "succeeded", "limit": 1})
     rss = [r for _, r in samples]
-    tail = [r for t, r in samples if t > samples[-1][0] * 0.9]
+    end = samples[-1][0]
+    tail = [r for t, r in samples if t > end * 0.9]
     table = Table(
-        title=f"worker memory over {len(result.samples):,} jobs "
+        title=f"{name}: worker memory over {len(result.samples):,} jobs "
         f"({args.clients} clients, {args.max_tokens} tokens each)"
     )
     for column in [
@@ -96,7 +95,26 @@ def main() -> None:
         f"{succeeded.json()['total']:,}",
     )
     console.print(table)
-    del warm
+    course = Table(title=f"{name}: resident memory (MB) at each tenth of the run")
+    tenths = range(1, 11)
+    for tenth in tenths:
+        course.add_column(f"{tenth * 10}%", justify="right")
+    course.add_row(
+        *[f"{max(r for t, r in samples if t <= end * tenth / 10) / MB:.0f}" for tenth in tenths]
+    )
+    console.print(course)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="stories260K,llama-25m")
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="llmq-memory-"))
+    for name, model_dir in benchmark_models(args.models, workdir, console.print):
+        measure(name, model_dir, workdir, args)
 
 
 if __name__ == "__main__":

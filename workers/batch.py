@@ -36,16 +36,20 @@ def _buffer(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
 class GrowingLayer(DynamicLayer):
     """One layer's cache: `keys` and `values` are views of the first `length` columns of
     buffers with room for more; `update` writes new columns in place, growing the buffers by
-    ROOM columns only when they are full."""
+    ROOM columns only when they are full. A prefill's buffers get `room` free columns: rows that
+    will take fewer new tokens than ROOM need no more (for a batch of short jobs, ROOM columns
+    would double the cache)."""
 
     def __init__(
         self,
         key_buffer: torch.Tensor | None = None,
         value_buffer: torch.Tensor | None = None,
         length: int = 0,
+        room: int = ROOM,
     ) -> None:
         super().__init__()
         self.length = 0
+        self.room = room
         if key_buffer is not None and value_buffer is not None:
             self._use(key_buffer, value_buffer, length)
 
@@ -57,7 +61,7 @@ class GrowingLayer(DynamicLayer):
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        rows, columns = key_states.shape[0], key_states.shape[2] + ROOM
+        rows, columns = key_states.shape[0], key_states.shape[2] + self.room
         self._use(_buffer(key_states, rows, columns), _buffer(value_states, rows, columns), 0)
 
     def update(

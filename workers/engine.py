@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import torch
@@ -31,9 +32,10 @@ from transformers import Cache
 from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
-from workers.batch import Batch, Group, GrowingLayer, length_groups
+from workers.batch import ROOM, Batch, Group, GrowingLayer, length_groups
 from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
+from workers.memory import release_free_memory
 from workers.metrics import EngineMetrics
 from workers.sampling import choose_tokens, make_generator
 from workers.scoring import PendingScore, Scorer, ScoreRequest
@@ -149,6 +151,9 @@ class GenerationEngine:
         self.max_score_tokens = max_score_tokens
         self.scorer = Scorer(host, max_score_tokens, on_pass=self.metrics.forward_pass)
         self._scoring: list[PendingScore] = []
+        # Freed memory goes back to the system once the engine idles after work (workers/memory.py).
+        self._memory_released = False
+        self.memory_releases = 0
 
     # -- the surface used by other threads -------------------------------------------------
 
@@ -269,6 +274,9 @@ class GenerationEngine:
             try:
                 self._receive(self._inbox.get(timeout=0.1))
             except queue.Empty:
+                if not self._memory_released:  # idle for a while after some work
+                    self._memory_released = release_free_memory()
+                    self.memory_releases += self._memory_released
                 return
             # Give concurrent submitters max_wait to join this micro-batch.
             deadline = time.monotonic() + self.max_wait_s
@@ -287,6 +295,7 @@ class GenerationEngine:
                 return
 
     def _receive(self, item: _Sequence | PendingScore) -> None:
+        self._memory_released = False
         if isinstance(item, PendingScore):
             self._scoring.append(item)
         else:  # after those of its priority, before those of lower priority
@@ -386,7 +395,9 @@ class GenerationEngine:
             mask[row, longest - len(prompt) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = Cache(layer_class_to_replicate=GrowingLayer)
+        # Each decode step appends a column; a row takes its first token from this pass.
+        steps = max(s.request.params.max_tokens for s in seqs) - 1
+        cache = Cache(layer_class_to_replicate=partial(GrowingLayer, room=min(ROOM, steps)))
         started = time.perf_counter()
         out = self.host.model(
             input_ids=ids,

@@ -29,6 +29,17 @@ def test_update_appends_in_place_until_the_buffer_is_full():
     assert layer.get_seq_length() == 5 + ROOM + 1
 
 
+def test_a_prefill_for_short_jobs_leaves_only_the_room_they_need():
+    layer = GrowingLayer(room=3)
+    layer.update(states(2, 5), states(2, 5))
+    assert layer.key_buffer.shape[2] == layer.value_buffer.shape[2] == 5 + 3
+    for step in range(3):
+        layer.update(states(2, 1, step), states(2, 1, step))
+    assert layer.key_buffer.shape[2] == 8
+    layer.update(states(2, 1), states(2, 1))  # past the room: grows as any other buffer
+    assert layer.key_buffer.shape[2] == 9 + ROOM and layer.get_seq_length() == 9
+
+
 def group(rows: int, length: int, start: float) -> Group:
     layer = GrowingLayer()
     layer.update(states(rows, length, start), states(rows, length, start + 0.5))

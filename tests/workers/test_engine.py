@@ -322,3 +322,32 @@ def test_newcomers_join_a_running_batch_in_groups_every_few_steps(host, make_eng
     requests = [request(host, p, max_tokens=16) for p in PROMPTS]
     joined = run_all(engine, requests, stagger_s=0.002)
     assert [o.text for o in joined] == alone
+
+
+def test_a_prefill_leaves_cache_room_only_for_the_tokens_its_jobs_can_take(host, make_engine):
+    engine = make_engine()
+    seen = []
+    forward = engine._forward_prompts
+
+    def recording(seqs):
+        batch = forward(seqs)
+        seen.append(batch.groups[0])
+        return batch
+
+    engine._forward_prompts = recording
+    run_all(engine, [request(host, "The dog", max_tokens=5), request(host, "x", max_tokens=3)])
+    (group,) = seen
+    assert group.layers[0].key_buffer.shape[2] == group.length + 4  # four decode steps at most
+
+
+def test_the_engine_returns_freed_memory_once_it_idles_after_work(host, make_engine):
+    engine = make_engine()
+    time.sleep(0.3)
+    at_start = engine.memory_releases  # the model's loading left freed memory too
+    run_all(engine, [request(host, p) for p in PROMPTS])
+    deadline = time.monotonic() + 5
+    while engine.memory_releases == at_start and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.memory_releases == at_start + 1
+    time.sleep(0.5)  # still idle: nothing more to give back
+    assert engine.memory_releases == at_start + 1

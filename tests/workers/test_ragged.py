@@ -7,11 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llmq.protocol import SamplingParams
+
 PROMPTS = [
     ["Once upon a time there was a little", "The dog"],
     ["A queue holds jobs until a worker is ready and then it runs them all"],
     ["x", "Hello 🙂 漢字", "0 1 2 3 4 5"],
 ]
+DECODE_STEPS = 6
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,11 @@ def host(tiny_model_path):
 
 def prefill(engine, host, prompts):
     """One group, as the engine makes it when these prompts join together."""
-    seqs = [SimpleNamespace(request=SimpleNamespace(prompt_ids=host.encode(p))) for p in prompts]
+    params = SamplingParams(max_tokens=DECODE_STEPS + 1)
+    seqs = [
+        SimpleNamespace(request=SimpleNamespace(prompt_ids=host.encode(p), params=params))
+        for p in prompts
+    ]
     return engine._forward_prompts(seqs)
 
 
@@ -39,7 +46,7 @@ def test_several_groups_decode_as_one_padded_cache(host):
     ragged = parts[0].concat(parts[1], max_groups=3).concat(parts[2], max_groups=3)
     assert len(one.groups) == 1 and len(ragged.groups) == 3
     assert torch.equal(one.positions(), ragged.positions())
-    for _ in range(6):  # each step appends to every group's cache in place
+    for _ in range(DECODE_STEPS):  # each step appends to every group's cache in place
         next_ids = one.logits.argmax(-1, keepdim=True)
         assert torch.equal(next_ids, ragged.logits.argmax(-1, keepdim=True))
         one = engine._forward_step(one, next_ids)
