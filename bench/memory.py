@@ -67,6 +67,8 @@ def measure(name: str, model_dir: Path, workdir: Path, args) -> None:
         )
         stop.set()
         sampler.join()
+        time.sleep(2)  # the engine hands freed memory back once idle
+        idle = psutil.Process(worker.pid).memory_info().rss
         succeeded = httpx.get(f"{base}/v1/jobs", params={"status": "succeeded", "limit": 1})
     rss = [r for _, r in samples]
     end = samples[-1][0]
@@ -80,6 +82,7 @@ def measure(name: str, model_dir: Path, workdir: Path, args) -> None:
         "RSS after warm-up",
         "RSS peak",
         "RSS last 10%",
+        "RSS idle after",
         "peak − model",
         "jobs/s",
         "jobs stored",
@@ -90,6 +93,7 @@ def measure(name: str, model_dir: Path, workdir: Path, args) -> None:
         f"{after_warmup / MB:.0f} MB",
         f"{max(rss) / MB:.0f} MB",
         f"{statistics.median(tail) / MB:.0f} MB",
+        f"{idle / MB:.0f} MB",
         f"{(max(rss) - model_bytes) / MB:.0f} MB",
         f"{result.requests_per_s:.0f}",
         f"{succeeded.json()['total']:,}",
