@@ -60,6 +60,12 @@ class ModelHost:
         pad = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
         self.pad_token_id: int = pad if pad is not None else (self.eos_token_id or 0)
         self._backend = self.tokenizer.backend_tokenizer  # type: ignore[attr-defined]
+        # A BPE tokenizer caches up to 10,000 words it has split. Where the pre-tokenizer does not
+        # split a prompt into words (stories260K's Metaspace), each distinct short prompt is one
+        # entry, and the cache grew a worker by about 2 KB a job; a worker encodes each prompt
+        # once, so the cache saves it little.
+        if hasattr(self._backend.model, "_resize_cache"):
+            self._backend.model._resize_cache(0)
         self.ragged_attention = enable_ragged_attention(self.model)
 
     def encode(self, prompt: str) -> list[int]:

@@ -73,3 +73,49 @@ def test_pretrained_stories_model_serves_through_an_entry(tmp_path):
     finally:
         engine.stop()
     assert "there was" in text or "little" in text, text
+
+
+# In its own process, so that resident memory measures the tokenizer alone: 20,000 distinct
+# short prompts through a plain tokenizer and through the worker's.
+ENCODE_MANY = """
+import random, sys, threading, psutil
+from pathlib import Path
+from transformers import AutoTokenizer
+from llmq.registry import ModelSpec
+from workers.host import ModelHost
+
+source = sys.argv[1]
+host = ModelHost.load(ModelSpec(id="m", source=source, context_length=512), "cpu", Path(source))
+words = "the a dog cat ran jumped over under happy sad little big tree house sun moon".split()
+
+def growth(encode) -> int:
+    rng = random.Random(0)
+    prompts = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(20_000)]
+    before = psutil.Process().memory_info().rss
+    chunks = [prompts[i::4] for i in range(4)]
+    threads = [threading.Thread(target=lambda c=c: [encode(p) for p in c]) for c in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return psutil.Process().memory_info().rss - before
+
+print(growth(AutoTokenizer.from_pretrained(source).encode), growth(host.encode))
+"""
+
+
+@pytest.mark.skipif(not SHARED_STORIES.is_dir(), reason="the shared stories260K model is absent")
+def test_the_worker_tokenizer_keeps_no_cache_of_whole_prompts():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", ENCODE_MANY, str(SHARED_STORIES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    plain, worker = (int(n) for n in done.stdout.split()[-2:])
+    assert plain > 3 * 2**20, "the plain tokenizer cached nothing: nothing left to test"
+    assert worker < plain / 3
