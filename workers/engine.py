@@ -274,9 +274,9 @@ class GenerationEngine:
             try:
                 self._receive(self._inbox.get(timeout=0.1))
             except queue.Empty:
-                if not self._memory_released:  # idle for a while after some work
-                    self._memory_released = release_free_memory()
-                    self.memory_releases += self._memory_released
+                if not self._memory_released and release_free_memory():  # idle after work
+                    self._memory_released = True
+                    self.memory_releases += 1
                 return
             # Give concurrent submitters max_wait to join this micro-batch.
             deadline = time.monotonic() + self.max_wait_s

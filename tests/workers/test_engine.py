@@ -341,6 +341,10 @@ def test_a_prefill_leaves_cache_room_only_for_the_tokens_its_jobs_can_take(host,
 
 
 def test_the_engine_returns_freed_memory_once_it_idles_after_work(host, make_engine):
+    from workers.memory import release_free_memory
+
+    if not release_free_memory():
+        pytest.skip("this C library has no malloc_trim")
     engine = make_engine()
     time.sleep(0.3)
     at_start = engine.memory_releases  # the model's loading left freed memory too
