@@ -214,15 +214,14 @@ class Batch(Generic[Row]):
     def extended(self) -> "Batch[Row]":
         return Batch(self.seqs, [g.extended() for g in self.groups], self.logits)
 
-    def attention_inputs(self) -> dict:
+    def attention_inputs(self) -> tuple[torch.Tensor | None, Cache]:
         """The decode pass's mask and cache (which appends to the groups' layers in place):
         one group runs the model's own attention; several run ragged attention."""
         if len(self.groups) == 1:
             group = self.groups[0]
-            cache = Cache(layers=list(group.layers))
-            return {"attention_mask": group.mask, "past_key_values": cache}
+            return group.mask, Cache(layers=list(group.layers))
         cache = ragged_cache([g.layers for g in self.groups], [g.mask for g in self.groups])
-        return {"attention_mask": None, "past_key_values": cache}
+        return None, cache
 
     def concat(self, other: "Batch[Row]", max_groups: int) -> "Batch[Row]":
         """Both batches' rows; their groups stay apart, except that while there are more than

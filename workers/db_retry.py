@@ -19,7 +19,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 db_retry = retry(
     retry=retry_if_exception(_is_transient),
-    wait=wait_exponential_jitter(initial=0.2, max=10),
+    wait=wait_exponential_jitter(multiplier=0.2, max=10),
     stop=stop_after_delay(600),
     reraise=True,
 )

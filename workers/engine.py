@@ -403,8 +403,8 @@ class GenerationEngine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self.host.cache_argument: cache},
             logits_to_keep=1,
         )
         self.metrics.forward_pass("prefill", time.perf_counter() - started)
@@ -451,9 +451,14 @@ class GenerationEngine:
     def _forward_step(self, batch: Batch, next_ids: torch.Tensor) -> Batch:
         positions = batch.positions()
         batch = batch.extended()
+        mask, cache = batch.attention_inputs()
         started = time.perf_counter()
         out = self.host.model(
-            input_ids=next_ids, position_ids=positions, use_cache=True, **batch.attention_inputs()
+            input_ids=next_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.host.cache_argument: cache},
         )
         self.metrics.forward_pass("decode", time.perf_counter() - started)
         return Batch(batch.seqs, batch.groups, out.logits[:, -1, :])

@@ -1,5 +1,6 @@
 """The model host: loads one model and its tokenizer once per worker process and keeps them."""
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,10 @@ class ModelHost:
         if hasattr(self._backend.model, "_resize_cache"):
             self._backend.model._resize_cache(0)
         self.ragged_attention = enable_ragged_attention(self.model)
+        # Transformers renamed the forward pass's KV cache argument from past_key_values to cache
+        # and will drop the old name.
+        forward = inspect.signature(self.model.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward else "past_key_values"
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]

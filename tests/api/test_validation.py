@@ -127,9 +127,7 @@ def test_body_over_the_size_limit_is_413(client):
 
 def test_chunked_body_over_the_size_limit_is_413(client):
     chunks = (b"x" * 1024 * 1024 for _ in range(9))
-    response = client.post(
-        "/v1/jobs", content=chunks, headers={"content-type": "application/json"}
-    )
+    response = client.post("/v1/jobs", content=chunks, headers={"content-type": "application/json"})
     assert "larger than" in _error(response, 413)
 
 
