@@ -6,16 +6,19 @@
 
 `--groups` lists the running batch's cache-group limits to run continuous batching with (1: one
 padded cache for the whole batch). Prints tokens/s, decode steps, rows per step and the short
-jobs' p50 latency, with each system's ratio against static, medians over the repeats.
+jobs' p50 latency, with each system's ratio against static, medians over the repeats; then where
+each system's time went (decode passes, prefill passes, the rest) and what a decode pass cost by
+its rows, timed through hooks on the model.
 """
 
 import argparse
+import collections
 import statistics
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -30,12 +33,51 @@ from workers.threads import apply_thread_defaults
 console = Console(width=140)
 
 
+ROWS_BUCKET = 8  # decode passes are grouped by rows 1–8, 9–16, …
+
+
 @dataclass(frozen=True)
 class EngineRun:
     tokens_per_s: float
     steps: int
     rows_per_step: float
     short_p50_s: float
+    wall_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_ms_by_rows: dict[int, tuple[float, int]] = field(default_factory=dict)
+
+
+class PassTimes:
+    """The model's forward passes, timed through module hooks: rows, tokens per row, seconds."""
+
+    def __init__(self, model) -> None:
+        self.passes: list[tuple[int, int, float]] = []
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        model.register_forward_hook(self._after, with_kwargs=True)
+
+    def _before(self, module, args, kwargs) -> None:
+        self._shape, self._started = kwargs["input_ids"].shape, time.perf_counter()
+
+    def _after(self, module, args, kwargs, output) -> None:
+        self.passes.append((*self._shape, time.perf_counter() - self._started))
+
+    def summary(self, run: "EngineRun") -> EngineRun:
+        """`run` with the passes recorded since the last summary."""
+        passes, self.passes = self.passes, []
+        by_rows = collections.defaultdict(list)
+        for rows, tokens, seconds in passes:
+            if tokens == 1:
+                by_rows[(rows - 1) // ROWS_BUCKET].append(seconds)
+        return replace(
+            run,
+            decode_s=sum(s for _, tokens, s in passes if tokens == 1),
+            prefill_s=sum(s for _, tokens, s in passes if tokens > 1),
+            decode_ms_by_rows={
+                bucket: (statistics.median(seconds) * 1000, len(seconds))
+                for bucket, seconds in sorted(by_rows.items())
+            },
+        )
 
 
 def run_clients(engine, jobs: list[tuple[list[int], int]], clients: int) -> EngineRun:
@@ -70,7 +112,7 @@ def run_clients(engine, jobs: list[tuple[list[int], int]], clients: int) -> Engi
     wall = time.perf_counter() - started
     steps = engine.steps - steps_before
     return EngineRun(
-        sum(tokens) / wall, steps, sum(tokens) / steps, statistics.median(short_latencies)
+        sum(tokens) / wall, steps, sum(tokens) / steps, statistics.median(short_latencies), wall
     )
 
 
@@ -82,6 +124,7 @@ def bench_model(name: str, model_dir: Path, args) -> None:
     host = ModelHost.load(spec, "cpu", model_dir.parent)
     requests = make_workload("b", args.clients * args.requests_per_client, seed=1)
     jobs = [(host.encode(r.prompt), r.max_tokens) for r in requests]
+    pass_times = PassTimes(host.model)
     systems = {"static": {"continuous": False}} | {
         f"continuous, {g} cache group{'s' if g > 1 else ''}": {"max_cache_groups": g}
         for g in args.groups
@@ -98,7 +141,11 @@ def bench_model(name: str, model_dir: Path, args) -> None:
         engine.start()
         try:
             run_clients(engine, jobs[: args.clients], args.clients)  # warm-up
-            runs = [run_clients(engine, jobs, args.clients) for _ in range(args.repeats)]
+            pass_times.summary(EngineRun(0, 0, 0, 0))  # forgets the warm-up's passes
+            runs = [
+                pass_times.summary(run_clients(engine, jobs, args.clients))
+                for _ in range(args.repeats)
+            ]
         finally:
             engine.stop()
         results[system] = median_result(runs)
@@ -120,6 +167,29 @@ def bench_model(name: str, model_dir: Path, args) -> None:
             f"{run.tokens_per_s / static:.2f}×",
         )
     console.print(table)
+    console.print(time_table(name, results))
+
+
+def time_table(name: str, results: dict[str, EngineRun]) -> Table:
+    """Where each system's median run spent its time, and a decode pass's cost by its rows."""
+    buckets = sorted({b for run in results.values() for b in run.decode_ms_by_rows})
+    table = Table(title=f"{name}: where the time went (s), and ms per decode pass by rows (passes)")
+    for column in ["system", "wall", "decode", "prefill", "rest"]:
+        table.add_column(column, justify="right")
+    for bucket in buckets:
+        first = bucket * ROWS_BUCKET + 1
+        table.add_column(f"{first}–{first + ROWS_BUCKET - 1}", justify="right")
+    for system, run in results.items():
+        by_rows = run.decode_ms_by_rows
+        table.add_row(
+            system,
+            f"{run.wall_s:.1f}",
+            f"{run.decode_s:.1f}",
+            f"{run.prefill_s:.1f}",
+            f"{run.wall_s - run.decode_s - run.prefill_s:.1f}",
+            *[f"{by_rows[b][0]:.0f} ({by_rows[b][1]})" if b in by_rows else "–" for b in buckets],
+        )
+    return table
 
 
 def main() -> None:
