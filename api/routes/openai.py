@@ -183,8 +183,6 @@ async def create_completion(body: CompletionRequest, request: Request, caller: A
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, caller: ApiKeyDep
-):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, caller: ApiKeyDep):
     """OpenAI's chat completions, on the queue; the prompt comes from the model's chat template."""
     return await _serve(request, plan_request(request.app.state, body), caller)
