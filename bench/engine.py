@@ -141,7 +141,7 @@ def bench_model(name: str, model_dir: Path, args) -> None:
         engine.start()
         try:
             run_clients(engine, jobs[: args.clients], args.clients)  # warm-up
-            pass_times.summary(EngineRun(0, 0, 0, 0))  # forgets the warm-up's passes
+            pass_times.passes.clear()  # not the warm-up's
             runs = [
                 pass_times.summary(run_clients(engine, jobs, args.clients))
                 for _ in range(args.repeats)
