@@ -38,7 +38,8 @@ class GrowingLayer(DynamicLayer):
     buffers with room for more; `update` writes new columns in place, growing the buffers by
     ROOM columns only when they are full. A prefill's buffers get `room` free columns: rows that
     will take fewer new tokens than ROOM need no more (for a batch of short jobs, ROOM columns
-    would double the cache)."""
+    would double the cache). Rows never need more columns than their group has free, so a
+    group that loses rows or merges keeps that room (`free`) instead of taking ROOM again."""
 
     def __init__(
         self,
@@ -59,6 +60,11 @@ class GrowingLayer(DynamicLayer):
         self.values = value_buffer[:, :, :length]
         self.device = key_buffer.device
         self.is_initialized = True
+
+    @property
+    def free(self) -> int:
+        """Columns left after the used ones before the buffers must grow."""
+        return self.key_buffer.shape[2] - self.length
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         rows, columns = key_states.shape[0], key_states.shape[2] + self.room
@@ -85,11 +91,11 @@ def _with_room(used: torch.Tensor, needed: int) -> torch.Tensor:
     return buffer
 
 
-def _stacked(parts: list[torch.Tensor], length: int) -> torch.Tensor:
+def _stacked(parts: list[torch.Tensor], length: int, room: int) -> torch.Tensor:
     """The parts' rows one after another, each right-aligned to `length` columns (zeros on the
     left: padding must hold finite numbers, as masked attention still multiplies it by 0),
-    in a buffer with ROOM free columns after them."""
-    buffer = _buffer(parts[0], sum(p.shape[0] for p in parts), length + ROOM)
+    in a buffer with `room` free columns after them."""
+    buffer = _buffer(parts[0], sum(p.shape[0] for p in parts), length + room)
     row = 0
     for part in parts:
         rows, pad = part.shape[0], length - part.shape[2]
@@ -99,10 +105,10 @@ def _stacked(parts: list[torch.Tensor], length: int) -> torch.Tensor:
     return buffer
 
 
-def _selected(used: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
-    """`rows` of `used` from column `start` on, in a buffer with ROOM free columns after them."""
+def _selected(used: torch.Tensor, rows: torch.Tensor, start: int, room: int) -> torch.Tensor:
+    """`rows` of `used` from column `start` on, in a buffer with `room` free columns after them."""
     length = used.shape[2] - start
-    buffer = _buffer(used, len(rows), length + ROOM)
+    buffer = _buffer(used, len(rows), length + room)
     torch.index_select(used[:, :, start:], 0, rows, out=buffer[:, :, :length])
     return buffer
 
@@ -156,14 +162,20 @@ class Group:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def room(self) -> int:
+        """Free columns for the rows' next tokens; at least one, as every row left takes one."""
+        return self.layers[0].free or ROOM
+
     @classmethod
     def stacked(cls, groups: "list[Group]") -> "Group":
         """One group of all the groups' rows, right-aligned to the longest."""
         length = max(g.length for g in groups)
+        room = max(g.room for g in groups)
         layers = [
             GrowingLayer(
-                _stacked([layer.keys for layer in parts], length),
-                _stacked([layer.values for layer in parts], length),
+                _stacked([layer.keys for layer in parts], length, room),
+                _stacked([layer.values for layer in parts], length, room),
                 length,
             )
             for parts in zip(*(g.layers for g in groups), strict=True)
@@ -176,10 +188,11 @@ class Group:
         index = torch.tensor(rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int((mask.sum(0) == 0).long().cumprod(0).sum().item())
+        room = self.room
         layers = [
             GrowingLayer(
-                _selected(layer.keys, index, start),
-                _selected(layer.values, index, start),
+                _selected(layer.keys, index, start, room),
+                _selected(layer.values, index, start, room),
                 self.length - start,
             )
             for layer in self.layers

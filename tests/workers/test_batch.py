@@ -40,8 +40,8 @@ def test_a_prefill_for_short_jobs_leaves_only_the_room_they_need():
     assert layer.key_buffer.shape[2] == 9 + ROOM and layer.get_seq_length() == 9
 
 
-def group(rows: int, length: int, start: float) -> Group:
-    layer = GrowingLayer()
+def group(rows: int, length: int, start: float, room: int = ROOM) -> Group:
+    layer = GrowingLayer(room=room)
     layer.update(states(rows, length, start), states(rows, length, start + 0.5))
     return Group([layer], torch.ones(rows, length, dtype=torch.long))
 
@@ -111,3 +111,13 @@ def test_prompts_prefill_in_groups_of_similar_lengths_only_where_it_saves_paddin
         max(lengths[i] for i in a) <= min(lengths[i] for i in b)
         for a, b in zip(groups, groups[1:], strict=False)
     )
+
+
+def test_rows_that_leave_or_merge_keep_their_groups_room_and_not_more():
+    short, shorter = group(3, 4, 0, room=5), group(2, 6, 100, room=2)
+    kept = batch(short).select([0, 2])
+    assert kept.groups[0].layers[0].key_buffer.shape[2] == 4 + 5
+    merged = batch(short).concat(batch(shorter, first=3), max_groups=1).groups[0]
+    assert merged.layers[0].key_buffer.shape[2] == 6 + 5  # the roomier group's room
+    full = group(2, 3, 0, room=0)  # rows still running always take one more column
+    assert batch(full).select([1]).groups[0].layers[0].key_buffer.shape[2] == 3 + ROOM
