@@ -4,12 +4,15 @@ memory is sampled. Target: it stays within the model's size + 500 MB, and does n
     python -m bench.memory [--models stories260K,llama-25m] [--jobs 10000] [--clients 64]
 
 For each model it prints the peak against the model's size, and the resident memory at each
-tenth of the run, so that a plateau shows apart from a creep.
+tenth of the run, so that a plateau shows apart from a creep. First it prints what the worker's
+runtime holds before any model: each part imported in a fresh process.
 """
 
 import argparse
 import asyncio
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +29,38 @@ from bench.stack import llmq_stack
 
 console = Console(width=160)
 MB = 1024 * 1024
+
+
+# What a worker imports, part by part: each process imports its part and those before it.
+RUNTIME_PARTS = [
+    ("torch", "import torch"),
+    (
+        "Transformers with its Llama code",
+        "from transformers import AutoTokenizer, LlamaForCausalLM",
+    ),
+    (
+        "the worker's own modules (Celery, SQLAlchemy, psycopg, redis-py, …)",
+        "import workers.app, workers.runtime",
+    ),
+]
+
+
+def runtime_floor() -> Table:
+    """Resident memory after importing each part of a worker's runtime, in fresh processes."""
+    table = Table(title="the worker's runtime before any model, imported part by part")
+    for column in ["part", "adds", "resident after it"]:
+        table.add_column(column, justify="right")
+    imports, before = [], 0
+    for part, statement in RUNTIME_PARTS:
+        imports.append(statement)
+        code = "\n".join([*imports, "import psutil", "print(psutil.Process().memory_info().rss)"])
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        rss = int(done.stdout.splitlines()[-1])
+        table.add_row(part, f"{(rss - before) / MB:.0f} MB", f"{rss / MB:.0f} MB")
+        before = rss
+    return table
 
 
 def sample_rss(pid: int, samples: list[tuple[float, int]], stop: threading.Event) -> None:
@@ -117,6 +152,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmq-memory-"))
+    console.print(runtime_floor())
     for name, model_dir in benchmark_models(args.models, workdir, console.print):
         measure(name, model_dir, workdir, args)
 
