@@ -67,7 +67,7 @@ class PassTimes:
         passes, self.passes = self.passes, []
         by_rows = collections.defaultdict(list)
         for rows, tokens, seconds in passes:
-            if tokens == 1:
+            if tokens == 1:  # a decode pass; a prefill has BOS and the prompt at least
                 by_rows[(rows - 1) // ROWS_BUCKET].append(seconds)
         return replace(
             run,
