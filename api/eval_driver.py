@@ -29,6 +29,7 @@ from db.queries import jobs as job_queries
 from db.queries import keys as key_queries
 from db.session import session_scope
 from llmq.errors import LlmqError, QuotaExceeded
+from llmq.evals.datasets import resolve_dataset
 from llmq.evals.grading import grade_generation, grade_scores
 from llmq.evals.planning import Benchmark, ModelFacts, RunSettings, plan
 from llmq.evals.summary import summarize
@@ -83,21 +84,30 @@ class EvalDriver:
             if spec is None:
                 eval_queries.fail_run(session, run_id, f"model {run.model!r} is not served here")
                 return
-            settings = RunSettings(
-                Benchmark(run.benchmark), run.num_fewshot, run.limit, run.subjects, run.dataset
-            )
             facts = ModelFacts(
                 spec.id, spec.source, spec.context_length, self.counter.eos_text(spec)
             )
             try:
+                # Resolved again under the API's rules, so a run stored before one of them
+                # existed still reads nothing outside the data directory.
+                dataset = resolve_dataset(run.benchmark, run.dataset, self.settings.eval_data_root)
+                settings = RunSettings(
+                    Benchmark(run.benchmark), run.num_fewshot, run.limit, run.subjects, dataset
+                )
                 items = plan(settings, facts)
             except LlmqError as exc:
                 log.warning("evaluation run could not start", run_id=str(run_id), error=str(exc))
                 eval_queries.fail_run(session, run_id, exc.message)
                 return
-            except Exception as exc:  # unreadable files, or a bug: fail the run, not each sweep
+            except Exception as exc:  # a bug: fail the run, not each sweep
                 log.exception("evaluation run could not be planned", run_id=str(run_id))
-                eval_queries.fail_run(session, run_id, f"{type(exc).__name__}: {exc}")
+                # The run's owner reads this; the exception's text may name server paths.
+                eval_queries.fail_run(
+                    session,
+                    run_id,
+                    f"the run could not be planned ({type(exc).__name__}); the API's log has "
+                    "the details",
+                )
                 return
             new_items = [
                 eval_queries.NewItem(

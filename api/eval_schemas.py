@@ -33,8 +33,11 @@ class EvalRunCreate(BaseModel):
     dataset: str | None = Field(
         default=None,
         max_length=1000,
-        description="A folder under the server's evaluation data directory, or a dataset hub "
-        "id (openai/gsm8k, cais/mmlu). Default: <data dir>/<benchmark>, else the hub.",
+        description="A folder inside the server's evaluation data directory, as its path "
+        "relative to it (parts of letters, digits, '.', '_', '-'; links must stay inside), or "
+        "the benchmark's hub dataset (openai/gsm8k, cais/mmlu). Default: the folder named after "
+        "the benchmark, else the hub.",
+        examples=["gsm8k"],
     )
 
     @field_validator("subjects")
@@ -81,7 +84,9 @@ class EvalRunPublic(BaseModel):
     num_fewshot: int
     limit: int | None
     subjects: list[str] | None
-    dataset: str
+    dataset: str = Field(
+        description="The folder inside the evaluation data directory, or the hub id"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

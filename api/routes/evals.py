@@ -2,7 +2,6 @@
 
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
@@ -23,39 +22,12 @@ from api.submit import resolve_model
 from db.queries import evals as eval_queries
 from db.tables import EvalItem, EvalRun
 from llmq.errors import EvalRunNotCancellable, EvalRunNotFound, InvalidRequest
-from llmq.evals.datasets import GSM8K_HUB_ID, MMLU_HUB_ID
+from llmq.evals.datasets import resolve_dataset
 from llmq.evals.grading import is_correct
-from llmq.evals.planning import Benchmark
+from llmq.evals.planning import Benchmark, RunSettings, check_data
 from llmq.evals.summary import summarize
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
-
-HUB_IDS = {Benchmark.GSM8K: GSM8K_HUB_ID, Benchmark.MMLU: MMLU_HUB_ID}
-
-
-def resolve_dataset(benchmark: Benchmark, requested: str | None, root: Path) -> str:
-    """A local folder under the evaluation data directory, or a dataset hub id."""
-    if requested is None:
-        local = root / benchmark.value
-        return str(local) if local.is_dir() else HUB_IDS[benchmark]
-    try:
-        folder = (root / requested).resolve()
-        is_folder = folder.is_dir()
-    except (OSError, ValueError):  # a NUL, a name too long for the file system
-        is_folder = False
-    if is_folder:
-        if not folder.is_relative_to(root.resolve()):
-            raise InvalidRequest(
-                f"dataset {requested!r} is outside the evaluation data directory", param="dataset"
-            )
-        return str(folder)
-    if requested.count("/") == 1 and not requested.startswith((".", "/")):
-        return requested  # a hub id, read when the run starts
-    raise InvalidRequest(
-        f"dataset {requested!r} is neither a folder under {root} nor a hub id such as "
-        f"{HUB_IDS[benchmark]}",
-        param="dataset",
-    )
 
 
 def run_public(session, request: Request, run: EvalRun) -> EvalRunPublic:
@@ -143,17 +115,25 @@ def create_eval_run(
     benchmark = Benchmark(body.benchmark)
     if body.subjects is not None and benchmark is not Benchmark.MMLU:
         raise InvalidRequest("subjects apply to mmlu only; remove them", param="subjects")
+    run_settings = RunSettings(
+        benchmark,
+        body.num_fewshot if body.num_fewshot is not None else benchmark.default_fewshot,
+        body.limit,
+        body.subjects,
+        resolve_dataset(benchmark.value, body.dataset, settings.eval_data_root),
+    )
+    check_data(run_settings)  # a missing file or a link out of the data directory: 400 now
     run = eval_queries.create_run(
         session,
         eval_queries.NewRun(
             benchmark=benchmark.value,
             model=spec.id,
-            num_fewshot=(
-                body.num_fewshot if body.num_fewshot is not None else benchmark.default_fewshot
-            ),
+            num_fewshot=run_settings.num_fewshot,
             limit=body.limit,
             subjects=body.subjects,
-            dataset=resolve_dataset(benchmark, body.dataset, settings.eval_data_root),
+            # Its name inside the data directory (or the hub id), never a server path: the
+            # driver resolves it again, under the same rules, when it plans the run.
+            dataset=run_settings.dataset.name,
             owner=caller.owner,
         ),
     )

@@ -2,8 +2,9 @@
 
 The flow, module by module:
 
-- `datasets`: reads the benchmark data (local JSON Lines and CSV files, or the dataset hub) into
-  plain records, keeping every cell as the text it is.
+- `datasets`: decides where a run may read (a folder inside the evaluation data directory, or
+  the benchmark's hub dataset) and reads the benchmark data (local JSON Lines and CSV files, or
+  the dataset hub) into plain records, keeping every cell as the text it is.
 - `gsm8k`, `mmlu`: lm-eval's prompt formats, few-shot selection and answer checks, one module
   per benchmark; each module's docstring is the spec it follows.
 - `planning`: turns a run's settings into items, each one job for the model's workers: a

@@ -23,7 +23,9 @@ def eval_command(
     num_fewshot: int = typer.Option(None, "--num-fewshot", help="Default: lm-eval's (5, 0)"),
     limit: int = typer.Option(None, help="Only the first N items of each task"),
     subjects: str = typer.Option(None, help="Comma-separated MMLU subjects (default all)"),
-    dataset: str = typer.Option(None, help="Folder under the data dir, or a hub id"),
+    dataset: str = typer.Option(
+        None, help="A folder's path inside the server's data dir, or the benchmark's hub id"
+    ),
     api: str = typer.Option(None, help="API base URL (default from LLMQ_API_HOST/PORT)"),
     output: str = typer.Option("eval-reports", help="Folder for the JSON and PNG report"),
     api_key: str = typer.Option(None, "--api-key", envvar="LLMQ_API_KEY", help="An API key"),

@@ -12,7 +12,14 @@ from typing import Any
 
 from llmq.errors import InvalidRequest
 from llmq.evals import gsm8k, mmlu
-from llmq.evals.datasets import load_gsm8k, load_mmlu_subject
+from llmq.evals.datasets import (
+    GSM8K_FILES,
+    DatasetSource,
+    LocalDataset,
+    load_gsm8k,
+    load_mmlu_subject,
+    mmlu_files,
+)
 from llmq.protocol import JobKind, SamplingParams, ScoreParams
 
 
@@ -36,7 +43,7 @@ class RunSettings:
     num_fewshot: int
     limit: int | None  # items per task (per subject for MMLU), from the start of each
     subjects: list[str] | None  # MMLU only; None is all 57
-    dataset: str  # a local folder or a hub id
+    dataset: DatasetSource  # from resolve_dataset: a folder in the data directory, or the hub
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,19 @@ class PlannedItem:
         """Equal for requests that must give equal results: same model, kind, input, params."""
         request = [facts.model, facts.source, self.kind.value, self.input, self.params]
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def check_data(settings: RunSettings) -> None:
+    """Refuse now what planning would refuse later: a file of a local dataset that is missing
+    or that a link leads out of the data directory."""
+    source = settings.dataset
+    if not isinstance(source, LocalDataset):
+        return  # the hub is asked when the run is planned
+    if settings.benchmark is Benchmark.GSM8K:
+        source.files(GSM8K_FILES, "GSM8K")
+    else:
+        subjects = settings.subjects or mmlu.SUBJECTS
+        source.files([name for s in subjects for name in mmlu_files(s)], "MMLU")
 
 
 def plan(settings: RunSettings, facts: ModelFacts) -> list[PlannedItem]:

@@ -4,11 +4,14 @@ filter). The chart needs matplotlib (`pip install 'llmq[evals]'`); without it on
 written."""
 
 import json
+import re
 from pathlib import Path
 
 from rich.table import Table
 
 MMLU_CHANCE = 0.25
+# Anything else in a report's file name becomes `_`: no separator, NUL or control character.
+UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def scores_table(run: dict) -> Table:
@@ -32,15 +35,17 @@ def scores_table(run: dict) -> Table:
 def write_report(run: dict, folder: Path) -> list[Path]:
     """<folder>/<benchmark>-<model>-<run id>.json, and .png when matplotlib is installed."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"{run['benchmark']}-{run['model']}-{run['id']}"
-    written = [stem.with_suffix(".json")]
+    # The name comes from the server's answer: whatever it says, the files stay in `folder`.
+    name = "-".join(UNSAFE_IN_NAME.sub("_", str(run[key])) for key in ("benchmark", "model", "id"))
+    # Suffixes are appended: with_suffix would cut a dotted model id (qwen2.5-0.5b) short.
+    written = [folder / f"{name}.json"]
     written[0].write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     try:
         import matplotlib
     except ImportError:
         return written
     matplotlib.use("Agg")  # files only, never a window
-    written.append(stem.with_suffix(".png"))
+    written.append(folder / f"{name}.png")
     chart = _mmlu_chart if run["benchmark"] == "mmlu" else _gsm8k_chart
     chart(run, written[1])
     return written

@@ -4,6 +4,8 @@ import pytest
 
 from llmq.evals.datasets import (
     DatasetUnavailable,
+    HubDataset,
+    LocalDataset,
     load_gsm8k,
     load_mmlu_subject,
     read_jsonl,
@@ -20,7 +22,7 @@ from tests.evals.conftest import (
 
 def test_read_gsm8k_jsonl_keeps_question_and_answer(tmp_path):
     root = write_benchmarks(tmp_path)
-    data = load_gsm8k(str(root / "gsm8k"))
+    data = load_gsm8k(LocalDataset(root.resolve(), "gsm8k"))
     assert len(data.train) == 8
     assert [p.question for p in data.test] == [row["question"] for row in GSM8K_TEST]
     assert data.test[0].answer.endswith("#### 1,000")
@@ -68,8 +70,9 @@ def test_read_gsm8k_jsonl_without_answer_names_the_line(tmp_path):
 
 
 def test_load_mmlu_subject_missing_files_names_them(tmp_path):
-    with pytest.raises(DatasetUnavailable, match="anatomy_dev.csv"):
-        load_mmlu_subject(str(tmp_path), "anatomy")
+    (tmp_path / "mmlu").mkdir()
+    with pytest.raises(DatasetUnavailable, match="mmlu/dev/anatomy_dev.csv, mmlu/test/anatomy"):
+        load_mmlu_subject(LocalDataset(tmp_path.resolve(), "mmlu"), "anatomy")
 
 
 def test_hub_id_without_datasets_package_says_what_to_install(monkeypatch):
@@ -84,4 +87,4 @@ def test_hub_id_without_datasets_package_says_what_to_install(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DatasetUnavailable, match=r"pip install 'llmq\[hub\]'"):
-        load_gsm8k("openai/gsm8k")
+        load_gsm8k(HubDataset("openai/gsm8k"))

@@ -48,3 +48,17 @@ def test_scores_table_lists_headline_then_categories():
     assert [c.header for c in table.columns] == ["group", "metric", "value", "± stderr", "n"]
     assert list(table.columns[0].cells) == ["mmlu", "  other", "  stem"]
     assert list(table.columns[2].cells) == ["0.3000", "0.4000", "0.2000"]
+
+
+def test_write_report_keeps_its_files_in_the_folder_whatever_the_run_says(tmp_path):
+    folder = tmp_path / "reports"
+    run = {**GSM8K, "benchmark": "../../escaped", "model": "a/../b\x00", "id": "..\\c"}
+    written = write_report(run, folder)
+    assert [path.parent for path in written] == [folder] * len(written)
+    assert written[0].name == ".._.._escaped-a_.._b_-.._c.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+
+
+def test_write_report_keeps_a_dotted_model_id_whole(tmp_path):
+    written = write_report({**GSM8K, "model": "qwen2.5-0.5b"}, tmp_path)
+    assert written[0].name == "gsm8k-qwen2.5-0.5b-r2.json"

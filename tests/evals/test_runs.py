@@ -172,7 +172,7 @@ def test_start_run_with_unknown_model_or_subject_is_refused(client):
     assert "unknown MMLU subjects ['cooking']" in response.json()["error"]["message"]
     response = client.post("/v1/evals", json={**GSM8K_RUN, "dataset": "/etc"})
     assert response.status_code == 400
-    assert "outside the evaluation data directory" in response.json()["error"]["message"]
+    assert "dataset '/etc' is not a folder name" in response.json()["error"]["message"]
 
 
 def test_gsm8k_on_a_model_shorter_than_its_generation_fails_the_run(client, eval_data):
