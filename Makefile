@@ -5,8 +5,9 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Postgres and Redis for commands that need them: the configured or default ones when they
-# answer, embedded ones (left running) when not. Prefix a shell line with it.
-WITH_SERVICES = service_env="$$($(VENV_PY) ops/devstack.py services)" && eval "$$service_env" &&
+# answer, embedded ones when not, stopped again when the command ends, whose exit status it
+# keeps. Prefix a command with it.
+WITH_SERVICES = $(VENV_PY) ops/devstack.py exec --
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run test lint bench migrate up down logs clean
