@@ -10,6 +10,11 @@ _settings = get_settings()
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True
+# A worker outlives a broker outage of any length, holding its jobs, and reconnects within about
+# 2 s of Redis's return (workers/broker_consumer.py; workers/broker_transport.py says why Celery
+# alone would stop it).
+broker_connection_max_retries = None
+worker_consumer = "workers.broker_consumer:BrokerConsumer"
 # Redis redelivers a message that is not acknowledged within visibility_timeout, so it must be
 # longer than the longest job (job_time_limit_s) or a long batch would run twice.
 broker_transport_options = {

@@ -1,5 +1,6 @@
 """The one module that owns queue routing and puts jobs on the broker."""
 
+import threading
 import uuid
 from functools import lru_cache
 
@@ -19,6 +20,10 @@ from llmq.protocol import (
 from llmq.registry import ModelSpec
 
 log = structlog.get_logger(__name__)
+
+# Set when a send fails: the reconciler then checks every queued job against the broker at its
+# next sweep, rather than waiting until the job's message counts as lost.
+send_failed = threading.Event()
 
 
 @lru_cache
@@ -67,6 +72,7 @@ def _send(task: str, payload: dict, task_id: str, queue: str, priority: int) -> 
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
         )
     except Exception as exc:
+        send_failed.set()
         log.warning("enqueue failed; jobs stay queued", task_id=task_id, error=str(exc))
         return False
     return True

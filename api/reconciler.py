@@ -2,18 +2,24 @@
 job finishes, whatever the broker or a worker lost.
 
 Each sweep, in one API process at a time (a Postgres advisory lock):
-- the running jobs of workers that stopped answering Celery's broadcast for
-  `worker_lost_after_s` (killed, frozen, on a lost machine) go back to queued. kombu would hand
-  their unacknowledged messages back only after the visibility timeout (an hour), and some
-  `kill -9` cases never; a job that already lost `max_job_attempts` workers fails instead.
+- the running jobs of workers that sent no heartbeat for `worker_lost_after_s` and do not answer
+  a last ping (killed, frozen, on a lost machine) go back to queued. kombu would hand their
+  unacknowledged messages back only after the visibility timeout (an hour), and some `kill -9`
+  cases never; a job that already lost `max_job_attempts` workers fails instead.
 - running jobs that a live worker is not executing (Celery's own list of its active tasks),
-  two sweeps in a row, go back to queued: their task ended without storing an outcome.
+  two checks in a row, go back to queued: their task ended without storing an outcome.
 - queued jobs last sent more than `requeue_after_s` ago whose message is not waiting in their
-  queue are sent again: the enqueue after the commit failed, or Redis restarted or was flushed.
+  queue are sent again: the enqueue after the commit failed, or a message was lost.
+- when the broker may have lost messages (Redis answers again after an outage, a send failed,
+  or Redis came back empty: a restart without persistence or a flush, seen as a missing marker
+  key), every queued job whose message is not waiting is sent again at once, not
+  `requeue_after_s` later.
 A job sent twice still runs once: claiming it is a compare-and-set on its row.
 """
 
 import json
+import time
+import uuid
 from dataclasses import dataclass
 
 import structlog
@@ -21,7 +27,7 @@ from redis import Redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.enqueue import enqueue_job, priority_lists
+from api.enqueue import enqueue_job, priority_lists, send_failed
 from api.live_workers import LiveQueues
 from db.queries import jobs as job_queries
 from db.session import session_scope
@@ -35,6 +41,15 @@ log = structlog.get_logger(__name__)
 # Any constant shared by all API processes; it names the reconciler's advisory lock.
 ADVISORY_LOCK_KEY = 0x6C6C6D71  # "llmq"
 MAX_JOBS_PER_SWEEP = 5000
+# A key the reconciler keeps in Redis: when it is gone, Redis lost its data and with it the
+# queued messages.
+BROKER_MARKER_KEY = "llmq:broker-marker"
+# Asking every live worker for its active tasks costs each of them a reply: not every sweep.
+ORPHAN_CHECK_S = 10.0
+# A job committed this recently may still be on its way to the broker: not sent again yet.
+SEND_GRACE_S = 1.0
+# How soon a sweep that failed (Postgres or Redis away) is tried again.
+RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +78,13 @@ class Reconciler:
         self.live = live
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=10)
         self._orphan_suspects: set[str] = set()
-        self._sweeper = PeriodicTask("llmq-reconciler", settings.reconcile_interval_s, self.sweep)
+        self._orphans_checked_at = 0.0
+        self._broker_marker: bytes | None = None
+        # Until a sweep has checked every queued job, the broker may be missing some.
+        self._resend_all = True
+        self._sweeper = PeriodicTask(
+            "llmq-reconciler", settings.reconcile_interval_s, self._sweep_or_flag, retry_s=RETRY_S
+        )
 
     def start(self) -> None:
         self._sweeper.start()
@@ -72,7 +93,19 @@ class Reconciler:
         self._sweeper.stop()
         self.redis.close()
 
+    def _sweep_or_flag(self) -> SweepReport:
+        try:
+            return self.sweep()
+        except Exception:
+            # Redis or Postgres was away: what the broker holds is unknown until checked in full.
+            self._resend_all = True
+            raise
+
     def sweep(self) -> SweepReport:
+        if self._broker_lost_messages() or send_failed.is_set():
+            self._resend_all = True
+        send_failed.clear()
+        resend_all = self._resend_all
         with session_scope(self.settings.database_url) as session:
             locked = session.scalar(
                 text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
@@ -86,8 +119,12 @@ class Reconciler:
             lost = self.live.lost(set(held), self.settings.worker_lost_after_s)
             requeued, failed_models = self._release_jobs_of(session, lost)
             live = {worker: jobs for worker, jobs in held.items() if worker not in lost}
-            requeued += self._release_orphans(session, live)
-            resent = self._resend_missing(session)
+            if time.monotonic() - self._orphans_checked_at >= ORPHAN_CHECK_S:
+                requeued += self._release_orphans(session, live)
+                self._orphans_checked_at = time.monotonic()
+            resent, checked_all = self._resend_missing(session, resend_all)
+        if checked_all:
+            self._resend_all = False
         for model in failed_models:
             job_failed(model, ErrorCategory.WORKER_LOST.value)
         return SweepReport(True, requeued, len(failed_models), resent)
@@ -121,10 +158,26 @@ class Reconciler:
             log.warning("running jobs no worker executes go back to the queue", count=released)
         return released
 
-    def _resend_missing(self, session: Session) -> int:
-        stale = job_queries.stale_queued(session, self.settings.requeue_after_s, MAX_JOBS_PER_SWEEP)
+    def _broker_lost_messages(self) -> bool:
+        """Whether Redis lost its data since the last sweep: the marker key is gone or new."""
+        self.redis.set(BROKER_MARKER_KEY, uuid.uuid4().hex, nx=True)
+        marker = self.redis.get(BROKER_MARKER_KEY)
+        changed = self._broker_marker is not None and marker != self._broker_marker
+        self._broker_marker = marker
+        if changed:
+            log.warning("the broker lost its data; every queued job is checked now")
+        return changed
+
+    def _resend_missing(self, session: Session, resend_all: bool = False) -> tuple[int, bool]:
+        """Send again the queued jobs whose message is not waiting: those sent longer than
+        `requeue_after_s` ago, or every one when the broker may have lost messages. Returns how
+        many were sent, and whether every candidate was checked (a sweep takes a bounded
+        number)."""
+        older_than_s = SEND_GRACE_S if resend_all else self.settings.requeue_after_s
+        stale = job_queries.stale_queued(session, older_than_s, MAX_JOBS_PER_SWEEP)
+        checked_all = len(stale) < MAX_JOBS_PER_SWEEP
         if not stale:
-            return 0
+            return 0, checked_all
         waiting = waiting_job_ids(self.redis, {job.queue for job in stale})
         missing = [job for job in stale if str(job.id) not in waiting]
         resent = [j.id for j in missing if enqueue_job(j.id, j.kind, j.queue, j.priority)]
@@ -132,4 +185,4 @@ class Reconciler:
         job_queries.mark_enqueued(session, [j.id for j in stale if str(j.id) in waiting] + resent)
         if resent:
             log.warning("jobs missing from the broker were sent again", count=len(resent))
-        return len(resent)
+        return len(resent), checked_all

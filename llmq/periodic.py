@@ -11,16 +11,27 @@ log = structlog.get_logger(__name__)
 
 class PeriodicTask:
     """Calls `tick` every `interval_s` on a daemon thread until stopped. A tick that raises is
-    logged and the next one tries again: Postgres or Redis may be away for a while."""
+    logged and tried again after `retry_s` (at most `interval_s`): Postgres or Redis may be away
+    for a while, and what the task does is most needed the moment they are back. `wake()` runs
+    the next tick at once."""
 
     def __init__(
-        self, name: str, interval_s: float, tick: Callable[[], object], *, at_start: bool = False
+        self,
+        name: str,
+        interval_s: float,
+        tick: Callable[[], object],
+        *,
+        at_start: bool = False,
+        retry_s: float | None = None,
     ) -> None:
         self.name = name
         self.interval_s = interval_s
+        self.retry_s = min(retry_s, interval_s) if retry_s is not None else interval_s
         self.tick = tick
         self.at_start = at_start  # tick once right away, rather than after the first interval
+        self.failing = False
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -28,17 +39,32 @@ class PeriodicTask:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def _run(self) -> None:
         if self.at_start:
             self._tick_once()
-        while not self._stop.wait(self.interval_s):
-            self._tick_once()
+        while not self._stop.is_set():
+            self._wake.wait(self.retry_s if self.failing else self.interval_s)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self._tick_once()
 
     def _tick_once(self) -> None:
         try:
             self.tick()
         except Exception as exc:
-            log.warning("periodic task failed; it runs again", task=self.name, error=str(exc))
+            # The first failure is a warning; repeats while it stays down are not news.
+            (log.debug if self.failing else log.warning)(
+                "periodic task failed; it runs again", task=self.name, error=str(exc)
+            )
+            self.failing = True
+            return
+        if self.failing:
+            log.info("periodic task works again", task=self.name)
+            self.failing = False

@@ -34,12 +34,13 @@ def api_client(base_url: str, headers: dict[str, str] = AUTH, **options) -> http
     return httpx.Client(base_url=base_url, headers=headers, **options)
 
 
-def start_worker(model: str) -> subprocess.Popen:
+def start_worker(model: str, **env: str) -> subprocess.Popen:
+    """A real `llmq worker` subprocess; `env` overrides settings (LLMQ_REDIS_URL=...)."""
     log = open(Path(os.environ["LLMQ_DATA_DIR"]) / f"worker-{model}.log", "ab")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "llmq.cli", "worker", "--model", model, "--device", "cpu"],
         cwd=ROOT,
-        env=os.environ.copy(),
+        env=os.environ | env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -2,11 +2,12 @@
 
 import structlog
 from celery import Celery
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from llmq.logs import configure_logging
 from llmq.settings import get_settings
 from workers import broker_transport
+from workers.draining import DrainingHeart
 
 log = structlog.get_logger(__name__)
 
@@ -15,6 +16,7 @@ app = Celery("llmq", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
 
 _runtime = None
+_draining: DrainingHeart | None = None
 
 
 def get_runtime():  # -> workers.runtime.WorkerRuntime
@@ -40,3 +42,14 @@ def load_model(sender=None, **_kwargs) -> None:
 def release_model(**_kwargs) -> None:
     if _runtime is not None:
         _runtime.stop()
+
+
+@worker_shutting_down.connect
+def keep_beating(sender=None, **_kwargs) -> None:
+    """A draining worker must not look dead to the API: see workers/draining.py."""
+    global _draining
+    try:
+        _draining = _draining or DrainingHeart(app, str(sender))
+        _draining.start()
+    except Exception as exc:  # the broker may be away; shutting down must go on
+        log.warning("could not send heartbeats while draining", error=str(exc))
