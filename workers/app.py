@@ -1,5 +1,8 @@
 """The Celery app of the workers. The model is loaded once per worker process, at start-up."""
 
+import os
+import sys
+
 import structlog
 from celery import Celery
 from celery.signals import worker_init, worker_shutdown, worker_shutting_down
@@ -34,8 +37,17 @@ def load_model(sender=None, **_kwargs) -> None:
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    serve_metrics(settings)
-    _runtime = WorkerRuntime.start(settings, worker_name=getattr(sender, "hostname", "worker"))
+    try:
+        serve_metrics(settings)
+        _runtime = WorkerRuntime.start(settings, worker_name=getattr(sender, "hostname", "worker"))
+    except Exception:
+        # Celery logs a failing signal handler and consumes all the same: every job taken would
+        # then fail. Exit before the first message instead, so a supervisor restarts the worker
+        # (compose, `make run`) and the jobs wait in the queue for one that loads.
+        log.exception("the worker could not load its model; exiting")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
 
 
 @worker_shutdown.connect

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from api.enqueue import producer
 from llmq.registry import load_registry
+from tests.factories import start_worker, stop_worker
 
 SHARED_STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K"
 
@@ -73,3 +75,19 @@ def test_pretrained_stories_model_serves_through_an_entry(tmp_path):
     finally:
         engine.stop()
     assert "there was" in text or "little" in text, text
+
+
+def test_worker_that_cannot_load_its_model_exits_without_consuming(tmp_path, redis_url):
+    """Its jobs would all fail: it exits at once instead, for a supervisor to restart it."""
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(
+        "models:\n  - id: tiny-missing\n    source: ./no-such-model-folder\n"
+        "    devices: [cpu]\n    context_length: 128\n"
+    )
+    process = start_worker("tiny-missing", LLMQ_MODELS_FILE=str(models_file))
+    try:
+        assert process.wait(timeout=120) != 0
+    finally:
+        stop_worker(process)
+    replies = producer().control.inspect(timeout=1).active_queues() or {}
+    assert not any(q["name"] == "llmq.tiny-missing.cpu" for qs in replies.values() for q in qs)
