@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Postgres and Redis for commands that need them: the configured or default ones when they
 # answer, embedded ones when not, stopped again when the command ends, whose exit status it
 # keeps. Prefix a command with it.
-WITH_SERVICES = $(VENV_PY) ops/devstack.py exec --
+WITH_SERVICES = $(VENV_PY) -m ops.devstack exec --
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run test lint bench migrate up down logs clean
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml ops/install-torch.sh
 	touch $@
 
 run: venv ## Start the whole stack (API, worker, Flower) until Ctrl-C
-	$(VENV_PY) ops/devstack.py run
+	$(VENV_PY) -m ops.devstack run
 
 test: venv ## Run the test suite against real Postgres and Redis
 	$(WITH_SERVICES) $(VENV_PY) -m pytest

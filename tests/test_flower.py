@@ -10,7 +10,9 @@ import httpx
 import pytest
 
 from llmq.settings import Settings
-from ops import devstack
+from ops.console import ROOT
+from ops.services import Services, child_env
+from ops.stack_config import child_commands, flower_password
 from tests.factories import free_port, stop_worker
 
 WORKER_QUEUE = "llmq.tiny-llama.cpu"
@@ -20,14 +22,14 @@ WORKER_QUEUE = "llmq.tiny-llama.cpu"
 def flower(worker, database_url, redis_url, tmp_path_factory):
     """(base URL, basic-auth credentials) of a running Flower."""
     settings = Settings(flower_port=free_port(), api_host="127.0.0.1")
-    password = devstack.flower_password(settings)
-    env = devstack.child_env(devstack.Services(database_url, redis_url, []))
+    password = flower_password(settings)
+    env = child_env(Services(database_url, redis_url, []))
     env["LLMQ_FLOWER_PASSWORD"] = password
     log_path = Path(tmp_path_factory.mktemp("flower")) / "flower.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            devstack.child_commands(settings)["flower"],
-            cwd=devstack.ROOT,
+            child_commands(settings)["flower"],
+            cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -89,11 +91,11 @@ def test_flower_metrics_and_healthcheck_open_for_prometheus(flower):
 
 
 def test_llmq_flower_refuses_to_start_without_a_password(database_url, redis_url):
-    env = devstack.child_env(devstack.Services(database_url, redis_url, []))
+    env = child_env(Services(database_url, redis_url, []))
     env.pop("LLMQ_FLOWER_PASSWORD", None)
     result = subprocess.run(
         ["llmq", "flower", "--port", str(free_port())],
-        cwd=devstack.ROOT,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
