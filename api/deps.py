@@ -1,12 +1,14 @@
 """FastAPI dependencies, as Annotated aliases."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.auth import Caller, authenticate, require_admin
+from api.limits import DatabaseSlots, Slot
 from api.live_workers import LiveQueues
 from api.middleware import request_id_of
 from api.prompts import PromptCounter
@@ -21,9 +23,50 @@ async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with get_sessionmaker(request.app.state.settings.database_url)() as session:
+class RequestSession(Session):
+    """A request's session: closing it gives the request's database slot back, so a handler
+    that goes on without the database (a long stream) closes it early and frees the slot."""
+
+    slot: Slot | None = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.slot is not None:
+                self.slot.release()
+
+
+def database_slots(request: Request) -> DatabaseSlots:
+    """The process's DatabaseSlots, made with the app's settings when first needed."""
+    state = request.app.state
+    slots = getattr(state, "database_slots", None)
+    if slots is None:  # on the event loop: no other task can be making it meanwhile
+        settings = state.settings
+        slots = state.database_slots = DatabaseSlots(
+            settings.db_request_slots, settings.db_wait_s, settings.db_waiting_max
+        )
+    return slots
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session once the request has its turn at the database (503 if it would wait too long).
+    Async, so that the wait holds no thread."""
+    slot = await database_slots(request).acquire()
+    factory = get_sessionmaker(request.app.state.settings.database_url)
+    session = RequestSession(**factory.kw)
+    session.slot = slot
+    try:
         yield session
+    finally:
+        # Shielded: a client that went away must not leak the slot or the connection.
+        with anyio.CancelScope(shield=True):
+            if session.in_transaction():  # the rollback talks to Postgres: off the event loop
+                # Its own limiter: closing must not wait for a thread behind requests that wait
+                # for this very connection.
+                await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+            else:
+                session.close()
 
 
 async def get_registry_dep(request: Request) -> Registry:

@@ -2,12 +2,12 @@
 
 import uuid
 from datetime import date, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from api.limits import KeyLimits
-from api.schemas import JobPublic, reject_nul
+from api.schemas import MAX_JSON_INT, JobPublic, JsonIntOrNone, reject_nul
 from db.queries.usage import Totals
 from db.tables import ApiKey, Job
 
@@ -26,7 +26,7 @@ ConcurrencyField = Field(
 QuotaField = Field(
     default=None,
     ge=0,
-    le=2**63 - 1,
+    le=MAX_JSON_INT,
     description="Prompt + completion tokens per calendar month (UTC); 0: none; null: default.",
 )
 
@@ -50,9 +50,9 @@ class ApiKeyCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, examples=["analytics team"])
     role: Literal["user", "admin"] = "user"
-    rate_limit_per_minute: int | None = RateLimitField
-    max_concurrent_jobs: int | None = ConcurrencyField
-    monthly_token_quota: int | None = QuotaField
+    rate_limit_per_minute: JsonIntOrNone = RateLimitField
+    max_concurrent_jobs: JsonIntOrNone = ConcurrencyField
+    monthly_token_quota: JsonIntOrNone = QuotaField
 
     @field_validator("name")
     @classmethod
@@ -66,10 +66,13 @@ class ApiKeyUpdate(BaseModel):
 
     model_config = STRICT_INPUT
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    rate_limit_per_minute: int | None = RateLimitField
-    max_concurrent_jobs: int | None = ConcurrencyField
-    monthly_token_quota: int | None = QuotaField
+    # Published without null, which name_is_text refuses: leave name out to keep it.
+    name: Annotated[
+        str | None, WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 200})
+    ] = Field(default=None, min_length=1, max_length=200)
+    rate_limit_per_minute: JsonIntOrNone = RateLimitField
+    max_concurrent_jobs: JsonIntOrNone = ConcurrencyField
+    monthly_token_quota: JsonIntOrNone = QuotaField
 
     @field_validator("name")
     @classmethod

@@ -1,6 +1,7 @@
 """Per-key limits: requests per minute, counted in Redis; jobs queued or running at once, and
 tokens per calendar month, read from Postgres. Their state lives in Redis and Postgres, so the
-limits hold however many API processes serve a key.
+limits hold however many API processes serve a key. And the process's own: how many requests
+use Postgres at once (DatabaseSlots).
 
 A spent monthly quota is refused with 429 and type `insufficient_quota`, as OpenAI does, with
 `x-should-retry: false` so that OpenAI's clients do not retry until the month ends. Concurrent
@@ -8,14 +9,17 @@ jobs are counted before new ones are stored: requests that arrive together can o
 limit by the number of them, never by more.
 """
 
+import asyncio
 import math
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import anyio
 import redis.asyncio as aioredis
 import structlog
+from anyio.lowlevel import RunVar
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 from starlette.datastructures import MutableHeaders
@@ -23,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.queries import usage as usage_queries
 from db.tables import ApiKey
-from llmq.errors import QuotaExceeded, TooManyConcurrentJobs
+from llmq.errors import QuotaExceeded, ServerBusy, TooManyConcurrentJobs
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -149,6 +153,66 @@ def admit(session: Session, owner: str | None, limits: KeyLimits, jobs: int) -> 
     if load is not None and count_jobs:
         if load.jobs_in_flight + jobs > limits.max_concurrent_jobs:
             raise TooManyConcurrentJobs(load.jobs_in_flight, jobs, limits.max_concurrent_jobs)
+
+
+class Slot:
+    """One request's turn at the database. Release it from any thread, as often as you like:
+    only the first release counts."""
+
+    def __init__(self, semaphore: anyio.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
+        self._semaphore: anyio.Semaphore | None = semaphore
+        self._loop = loop
+
+    def release(self) -> None:
+        semaphore, self._semaphore = self._semaphore, None
+        # The semaphore belongs to its event loop's thread; a loop that has ended (a test
+        # client's) has nobody left to wake.
+        if semaphore is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(semaphore.release)
+
+
+class DatabaseSlots:
+    """How many requests of this process use Postgres at once, and how long the others wait.
+
+    A request takes its slot on the event loop, before it takes a thread or a connection, and
+    holds it until its session is closed. With fewer slots than pooled connections and than
+    threads, no request waits for a connection while holding a thread that the request holding
+    the connection needs (which is how a burst larger than the pool used to stall every
+    submission until the pool's timeout). A request that cannot have its turn within `wait_s`,
+    or arrives while `waiting_max` others wait, is answered 503 with Retry-After at once.
+    """
+
+    def __init__(self, slots: int, wait_s: float, waiting_max: int) -> None:
+        self.slots = slots
+        self.wait_s = wait_s
+        self.waiting_max = waiting_max
+        # One semaphore per event loop (a server has one; tests may start several).
+        self._semaphores: RunVar[anyio.Semaphore] = RunVar(f"llmq_database_slots_{id(self)}")
+
+    def _semaphore(self) -> anyio.Semaphore:
+        try:
+            return self._semaphores.get()
+        except LookupError:
+            semaphore = anyio.Semaphore(self.slots)
+            self._semaphores.set(semaphore)
+            return semaphore
+
+    async def acquire(self) -> Slot:
+        """This request's slot; ServerBusy (503) when it would wait too long."""
+        semaphore = self._semaphore()
+        waiting = semaphore.statistics().tasks_waiting
+        if semaphore.value == 0 and waiting >= self.waiting_max:
+            raise self._busy(waiting)
+        with anyio.move_on_after(self.wait_s):
+            await semaphore.acquire()
+            return Slot(semaphore, asyncio.get_running_loop())
+        raise self._busy(semaphore.statistics().tasks_waiting)
+
+    def _busy(self, waiting: int) -> ServerBusy:
+        return ServerBusy(
+            f"the server is busy: {self.slots} requests are using the database and {waiting} "
+            "more are waiting; retry after the Retry-After seconds"
+        )
 
 
 class RateLimitHeaders:

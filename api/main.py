@@ -18,6 +18,7 @@ from api.live_workers import LiveQueues
 from api.metrics import scrape_registry
 from api.middleware import RequestContextMiddleware
 from api.prompts import PromptCounter
+from api.query_params import single_query_values
 from api.reconciler import Reconciler
 from api.request_size import RequestSizeLimit
 from api.routes import (
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Queue-backed LLM inference: submit jobs, poll or stream their results.",
         lifespan=lifespan,
+        dependencies=[Depends(single_query_values)],
     )
     configure_logging(settings.log_level, settings.log_json)
     app.state.settings = settings

@@ -8,15 +8,35 @@ names them, so no client believes a setting took effect when it did not.
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from api.schemas import reject_nul
-from llmq.protocol import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SamplingParams
+from api.schemas import MAX_JSON_INT, JsonInt, JsonIntOrNone, StopSequences, reject_nul
+from llmq.protocol import MAX_TOKENS_LIMIT, SamplingParams
 
 MAX_CHOICES = 16
-WIRE_INPUT = ConfigDict(extra="forbid", allow_inf_nan=False)
+# Strict, as OpenAI is: "16" is not a number and 1 is not true. JsonInt still takes 16.0.
+WIRE_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def only(*neutral: object) -> WithJsonSchema:
+    """The published schema of a field that OpenAI defines and this server does not implement:
+    the values that leave it off, which are all the server accepts."""
+    return WithJsonSchema(
+        {"enum": list(neutral), "description": "Not supported by this server; leave unset."}
+    )
+
+
+NON_EMPTY_TEXT = {"type": "string", "minLength": 1}
 
 
 class StreamOptions(BaseModel):
@@ -28,29 +48,47 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = WIRE_INPUT
+    model_config = ConfigDict(
+        **WIRE_INPUT,
+        # OpenAI's rule, in the published schema too: stream_options needs stream true.
+        json_schema_extra={
+            "if": {
+                "properties": {"stream_options": {"type": "object"}},
+                "required": ["stream_options"],
+            },
+            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+        },
+    )
 
-    model: str = Field(min_length=1, max_length=200)
+    model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    n: JsonInt = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: StopSequences | None = None
+    seed: JsonIntOrNone = Field(default=None, ge=0, le=MAX_JSON_INT)
     user: str | None = Field(default=None, max_length=200)
     # vLLM-style extras
-    top_k: int | None = Field(default=None, ge=-1, le=100_000)
+    top_k: JsonIntOrNone = Field(default=None, ge=-1, le=100_000)
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
+    min_tokens: JsonInt = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
     # llmq's own: false keeps a deterministic request from the completion cache and from
     # sharing an identical request's run (OpenAI clients send it in extra_body).
     cache: bool = True
     # Defined by OpenAI, accepted only at their neutral values.
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
+    presence_penalty: Annotated[float | None, only(0, None)] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Annotated[float | None, only(0, None)] = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: Annotated[
+        dict[str, float] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}],
+                "description": "Not supported by this server; leave unset.",
+            }
+        ),
+    ] = None
+    logprobs: Annotated[Any, only(False, 0, None)] = None
 
     @model_validator(mode="after")
     def refuse_unimplemented(self):
@@ -72,25 +110,41 @@ class _SamplingFields(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0),
             seed=self.seed,
-            stop=stops,
+            stop=list(self.stop or []),
             ignore_eos=self.ignore_eos,
             min_tokens=min(self.min_tokens, max_tokens),
         )
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    echo: bool = False
-    best_of: int | None = Field(default=None, ge=1, le=1)
-    suffix: str | None = None
+    prompt: Annotated[
+        str | list[str],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    NON_EMPTY_TEXT,
+                    {
+                        "type": "array",
+                        "items": NON_EMPTY_TEXT,
+                        "minItems": 1,
+                        "maxItems": MAX_CHOICES,
+                    },
+                ],
+                "description": f"A prompt, or a list of up to {MAX_CHOICES}: each is answered "
+                f"with n choices, {MAX_CHOICES} choices at most in all.",
+            }
+        ),
+    ]
+    max_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    echo: Annotated[bool, only(False)] = False
+    best_of: JsonIntOrNone = Field(default=None, ge=1, le=1)
+    suffix: Annotated[str | None, only("", None)] = None
 
     @field_validator("prompt")
     @classmethod
@@ -107,9 +161,16 @@ class CompletionRequest(_SamplingFields):
         if self.echo or self.suffix:
             raise ValueError("echo and suffix are not supported by this server; leave unset")
         if len(self.prompts) * self.n > MAX_CHOICES:
-            raise ValueError(
-                f"{len(self.prompts)} prompts × n={self.n} asks for "
-                f"{len(self.prompts) * self.n} choices; at most {MAX_CHOICES} per request"
+            # A limit the published schema cannot state; its code lets clients tell it apart.
+            raise PydanticCustomError(
+                "too_many_choices",
+                "{prompts} prompts × n={n} asks for {choices} choices; at most {limit} per request",
+                {
+                    "prompts": len(self.prompts),
+                    "n": self.n,
+                    "choices": len(self.prompts) * self.n,
+                    "limit": MAX_CHOICES,
+                },
             )
         return self
 
@@ -126,7 +187,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = WIRE_INPUT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -140,8 +201,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
 
     @field_validator("messages")
     @classmethod

@@ -1,5 +1,10 @@
 """What the OpenAI endpoints and the Batch API share: the prompts and token limits a request
-asks for, one job per choice on the queue, and the response body built from finished jobs."""
+asks for, one job per choice on the queue, and the response body built from finished jobs.
+
+A request's choices are stored in one transaction: a request that fails stored none of them,
+and one that stored them is answered with them. Planning and submitting render templates and
+tokenize, so both run in a worker thread, never on the event loop.
+"""
 
 import uuid
 from dataclasses import dataclass
@@ -18,9 +23,11 @@ from api.openai_protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from api.submit import resolve_model, submit_generation
+from api.prompts import check_prompt_size
+from api.submit import GenerationRequest, resolve_model, submit_generations
 from llmq.protocol import INTERACTIVE_PRIORITY, MAX_TOKENS_LIMIT
 from llmq.registry import ModelSpec
+from llmq.settings import get_settings
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # for /v1/completions
 
@@ -33,6 +40,7 @@ class PlannedRequest:
     body: CompletionRequest | ChatCompletionRequest
     prompts: list[str]
     max_tokens: list[int]
+    prompt_tokens: list[int | None] | None = None  # each prompt's, when counted already
 
     @property
     def chat(self) -> bool:
@@ -48,18 +56,28 @@ class Choice:
 
 
 def plan_request(state: Any, body: CompletionRequest | ChatCompletionRequest) -> PlannedRequest:
-    """Resolve the model and render the prompts (a chat's through the model's template)."""
+    """Resolve the model and render the prompts (a chat's through the model's template), once
+    they are known to be within the server's size (400 otherwise). CPU-heavy for long prompts:
+    call it from a worker thread."""
     spec = resolve_model(state.registry, body.model)
-    if isinstance(body, CompletionRequest):
-        max_tokens = body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
-        return PlannedRequest(spec, body, body.prompts, [max_tokens] * len(body.prompts))
+    limit = get_settings().max_prompt_chars
     counter = state.prompt_counter
-    prompt = counter.render_chat(spec, body.template_messages())
+    if isinstance(body, CompletionRequest):
+        for prompt in body.prompts:
+            check_prompt_size(prompt, limit)
+        max_tokens = body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
+        counted: list[int | None] = [counter.count(spec, prompt) for prompt in body.prompts]
+        return PlannedRequest(spec, body, body.prompts, [max_tokens] * len(body.prompts), counted)
+    messages = body.template_messages()
+    # Before rendering: the template's own text is small, the messages may not be.
+    check_prompt_size("".join(m["content"] for m in messages), limit, "messages")
+    prompt = counter.render_chat(spec, messages)
+    check_prompt_size(prompt, limit, "messages")
+    tokens = counter.count(spec, prompt)
     requested = body.requested_max_tokens
     if requested is None:  # as vLLM: whatever the context leaves
-        room = spec.context_length - counter.count(spec, prompt)
-        requested = max(1, min(room, MAX_TOKENS_LIMIT))
-    return PlannedRequest(spec, body, [prompt], [requested])
+        requested = max(1, min(spec.context_length - tokens, MAX_TOKENS_LIMIT))
+    return PlannedRequest(spec, body, [prompt], [requested], [tokens])
 
 
 def submit_choices(
@@ -71,29 +89,42 @@ def submit_choices(
     request_id: str | None = None,
     priority: int = INTERACTIVE_PRIORITY,
     batch_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> list[Choice]:
-    """One job per prompt × n, committed and queued. A seed gives choice j the seed + j."""
-    body, choices = planned.body, []
+    """One job per prompt × n, all committed in one transaction, then queued. A seed gives
+    choice j the seed + j. With an idempotency key, choice i is stored under `<key>:<i>`, and
+    a request repeated with the key gets the jobs the first one stored."""
+    body, requests = planned.body, []
+    counted = planned.prompt_tokens or [None] * len(planned.prompts)
     for p, prompt in enumerate(planned.prompts):
         for j in range(body.n):
             params = body.sampling_params(planned.max_tokens[p])
             if params.seed is not None:
                 params = params.model_copy(update={"seed": params.seed + j})
-            job = submit_generation(
-                session,
-                spec=planned.spec,
-                prompt=prompt,
-                params=params,
-                counter=state.prompt_counter,
-                live=state.live_queues,
-                owner=owner,
-                request_id=request_id,
-                priority=priority,
-                batch_id=batch_id,
-                use_cache=body.cache,
-            ).job
-            choices.append(Choice(p * body.n + j, job.id, j == 0, finished_job(job)))
-    return choices
+            index = p * body.n + j
+            requests.append(
+                GenerationRequest(
+                    spec=planned.spec,
+                    prompt=prompt,
+                    params=params,
+                    idempotency_key=choice_key(idempotency_key, index),
+                    owner=owner,
+                    request_id=request_id,
+                    priority=priority,
+                    batch_id=batch_id,
+                    use_cache=body.cache,
+                    prompt_tokens=counted[p],
+                )
+            )
+    submissions = submit_generations(session, requests, state.prompt_counter, state.live_queues)
+    return [
+        Choice(index, submission.job.id, index % body.n == 0, finished_job(submission.job))
+        for index, submission in enumerate(submissions)
+    ]
+
+
+def choice_key(idempotency_key: str | None, index: int) -> str | None:
+    return None if idempotency_key is None else f"{idempotency_key}:{index}"
 
 
 def build_response(

@@ -2,14 +2,28 @@
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from db.tables import Job
 from llmq.protocol import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, JobStatus
 
 STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+# The largest integer every JSON reader holds exactly (I-JSON, RFC 7493). The OpenAPI document
+# carries bounds as doubles: 2**63 - 1 would be published as 2**63, which the API refuses.
+MAX_JSON_INT = 2**53 - 1
+
+
+def _whole_number(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema counts them (the published document's rules): 5 and 5.0, but
+# neither true nor "5", which strict models refuse.
+JsonInt = Annotated[int, BeforeValidator(_whole_number)]
+# Not `JsonInt | None`: pydantic would publish that one's bounds under the wrong keywords.
+JsonIntOrNone = Annotated[int | None, BeforeValidator(_whole_number)]
 
 
 def reject_nul(text: str, field: str) -> str:
@@ -19,19 +33,52 @@ def reject_nul(text: str, field: str) -> str:
     return text
 
 
+def stop_sequences(value: object) -> object:
+    """OpenAI's `stop`: a string is one stop sequence, not a list of its characters."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ValueError(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop has {len(value)} sequences; send at most {MAX_STOP_STRINGS}")
+    if "" in value:
+        raise ValueError("a stop sequence cannot be empty; leave it out")
+    return value
+
+
+_STOP_TEXT = {"type": "string", "minLength": 1}
+# Always a list once validated. The schema is written out because the validator, not the type,
+# accepts the single string.
+StopSequences = Annotated[
+    list[str],
+    BeforeValidator(stop_sequences),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _STOP_TEXT,
+                {"type": "array", "items": _STOP_TEXT, "maxItems": MAX_STOP_STRINGS},
+            ],
+            "description": f"One stop sequence, or a list of up to {MAX_STOP_STRINGS}. The text "
+            "ends before the first of them that is generated.",
+        }
+    ),
+]
+
+
 class JobCreate(BaseModel):
     """A text-generation job. Unset sampling fields take the model's defaults."""
 
     model_config = STRICT_INPUT
 
     model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
-    prompt: str = Field(min_length=1, max_length=1_000_000, examples=["Once upon a time"])
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    # Capped at LLMQ_MAX_PROMPT_CHARS when submitted (a setting, so not a schema bound).
+    prompt: str = Field(min_length=1, examples=["Once upon a time"])
+    max_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, le=100_000)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    top_k: JsonIntOrNone = Field(default=None, ge=0, le=100_000)
+    seed: JsonIntOrNone = Field(default=None, ge=0, le=MAX_JSON_INT)
+    stop: StopSequences | None = None
     ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens tokens.")
     cache: bool = Field(
         default=True,
@@ -52,9 +99,7 @@ class JobCreate(BaseModel):
         return reject_nul(prompt, "prompt")
 
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return list(self.stop or [])
 
 
 class Usage(BaseModel):

@@ -1,25 +1,35 @@
-"""Turning a validated request into a stored, queued job: shared by every endpoint that submits.
+"""Turning validated requests into stored, queued jobs: shared by every endpoint that submits.
 
 A deterministic request may not need a run of its own: it is answered from the completion cache
 when an identical one has finished, or follows an identical one that is queued or running (see
 db/queries/cache.py). Either way it still gets a job row like any other.
+
+Once the commit has returned, the jobs are the client's: nothing after it (the send to the
+broker, metrics, logs, the answer) reads Postgres or may fail the request, so a request is
+never answered an error for jobs that were stored. The jobs of one request (an OpenAI request's
+choices) are stored in one transaction: all of them, or none.
 """
 
+import time
+import uuid
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import structlog
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, inspect, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from api.enqueue import enqueue_job, route
 from api.live_workers import LiveQueues
 from api.metrics import job_submitted
-from api.prompts import PromptCounter
+from api.prompts import PromptCounter, check_prompt_size
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.tables import Job
-from llmq.errors import ModelNotServed
+from llmq.errors import IdempotencyKeyReused, ModelNotServed
 from llmq.fingerprint import Fingerprint, fingerprint, is_deterministic, model_revisions
 from llmq.metrics import CACHE_HITS, CACHE_MISSES, job_finished
 from llmq.protocol import INTERACTIVE_PRIORITY, JobKind, JobStatus, SamplingParams
@@ -27,6 +37,11 @@ from llmq.registry import ModelSpec, Registry
 from llmq.settings import get_settings
 
 log = structlog.get_logger(__name__)
+
+# After a COMMIT whose answer was lost (the connection broke), how long to keep asking Postgres
+# whether it took effect before the request is answered 503.
+CONFIRM_COMMIT_S = 3.0
+CONFIRM_RETRY_S = 0.25
 
 
 class Placement(StrEnum):
@@ -42,6 +57,23 @@ class Submission:
     job: Job
     created: bool  # False when an earlier job with the same idempotency key was returned
     placement: Placement = Placement.QUEUED
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One job to submit: what the model gets and whose it is."""
+
+    spec: ModelSpec
+    prompt: str
+    params: SamplingParams
+    idempotency_key: str | None = None
+    owner: str | None = None
+    request_id: str | None = None
+    timeout_s: float | None = None
+    priority: int = INTERACTIVE_PRIORITY
+    batch_id: str | None = None
+    use_cache: bool = True
+    prompt_tokens: int | None = None  # when the caller has counted them already
 
 
 def resolve_model(registry: Registry, model: str) -> ModelSpec:
@@ -70,54 +102,183 @@ def submit_generation(
     """Check the prompt fits, commit the job row, then enqueue it (in that order). A
     deterministic request is answered from the cache, or follows an identical job in flight,
     unless `use_cache` is False."""
-    if idempotency_key is not None:
-        existing = job_queries.find_by_idempotency_key(session, owner, idempotency_key)
-        if existing is not None:
-            return Submission(existing, created=False)
-    counter.check_fits(spec, prompt, params.max_tokens)
-    queue = route(spec, live.queues)
-    key = cache_fingerprint(spec, queue, prompt, params) if use_cache else None
-    job_input: dict = {"prompt": prompt}
-    if key is not None:  # the worker stores the cache entry under exactly this key
-        job_input[cache_queries.FINGERPRINT_FIELD] = key.as_json()
-    new_job = job_queries.NewJob(
-        kind=JobKind.GENERATE.value,
-        model=spec.id,
-        queue=queue,
-        input=job_input,
-        params=params.model_dump(mode="json"),
-        owner=owner,
+    request = GenerationRequest(
+        spec=spec,
+        prompt=prompt,
+        params=params,
         idempotency_key=idempotency_key,
+        owner=owner,
         request_id=request_id,
         timeout_s=timeout_s,
         priority=priority,
         batch_id=batch_id,
-        cache_key=key.cache_key if key is not None else None,
+        use_cache=use_cache,
     )
+    return submit_generations(session, [request], counter, live)[0]
+
+
+def submit_generations(
+    session: Session,
+    requests: list[GenerationRequest],
+    counter: PromptCounter,
+    live: LiveQueues,
+) -> list[Submission]:
+    """Check every prompt, store all the jobs in one transaction, then enqueue them. An error
+    before the commit stores none of them; once the commit has returned, none fails."""
+    if requests and all(r.idempotency_key is not None for r in requests):
+        earlier = _earlier(session, requests)
+        if earlier is not None:
+            return earlier
+    new_jobs = _new_jobs(requests, counter, live)
     try:
-        job, placement = _store(session, new_job, key)
-        session.commit()
+        stored = _store_all(session, new_jobs)
+        _complete_in_memory(session, [job for job, _ in stored])
+        _commit(session, [job.id for job, _ in stored])
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
-        existing = job_queries.find_by_idempotency_key(session, owner, idempotency_key or "")
-        if existing is None:
+        earlier = _earlier(session, requests)
+        if earlier is None:
             raise
-        return Submission(existing, created=False)
-    if key is not None:
-        (CACHE_HITS if placement is Placement.CACHED else CACHE_MISSES).labels(job.model).inc()
-    if placement is Placement.QUEUED:
-        enqueue_job(job.id, job.kind, job.queue, job.priority)
-        job_submitted(job.model, job.queue)
-    elif placement is Placement.CACHED:
-        job_finished(job.model, JobStatus.SUCCEEDED.value)
-    log.info(
-        f"job {placement.value}",
-        job_id=str(job.id),
-        model=job.model,
-        queue=job.queue,
-        follows_job_id=str(job.follows_job_id) if job.follows_job_id else None,
-    )
-    return Submission(job, created=True, placement=placement)
+        return earlier
+    for (job, placement), new in zip(stored, new_jobs, strict=True):
+        _after_commit(job, placement, counted=new[1] is not None)
+    return [Submission(job, created=True, placement=placement) for job, placement in stored]
+
+
+def _earlier(session: Session, requests: list[GenerationRequest]) -> list[Submission] | None:
+    """The jobs an earlier request with the same idempotency keys stored; None if it did not."""
+    found = [
+        job_queries.find_by_idempotency_key(session, r.owner, r.idempotency_key or "")
+        for r in requests
+    ]
+    if all(job is None for job in found):
+        return None
+    if any(job is None for job in found):
+        # Some of these keys stored jobs and some did not: the key was first sent with a
+        # request of other choices. Storing the rest would mix two requests under one key.
+        stored = sum(job is not None for job in found)
+        raise IdempotencyKeyReused(
+            f"this Idempotency-Key was used for a request with other choices ({stored} of "
+            f"this request's {len(found)} exist); send a new key for a different request",
+            param="Idempotency-Key",
+        )
+    return [Submission(job, created=False) for job in found]
+
+
+def _new_jobs(
+    requests: list[GenerationRequest], counter: PromptCounter, live: LiveQueues
+) -> list[tuple[job_queries.NewJob, Fingerprint | None]]:
+    """Each request's job row and cache key, once every prompt is known to fit (400 if not)."""
+    limit = get_settings().max_prompt_chars
+    counted: dict[tuple[str, str], int] = {}  # n choices of one prompt are tokenized once
+    new_jobs = []
+    for request in requests:
+        spec, prompt, params = request.spec, request.prompt, request.params
+        check_prompt_size(prompt, limit)
+        tokens = request.prompt_tokens or counted.get((spec.id, prompt))
+        if tokens is None:
+            tokens = counted[spec.id, prompt] = counter.count(spec, prompt)
+        counter.check_count_fits(spec, tokens, params.max_tokens)
+        queue = route(spec, live.queues)
+        key = cache_fingerprint(spec, queue, prompt, params) if request.use_cache else None
+        job_input: dict = {"prompt": prompt}
+        if key is not None:  # the worker stores the cache entry under exactly this key
+            job_input[cache_queries.FINGERPRINT_FIELD] = key.as_json()
+        new_job = job_queries.NewJob(
+            kind=JobKind.GENERATE.value,
+            model=spec.id,
+            queue=queue,
+            input=job_input,
+            params=params.model_dump(mode="json"),
+            owner=request.owner,
+            idempotency_key=request.idempotency_key,
+            request_id=request.request_id,
+            timeout_s=request.timeout_s,
+            priority=request.priority,
+            batch_id=request.batch_id,
+            cache_key=key.cache_key if key is not None else None,
+        )
+        new_jobs.append((new_job, key))
+    return new_jobs
+
+
+def _store_all(
+    session: Session, new_jobs: list[tuple[job_queries.NewJob, Fingerprint | None]]
+) -> list[tuple[Job, Placement]]:
+    # Several keys are locked in one order, so that two requests that share some never wait
+    # for each other in a cycle. (A lock already held is taken again at no cost.)
+    keys = sorted({key.cache_key for _, key in new_jobs if key is not None})
+    if len(keys) > 1:
+        for cache_key in keys:
+            cache_queries.lock_key(session, cache_key)
+    return [_store(session, new, key) for new, key in new_jobs]
+
+
+def _complete_in_memory(session: Session, jobs: list[Job]) -> None:
+    """Read back, before the commit, what Postgres filled in on the new rows, so that building
+    the answer after the commit never needs Postgres (it may be gone by then)."""
+    for job in jobs:
+        state = inspect(job)
+        if not state.persistent:  # answered from the cache: built whole in memory
+            continue
+        if "result" in state.unloaded:
+            set_committed_value(job, "result", None)  # a job stored just now has no result
+        columns = [name for name in state.unloaded if name in state.mapper.column_attrs]
+        if columns:
+            session.refresh(job, attribute_names=columns)
+
+
+def _commit(session: Session, job_ids: list[uuid.UUID]) -> None:
+    """Commit; if the connection broke on the way, ask Postgres on a new one whether the
+    COMMIT took effect, and raise only if it did not, or if Postgres cannot say in time."""
+    try:
+        session.commit()
+    except OperationalError:
+        stored = _stored(session, job_ids)
+        if stored is not True:
+            raise
+        session.rollback()  # only resets the session; the transaction is committed
+        log.warning("commit answer lost; the jobs are stored", jobs=len(job_ids))
+
+
+def _stored(session: Session, job_ids: list[uuid.UUID]) -> bool | None:
+    """Whether the jobs' rows exist; None when Postgres cannot be asked within the bound."""
+    deadline = time.monotonic() + CONFIRM_COMMIT_S
+    engine = session.get_bind()
+    while True:
+        try:
+            with engine.connect() as connection:
+                found = connection.scalar(
+                    select(func.count()).select_from(Job).where(Job.id.in_(job_ids))
+                )
+            return found == len(job_ids)
+        except (OperationalError, PoolTimeout) as exc:
+            if time.monotonic() + CONFIRM_RETRY_S > deadline:
+                log.warning("commit outcome unknown", jobs=len(job_ids), error=str(exc))
+                return None
+            time.sleep(CONFIRM_RETRY_S)
+
+
+def _after_commit(job: Job, placement: Placement, *, counted: bool) -> None:
+    """Send, count and log a stored job. The job is the client's now: a failure here is
+    logged, never raised (the reconciler sends a job whose send failed)."""
+    try:
+        if counted:
+            (CACHE_HITS if placement is Placement.CACHED else CACHE_MISSES).labels(job.model).inc()
+        if placement is Placement.QUEUED:
+            enqueue_job(job.id, job.kind, job.queue, job.priority)
+            job_submitted(job.model, job.queue)
+        elif placement is Placement.CACHED:
+            job_finished(job.model, JobStatus.SUCCEEDED.value)
+        log.info(
+            f"job {placement.value}",
+            job_id=str(job.id),
+            model=job.model,
+            queue=job.queue,
+            follows_job_id=str(job.follows_job_id) if job.follows_job_id else None,
+        )
+    except Exception:
+        log.exception("after storing a job", job_id=str(job.id))
 
 
 def cache_fingerprint(

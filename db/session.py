@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from llmq.settings import get_settings
+
 # A process that stops mid-transaction (frozen, partitioned) would hold its row locks for ever
 # and stall every writer behind it; Postgres ends such a session after this long instead.
 # No transaction of llmq waits on anything else for more than a few seconds.
@@ -23,11 +25,15 @@ def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
     with _lock:
         factory = _factories.get(database_url)
         if factory is None:
+            settings = get_settings()
             engine = create_engine(
                 database_url,
                 pool_pre_ping=True,
-                pool_size=10,
-                max_overflow=20,
+                pool_size=settings.db_pool_size,
+                max_overflow=settings.db_max_overflow,
+                # A bounded wait: past it the caller fails (the API answers 503) instead of
+                # queueing behind a pool that may never free up.
+                pool_timeout=settings.db_pool_timeout_s,
                 connect_args={"options": IDLE_TIMEOUT_OPTION},
             )
             factory = _factories[database_url] = sessionmaker(engine, expire_on_commit=False)

@@ -3,6 +3,8 @@
 LlmqError
 ├── InvalidRequest          400  the request is well-formed but cannot be served as asked
 │   ├── PromptTooLong       400  prompt plus max_tokens exceed the model's context
+│   ├── PromptTooLarge      400  the prompt has more characters than the server takes
+│   ├── InvalidPeriod       400  a usage period runs backwards or is longer than a year
 │   └── DatasetUnavailable  400  an evaluation's data cannot be read (llmq/evals/datasets.py)
 ├── AuthenticationFailed    401  no API key, or one that is unknown or revoked
 ├── PermissionDenied        403  the key's role may not do this (admin endpoints)
@@ -12,11 +14,13 @@ LlmqError
 ├── ModelNotServed          404  the model is not in the registry
 ├── JobNotCancellable       409  the job already finished
 │   └── EvalRunNotCancellable 409  the evaluation run already ended
+├── IdempotencyKeyReused    409  the key stored a request with other choices
 ├── TooManyRequests         429  with Retry-After
 │   ├── RateLimited         429  the key's requests per minute are spent
 │   ├── TooManyConcurrentJobs 429  the key has its most jobs queued or running
 │   └── QuotaExceeded       429  the key's monthly token quota is spent
 └── ServiceUnavailable      503  Postgres or Redis cannot be reached right now
+    └── ServerBusy          503  too many requests wait for the database in this process
 """
 
 
@@ -51,6 +55,21 @@ class PromptTooLong(InvalidRequest):
         self.context_length = context_length
 
 
+class PromptTooLarge(InvalidRequest):
+    code = "prompt_too_large"
+
+    def __init__(self, chars: int, limit: int, param: str = "prompt") -> None:
+        super().__init__(
+            f"prompt is {chars:,} characters; this server accepts at most {limit:,} "
+            "(LLMQ_MAX_PROMPT_CHARS). Shorten the prompt.",
+            param=param,
+        )
+
+
+class InvalidPeriod(InvalidRequest):
+    code = "invalid_period"
+
+
 class JobNotFound(LlmqError):
     status_code = 404
     error_type = "not_found_error"
@@ -81,6 +100,10 @@ class ServiceUnavailable(LlmqError):
     error_type = "service_unavailable"
 
 
+class ServerBusy(ServiceUnavailable):
+    code = "server_busy"
+
+
 class EvalRunNotFound(LlmqError):
     status_code = 404
     error_type = "not_found_error"
@@ -91,6 +114,12 @@ class EvalRunNotFound(LlmqError):
 
 class EvalRunNotCancellable(JobNotCancellable):
     pass
+
+
+class IdempotencyKeyReused(LlmqError):
+    status_code = 409
+    error_type = "conflict_error"
+    code = "idempotency_key_reused"
 
 
 class AuthenticationFailed(LlmqError):

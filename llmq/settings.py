@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +22,25 @@ class Settings(BaseSettings):
     api_port: int = 8000
     # Larger request bodies are refused with 413 before they are parsed.
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Longer prompts (in characters, a chat's messages together) are refused with 400 before
+    # they are tokenized, on every endpoint that takes one.
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
+
+    # Postgres connections of one process (db/session.py), and how long a thread waits for one
+    # before the request answers 503. A request holds one connection at most, at one time.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # How many requests of one API process may use Postgres at once (api/limits.py). The rest
+    # of the pool is left to the background threads (reconciler, drivers, key look-ups). A
+    # request waits at most db_wait_s for its turn, and only while fewer than db_waiting_max
+    # wait; otherwise it is answered 503 with Retry-After at once.
+    db_request_slots: int = Field(default=20, ge=1)
+    db_wait_s: float = Field(default=5.0, gt=0)
+    db_waiting_max: int = Field(default=500, ge=0)
+    # Comment lines sent on an idle event stream, from its start, so that clients and proxies
+    # see it alive while a job waits (a broker outage, a long queue).
+    sse_ping_s: float = Field(default=15.0, gt=0)
     flower_port: int = 5555
     # Flower serves only behind basic auth; `make run` makes a password up when none is set.
     flower_user: str = "admin"
@@ -41,11 +60,11 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int = 3600
 
     # Delivery guarantees (api/reconciler.py): how often to sweep, when a queued job's message
-    # counts as lost, when a silent worker counts as lost, and how many lost workers a job may
-    # take down with it before it fails.
-    reconcile_interval_s: float = Field(default=10.0, gt=0)
+    # counts as lost, when a worker without heartbeats counts as lost (Celery's workers send
+    # one every 2 s), and how many lost workers a job may take down with it before it fails.
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
     requeue_after_s: float = Field(default=60.0, gt=0)
-    worker_lost_after_s: float = Field(default=30.0, gt=0)
+    worker_lost_after_s: float = Field(default=6.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
     # How often the Batch API's driver moves batches along and refills its windows
     # (api/batch_driver.py).
@@ -84,6 +103,17 @@ class Settings(BaseSettings):
     # turns both off; entries older than cache_ttl_s are computed anew (0: they never expire).
     cache: bool = True
     cache_ttl_s: float = Field(default=7 * 86_400, ge=0)
+
+    @model_validator(mode="after")
+    def requests_leave_room_in_the_pool(self) -> "Settings":
+        pool = self.db_pool_size + self.db_max_overflow
+        if self.db_request_slots >= pool:
+            raise ValueError(
+                f"db_request_slots is {self.db_request_slots}; it must stay below the pool's "
+                f"{pool} connections (db_pool_size + db_max_overflow), which the background "
+                "threads share"
+            )
+        return self
 
     @property
     def eval_data_root(self) -> Path:

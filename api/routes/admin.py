@@ -63,9 +63,11 @@ def create_key(
     """Create a key. The answer holds the key itself, this once: store it now."""
     limits = Limits(body.rate_limit_per_minute, body.max_concurrent_jobs, body.monthly_token_quota)
     row, key = key_queries.create_key(session, body.name, Role(body.role), limits)
+    # Built before the commit: the key is shown once, so answering must not need Postgres.
+    created = ApiKeyCreated(**key_public(row, settings).model_dump(), key=key)
     session.commit()
     log.info("api key created", key_id=str(row.id), prefix=row.prefix, by=caller.owner)
-    return ApiKeyCreated(**key_public(row, settings).model_dump(), key=key)
+    return created
 
 
 @router.get("/keys/{key_id}", response_model=ApiKeyPublic)

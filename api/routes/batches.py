@@ -56,8 +56,10 @@ def create_batch(body: BatchCreate, session: SessionDep, caller: ApiKeyDep) -> B
         batch_metadata=body.metadata,
         expires_at=expires_at(body.completion_window),
     )
+    # Built before the commit: once the batch is stored, answering must not need Postgres.
+    public = batch_public(session, batch)
     session.commit()
-    return batch_public(session, batch)
+    return public
 
 
 @router.get("", response_model=BatchesPublic)

@@ -137,8 +137,10 @@ def create_eval_run(
             owner=caller.owner,
         ),
     )
+    # Built before the commit: once the run is stored, answering must not need Postgres.
+    public = run_public(session, request, run)
     session.commit()
-    return run_public(session, request, run)
+    return public
 
 
 @router.get("", response_model=EvalRunsPublic)

@@ -1,6 +1,6 @@
 """The Batch API's files: upload a JSONL of requests, read it back, download batch results."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -14,7 +14,6 @@ from llmq.errors import FileNotFound, InvalidRequest
 
 router = APIRouter(prefix="/v1/files", tags=["batches"])
 
-UPLOAD_PURPOSES = ("batch",)
 # Uploads are read in chunks, so a file over the limit is refused before it is all in memory.
 CHUNK_BYTES = 1024 * 1024
 
@@ -37,11 +36,9 @@ async def create_file(
     session: SessionDep,
     caller: ApiKeyDep,
     file: Annotated[UploadFile, File(description="A JSONL file of batch requests")],
-    purpose: Annotated[str, Form()],
+    purpose: Annotated[Literal["batch"], Form(description="What the file is for: batch")],
 ) -> FilePublic:
     """Upload a file of batch requests (multipart: `file`, `purpose=batch`)."""
-    if purpose not in UPLOAD_PURPOSES:
-        raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'batch'", param="purpose")
     content = await _read_limited(file)
     owner = caller.owner
 
@@ -53,8 +50,9 @@ async def create_file(
             purpose=purpose,
             content=content,
         )
+        public = FilePublic.from_row(stored)  # before the commit: answering needs no Postgres
         session.commit()
-        return FilePublic.from_row(stored)
+        return public
 
     return await run_in_threadpool(store)
 

@@ -70,7 +70,18 @@ def cancelled_event(job_id: uuid.UUID) -> DoneEvent:
     )
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={
+        200: {
+            "model": JobPublic,
+            "description": "A job was submitted with this Idempotency-Key before: that job, as "
+            "it is now; nothing new is queued",
+        }
+    },
+)
 def create_job(
     body: JobCreate,
     session: SessionDep,

@@ -1,9 +1,11 @@
 """The calling key's own account: its token usage, limits and monthly quota."""
 
+import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import BeforeValidator
 
 from api.deps import ApiKeyDep, SessionDep
 from api.key_schemas import (
@@ -16,15 +18,31 @@ from api.key_schemas import (
 )
 from db.queries import usage as usage_queries
 from db.queries.usage import Totals
-from llmq.errors import InvalidRequest
+from llmq.errors import InvalidPeriod
 
 router = APIRouter(prefix="/v1/me", tags=["usage"])
 
 MAX_PERIOD_DAYS = 366
+ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def iso_day(value: object) -> object:
+    """Only YYYY-MM-DD: pydantic alone would also read 0 as 1970-01-01 (a Unix time)."""
+    if isinstance(value, str) and not ISO_DAY.fullmatch(value):
+        raise ValueError(f"{value!r} is not a day; send YYYY-MM-DD, such as 2025-01-31")
+    return value
+
+
 StartDay = Annotated[
-    date | None, Query(description="First UTC day, YYYY-MM-DD; default: the 1st of this month")
+    date | None,
+    BeforeValidator(iso_day),
+    Query(description="First UTC day, YYYY-MM-DD; default: the 1st of this month"),
 ]
-EndDay = Annotated[date | None, Query(description="Last UTC day, included; default: today")]
+EndDay = Annotated[
+    date | None,
+    BeforeValidator(iso_day),
+    Query(description="Last UTC day, included; default: today"),
+]
 
 
 def usage_period(start: date | None, end: date | None) -> tuple[date, date]:
@@ -33,9 +51,9 @@ def usage_period(start: date | None, end: date | None) -> tuple[date, date]:
     end = end or today
     start = start or min(end, today).replace(day=1)
     if start > end:
-        raise InvalidRequest(f"start {start} is after end {end}; swap them", param="start")
+        raise InvalidPeriod(f"start {start} is after end {end}; swap them", param="start")
     if (end - start).days >= MAX_PERIOD_DAYS:
-        raise InvalidRequest(
+        raise InvalidPeriod(
             f"the period is {(end - start).days + 1:,} days; ask for at most {MAX_PERIOD_DAYS}",
             param="start",
         )

@@ -3,21 +3,29 @@
 Every choice is an ordinary job (visible in GET /v1/jobs). Responses wait on the jobs' events;
 streams turn token events into OpenAI chunks. A streaming client that disconnects cancels its
 jobs, so abandoned requests leave the batch.
+
+Rendering and tokenizing run in worker threads, storing the jobs in the request's turn at the
+database (api/limits.py). A stream starts (headers, then comment pings every `sse_ping_s`) as
+soon as its jobs are stored, so a client waiting through a broker outage sees the connection
+alive. A request whose wait for its jobs fails has its jobs cancelled before it is answered 503,
+so that retrying it never runs them twice.
 """
 
 import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import anyio
 import structlog
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Caller
-from api.deps import ApiKeyDep
+from api.deps import ApiKeyDep, database_slots
 from api.errors import RETRY_AFTER_S, error_body
 from api.events import STREAM_INTERRUPTED, StreamedEvent, final_event
 from api.limits import admit
@@ -45,27 +53,61 @@ from llmq.protocol import JobStatus
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
+# With stream true the answer is a Server-Sent Events stream: each event's data is a chunk in
+# JSON, and the last one's is [DONE]. (OpenAPI 3.1 has the schema describe one event.)
+STREAMED: dict[int | str, dict] = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        }
+    }
+}
 
-PING_S = 15
+# The key is stored per choice as `<key>:<index>`, which must fit the column's 200 characters.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=190,
+        description="Send the same key again to get the jobs of the first request, not new ones",
+    ),
+]
 
 
 def _submit_choices(
-    request: Request, planned: PlannedRequest, source: dict, caller: Caller
+    request: Request,
+    planned: PlannedRequest,
+    caller: Caller,
+    idempotency_key: str | None,
 ) -> list[Choice]:
+    """Store the request's jobs with a session of this thread's own, closed before it returns."""
     state = request.app.state
     with get_sessionmaker(state.settings.database_url)() as session:
         admit(session, caller.owner, caller.limits, jobs=len(planned.prompts) * planned.body.n)
         choices = submit_choices(
-            session, state, planned, owner=caller.owner, request_id=request_id_of(request)
+            session,
+            state,
+            planned,
+            owner=caller.owner,
+            request_id=request_id_of(request),
+            idempotency_key=idempotency_key,
         )
-    log.info("openai request queued", model=planned.spec.id, jobs=len(choices), **source)
+    endpoint = "chat" if planned.chat else "completions"
+    log.info("openai request queued", model=planned.spec.id, jobs=len(choices), endpoint=endpoint)
     return choices
 
 
-def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID], model: str) -> None:
+def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID], model: str) -> int:
     with session_scope(database_url) as session:
         cancelled = sum(job_queries.cancel_job(session, job_id) for job_id in job_ids)
     job_finished(model, JobStatus.CANCELLED.value, cancelled)
+    return cancelled
 
 
 async def _final_event(request: Request, choice: Choice) -> StreamedEvent:
@@ -96,21 +138,48 @@ async def _merged_events(request: Request, choices: list[Choice]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _wait_ended(request: Request, choices: list[Choice], model: str, data: dict):
+    """The answer when the wait for the jobs broke off (Redis and Postgres away) while they
+    may still run. They are cancelled first, so that a retry does not run them twice; if even
+    that fails, the answer names them and tells OpenAI clients not to retry on their own."""
+    job_ids = [choice.job_id for choice in choices]
+    database_url = request.app.state.settings.database_url
+    try:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_cancel_jobs, database_url, job_ids, model)
+    except SQLAlchemyError as exc:
+        log.warning("jobs of an interrupted request not cancelled", error=str(exc))
+        ids = ", ".join(str(job_id) for job_id in job_ids)
+        message = (
+            f"{data['message']}; its jobs ({ids}) may still run: read them with "
+            "GET /v1/jobs/{id} rather than sending the request again"
+        )
+        body = error_body(message, "service_unavailable", code=data["category"])
+        headers = {"Retry-After": str(RETRY_AFTER_S), "x-should-retry": "false"}
+        return JSONResponse(body, 503, headers=headers)
+    message = (
+        f"{data['message']}; its unfinished jobs were cancelled, so sending it again runs "
+        "nothing twice that had not finished"
+    )
+    body = error_body(message, "service_unavailable", code=data["category"])
+    return JSONResponse(body, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def _job_failed(event: StreamedEvent) -> JSONResponse:
     data = json.loads(event.data)
-    if data["category"] == STREAM_INTERRUPTED:  # the job runs on; only this wait ended
-        body = error_body(data["message"], "service_unavailable", code=data["category"])
-        return JSONResponse(body, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
     message = f"generation failed ({data['category']}): {data['message']}"
     return JSONResponse(error_body(message, "server_error", code=data["category"]), 500)
 
 
-async def _respond(request: Request, choices: list[Choice], build) -> object:
+async def _respond(request: Request, choices: list[Choice], model: str, build) -> object:
     events = await asyncio.gather(*(_final_event(request, c) for c in choices))
     usage = UsageInfo()
     finished = []
     for choice, event in zip(choices, events, strict=True):
         if event.type == "error":
+            data = json.loads(event.data)
+            if data["category"] == STREAM_INTERRUPTED:  # the job runs on; only the wait ended
+                return await _wait_ended(request, choices, model, data)
             return _job_failed(event)
         done = json.loads(event.data)
         usage.add(done["prompt_tokens"] if choice.counts_prompt else 0, done["completion_tokens"])
@@ -119,7 +188,8 @@ async def _respond(request: Request, choices: list[Choice], build) -> object:
 
 
 def _stream(request: Request, choices: list[Choice], fmt: ChunkFormat) -> EventSourceResponse:
-    database_url = request.app.state.settings.database_url
+    settings = request.app.state.settings
+    database_url = settings.database_url
 
     async def publish() -> AsyncIterator[ServerSentEvent]:
         completed = False
@@ -153,17 +223,33 @@ def _stream(request: Request, choices: list[Choice], fmt: ChunkFormat) -> EventS
                     )
                 log.info("stream abandoned; jobs cancelled", jobs=len(choices))
 
-    return EventSourceResponse(publish(), ping=PING_S)
+    # Headers go out at once and pings from the start, before the first token: a job that
+    # waits for a broker outage to end keeps its stream visibly alive.
+    return EventSourceResponse(publish(), ping=settings.sse_ping_s)
 
 
 def _data(payload: dict) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
 
 
-async def _serve(request: Request, planned: PlannedRequest, caller: Caller):
-    """Queue the choices, then stream them or answer once all have finished."""
-    source = {"endpoint": "chat" if planned.chat else "completions"}
-    choices = await anyio.to_thread.run_sync(_submit_choices, request, planned, source, caller)
+async def _serve(
+    request: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+    caller: Caller,
+    idempotency_key: str | None,
+):
+    """Plan and store the choices, then stream them or answer once all have finished."""
+    state = request.app.state
+    # Rendering and tokenizing: CPU in proportion to the prompt, off the event loop, and
+    # before the request takes its turn at the database.
+    planned = await anyio.to_thread.run_sync(plan_request, state, body)
+    slot = await database_slots(request).acquire()
+    try:
+        choices = await anyio.to_thread.run_sync(
+            _submit_choices, request, planned, caller, idempotency_key
+        )
+    finally:
+        slot.release()
     response_id, created = new_response_id("chatcmpl" if planned.chat else "cmpl")
     if planned.body.stream:
         spec, body = planned.spec, planned.body
@@ -173,16 +259,26 @@ async def _serve(request: Request, planned: PlannedRequest, caller: Caller):
     def build(finished, usage):
         return build_response(planned.chat, planned.spec.id, response_id, created, finished, usage)
 
-    return await _respond(request, choices, build)
+    return await _respond(request, choices, planned.spec.id, build)
 
 
-@router.post("/completions", response_model=CompletionResponse)
-async def create_completion(body: CompletionRequest, request: Request, caller: ApiKeyDep):
+@router.post("/completions", response_model=CompletionResponse, responses=STREAMED)
+async def create_completion(
+    body: CompletionRequest,
+    request: Request,
+    caller: ApiKeyDep,
+    idempotency_key: IdempotencyKey = None,
+):
     """OpenAI's text completions, on the queue."""
-    return await _serve(request, plan_request(request.app.state, body), caller)
+    return await _serve(request, body, caller, idempotency_key)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, caller: ApiKeyDep):
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    caller: ApiKeyDep,
+    idempotency_key: IdempotencyKey = None,
+):
     """OpenAI's chat completions, on the queue; the prompt comes from the model's chat template."""
-    return await _serve(request, plan_request(request.app.state, body), caller)
+    return await _serve(request, body, caller, idempotency_key)

@@ -58,6 +58,9 @@ def job_row(new: NewJob) -> Job:
         status=JobStatus.QUEUED.value,
         # The send follows the commit; the reconciler covers a failure. A follower is not sent.
         enqueued_at=None if new.follows_job_id else func.now(),
+        # The row's own time, not its transaction's: the jobs of one request (an OpenAI
+        # request's choices) are stored in one transaction and keep their order.
+        created_at=func.clock_timestamp(),
         input=new.input,
         params=new.params,
         owner=new.owner,

@@ -120,3 +120,14 @@ def test_idempotency_key_returns_the_same_job(client, database_url):
     assert second.status_code == 200
     assert first.json()["id"] == second.json()["id"]
     client.post(f"/v1/jobs/{first.json()['id']}/cancel")
+
+
+def test_prompt_over_the_size_cap_is_400_with_both_numbers(client):
+    prompt = "word " * 400_001  # 2,000,005 characters; the default cap is 1,000,000
+
+    response = client.post("/v1/jobs", json={"model": "tiny-offline", "prompt": prompt})
+
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "prompt_too_large" and error["param"] == "prompt"
+    assert "2,000,005 characters" in error["message"] and "1,000,000" in error["message"]

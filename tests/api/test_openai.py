@@ -3,15 +3,20 @@
 import asyncio
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from redis import Redis
+from sqlalchemy import func, select
 
+from db.session import session_scope
+from db.tables import Job
 from llmq.events import ErrorEvent
 from llmq.publisher import TokenPublisher
-from tests.factories import ADMIN_KEY, AUTH
+from tests.factories import ADMIN_KEY, AUTH, start_api, stop_worker
+from tests.faults import CuttableLink
 
 
 @pytest.fixture
@@ -243,3 +248,131 @@ def test_disconnected_stream_cancels_its_job(api_server, redis_url):
         time.sleep(0.1)
     assert job["result"] is None
     assert Redis.from_url(redis_url).pubsub_numsub(f"llmq:events:{job['id']}")[0][1] == 0
+
+
+# Prose, so that tokenizing it costs what a real long prompt costs.
+PROSE = "Once upon a time there was a little dog who liked to run in the park. "
+LONG_PROMPT_CHARS = 2_000_000  # about a second of tokenizing, or several on a busy machine
+
+
+@pytest.fixture(scope="module")
+def roomy_api(database_url, redis_url, tiny_model_path):
+    """An API process that takes prompts of up to 3 million characters."""
+    process, base_url = start_api(LLMQ_MAX_PROMPT_CHARS="3000000")
+    try:
+        yield base_url
+    finally:
+        stop_worker(process)
+
+
+def long_body(path: str, chars: int) -> dict:
+    text = (PROSE * (chars // len(PROSE) + 1))[:chars]
+    if path == "/v1/chat/completions":
+        return {"model": "tiny-offline", "messages": [{"role": "user", "content": text}]}
+    return {"model": "tiny-offline", "prompt": text, "max_tokens": 1}
+
+
+def healthz_while(base_url: str, path: str, body: dict) -> tuple[httpx.Response, list[float]]:
+    """POST the body and, until it is answered, time /healthz every 50 ms."""
+    latencies = []
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=base_url, timeout=60) as probe:
+        answer = pool.submit(httpx.post, f"{base_url}{path}", json=body, headers=AUTH, timeout=120)
+        while not answer.done():
+            started = time.perf_counter()
+            assert probe.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.05)
+        return answer.result(), latencies
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/jobs"])
+def test_long_prompt_is_tokenized_off_the_event_loop(roomy_api, path):
+    """A 2 MB prompt takes a second or more to tokenize; meanwhile the API goes on answering.
+    (It then fails, as it is far over tiny-offline's 128-token context.) The job API shares
+    the tokenizer, so it is checked here too."""
+    response, latencies = healthz_while(roomy_api, path, long_body(path, LONG_PROMPT_CHARS))
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert len(latencies) >= 5, "the prompt was handled too fast to tell anything"
+    # Generous, for a shared CI machine (it is a few ms when idle): before, /healthz waited for
+    # the whole tokenization.
+    assert max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_over_the_size_cap_is_400_with_both_numbers(api_server, path):
+    started = time.perf_counter()
+    response = httpx.post(
+        f"{api_server}{path}", json=long_body(path, 2_000_000), headers=AUTH, timeout=60
+    )
+
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "prompt_too_large"
+    assert error["param"] == ("messages" if "chat" in path else "prompt")
+    assert "2,000,000 characters" in error["message"] and "1,000,000" in error["message"]
+    assert time.perf_counter() - started < 5  # refused before any tokenizing
+
+
+def test_stream_pings_from_the_start_while_the_broker_is_away(
+    redis_url, database_url, tiny_model_path
+):
+    """With Redis gone, the job cannot be sent, yet the stream answers at once and sends
+    comment pings (every LLMQ_SSE_PING_S) until its first token: the client sees it alive."""
+    link = CuttableLink(6379)
+    process, base_url = start_api(LLMQ_REDIS_URL=link.url_for(redis_url), LLMQ_SSE_PING_S="1")
+    try:
+        link.cut()
+        body = {"model": "tiny-offline", "prompt": "no broker", "max_tokens": 2, "stream": True}
+        started = time.perf_counter()
+        with httpx.Client(timeout=10, headers=AUTH) as http:
+            with http.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+                answered_s = time.perf_counter() - started
+                lines = []
+                for line in response.iter_lines():
+                    lines.append(line)
+                    if sum(line.startswith(":") for line in lines) == 3:
+                        break
+                pinged_s = time.perf_counter() - started
+        assert response.status_code == 200
+        assert answered_s < 5, f"the stream began after {answered_s:.1f} s"
+        assert not any(line.startswith("data:") for line in lines), lines
+        assert pinged_s < 8, f"three pings took {pinged_s:.1f} s"
+    finally:
+        link.close()
+        stop_worker(process)
+
+
+def test_idempotency_key_gets_the_first_requests_choices(api_server, database_url):
+    """A request sent again with its Idempotency-Key (a retry after a lost answer) gets the
+    jobs the first one stored, choice by choice, instead of running them again."""
+    key = f"retry-{uuid.uuid4().hex}"
+    body = {"model": "tiny-llama", "prompt": "Once", "n": 2, "max_tokens": 3, "temperature": 1}
+    headers = AUTH | {"Idempotency-Key": key}
+    first = httpx.post(f"{api_server}/v1/completions", json=body, headers=headers, timeout=60)
+    again = httpx.post(f"{api_server}/v1/completions", json=body, headers=headers, timeout=60)
+
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    texts = [choice["text"] for choice in first.json()["choices"]]
+    assert [choice["text"] for choice in again.json()["choices"]] == texts
+    with session_scope(database_url) as session:
+        stored = session.scalar(
+            select(func.count()).select_from(Job).where(Job.idempotency_key.like(f"{key}:%"))
+        )
+    assert stored == 2
+
+
+def test_idempotency_key_of_a_request_with_other_choices_is_refused(api_server):
+    """A key first sent with one choice, then with three: a different request under the same
+    key is a 409 naming the header, not a second set of jobs (nor a server error)."""
+    headers = AUTH | {"Idempotency-Key": f"reused-{uuid.uuid4().hex}"}
+    body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 2}
+    url = f"{api_server}/v1/completions"
+    first = httpx.post(url, json=body, headers=headers, timeout=60)
+    assert first.status_code == 200, first.text
+    again = httpx.post(url, json=body | {"n": 3}, headers=headers, timeout=60)
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert error["code"] == "idempotency_key_reused" and error["param"] == "Idempotency-Key"
+    assert "new key" in error["message"]
