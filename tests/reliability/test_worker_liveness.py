@@ -105,7 +105,8 @@ def test_draining_worker_keeps_its_jobs_until_it_exits(client, fault_workers, da
         for hog in hogs:
             hog.kill()
             hog.wait()
-    assert held == held_by(database_url, job_ids, worker.pid, status="succeeded"), (
+    # It may also start jobs whose messages its threads already held: those are its own too.
+    assert held <= held_by(database_url, job_ids, worker.pid, status="succeeded"), (
         f"a job was taken away during a {drained_s:.1f} s drain"
     )
     assert set(attempts(database_url, held).values()) == {1}
