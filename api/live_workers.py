@@ -40,7 +40,7 @@ class LiveQueues:
         self.updated_at = time.time()
         return self.queues
 
-    def lost(self, workers: set[str], after_s: float, ping_timeout_s: float = 2.0) -> set[str]:
+    def lost(self, workers: set[str], after_s: float, ping_timeout_s: float = 1.0) -> set[str]:
         """Those of `workers` without a heartbeat for `after_s` that do not answer a last ping
         either: a worker that is only slow (a long prefill, a loaded machine) still answers."""
         silent = self.heartbeats.silent(workers, after_s)

@@ -105,7 +105,6 @@ class Reconciler:
         if self._broker_lost_messages() or send_failed.is_set():
             self._resend_all = True
         send_failed.clear()
-        resend_all = self._resend_all
         with session_scope(self.settings.database_url) as session:
             locked = session.scalar(
                 text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
@@ -122,8 +121,17 @@ class Reconciler:
             if time.monotonic() - self._orphans_checked_at >= ORPHAN_CHECK_S:
                 requeued += self._release_orphans(session, live)
                 self._orphans_checked_at = time.monotonic()
-            resent, checked_all = self._resend_missing(session, resend_all)
-        if checked_all:
+            if lost:
+                # A lost worker also held messages of jobs it had not started yet: they wait
+                # in kombu's unacked set, not in the queue, and are sent again now too.
+                self._resend_all = True
+            resend_all = self._resend_all
+            older_than_s = SEND_GRACE_S if resend_all else self.settings.requeue_after_s
+            stale = job_queries.stale_queued(session, older_than_s, MAX_JOBS_PER_SWEEP)
+        # Sent after the commit: a worker given a released job's message before it would still
+        # see the job running and drop the message. The transaction stays short, too.
+        resent = self._resend_missing(stale)
+        if len(stale) < MAX_JOBS_PER_SWEEP:  # every candidate was checked
             self._resend_all = False
         for model in failed_models:
             job_failed(model, ErrorCategory.WORKER_LOST.value)
@@ -168,21 +176,19 @@ class Reconciler:
             log.warning("the broker lost its data; every queued job is checked now")
         return changed
 
-    def _resend_missing(self, session: Session, resend_all: bool = False) -> tuple[int, bool]:
-        """Send again the queued jobs whose message is not waiting: those sent longer than
-        `requeue_after_s` ago, or every one when the broker may have lost messages. Returns how
-        many were sent, and whether every candidate was checked (a sweep takes a bounded
-        number)."""
-        older_than_s = SEND_GRACE_S if resend_all else self.settings.requeue_after_s
-        stale = job_queries.stale_queued(session, older_than_s, MAX_JOBS_PER_SWEEP)
-        checked_all = len(stale) < MAX_JOBS_PER_SWEEP
+    def _resend_missing(self, stale: list[job_queries.Delivery]) -> int:
+        """Send again those of `stale` (queued jobs sent a while ago) whose message is not
+        waiting in their queue; returns how many were sent."""
         if not stale:
-            return 0, checked_all
+            return 0
         waiting = waiting_job_ids(self.redis, {job.queue for job in stale})
         missing = [job for job in stale if str(job.id) not in waiting]
         resent = [j.id for j in missing if enqueue_job(j.id, j.kind, j.queue, j.priority)]
         # Jobs found waiting are fine: their clock restarts, so they are not scanned each sweep.
-        job_queries.mark_enqueued(session, [j.id for j in stale if str(j.id) in waiting] + resent)
+        with session_scope(self.settings.database_url) as session:
+            job_queries.mark_enqueued(
+                session, [j.id for j in stale if str(j.id) in waiting] + resent
+            )
         if resent:
             log.warning("jobs missing from the broker were sent again", count=len(resent))
-        return len(resent), checked_all
+        return len(resent)

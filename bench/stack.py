@@ -55,24 +55,34 @@ def llmq_stack(
     port: int = 8765,
     redis_url: str | None = None,
     database: str = "llmq_bench",
+    database_url: str | None = None,
+    api_log: Path | None = None,
     **settings: str,
 ):
     """Yields the API base URL and the processes once every named worker consumes its queue.
 
     `redis_url` replaces the benchmark's Redis database and `database` its Postgres database
-    (both are emptied first), so that two benchmarks can run at once; `settings` are extra
-    LLMQ_* variables.
+    (both are emptied first), so that two benchmarks can run at once; `database_url` names a
+    database on another server instead (a private one the benchmark stops and starts).
+    `api_log` takes the API's output instead of the console; `settings` are extra LLMQ_*
+    variables.
     """
-    database_url, default_redis_url = bench_urls(database)
+    bench_database_url, default_redis_url = bench_urls(database)
+    database_url = database_url or bench_database_url
     redis_url = redis_url or default_redis_url
     create_database(database_url, replace=True)
     migrate(database_url)
     Redis.from_url(redis_url).flushdb()
     env = stack_env(workdir, models, database_url, redis_url) | settings
     api_command = [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port)]
+    api_output = open(api_log, "ab") if api_log is not None else None  # noqa: SIM115
     processes = [
         subprocess.Popen(
-            [*api_command, "--log-level", "warning", "--no-access-log"], cwd=ROOT, env=env
+            [*api_command, "--log-level", "warning", "--no-access-log"],
+            cwd=ROOT,
+            env=env,
+            stdout=api_output,
+            stderr=subprocess.STDOUT if api_output is not None else None,
         )
     ]
     processes += [start_worker(model, env, workdir) for model in worker_models]

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     # one every 2 s), and how many lost workers a job may take down with it before it fails.
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     requeue_after_s: float = Field(default=60.0, gt=0)
-    worker_lost_after_s: float = Field(default=6.0, gt=0)
+    worker_lost_after_s: float = Field(default=5.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
     # How often the Batch API's driver moves batches along and refills its windows
     # (api/batch_driver.py).

@@ -270,8 +270,18 @@ def release_jobs_of(
 
 
 def mark_enqueued(session: Session, job_ids: list[uuid.UUID]) -> None:
-    if job_ids:
-        session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=func.now()))
+    """Restart the resend clock of jobs still queued. Rows another transaction holds (a worker
+    claiming or finishing them) are skipped, so this never waits on or deadlocks with it."""
+    if not job_ids:
+        return
+    free = (
+        select(Job.id)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value)
+        .order_by(Job.id)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    session.execute(update(Job).where(Job.id.in_(free)).values(enqueued_at=func.now()))
 
 
 def cancelled_among(session: Session, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
