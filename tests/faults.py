@@ -46,7 +46,7 @@ class CuttableLink:
             self._up = False
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
-            _shut(sock)
+            shut(sock)
 
     def restore(self) -> None:
         with self._lock:
@@ -66,18 +66,22 @@ class CuttableLink:
             with self._lock:
                 up = self._up
             if not up:
-                _shut(client)
+                shut(client)
                 continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
                 server.settimeout(None)
             except OSError:
-                _shut(client)
+                shut(client)
                 continue
             with self._lock:
                 self._sockets += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            self._relay_pair(client, server)
+
+    def _relay_pair(self, client: socket.socket, server: socket.socket) -> None:
+        """Relay one connection both ways (a subclass may watch what passes)."""
+        for source, sink in ((client, server), (server, client)):
+            threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
@@ -87,11 +91,11 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        _shut(source)
-        _shut(sink)
+        shut(source)
+        shut(sink)
 
 
-def _shut(sock: socket.socket) -> None:
+def shut(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

@@ -29,7 +29,7 @@ from tests.factories import (
     wait_for_job,
     wait_for_queue,
 )
-from tests.faults import LONG_JOB, QUEUE, CuttableLink, running_on, wait_until
+from tests.faults import LONG_JOB, QUEUE, CuttableLink, running_on, shut, wait_until
 
 # Postgres wire protocol: the simple Query a client sends to commit, and the server's
 # CommandComplete once the commit is done.
@@ -50,30 +50,12 @@ class TripwireLink(CuttableLink):
         self.tripped = threading.Event()
         super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                up = self._up
-            if not up:
-                _close(client)
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-                server.settimeout(None)
-            except OSError:
-                _close(client)
-                continue
-            with self._lock:
-                self._sockets += [client, server]
-            armed = threading.Event()  # this connection sent `armed_by`
-            for source, sink, to_server in ((client, server, True), (server, client, False)):
-                threading.Thread(
-                    target=self._relay, args=(source, sink, to_server, armed), daemon=True
-                ).start()
+    def _relay_pair(self, client: socket.socket, server: socket.socket) -> None:
+        armed = threading.Event()  # this connection sent `armed_by`
+        for source, sink, to_server in ((client, server, True), (server, client, False)):
+            threading.Thread(
+                target=self._relay, args=(source, sink, to_server, armed), daemon=True
+            ).start()
 
     def _relay(self, source, sink, to_server: bool, armed: threading.Event) -> None:
         try:
@@ -91,16 +73,8 @@ class TripwireLink(CuttableLink):
         except OSError:
             pass
         finally:
-            _close(source)
-            _close(sink)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
+            shut(source)
+            shut(sink)
 
 
 @pytest.fixture
