@@ -317,22 +317,27 @@ class RunResult:
     failures: list[str] = field(default_factory=list)
 
 
+def two_workers(args, workdir: Path, redis: "PrivateRedis"):
+    """The stack both measurements run: the API and two workers on the private Redis."""
+    return llmq_stack(
+        [MODEL],
+        workdir,
+        [MODEL["id"]] * 2,
+        port=args.port,
+        redis_url=redis.url,
+        database=DATABASE,
+        api_log=workdir / "api.log",
+        **SETTINGS,
+    )
+
+
 def redis_outage_run(args, run: int, workdir: Path) -> RunResult:
     """Run (a) once: Redis away for `args.outage` seconds with every job in flight."""
     result = RunResult()
     redis = PrivateRedis(free_port(), workdir)
     redis.start()
     try:
-        with llmq_stack(
-            [MODEL],
-            workdir,
-            [MODEL["id"]] * 2,
-            port=args.port,
-            redis_url=redis.url,
-            database=DATABASE,
-            api_log=workdir / "api.log",
-            **SETTINGS,
-        ) as (base, processes):
+        with two_workers(args, workdir, redis) as (base, processes):
             workers = processes[1:]
             probe = JobProbe(bench_urls(DATABASE)[0], redis.url)
             prompts = [f"recovery {run} {i}" for i in range(args.jobs)]
@@ -385,16 +390,7 @@ def worker_kill_run(args, run: int, workdir: Path) -> RunResult:
     redis = PrivateRedis(free_port(), workdir)
     redis.start()
     try:
-        with llmq_stack(
-            [MODEL],
-            workdir,
-            [MODEL["id"]] * 2,
-            port=args.port,
-            redis_url=redis.url,
-            database=DATABASE,
-            api_log=workdir / "api.log",
-            **SETTINGS,
-        ) as (base, processes):
+        with two_workers(args, workdir, redis) as (base, processes):
             victim, survivor = processes[1], processes[2]
             probe = JobProbe(bench_urls(DATABASE)[0], redis.url)
             prompts = [f"kill {run} {i}" for i in range(args.kill_jobs)]
