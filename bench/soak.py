@@ -55,15 +55,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
 
-from bench.recovery import (
-    JobProbe,
-    PrivatePostgres,
-    PrivateRedis,
-    free_port,
-    time_each_success,
-    tolerant,
-    wait_for,
-)
+from bench.recovery import JobProbe, time_each_success, tolerant
+from bench.servers import PrivatePostgres, PrivateRedis, free_port, wait_for
 from bench.stack import llmq_stack, stack_env, start_worker
 
 console = Console(width=120)

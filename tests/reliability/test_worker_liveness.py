@@ -98,6 +98,7 @@ def test_draining_worker_keeps_its_jobs_until_it_exits(client, fault_workers, da
     ]
     try:
         held = held_by(database_url, job_ids, worker.pid)
+        assert held, "the worker held no running job when it was stopped"
         worker.send_signal(signal.SIGTERM)
         began = time.monotonic()
         assert worker.wait(timeout=120) == 0
