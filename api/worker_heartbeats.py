@@ -16,7 +16,8 @@ from celery import Celery
 
 log = structlog.get_logger(__name__)
 
-WORKER_EVENTS = ("worker-heartbeat", "worker-online", "worker-offline")
+# What shows a worker alive. `worker-offline` is not listened to: it proves nothing either way.
+WORKER_EVENTS = ("worker-heartbeat", "worker-online")
 
 
 class WorkerHeartbeats:
