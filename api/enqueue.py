@@ -2,20 +2,24 @@
 
 import threading
 import uuid
+from collections import defaultdict
 from functools import lru_cache
+from queue import Empty, SimpleQueue
 
 import structlog
 from celery import Celery
 from kombu.transport import redis as redis_transport
 
+from db.queries.jobs import Delivery
 from llmq.protocol import (
+    GENERATE_GROUP_TASK,
     GENERATE_TASK,
+    JOB_IDS_HEADER,
     PRIORITY_STEPS,
     SCORE_GROUP_TASK,
     SCORE_TASK,
-    GenerateTask,
+    JobGroupTask,
     JobKind,
-    ScoreGroupTask,
 )
 from llmq.registry import ModelSpec
 
@@ -44,28 +48,97 @@ def route(spec: ModelSpec, live_queues: set[str]) -> str:
 
 # The Celery task that runs each kind of job. Every task takes the job id only.
 TASK_FOR_KIND = {JobKind.GENERATE.value: GENERATE_TASK, JobKind.SCORE.value: SCORE_TASK}
+GROUP_TASK_FOR_KIND = {
+    JobKind.GENERATE.value: GENERATE_GROUP_TASK,
+    JobKind.SCORE.value: SCORE_GROUP_TASK,
+}
+# Jobs per group message: a worker runs one message's jobs side by side in its engine.
+MAX_JOBS_PER_MESSAGE = 64
 
 
 def enqueue_job(job_id: uuid.UUID, kind: str, queue: str, priority: int = 0) -> bool:
     """Send after the job row is committed. False if the broker is unreachable: the job row
     stays queued and the reconciler sends it later, so the client's 202 still holds."""
-    payload = GenerateTask(job_id=job_id).model_dump(mode="json")
-    return _send(TASK_FOR_KIND[kind], payload, str(job_id), queue, priority)
+    return _send(TASK_FOR_KIND[kind], {"job_id": str(job_id)}, str(job_id), queue, priority)
 
 
 def enqueue_score_group(job_ids: list[uuid.UUID], queue: str, priority: int) -> bool:
     """Several committed scoring jobs in one message (evaluation items). As for enqueue_job,
     a failed send leaves them queued for the reconciler, which then sends each alone."""
-    payload = ScoreGroupTask(job_ids=job_ids).model_dump(mode="json")
-    return _send(SCORE_GROUP_TASK, payload, str(uuid.uuid4()), queue, priority)
+    return _send_group(JobKind.SCORE.value, job_ids, queue, priority)
 
 
-def _send(task: str, payload: dict, task_id: str, queue: str, priority: int) -> bool:
+def send_jobs(deliveries: list[Delivery]) -> list[uuid.UUID]:
+    """Send committed jobs, those of one kind, queue and priority together in group messages.
+    Returns the ids of the jobs sent; the others stay queued for the reconciler."""
+    groups: dict[tuple[str, str, int], list[uuid.UUID]] = defaultdict(list)
+    for job in deliveries:
+        groups[job.kind, job.queue, job.priority].append(job.id)
+    sent: list[uuid.UUID] = []
+    for (kind, queue_name, priority), job_ids in groups.items():
+        for start in range(0, len(job_ids), MAX_JOBS_PER_MESSAGE):
+            chunk = job_ids[start : start + MAX_JOBS_PER_MESSAGE]
+            if len(chunk) == 1 and enqueue_job(chunk[0], kind, queue_name, priority):
+                sent += chunk
+            elif len(chunk) > 1 and _send_group(kind, chunk, queue_name, priority):
+                sent += chunk
+    return sent
+
+
+def send_soon(job: Delivery) -> None:
+    """Send a committed job from the sender thread, without waiting for the broker."""
+    _sender().put(job)
+
+
+class _Sender:
+    """Sends the jobs committed by concurrent requests from one thread: those that wait while
+    a send is on its way go out together, in one message per kind, queue and priority. One
+    message per job cost the API, the broker and the worker more than a job's whole run."""
+
+    def __init__(self) -> None:
+        self._waiting: SimpleQueue[Delivery] = SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llmq-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, job: Delivery) -> None:
+        self._waiting.put(job)
+
+    def _run(self) -> None:
+        while True:
+            jobs = [self._waiting.get()]
+            while len(jobs) < MAX_JOBS_PER_MESSAGE * 16:
+                try:
+                    jobs.append(self._waiting.get_nowait())
+                except Empty:
+                    break
+            try:
+                send_jobs(jobs)
+            except Exception:  # a failed send is the reconciler's; the thread must live on
+                send_failed.set()
+                log.exception("sending jobs failed; they stay queued", jobs=len(jobs))
+
+
+@lru_cache
+def _sender() -> _Sender:
+    return _Sender()
+
+
+def _send_group(kind: str, job_ids: list[uuid.UUID], queue: str, priority: int) -> bool:
+    payload = JobGroupTask(job_ids=job_ids).model_dump(mode="json")
+    headers = {JOB_IDS_HEADER: payload["job_ids"]}
+    task_id = str(uuid.uuid4())
+    return _send(GROUP_TASK_FOR_KIND[kind], payload, task_id, queue, priority, headers)
+
+
+def _send(
+    task: str, payload: dict, task_id: str, queue: str, priority: int, headers: dict | None = None
+) -> bool:
     try:
         producer().send_task(
             task,
             args=[payload],
             task_id=task_id,
+            headers=headers,
             queue=queue,
             priority=priority,  # Redis serves priority 0 first: see llmq.protocol
             retry=True,

@@ -17,6 +17,7 @@ import structlog
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from api.final_events import FinalEventListener
 from db.queries.jobs import get_job
 from db.session import session_scope
 from db.tables import Job
@@ -25,7 +26,6 @@ from llmq.events import (
     ErrorEvent,
     TokenEvent,
     events_key,
-    final_channel,
     parse_event_id,
     token_event_id,
 )
@@ -176,9 +176,16 @@ async def _close(pubsub) -> None:
 
 
 class JobEventReader:
-    def __init__(self, redis: aioredis.Redis, load_finished: LoadFinished, idle_s: float = 1.0):
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        load_finished: LoadFinished,
+        finals: FinalEventListener,
+        idle_s: float = 1.0,
+    ):
         self.redis = redis
         self.load_finished = load_finished
+        self.finals = finals
         self.idle_s = idle_s
 
     async def events(
@@ -302,10 +309,36 @@ class JobEventReader:
             return interrupted_event(job_id, "the event store and the job database are away")
         return final_event(job_id, finished)
 
+    async def wait_final(self, job_id: uuid.UUID, timeout_s: float) -> None:
+        """Return once the job has ended, or after `timeout_s` (long polling). Its final event
+        is the signal; Postgres is asked each second in case the event was lost, and each
+        quarter second while Redis is away."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        published = self.finals.watch(job_id)
+        try:
+            try:
+                newest = await self.redis.xrevrange(events_key(job_id), count=1)
+                if newest and newest[0][1][b"type"].decode() in FINAL_TYPES:
+                    return
+            except RedisError:
+                pass
+            while (remaining := deadline - loop.time()) > 0:
+                slice_s = min(remaining, 1.0 if self.finals.listening else FIRST_IDLE_S)
+                try:
+                    await asyncio.wait_for(asyncio.shield(published), slice_s)
+                    return
+                except TimeoutError:
+                    if await self.load_finished(job_id) is not None:
+                        return
+        finally:
+            self.finals.unwatch(job_id, published)
+
     async def _final_from_redis(self, job_id: uuid.UUID, first_check_s: float) -> StreamedEvent:
+        if not self.finals.listening:
+            raise RedisError("the final-event listener is not subscribed")
         key = events_key(job_id)
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(final_channel(job_id))
+        published = self.finals.watch(job_id)
         try:
             idle_s = first_check_s
             while True:
@@ -314,16 +347,20 @@ class JobEventReader:
                     event_id, fields = newest[0]
                     kind, data = fields[b"type"].decode(), fields[b"data"].decode()
                     return StreamedEvent(event_id.decode(), kind, data)
-                message = await _next_message(pubsub, idle_s)
-                if message is not None:
-                    event_id, kind, data = message["data"].decode().split(" ", 2)
+                try:
+                    message = await asyncio.wait_for(asyncio.shield(published), idle_s)
+                except TimeoutError:
+                    if not self.finals.listening:  # published meanwhile may have been missed
+                        raise RedisError("the final-event listener lost Redis") from None
+                else:
+                    event_id, kind, data = message.split(" ", 2)
                     return StreamedEvent(event_id, kind, data)
                 idle_s = min(max(idle_s * 2, self.idle_s), MAX_IDLE_S)
                 finished = await self.load_finished(job_id)
                 if finished is not None and not newest:  # finished, and its buffer is gone
                     return final_event(job_id, finished)
         finally:
-            await _close(pubsub)
+            self.finals.unwatch(job_id, published)
 
     async def _replay(self, key: str, after: str | None) -> AsyncIterator[StreamedEvent]:
         start = f"({after}" if after else "-"

@@ -56,4 +56,14 @@ class LiveQueues:
         replies = self.app.control.inspect(destination=sorted(workers), timeout=timeout_s).active()
         if not replies or set(replies) != workers:
             return None
-        return {worker: {task["id"] for task in tasks} for worker, tasks in replies.items()}
+        return {
+            worker: {job for task in tasks for job in task_job_ids(task)}
+            for worker, tasks in replies.items()
+        }
+
+
+def task_job_ids(task: dict) -> list[str]:
+    """The jobs of an active task: its id, or a group message's job ids."""
+    args = task.get("args") or [{}]
+    job_ids = args[0].get("job_ids") if isinstance(args[0], dict) else None
+    return [str(job_id) for job_id in job_ids] if job_ids else [task["id"]]

@@ -13,6 +13,7 @@ from api.enqueue import producer
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.eval_driver import EvalDriver
 from api.events import JobEventReader, postgres_loader
+from api.final_events import FinalEventListener
 from api.limits import RateLimiter, RateLimitHeaders
 from api.live_workers import LiveQueues
 from api.metrics import scrape_registry
@@ -54,8 +55,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.eval_driver.start()
         app.state.batch_driver.start()
         redis = aioredis.Redis.from_url(settings.redis_url, max_connections=1000)
-        app.state.event_reader = JobEventReader(redis, postgres_loader(settings.database_url))
+        finals = FinalEventListener(redis)
+        finals.start()
+        await finals.wait_listening(timeout=1.0)  # Redis may be away: requests then poll
+        loader = postgres_loader(settings.database_url)
+        app.state.event_reader = JobEventReader(redis, loader, finals)
         yield
+        await finals.stop()
         app.state.live_queues.stop()
         reconciler.stop()
         app.state.eval_driver.stop()

@@ -27,13 +27,13 @@ from redis import Redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.enqueue import enqueue_job, priority_lists, send_failed
+from api.enqueue import priority_lists, send_failed, send_jobs
 from api.live_workers import LiveQueues
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq.metrics import job_failed
 from llmq.periodic import PeriodicTask
-from llmq.protocol import ErrorCategory
+from llmq.protocol import JOB_IDS_HEADER, ErrorCategory
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -66,8 +66,9 @@ def waiting_job_ids(redis: Redis, queues: set[str]) -> set[str]:
     for key in (key for queue in queues for key in priority_lists(queue)):
         for raw in redis.lrange(key, 0, -1):
             try:
-                ids.add(json.loads(raw)["headers"]["id"])
-            except (ValueError, KeyError, TypeError):
+                headers = json.loads(raw)["headers"]
+                ids.update(headers.get(JOB_IDS_HEADER) or [headers["id"]])
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # not a Celery message; the worker will reject it
     return ids
 
@@ -183,7 +184,7 @@ class Reconciler:
             return 0
         waiting = waiting_job_ids(self.redis, {job.queue for job in stale})
         missing = [job for job in stale if str(job.id) not in waiting]
-        resent = [j.id for j in missing if enqueue_job(j.id, j.kind, j.queue, j.priority)]
+        resent = send_jobs(missing)
         # Jobs found waiting are fine: their clock restarts, so they are not scanned each sweep.
         with session_scope(self.settings.database_url) as session:
             job_queries.mark_enqueued(

@@ -22,7 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from api.enqueue import enqueue_job, route
+from api.enqueue import route, send_soon
 from api.live_workers import LiveQueues
 from api.metrics import job_submitted
 from api.prompts import PromptCounter, check_prompt_size
@@ -266,7 +266,7 @@ def _after_commit(job: Job, placement: Placement, *, counted: bool) -> None:
         if counted:
             (CACHE_HITS if placement is Placement.CACHED else CACHE_MISSES).labels(job.model).inc()
         if placement is Placement.QUEUED:
-            enqueue_job(job.id, job.kind, job.queue, job.priority)
+            send_soon(job_queries.Delivery(job.id, job.kind, job.queue, job.priority))
             job_submitted(job.model, job.queue)
         elif placement is Placement.CACHED:
             job_finished(job.model, JobStatus.SUCCEEDED.value)
@@ -300,7 +300,7 @@ def _store(
 ) -> tuple[Job, Placement]:
     """The job row, answered from the cache, following a job in flight, or to be queued."""
     if key is None:
-        return job_queries.create_job(session, new), Placement.QUEUED
+        return job_queries.insert_job(session, new), Placement.QUEUED
     ttl_s = get_settings().cache_ttl_s
     if (hit := cache_queries.answer_from_cache(session, key, new, ttl_s)) is not None:
         return hit, Placement.CACHED
@@ -308,8 +308,8 @@ def _store(
     leader = cache_queries.find_leader(session, key.cache_key, new.priority)
     if leader is not None:
         follower = replace(new, follows_job_id=leader)
-        return job_queries.create_job(session, follower), Placement.FOLLOWING
+        return job_queries.insert_job(session, follower), Placement.FOLLOWING
     # The leader may have finished between the first look and the lock.
     if (hit := cache_queries.answer_from_cache(session, key, new, ttl_s)) is not None:
         return hit, Placement.CACHED
-    return job_queries.create_job(session, new), Placement.QUEUED
+    return job_queries.insert_job(session, new), Placement.QUEUED

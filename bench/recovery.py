@@ -48,6 +48,7 @@ from api.enqueue import priority_lists
 from bench.servers import PrivateRedis, free_port, wait_for
 from bench.stack import bench_urls, llmq_stack
 from db.admin import drop_database
+from llmq.protocol import JOB_IDS_HEADER
 
 console = Console(width=120)
 MODEL = {
@@ -120,7 +121,8 @@ class JobProbe:
                 decoded = json.loads(message)
                 # A list's entry is the message; the unacked hash holds [message, ...].
                 envelope = decoded[0] if isinstance(decoded, list) else decoded
-                present.add(envelope["headers"]["id"])
+                headers = envelope["headers"]
+                present.update(headers.get(JOB_IDS_HEADER) or [headers["id"]])
             except (ValueError, KeyError, TypeError, IndexError):
                 continue
         return queued - present

@@ -10,8 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 GENERATE_TASK = "llmq.generate"
 SCORE_TASK = "llmq.score"
-# Several scoring jobs in one message: evaluation items, claimed and stored together.
+# Several jobs in one message: jobs sent at the same moment (concurrent requests, evaluation
+# items), claimed and stored together.
+GENERATE_GROUP_TASK = "llmq.generate_group"
 SCORE_GROUP_TASK = "llmq.score_group"
+# The message header that lists a group message's job ids, so that the reconciler reads them
+# without decoding the body.
+JOB_IDS_HEADER = "llmq_job_ids"
 
 # Broker priorities. kombu's Redis transport keeps one list per step of a queue and always
 # serves the lower step first, so interactive jobs overtake batch lines on the same model.
@@ -115,9 +120,12 @@ class ScoreTask(BaseModel):
     job_id: uuid.UUID
 
 
-class ScoreGroupTask(BaseModel):
-    """The message of several scoring jobs of one model. Each job still has its own row, is
-    claimed, completed or failed on its own, and is resent alone by the reconciler if the
-    message is lost; one message, one claim and one result transaction serve them all."""
+class JobGroupTask(BaseModel):
+    """The message of several jobs of one kind, queue and priority. Each job still has its own
+    row, is claimed, completed or failed on its own, and is resent alone by the reconciler if
+    the message is lost; one message and one claim serve them all."""
 
     job_ids: list[uuid.UUID] = Field(min_length=1, max_length=256)
+
+
+ScoreGroupTask = GenerateGroupTask = JobGroupTask

@@ -6,7 +6,7 @@ that calls it stays a thin adapter.
 
 import time
 import uuid
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 import structlog
@@ -19,6 +19,7 @@ from llmq.events import DoneEvent, ErrorEvent, TokenEvent
 from llmq.protocol import ErrorCategory, FinishReason, JobStatus, SamplingParams
 from llmq.publisher import TokenEmission, TokenPublisher
 from workers import metrics as worker_metrics
+from workers.claimer import JobClaimer
 from workers.db_retry import db_retry
 from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
 from workers.host import ModelHost
@@ -39,94 +40,121 @@ class JobRunner:
     job_timeout_s: float
     results: ResultWriter
 
+    def __post_init__(self) -> None:
+        self.claims = JobClaimer(self.database_url, self.worker_name)
+        self.claims.start()
+
+    def stop(self) -> None:
+        self.claims.stop()
+        self.results.stop()
+
     def run(self, job_id: uuid.UUID) -> None:
-        bound = log.bind(job_id=str(job_id), model=self.host.spec.id)
-        job = self._claim(job_id)
-        if job is None:
-            bound.info("job skipped: cancelled or already finished")
-            return
-        if job_id in self.engine.active_job_ids():
+        self.run_group([job_id])
+
+    def run_group(self, job_ids: list[uuid.UUID]) -> None:
+        """Run jobs delivered in one message: claimed together, handed to the engine together,
+        each stored and announced as soon as it finishes. Every job has ended (stored, failed
+        or skipped) when this returns and the message is acknowledged."""
+        claimed = self.claims.claim_all(job_ids)
+        for job_id in set(job_ids) - {job.id for job in claimed}:
+            log.info("job skipped: cancelled or already finished", job_id=str(job_id))
+        running = dict(filter(None, map(self._start, claimed)))
+        storing: dict[Future, tuple[_Running, GenerationOutput]] = {}
+        while running or storing:
+            deadline = min((r.wait_until for r in running.values()), default=None)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = wait([*running, *storing], timeout, return_when=FIRST_COMPLETED)
+            for future in done:
+                if future in running:
+                    job = running.pop(future)
+                    if (output := self._ended(job, future)) is not None:
+                        storing[self.results.store_async(job.job_id, _outcome(output))] = (
+                            job,
+                            output,
+                        )
+                else:
+                    self._stored(*storing.pop(future), future)
+            for future, job in list(running.items()):
+                if time.monotonic() >= job.wait_until:  # the engine stopped stepping
+                    del running[future]
+                    self._stalled(job)
+
+    def _start(self, job) -> tuple[Future, "_Running"] | None:
+        """Hand a claimed job to the engine."""
+        bound = log.bind(job_id=str(job.id), model=self.host.spec.id, request_id=job.request_id)
+        worker_metrics.job_started(job)
+        if job.id in self.engine.active_job_ids():
             # This worker was presumed lost while it ran the job, and got it back: the run in
             # progress stores the result.
             bound.info("job already running in this worker")
-            return
+            return None
         if job.attempts > 1:  # a redelivery: the lost attempt's partial stream is void
-            self.publisher.reset(job_id)
+            self.publisher.reset(job.id)
+        timeout_s = job.timeout_s or self.job_timeout_s
         try:
             params = SamplingParams.model_validate(job.params)
             prompt_ids = params.truncate_prompt(self.host.encode(job.input["prompt"]))
-            timeout_s = job.timeout_s or self.job_timeout_s
             deadline = time.monotonic() + timeout_s
-            request = GenerationRequest(job_id, prompt_ids, params, deadline, job.priority)
+            request = GenerationRequest(job.id, prompt_ids, params, deadline, job.priority)
             future = self.engine.submit(request)
-            # The engine enforces the deadline at each step; if it stops stepping at all, the
-            # job must still end, so wait a little longer than the deadline and no more.
-            output = future.result(timeout=timeout_s + STALL_GRACE_S)
-        except JobTimeout as exc:
-            self._fail(job_id, ErrorCategory.TIMEOUT, str(exc))
-        except FutureTimeout:
-            bound.error("the engine made no progress past the job's deadline")
-            self.engine.cancel(job_id)
-            message = f"the worker made no progress within {timeout_s + STALL_GRACE_S:.0f}s"
-            self._fail(job_id, ErrorCategory.TIMEOUT, message)
         except (ValueError, KeyError, TypeError) as exc:
             bound.warning("job input rejected", error=str(exc))
-            self._fail(job_id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
-        except Exception as exc:
-            bound.exception("job failed in the model")
-            self._fail(job_id, ErrorCategory.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
-        else:
-            if output.finish_reason is FinishReason.CANCELLED:
-                bound.info("job cancelled while running")
-                self._publish_done(job_id, output, JobStatus.CANCELLED)
-                return
-            try:
-                followers = self._complete(job_id, output)
-            except Exception as exc:  # a result Postgres refuses must not leave the job running
-                bound.exception("result could not be stored")
-                self._fail(job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
-                return
-            if followers is None:
-                bound.warning("result dropped: the job was cancelled or handed to another worker")
-                if self._was_cancelled(job_id):  # cancelled as it finished: tell its streams
-                    self._publish_done(job_id, output, JobStatus.CANCELLED)
-                return
-            self._publish_done(job_id, output, JobStatus.SUCCEEDED)
-            self._publish_followers_done(followers, output)
-            bound.info(
-                "job succeeded",
-                completion_tokens=output.completion_tokens,
-                duration_ms=round(output.duration_ms, 1),
-                followers=len(followers),
-            )
-
-    @db_retry
-    def _claim(self, job_id: uuid.UUID):  # -> db.tables.Job | None
-        with session_scope(self.database_url) as session:
-            job = job_queries.claim_job(session, job_id, self.worker_name)
-        if job is not None:
-            structlog.contextvars.bind_contextvars(request_id=job.request_id)
-            worker_metrics.job_started(job)
-        return job
-
-    def _complete(self, job_id: uuid.UUID, output: GenerationOutput) -> list[uuid.UUID] | None:
-        """Store the result, its cache entry and the results of the jobs that follow it, in one
-        transaction (shared with other jobs finishing at the same time). Returns the followers'
-        ids; None if the job was not this worker's."""
-        outcome = job_queries.Outcome(
-            text=output.text,
-            finish_reason=output.finish_reason.value,
-            prompt_tokens=output.prompt_tokens,
-            completion_tokens=output.completion_tokens,
-            time_to_first_token_ms=output.time_to_first_token_ms,
-            duration_ms=output.duration_ms,
-        )
-        stored = self.results.store(job_id, outcome)
-        if stored is None:
+            self._fail(job.id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
             return None
-        worker_metrics.job_succeeded(job_id, output)
+        # The engine enforces the deadline at each step; if it stops stepping at all, the job
+        # must still end, so wait a little longer than the deadline and no more.
+        wait_s = timeout_s + STALL_GRACE_S
+        return future, _Running(job.id, wait_s, time.monotonic() + wait_s, bound)
+
+    def _ended(self, job: "_Running", future: Future) -> GenerationOutput | None:
+        """The output of a job the engine has finished, to be stored; None once its failure
+        or cancellation has been told."""
+        try:
+            output = future.result()
+        except JobTimeout as exc:
+            self._fail(job.job_id, ErrorCategory.TIMEOUT, str(exc))
+        except (ValueError, KeyError, TypeError) as exc:
+            job.bound.warning("job input rejected", error=str(exc))
+            self._fail(job.job_id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            job.bound.exception("job failed in the model")
+            self._fail(job.job_id, ErrorCategory.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
+        else:
+            if output.finish_reason is not FinishReason.CANCELLED:
+                return output
+            job.bound.info("job cancelled while running")
+            self._publish_done(job.job_id, output, JobStatus.CANCELLED)
+        return None
+
+    def _stalled(self, job: "_Running") -> None:
+        job.bound.error("the engine made no progress past the job's deadline")
+        self.engine.cancel(job.job_id)
+        message = f"the worker made no progress within {job.wait_s:.0f}s"
+        self._fail(job.job_id, ErrorCategory.TIMEOUT, message)
+
+    def _stored(self, job: "_Running", output: GenerationOutput, future: Future) -> None:
+        """Announce a stored result (or store the failure to store it)."""
+        try:
+            stored = future.result()
+        except Exception as exc:  # a result Postgres refuses must not leave the job running
+            job.bound.exception("result could not be stored")
+            self._fail(job.job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
+            return
+        if stored is None:
+            job.bound.warning("result dropped: the job was cancelled or handed to another worker")
+            if self._was_cancelled(job.job_id):  # cancelled as it finished: tell its streams
+                self._publish_done(job.job_id, output, JobStatus.CANCELLED)
+            return
+        worker_metrics.job_succeeded(job.job_id, output)
         outcomes.job_finished(stored.job.model, JobStatus.SUCCEEDED.value, len(stored.followers))
-        return stored.followers
+        self._publish_done(job.job_id, output, JobStatus.SUCCEEDED)
+        self._publish_followers_done(stored.followers, output)
+        job.bound.info(
+            "job succeeded",
+            completion_tokens=output.completion_tokens,
+            duration_ms=round(output.duration_ms, 1),
+            followers=len(stored.followers),
+        )
 
     @db_retry
     def _was_cancelled(self, job_id: uuid.UUID) -> bool:
@@ -178,3 +206,24 @@ class JobRunner:
                 token = TokenEvent(job_id=follower, token_index=index, text=output.text)
                 self.publisher.publish_tokens([TokenEmission(1, token)])
             self._publish_done(follower, output, JobStatus.SUCCEEDED)
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A job in the engine."""
+
+    job_id: uuid.UUID
+    wait_s: float
+    wait_until: float  # time.monotonic(): its deadline plus a grace for a stalled engine
+    bound: structlog.stdlib.BoundLogger
+
+
+def _outcome(output: GenerationOutput) -> job_queries.Outcome:
+    return job_queries.Outcome(
+        text=output.text,
+        finish_reason=output.finish_reason.value,
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        time_to_first_token_ms=output.time_to_first_token_ms,
+        duration_ms=output.duration_ms,
+    )

@@ -4,9 +4,11 @@ import uuid
 
 from llmq.logs import job_log_context
 from llmq.protocol import (
+    GENERATE_GROUP_TASK,
     GENERATE_TASK,
     SCORE_GROUP_TASK,
     SCORE_TASK,
+    GenerateGroupTask,
     GenerateTask,
     ScoreGroupTask,
     ScoreTask,
@@ -21,6 +23,14 @@ def generate(payload: dict) -> None:
     runtime = get_runtime()
     with _log_context(runtime, job_id):
         runtime.runner.run(job_id)
+
+
+@app.task(name=GENERATE_GROUP_TASK)
+def generate_group(payload: dict) -> None:
+    """Run several generation jobs sent together, acknowledged once every one has ended; its
+    log lines name their job each."""
+    job_ids = GenerateGroupTask.model_validate(payload).job_ids
+    get_runtime().runner.run_group(job_ids)
 
 
 @app.task(name=SCORE_TASK)

@@ -4,6 +4,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller
 from api.deps import (
@@ -14,11 +15,13 @@ from api.deps import (
     RequestIdDep,
     SessionDep,
     SettingsDep,
+    database_slots,
 )
 from api.limits import admit
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
+from db.session import get_sessionmaker
 from db.tables import Job
 from llmq.errors import InvalidRequest, JobNotCancellable, JobNotFound
 from llmq.events import DoneEvent
@@ -26,6 +29,8 @@ from llmq.metrics import job_finished
 from llmq.protocol import JobStatus, SamplingParams
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# The longest a read may wait for its job to end: below common proxies' idle timeouts.
+MAX_WAIT_S = 60.0
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
@@ -117,9 +122,43 @@ def create_job(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: uuid.UUID, session: SessionDep, caller: ApiKeyDep) -> JobPublic:
+async def read_job(
+    job_id: uuid.UUID,
+    request: Request,
+    caller: ApiKeyDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description="Seconds to wait for the job to end before answering (long polling): "
+            "the answer comes as soon as it has ended, or after `wait` seconds with the job "
+            "as it is then. 0 answers at once.",
+        ),
+    ] = 0,
+) -> JobPublic:
     """A job with its status and, once finished, its result or error."""
-    return JobPublic.from_row(get_job_of(session, caller, job_id))
+    job = await _read_job(request, caller, job_id)
+    if wait > 0 and not JobStatus(job.status).is_final:
+        await request.app.state.event_reader.wait_final(job_id, wait)
+        job = await _read_job(request, caller, job_id)
+    return JobPublic.from_row(job)
+
+
+async def _read_job(request: Request, caller: Caller, job_id: uuid.UUID) -> Job:
+    """The job, read in a thread once the request has its turn at the database."""
+    slot = await database_slots(request).acquire()
+    try:
+        return await run_in_threadpool(
+            _load_job, request.app.state.settings.database_url, caller, job_id
+        )
+    finally:
+        slot.release()
+
+
+def _load_job(database_url: str, caller: Caller, job_id: uuid.UUID) -> Job:
+    with get_sessionmaker(database_url)() as session:
+        return get_job_of(session, caller, job_id)
 
 
 @router.get("", response_model=JobsPublic)

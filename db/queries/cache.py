@@ -30,7 +30,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from db.queries.jobs import RUNNABLE, NewJob, Outcome, failed_values, job_row, release_followers
+from db.queries.jobs import (
+    RUNNABLE,
+    NewJob,
+    Outcome,
+    failed_values,
+    job_row,
+    release_followers,
+    usage_values,
+)
 from db.tables import CompletionCache, Job, JobResult, Usage
 from llmq.fingerprint import Fingerprint
 from llmq.protocol import ErrorCategory, FinishReason, JobStatus
@@ -232,19 +240,7 @@ def complete_followers(session: Session, leader: Job, outcome: Outcome) -> list[
     )
     session.execute(
         pg_insert(Usage)
-        .values(
-            [
-                {
-                    "job_id": follower.id,
-                    "owner": follower.owner,
-                    "model": follower.model,
-                    "prompt_tokens": outcome.prompt_tokens,
-                    "completion_tokens": outcome.completion_tokens,
-                    "cached": True,
-                }
-                for follower in followers
-            ]
-        )
+        .values([usage_values(follower, outcome, cached=True) for follower in followers])
         .on_conflict_do_nothing()
     )
     return [follower.id for follower in followers]

@@ -5,13 +5,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Row, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased
 
 from db.tables import Job, JobResult, Usage
 from llmq.protocol import BATCH_PRIORITY, ErrorCategory, JobStatus
 
+job_table = Job.__table__
 RUNNABLE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
@@ -48,37 +49,52 @@ def find_by_idempotency_key(session: Session, owner: str | None, key: str) -> Jo
     return session.scalars(stmt).first()
 
 
-def job_row(new: NewJob) -> Job:
-    """The row of a new queued job, not yet in a session."""
-    return Job(
-        id=uuid.uuid4(),
-        kind=new.kind,
-        model=new.model,
-        queue=new.queue,
-        status=JobStatus.QUEUED.value,
+def job_values(new: NewJob) -> dict[str, Any]:
+    """The columns of a new queued job's row."""
+    return {
+        "id": uuid.uuid4(),
+        "kind": new.kind,
+        "model": new.model,
+        "queue": new.queue,
+        "status": JobStatus.QUEUED.value,
         # The send follows the commit; the reconciler covers a failure. A follower is not sent.
-        enqueued_at=None if new.follows_job_id else func.now(),
+        "enqueued_at": None if new.follows_job_id else func.now(),
         # The row's own time, not its transaction's: the jobs of one request (an OpenAI
         # request's choices) are stored in one transaction and keep their order.
-        created_at=func.clock_timestamp(),
-        input=new.input,
-        params=new.params,
-        owner=new.owner,
-        idempotency_key=new.idempotency_key,
-        request_id=new.request_id,
-        timeout_s=new.timeout_s,
-        priority=new.priority,
-        batch_id=new.batch_id,
-        cache_key=new.cache_key,
-        follows_job_id=new.follows_job_id,
-        attempts=0,
-    )
+        "created_at": func.clock_timestamp(),
+        "input": new.input,
+        "params": new.params,
+        "owner": new.owner,
+        "idempotency_key": new.idempotency_key,
+        "request_id": new.request_id,
+        "timeout_s": new.timeout_s,
+        "priority": new.priority,
+        "batch_id": new.batch_id,
+        "cache_key": new.cache_key,
+        "follows_job_id": new.follows_job_id,
+        "attempts": 0,
+    }
+
+
+def job_row(new: NewJob) -> Job:
+    """The row of a new queued job, not yet in a session."""
+    return Job(**job_values(new))
 
 
 def create_job(session: Session, new: NewJob) -> Job:
     job = job_row(new)
     session.add(job)
     session.flush()
+    return job
+
+
+def insert_job(session: Session, new: NewJob) -> Job:
+    """create_job in one round trip, for the submit path: the columns Postgres fills in come
+    back with the INSERT, and the job is built in memory, outside the session, with no result
+    yet, so that answering the request after the commit needs no Postgres."""
+    row = session.execute(insert(job_table).values(job_values(new)).returning(*job_table.c)).one()
+    job = Job(**row._mapping)
+    job.result = None
     return job
 
 
@@ -151,7 +167,7 @@ def release_followers(session: Session, leader_id: uuid.UUID) -> uuid.UUID | Non
     return heir
 
 
-def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
+def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> Row | None:
     """Move a queued job to running for this worker; None if another worker holds it, or it was
     cancelled or has finished. A duplicate delivery therefore never runs a job twice at once;
     a job whose worker was lost is put back to queued by the reconciler, then claimed anew."""
@@ -159,19 +175,38 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
     return claimed[0] if claimed else None
 
 
-def claim_jobs(session: Session, job_ids: list[uuid.UUID], worker: str) -> list[Job]:
+# What a worker reads of a job it claims. Core rows, not ORM objects: a claim is on every job's
+# path, and an ORM row would also load its result relationship.
+CLAIMED_COLUMNS = (
+    job_table.c.id,
+    job_table.c.kind,
+    job_table.c.model,
+    job_table.c.queue,
+    job_table.c.input,
+    job_table.c.params,
+    job_table.c.owner,
+    job_table.c.request_id,
+    job_table.c.timeout_s,
+    job_table.c.priority,
+    job_table.c.attempts,
+    job_table.c.created_at,
+    job_table.c.started_at,
+)
+
+
+def claim_jobs(session: Session, job_ids: list[uuid.UUID], worker: str) -> list[Row]:
     """claim_job for several jobs in one statement: those of them that are queued."""
     return list(
-        session.scalars(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value)
+        session.execute(
+            update(job_table)
+            .where(job_table.c.id.in_(job_ids), job_table.c.status == JobStatus.QUEUED.value)
             .values(
                 status=JobStatus.RUNNING.value,
-                started_at=func.coalesce(Job.started_at, func.now()),
-                attempts=Job.attempts + 1,
+                started_at=func.coalesce(job_table.c.started_at, func.now()),
+                attempts=job_table.c.attempts + 1,
                 worker=worker,
             )
-            .returning(Job)
+            .returning(*CLAIMED_COLUMNS)
         )
     )
 
@@ -291,44 +326,73 @@ def cancelled_among(session: Session, job_ids: list[uuid.UUID]) -> set[uuid.UUID
     return set(rows)
 
 
-def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outcome) -> Job | None:
+def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outcome) -> Row | None:
     """Store the result and usage and mark the job succeeded, exactly once: only the worker that
     holds the job may, so a worker that was presumed lost and comes back writes nothing.
     Returns the job, or None when it was not this worker's to complete."""
-    job = session.scalars(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
+    return complete_jobs(session, worker, {job_id: outcome}).get(job_id)
+
+
+def complete_jobs(
+    session: Session, worker: str, outcomes: dict[uuid.UUID, Outcome]
+) -> dict[uuid.UUID, Row]:
+    """complete_job for many jobs in three statements, whatever their number. Returns the rows
+    (id, owner, model, cache_key, and the input of a job with a cache key) of the jobs that
+    were this worker's to complete."""
+    done = session.execute(
+        update(job_table)
+        .where(
+            job_table.c.id.in_(list(outcomes)),
+            job_table.c.status == JobStatus.RUNNING.value,
+            job_table.c.worker == worker,
+        )
         .values(status=JobStatus.SUCCEEDED.value, finished_at=func.now())
-        .returning(Job)
-    ).first()
-    if job is None:
-        return None
+        .returning(
+            job_table.c.id,
+            job_table.c.owner,
+            job_table.c.model,
+            job_table.c.cache_key,
+            # Only a cached job's input is needed (the cache entry's key): a prompt can be long.
+            case((job_table.c.cache_key.is_not(None), job_table.c.input)).label("input"),
+        )
+    ).all()
+    if not done:
+        return {}
     session.execute(
         pg_insert(JobResult)
-        .values(
-            job_id=job_id,
-            text=outcome.text,
-            finish_reason=outcome.finish_reason,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            time_to_first_token_ms=outcome.time_to_first_token_ms,
-            duration_ms=outcome.duration_ms,
-        )
+        .values([_result_values(row.id, outcomes[row.id]) for row in done])
         .on_conflict_do_nothing()
     )
     session.execute(
         pg_insert(Usage)
-        .values(
-            job_id=job_id,
-            owner=job.owner,
-            model=job.model,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            cached=False,
-        )
+        .values([usage_values(row, outcomes[row.id], cached=False) for row in done])
         .on_conflict_do_nothing()
     )
-    return job
+    return {row.id: row for row in done}
+
+
+def _result_values(job_id: uuid.UUID, outcome: Outcome) -> dict:
+    return {
+        "job_id": job_id,
+        "text": outcome.text,
+        "finish_reason": outcome.finish_reason,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "time_to_first_token_ms": outcome.time_to_first_token_ms,
+        "duration_ms": outcome.duration_ms,
+    }
+
+
+def usage_values(job, outcome: Outcome, *, cached: bool) -> dict:
+    """A usage row of a finished job (any object with id, owner and model)."""
+    return {
+        "job_id": job.id,
+        "owner": job.owner,
+        "model": job.model,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "cached": cached,
+    }
 
 
 def failed_values(category: str, message: str) -> dict:

@@ -1,5 +1,6 @@
 """The job API end to end: API → Postgres → Redis queue → real worker → Postgres → poll."""
 
+import time
 import uuid
 
 from tests.factories import submit, wait_for_job
@@ -131,3 +132,34 @@ def test_prompt_over_the_size_cap_is_400_with_both_numbers(client):
     assert response.status_code == 400
     assert error["code"] == "prompt_too_large" and error["param"] == "prompt"
     assert "2,000,005 characters" in error["message"] and "1,000,000" in error["message"]
+
+
+def test_read_job_with_wait_answers_once_the_job_has_ended(live_client):
+    job = submit(live_client, prompt="Wait for me", max_tokens=24, ignore_eos=True)
+    started = time.monotonic()
+    response = live_client.get(f"/v1/jobs/{job['id']}", params={"wait": 30})
+    assert response.status_code == 200
+    assert response.json()["status"] == "succeeded"
+    assert response.json()["result"]["usage"]["completion_tokens"] == 24
+    assert time.monotonic() - started < 20  # answered when it ended, not at the limit
+
+
+def test_read_job_with_wait_gives_up_after_wait_seconds(client):
+    job = submit(client, model="tiny-offline", prompt="no worker serves me", max_tokens=2)
+    try:
+        started = time.monotonic()
+        response = client.get(f"/v1/jobs/{job['id']}", params={"wait": 1.5})
+        waited = time.monotonic() - started
+        assert response.status_code == 200 and response.json()["status"] == "queued"
+        assert 1.4 <= waited < 5
+    finally:
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_read_job_wait_out_of_range_is_a_clear_4xx(client):
+    job_id = submit(client, model="tiny-offline", prompt="bounds", max_tokens=2)["id"]
+    client.post(f"/v1/jobs/{job_id}/cancel")
+    for wait in ("-1", "61", "soon"):
+        response = client.get(f"/v1/jobs/{job_id}", params={"wait": wait})
+        assert 400 <= response.status_code < 500
+        assert "wait" in response.text

@@ -10,6 +10,7 @@ from httpx_sse import connect_sse
 from redis import Redis
 
 from api.enqueue import enqueue_job
+from api.reconciler import waiting_job_ids
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from tests.factories import AUTH, api_client, start_api, stop_worker, submit, wait_for_job
@@ -34,10 +35,15 @@ def redis_link(redis_url):
 def test_flushed_broker_loses_no_accepted_job(client, fault_workers, database_url, redis_url):
     redis = Redis.from_url(redis_url)
     job_ids = submit_jobs(client, 5)
-    assert redis.llen(QUEUE) == 5
+    waiting = {str(job_id) for job_id in job_ids}
+    wait_until(lambda: waiting_job_ids(redis, {QUEUE}) == waiting, 5, "the jobs to be sent")
     redis.flushdb()  # what a restart without persistence leaves behind
 
-    wait_until(lambda: redis.llen(QUEUE) == 5, 30, "the reconciler to send the jobs again")
+    wait_until(
+        lambda: waiting_job_ids(redis, {QUEUE}) == waiting,
+        30,
+        "the reconciler to send the jobs again",
+    )
     fault_workers()
     assert_each_succeeded_once(database_url, job_ids)
 

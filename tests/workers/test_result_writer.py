@@ -17,7 +17,12 @@ MODEL = "writer-model"
 WORKER = "writer-test@host"
 
 
-def running_job(database_url, worker: str = WORKER, follows: uuid.UUID | None = None) -> uuid.UUID:
+def running_job(
+    database_url,
+    worker: str = WORKER,
+    follows: uuid.UUID | None = None,
+    cache_key: str | None = None,
+) -> uuid.UUID:
     new = job_queries.NewJob(
         kind="generate",
         model=MODEL,
@@ -25,6 +30,7 @@ def running_job(database_url, worker: str = WORKER, follows: uuid.UUID | None = 
         input={"prompt": "x"},
         params={"max_tokens": 4},
         follows_job_id=follows,
+        cache_key=cache_key,
     )
     with session_scope(database_url) as session:
         job = job_queries.create_job(session, new)
@@ -75,8 +81,23 @@ def commits(database_url):
     event.remove(engine, "commit", counted)
 
 
+@pytest.fixture
+def statements(database_url):
+    engine = get_engine(database_url)
+    count = [0]
+
+    def counted(*_args):
+        if threading.current_thread().name == "llmq-results":
+            count[0] += 1
+
+    event.listen(engine, "before_cursor_execute", counted)
+    yield count
+    event.remove(engine, "before_cursor_execute", counted)
+
+
 def test_results_waiting_together_commit_once_and_each_caller_gets_its_own(database_url, commits):
-    ours = [running_job(database_url) for _ in range(12)]
+    ours = [running_job(database_url, cache_key=f"key-{uuid.uuid4()}")]
+    ours += [running_job(database_url) for _ in range(11)]
     follower = running_job(database_url, follows=ours[0])
     theirs = running_job(database_url, worker="another-worker@host")
     texts = {job_id: f"text {i}" for i, job_id in enumerate([*ours, theirs])}
@@ -94,6 +115,18 @@ def test_results_waiting_together_commit_once_and_each_caller_gets_its_own(datab
         assert session.get(JobResult, follower).text == texts[ours[0]]
         assert session.get(Job, theirs).status == "running"
         assert session.get(JobResult, theirs) is None
+
+
+def test_a_group_costs_the_same_statements_however_many_jobs_it_holds(database_url, statements):
+    """Jobs without a cache key can have no followers: no lookup is spent on them."""
+    counts = []
+    for size in (1, 20):
+        statements[0] = 0
+        texts = {running_job(database_url): f"text {i}" for i in range(size)}
+        answers = store_all(ResultWriter(database_url, WORKER), texts)
+        assert all(answers[job_id].job.id == job_id for job_id in texts)
+        counts.append(statements[0])
+    assert counts[0] == counts[1] <= 4  # the ping, the update and two inserts
 
 
 def test_a_result_postgres_refuses_fails_alone(database_url):

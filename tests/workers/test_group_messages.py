@@ -1,0 +1,100 @@
+"""Jobs committed together travel together: one broker message per kind, queue and priority
+(at most MAX_JOBS_PER_MESSAGE jobs), which the reconciler still reads job by job, and a real
+worker runs each job of a group to its own end."""
+
+import json
+import time
+import uuid
+
+from redis import Redis
+from sqlalchemy import select
+
+from api.enqueue import MAX_JOBS_PER_MESSAGE, priority_lists, send_jobs
+from api.live_workers import task_job_ids
+from api.reconciler import waiting_job_ids
+from db.queries import jobs as job_queries
+from db.session import session_scope
+from db.tables import Job, JobResult
+from llmq.protocol import GENERATE_GROUP_TASK, GENERATE_TASK, JOB_IDS_HEADER, JobStatus
+
+QUEUE = "llmq.tiny-llama.cpu"
+
+
+def create(database_url, prompt: str, max_tokens: int = 4, queue: str = QUEUE) -> uuid.UUID:
+    with session_scope(database_url) as session:
+        job = job_queries.insert_job(
+            session,
+            job_queries.NewJob(
+                kind="generate",
+                model="tiny-llama",
+                queue=queue,
+                input={"prompt": prompt},
+                params={"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
+            ),
+        )
+        return job.id
+
+
+def delivery(job_id: uuid.UUID, queue: str, priority: int = 0) -> job_queries.Delivery:
+    return job_queries.Delivery(job_id, "generate", queue, priority)
+
+
+def test_jobs_sent_together_share_messages_the_reconciler_reads_job_by_job(redis_url):
+    queue = f"llmq.nobody-{uuid.uuid4().hex[:8]}.cpu"  # no worker consumes it
+    job_ids = [uuid.uuid4() for _ in range(MAX_JOBS_PER_MESSAGE + 6)]
+    late = uuid.uuid4()
+    sent = send_jobs([delivery(j, queue) for j in job_ids] + [delivery(late, queue, priority=9)])
+    redis = Redis.from_url(redis_url)
+    lowest = priority_lists(queue)[-1]
+    try:
+        assert set(sent) == {*job_ids, late}
+        messages = [json.loads(raw) for raw in redis.lrange(queue, 0, -1)]
+        assert sorted(len(m["headers"][JOB_IDS_HEADER]) for m in messages) == [6, 64]
+        assert {m["headers"]["task"] for m in messages} == {GENERATE_GROUP_TASK}
+        alone = [json.loads(raw) for raw in redis.lrange(lowest, 0, -1)]
+        assert [(m["headers"]["task"], m["headers"]["id"]) for m in alone] == [
+            (GENERATE_TASK, str(late))
+        ]
+        assert waiting_job_ids(redis, {queue}) == {str(j) for j in [*job_ids, late]}
+    finally:
+        redis.delete(*priority_lists(queue))
+
+
+def test_an_active_group_task_names_each_of_its_jobs():
+    jobs = [str(uuid.uuid4()) for _ in range(3)]
+    group = {"id": "message-id", "args": [{"job_ids": jobs}]}
+    single = {"id": jobs[0], "args": [{"job_id": jobs[0]}]}
+    assert task_job_ids(group) == jobs
+    assert task_job_ids(single) == [jobs[0]]
+
+
+def test_a_worker_runs_each_job_of_a_group_to_its_own_end(database_url, worker):
+    short = [create(database_url, f"Once upon a time {i}", max_tokens=2) for i in range(5)]
+    long = create(database_url, "A long story", max_tokens=24)
+    cancelled = create(database_url, "never runs")
+    with session_scope(database_url) as session:
+        session.execute(
+            job_queries.job_table.update()
+            .where(job_queries.job_table.c.id == cancelled)
+            .values(status=JobStatus.CANCELLED.value)
+        )
+    assert len(send_jobs([delivery(j, QUEUE) for j in [long, *short, cancelled]])) == 7
+
+    deadline = time.monotonic() + 60
+    while True:
+        with session_scope(database_url) as session:
+            rows = session.execute(
+                select(Job.id, Job.status, Job.finished_at, JobResult.completion_tokens)
+                .outerjoin(JobResult)
+                .where(Job.id.in_([long, *short, cancelled]))
+            ).all()
+        ended = {row.id: row for row in rows if row.status != "queued" and row.status != "running"}
+        if len(ended) == 7:
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+    assert ended[cancelled].status == "cancelled"
+    assert all(ended[j].status == "succeeded" for j in [long, *short])
+    assert ended[long].completion_tokens == 24
+    # Each job is stored as soon as it finishes, not when the group's last one does.
+    assert max(ended[j].finished_at for j in short) < ended[long].finished_at
