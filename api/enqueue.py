@@ -52,8 +52,10 @@ GROUP_TASK_FOR_KIND = {
     JobKind.GENERATE.value: GENERATE_GROUP_TASK,
     JobKind.SCORE.value: SCORE_GROUP_TASK,
 }
-# Jobs per group message: a worker runs one message's jobs side by side in its engine.
-MAX_JOBS_PER_MESSAGE = 64
+# Jobs per group message. A worker claims a message's jobs together and runs them side by side
+# in its engine; past a few jobs a message costs each of them little more, while larger groups
+# would spread a burst over several workers less evenly.
+MAX_JOBS_PER_MESSAGE = 16
 
 
 def enqueue_job(job_id: uuid.UUID, kind: str, queue: str, priority: int = 0) -> bool:

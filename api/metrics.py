@@ -22,6 +22,7 @@ from api.enqueue import priority_lists
 from api.live_workers import LiveQueues
 from db.queries import batches as batch_queries
 from db.session import session_scope
+from llmq.protocol import JOB_IDS_HEADER
 from llmq.registry import Registry
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,20 @@ def request_served(method: str, route: str, status: int, seconds: float) -> None
     HTTP_DURATION.labels(method, route).observe(seconds)
 
 
+COUNT_JOBS_SCRIPT = f"""
+local jobs = 0
+for _, key in ipairs(KEYS) do
+    for _, raw in ipairs(redis.call('LRANGE', key, 0, -1)) do
+        local ok, message = pcall(cjson.decode, raw)
+        local ids = ok and type(message) == 'table' and type(message.headers) == 'table'
+            and message.headers['{JOB_IDS_HEADER}']
+        jobs = jobs + (type(ids) == 'table' and #ids or 1)
+    end
+end
+return jobs
+"""
+
+
 class QueueCollector(Collector):
     """Queue depth and live workers for every configured `llmq.<model>.<device>` queue, read at
     scrape time so that they are never stale, and zero for a queue nobody consumes."""
@@ -59,12 +74,15 @@ class QueueCollector(Collector):
         self.registry = registry
         self.live = live
         self.redis = redis
+        # A group message carries several jobs: counted inside Redis, so the messages do not
+        # travel to be counted.
+        self._count_jobs = redis.register_script(COUNT_JOBS_SCRIPT)
 
     @staticmethod
     def families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "llmq_queue_depth",
-            "Messages waiting in the queue (not yet taken by a worker)",
+            "Jobs waiting in the queue (not yet taken by a worker)",
             labels=["model", "queue"],
         )
         workers = GaugeMetricFamily(
@@ -88,13 +106,8 @@ class QueueCollector(Collector):
             workers.add_metric([model, queue], self.live.consumers.get(queue, 0))
         yield workers
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            for _, queue in queues:
-                for key in priority_lists(queue):  # kombu: one Redis list per priority step
-                    pipe.llen(key)
-            per_list = pipe.execute()
-            steps = len(priority_lists(""))
-            lengths = [sum(per_list[i : i + steps]) for i in range(0, len(per_list), steps)]
+            # kombu keeps one Redis list per priority step of a queue.
+            lengths = [self._count_jobs(keys=priority_lists(queue)) for _, queue in queues]
         except RedisError as exc:  # no figure is better than a wrong zero
             log.warning("queue depth unavailable", error=str(exc))
             return

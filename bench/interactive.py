@@ -11,6 +11,9 @@ Figures are medians over the repeats of each phase's p50 and p99.
 
 import argparse
 import asyncio
+import csv
+import itertools
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,6 +30,7 @@ from bench.stack import llmq_stack
 
 console = Console(width=140)
 INTERACTIVE_TOKENS = 16
+_copies = itertools.count()
 
 
 async def interactive(base: str, clients: int, stop: asyncio.Event, at_least: int) -> list[float]:
@@ -54,9 +58,28 @@ async def interactive(base: str, clients: int, stop: asyncio.Event, at_least: in
     return latencies
 
 
-async def mmlu_run(base: str, limit: int) -> float:
+def fresh_copy(data_dir: Path) -> str:
+    """A copy of MMLU whose questions each end in the copy's number: a run reuses the items an
+    earlier run answered for the same prompts, and each run measured here must compute its
+    own (the same work: a few more tokens per item)."""
+    number = next(_copies)
+    name = f"mmlu-{number}"
+    shutil.copytree(SHARED_DATA / "mmlu" / "dev", data_dir / name / "dev")
+    (data_dir / name / "test").mkdir()
+    for source in (SHARED_DATA / "mmlu" / "test").glob("*.csv"):
+        with source.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        header = rows[:1] if rows and rows[0][0] == "question" else []
+        tagged = [[f"{row[0]} ({number})", *row[1:]] for row in rows[len(header) :]]
+        with (data_dir / name / "test" / source.name).open("w", newline="") as handle:
+            csv.writer(handle).writerows(header + tagged)
+    return name
+
+
+async def mmlu_run(base: str, limit: int, data_dir: Path) -> float:
     """Wall seconds of one MMLU run, submission to its end."""
-    body = {"benchmark": "mmlu", "model": MODEL, "limit": limit}
+    dataset = fresh_copy(data_dir)
+    body = {"benchmark": "mmlu", "model": MODEL, "limit": limit, "dataset": dataset}
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         started = time.perf_counter()
         run = (await http.post("/v1/evals", json=body)).json()
@@ -67,10 +90,12 @@ async def mmlu_run(base: str, limit: int) -> float:
         return time.perf_counter() - started
 
 
-async def beside_run(base: str, limit: int, clients: int) -> tuple[list[float], float]:
+async def beside_run(
+    base: str, limit: int, clients: int, data_dir: Path
+) -> tuple[list[float], float]:
     stop = asyncio.Event()
     traffic = asyncio.create_task(interactive(base, clients, stop, at_least=1))
-    wall = await mmlu_run(base, limit)
+    wall = await mmlu_run(base, limit, data_dir)
     stop.set()
     return await traffic, wall
 
@@ -90,27 +115,32 @@ def main() -> None:
     during: list[tuple[float, float]] = []
     alone_s: list[float] = []
     beside_s: list[float] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="llmq-interactive-") as workdir,
-        llmq_stack(
+    with tempfile.TemporaryDirectory(prefix="llmq-interactive-") as workdir:
+        data_dir = Path(workdir) / "evals"
+        data_dir.mkdir()
+        stack = llmq_stack(
             [spec],
             Path(workdir),
             [MODEL],
             database="llmq_bench_interactive",
             LLMQ_CACHE="off",
-            LLMQ_EVAL_DATA_DIR=str(SHARED_DATA),
-        ) as (base, _),
-    ):
-        asyncio.run(interactive(base, args.clients, _set(), at_least=5))  # warm-ups
-        asyncio.run(mmlu_run(base, limit=1))  # loads and plans the dataset's files once
-        for _ in range(args.repeats):
-            latencies = asyncio.run(interactive(base, args.clients, _set(), args.idle_requests))
-            idle.append((percentile(latencies, 50), percentile(latencies, 99)))
-            alone_s.append(asyncio.run(mmlu_run(base, args.limit)))
-            latencies, wall = asyncio.run(beside_run(base, args.limit, args.clients))
-            during.append((percentile(latencies, 50), percentile(latencies, 99)))
-            beside_s.append(wall)
+            LLMQ_EVAL_DATA_DIR=str(data_dir),
+        )
+        with stack as (base, _):
+            run_phases(base, args, data_dir, idle, during, alone_s, beside_s)
     report(args, idle, during, alone_s, beside_s)
+
+
+def run_phases(base: str, args, data_dir: Path, idle, during, alone_s, beside_s) -> None:
+    asyncio.run(interactive(base, args.clients, _set(), at_least=5))  # warm-ups
+    asyncio.run(mmlu_run(base, 1, data_dir))
+    for _ in range(args.repeats):
+        latencies = asyncio.run(interactive(base, args.clients, _set(), args.idle_requests))
+        idle.append((percentile(latencies, 50), percentile(latencies, 99)))
+        alone_s.append(asyncio.run(mmlu_run(base, args.limit, data_dir)))
+        latencies, wall = asyncio.run(beside_run(base, args.limit, args.clients, data_dir))
+        during.append((percentile(latencies, 50), percentile(latencies, 99)))
+        beside_s.append(wall)
 
 
 def _set() -> asyncio.Event:

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     # share a host need a port each (`llmq worker --metrics-port`).
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = Field(default=9100, ge=0, le=65535)
+    # Where a worker's batching engine runs (workers/engine_process.py): in a child process of
+    # its own that loads the model, fed through a pipe, so that the Celery threads, the result
+    # writer and the token publisher never hold the GIL its decode loop needs; or, when false,
+    # in a thread of the worker process, as before (for comparison, and for the engine's tests).
+    engine_process: bool = Field(
+        default=True,
+        description="Run the worker's engine in its own process (false: a thread of the worker)",
+    )
 
     # The longest a job may run; the broker redelivers unacknowledged messages after
     # visibility_timeout, so it must stay well above this.

@@ -36,7 +36,7 @@ from workers.batch import ROOM, Batch, Group, GrowingLayer, length_groups
 from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.memory import release_free_memory
-from workers.metrics import EngineMetrics
+from workers.metrics import EngineMetrics, EngineObserver
 from workers.sampling import choose_tokens, make_generator
 from workers.scoring import PendingScore, Scorer, ScoreRequest
 
@@ -47,6 +47,8 @@ _TIMED_OUT = object()
 # Background time saved up while it had nothing to run is capped, so batch lines arriving
 # during a long interactive stretch cannot take the engine for long in one burst.
 _MAX_BACKGROUND_CREDIT_S = 0.1
+# How long a background scoring turn may last while interactive work runs (at least one job).
+_BACKGROUND_TURN_S = 0.02
 
 
 class JobTimeout(Exception):
@@ -121,6 +123,8 @@ class GenerationEngine:
         continuous: bool = True,
         background_share: float = 0.2,
         on_tokens: Callable[[list[TokenEmission]], None] | None = None,
+        observer: EngineObserver | None = None,
+        on_cycle: Callable[[], None] | None = None,
     ) -> None:
         self.host = host
         self.max_batch_size = max_batch_size
@@ -131,6 +135,9 @@ class GenerationEngine:
         # A model without ragged attention keeps its running batch in one cache.
         self.max_cache_groups = max_cache_groups if host.ragged_attention else 1
         self.on_tokens = on_tokens
+        # Called by the engine thread after each cycle (one decode step per lane at most): an
+        # engine process sends the cycle's report to the worker process from it.
+        self.on_cycle = on_cycle
         self._inbox: queue.Queue[_Sequence | PendingScore] = queue.Queue()
         self._waiting: list[_Sequence] = []
         self._interactive = _Lane(background=False)
@@ -145,12 +152,14 @@ class GenerationEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmq-engine", daemon=True)
         self.steps = 0
-        self.metrics = EngineMetrics(self)
+        # This process's Prometheus metrics, unless the observations go elsewhere.
+        self.metrics = observer if observer is not None else EngineMetrics(self)
         # Scoring jobs take turns with decode steps on this thread (workers/scoring.py): one
         # turn scores about max_score_tokens, so a turn stays short beside interactive jobs.
         self.max_score_tokens = max_score_tokens
         self.scorer = Scorer(host, max_score_tokens, on_pass=self.metrics.forward_pass)
         self._scoring: list[PendingScore] = []
+        self._score_s_per_token = 0.0  # a moving average of scoring passes' cost
         # Freed memory goes back to the system once the engine idles after work (workers/memory.py).
         self._memory_released = False
         self.memory_releases = 0
@@ -214,6 +223,8 @@ class GenerationEngine:
                     log.exception("engine cycle failed")
                     for lane in self._lanes():
                         self._fail_lane(lane, exc)
+                if self.on_cycle is not None:
+                    self.on_cycle()
         self._fail_all(EngineStopped("the worker is shutting down"))
 
     def _cycle(self) -> None:
@@ -304,11 +315,12 @@ class GenerationEngine:
     def _score_some(self, background: bool) -> bool:
         """One turn of scoring: the first waiting scoring jobs of the kind, about
         max_score_tokens of them (at least one job), resolved here. True if it scored any."""
+        budget = self._score_budget(background)
         turn: list[PendingScore] = []
         rest: list[PendingScore] = []
         tokens = 0
         for pending in self._scoring:
-            fits = not turn or tokens + pending.request.tokens <= self.max_score_tokens
+            fits = not turn or tokens + pending.request.tokens <= budget
             if pending.background == background and fits:
                 turn.append(pending)
                 tokens += pending.request.tokens
@@ -317,8 +329,20 @@ class GenerationEngine:
         if not turn:
             return False
         self._scoring = rest
+        started = time.monotonic()
         self.scorer.run(turn)
+        seconds_per_token = (time.monotonic() - started) / max(tokens, 1)
+        known = self._score_s_per_token or seconds_per_token
+        self._score_s_per_token = known + (seconds_per_token - known) / 4
         return True
+
+    def _score_budget(self, background: bool) -> int:
+        """Tokens a scoring turn may take. A background turn beside interactive work is cut to
+        about _BACKGROUND_TURN_S, so that it delays an interactive step by about a step's
+        time rather than by a whole pass of max_score_tokens."""
+        if not background or not self._interactive_busy() or self._score_s_per_token <= 0:
+            return self.max_score_tokens
+        return min(self.max_score_tokens, int(_BACKGROUND_TURN_S / self._score_s_per_token))
 
     def _admit(self, lane: _Lane) -> None:
         """Prefill the lane's waiting requests that fit its batch's size and token budget, then

@@ -1,4 +1,8 @@
-"""The model host: loads one model and its tokenizer once per worker process and keeps them."""
+"""The model host: loads one model and its tokenizer once per process and keeps them.
+
+Where the engine runs in a process of its own (workers/engine_process.py), that process holds
+the ModelHost, and the worker process holds only a TokenizerHost: its threads encode prompts.
+"""
 
 import inspect
 import time
@@ -35,6 +39,47 @@ def resolve_source(spec: ModelSpec, data_dir: Path) -> str:
     return str(local) if local is not None else spec.source
 
 
+def load_tokenizer(source: str, revision: str | None):
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    forget_split_words(tokenizer)
+    return tokenizer
+
+
+def forget_split_words(tokenizer) -> None:
+    """A BPE tokenizer caches up to 10,000 words it has split. Where the pre-tokenizer does not
+    split a prompt into words (stories260K's Metaspace), each distinct short prompt is one entry,
+    and the cache grew a worker by about 2 KB a job; a worker encodes each prompt once, so the
+    cache saves it little."""
+    backend = tokenizer.backend_tokenizer
+    if hasattr(backend.model, "_resize_cache"):
+        backend.model._resize_cache(0)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the worker's metrics tell about a loaded model (workers.metrics.model_loaded)."""
+
+    dtype: str  # "float32"
+    revision: str  # the hub commit of a hub model; "local" for a local folder
+    load_seconds: float
+
+
+@dataclass
+class TokenizerHost:
+    """The tokenizer alone, for a worker process whose model lives in an engine process."""
+
+    spec: ModelSpec
+    device: Device
+    tokenizer: object
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: Device, data_dir: Path) -> "TokenizerHost":
+        return cls(spec, device, load_tokenizer(resolve_source(spec, data_dir), spec.revision))
+
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]
+
+
 @dataclass
 class ModelHost:
     spec: ModelSpec
@@ -48,7 +93,7 @@ class ModelHost:
         started = time.perf_counter()
         source = resolve_source(spec, data_dir)
         revision = spec.revision  # pins a hub model; a local folder ignores it
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        tokenizer = load_tokenizer(source, revision)
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", revision=revision)
         model = model.to(device).eval()
         host = cls(spec, device, model, tokenizer, time.perf_counter() - started)
@@ -61,17 +106,20 @@ class ModelHost:
         pad = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
         self.pad_token_id: int = pad if pad is not None else (self.eos_token_id or 0)
         self._backend = self.tokenizer.backend_tokenizer  # type: ignore[attr-defined]
-        # A BPE tokenizer caches up to 10,000 words it has split. Where the pre-tokenizer does not
-        # split a prompt into words (stories260K's Metaspace), each distinct short prompt is one
-        # entry, and the cache grew a worker by about 2 KB a job; a worker encodes each prompt
-        # once, so the cache saves it little.
-        if hasattr(self._backend.model, "_resize_cache"):
-            self._backend.model._resize_cache(0)
+        forget_split_words(self.tokenizer)  # also for a tokenizer that did not come from load()
         self.ragged_attention = enable_ragged_attention(self.model)
         # Transformers renamed the forward pass's KV cache argument from past_key_values to cache
         # and will drop the old name.
         forward = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"
+
+    def facts(self) -> ModelFacts:
+        return ModelFacts(
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            # The hub commit for a hub model; a local folder has none.
+            revision=getattr(self.model.config, "_commit_hash", None) or "local",
+            load_seconds=self.load_seconds,
+        )
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]

@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -25,8 +25,10 @@ from llmq.settings import Settings
 
 if TYPE_CHECKING:
     from db.tables import Job
+    from llmq.registry import ModelSpec
     from workers.engine import GenerationEngine, GenerationOutput
-    from workers.host import ModelHost
+    from workers.engine_process import EngineProcess
+    from workers.host import ModelFacts
 
 log = structlog.get_logger(__name__)
 
@@ -113,24 +115,28 @@ def serve_metrics(settings: Settings) -> None:
     log.info("worker metrics served", url=f"http://{settings.worker_metrics_host}:{port}/metrics")
 
 
-def model_loaded(host: "ModelHost") -> None:
-    spec = host.spec
-    config = host.model.config
-    MODEL_LOAD.labels(spec.id, host.device).set(host.load_seconds)
-    MODEL_INFO.labels(
-        spec.id,
-        spec.queue(host.device),
-        host.device,
-        str(host.model.dtype).removeprefix("torch."),
-        # The hub commit for a hub model; a local folder has none.
-        getattr(config, "_commit_hash", None) or "local",
-    ).set(1)
+def model_loaded(spec: "ModelSpec", device: str, facts: "ModelFacts") -> None:
+    """The facts come from the process that loaded the model: this one, or its engine process."""
+    MODEL_LOAD.labels(spec.id, device).set(facts.load_seconds)
+    MODEL_INFO.labels(spec.id, spec.queue(device), device, facts.dtype, facts.revision).set(1)
+
+
+class EngineObserver(Protocol):
+    """What the engine tells as it runs: EngineMetrics, or (in an engine process) the report
+    that carries it to the worker process (workers/engine_process.py)."""
+
+    def decode_step(self, batch_size: int) -> None: ...
+
+    def forward_pass(self, kind: str, seconds: float) -> None: ...
 
 
 class EngineMetrics:
-    """The engine's hooks, with their label values bound once: they run at every decode step."""
+    """The engine's hooks, with their label values bound once: they run at every decode step.
 
-    def __init__(self, engine: "GenerationEngine") -> None:
+    With the engine in a process of its own, the worker process's EngineProcess holds these and
+    replays what the engine process observed (it reports each engine cycle's observations)."""
+
+    def __init__(self, engine: "GenerationEngine | EngineProcess") -> None:
         labels = (engine.host.spec.id, engine.host.spec.queue(engine.host.device))
         self._batch_size = BATCH_SIZE.labels(*labels)
         self._decode_steps = DECODE_STEPS.labels(*labels)

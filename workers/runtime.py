@@ -1,19 +1,22 @@
-"""What a worker process holds for its life: the model host, the engine and its helpers."""
+"""What a worker process holds for its life: the engine (in its own process, or in a thread of
+this one: LLMQ_ENGINE_PROCESS), the tokenizer or model host, and the engine's helpers."""
 
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from llmq.protocol import SamplingParams
 from llmq.publisher import TokenPublisher
-from llmq.registry import get_registry
+from llmq.registry import Device, ModelSpec, get_registry
 from llmq.settings import Settings
 from workers import metrics as worker_metrics
 from workers.cancellation import CancellationWatcher
 from workers.engine import GenerationEngine, GenerationRequest
-from workers.host import ModelHost, detect_device
+from workers.engine_process import EngineConfig, EngineProcess
+from workers.host import ModelHost, TokenizerHost, detect_device
 from workers.result_writer import ResultWriter
 from workers.runner import JobRunner
 from workers.score_runner import ScoreRunner
@@ -23,8 +26,8 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class WorkerRuntime:
-    host: ModelHost
-    engine: GenerationEngine
+    host: ModelHost | TokenizerHost  # the tokenizer alone when the engine has its own process
+    engine: GenerationEngine | EngineProcess
     watcher: CancellationWatcher
     runner: JobRunner
     score_runner: ScoreRunner
@@ -36,27 +39,15 @@ class WorkerRuntime:
             raise RuntimeError(
                 f"LLMQ_WORKER_MODEL={settings.worker_model!r} is not in {settings.models_file}"
             )
-        host = ModelHost.load(spec, detect_device(settings.worker_device), settings.data_dir)
-        worker_metrics.model_loaded(host)
+        device = detect_device(settings.worker_device)
         publisher = TokenPublisher(settings.redis_url)
-        engine = GenerationEngine(
-            host,
-            max_batch_size=spec.max_batch_size,
-            max_batch_tokens=spec.max_batch_tokens,
-            max_score_tokens=spec.max_score_tokens,
-            join_every_steps=spec.join_every_steps,
-            max_cache_groups=spec.max_cache_groups,
-            max_wait_ms=spec.max_wait_ms,
-            continuous=spec.scheduling == "continuous",
-            background_share=spec.background_share,
-            on_tokens=publisher.publish_tokens,
-        )
-        engine.start()
+        host, engine = _start_engine(settings, spec, device, publisher)
         _warm_up(engine, host)
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
         results = ResultWriter(settings.database_url, worker_name)
         results.start()
+        # Both take either engine and either host: they use the surface the two share.
         runner = JobRunner(
             engine,
             host,
@@ -74,11 +65,53 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.watcher.stop()
         self.engine.stop()
-        self.runner.results.stop()
+        self.runner.stop()
         self.runner.publisher.close()
 
 
-def _warm_up(engine: GenerationEngine, host: ModelHost) -> None:
+def _start_engine(
+    settings: Settings, spec: ModelSpec, device: Device, publisher: TokenPublisher
+) -> tuple[ModelHost | TokenizerHost, GenerationEngine | EngineProcess]:
+    """The engine, in its own process (which loads the model before this worker consumes
+    anything) or in a thread of this one; and what this process needs of the model."""
+    if settings.engine_process:
+        host: ModelHost | TokenizerHost = TokenizerHost.load(spec, device, settings.data_dir)
+        config = EngineConfig(
+            spec,
+            device,
+            settings.data_dir,
+            engine_options(spec),
+            log_level=settings.log_level,
+            log_json=settings.log_json,
+        )
+        engine: GenerationEngine | EngineProcess = EngineProcess(
+            host, config, on_tokens=publisher.publish_tokens
+        )
+        facts = engine.start()
+    else:
+        host = ModelHost.load(spec, device, settings.data_dir)
+        facts = host.facts()
+        engine = GenerationEngine(host, **engine_options(spec), on_tokens=publisher.publish_tokens)
+        engine.start()
+    worker_metrics.model_loaded(spec, device, facts)
+    return host, engine
+
+
+def engine_options(spec: ModelSpec) -> dict[str, Any]:
+    """GenerationEngine's keyword arguments for a model, wherever the engine runs."""
+    return {
+        "max_batch_size": spec.max_batch_size,
+        "max_batch_tokens": spec.max_batch_tokens,
+        "max_score_tokens": spec.max_score_tokens,
+        "join_every_steps": spec.join_every_steps,
+        "max_cache_groups": spec.max_cache_groups,
+        "max_wait_ms": spec.max_wait_ms,
+        "continuous": spec.scheduling == "continuous",
+        "background_share": spec.background_share,
+    }
+
+
+def _warm_up(engine: GenerationEngine | EngineProcess, host: ModelHost | TokenizerHost) -> None:
     """One short generation, so the first real job does not pay for lazy initialisation."""
     started = time.perf_counter()
     request = GenerationRequest(uuid.uuid4(), host.encode("Hello"), SamplingParams(max_tokens=2))
