@@ -47,8 +47,10 @@ _TIMED_OUT = object()
 # Background time saved up while it had nothing to run is capped, so batch lines arriving
 # during a long interactive stretch cannot take the engine for long in one burst.
 _MAX_BACKGROUND_CREDIT_S = 0.1
-# How long a background scoring turn may last while interactive work runs (at least one job).
+# How long a background scoring turn may last while interactive work runs, and while none
+# does (at least one job): a scoring pass costs about in proportion to its tokens.
 _BACKGROUND_TURN_S = 0.02
+_IDLE_BACKGROUND_TURN_S = 0.1
 
 
 class JobTimeout(Exception):
@@ -337,12 +339,14 @@ class GenerationEngine:
         return True
 
     def _score_budget(self, background: bool) -> int:
-        """Tokens a scoring turn may take. A background turn beside interactive work is cut to
-        about _BACKGROUND_TURN_S, so that it delays an interactive step by about a step's
-        time rather than by a whole pass of max_score_tokens."""
-        if not background or not self._interactive_busy() or self._score_s_per_token <= 0:
+        """Tokens a scoring turn may take. A background turn lasts about _BACKGROUND_TURN_S
+        beside interactive work, so that it delays an interactive step by about a step's time
+        rather than by a whole pass of max_score_tokens; and about _IDLE_BACKGROUND_TURN_S
+        otherwise, so that an interactive job arriving meanwhile waits little for its turn."""
+        if not background or self._score_s_per_token <= 0:
             return self.max_score_tokens
-        return min(self.max_score_tokens, int(_BACKGROUND_TURN_S / self._score_s_per_token))
+        turn_s = _BACKGROUND_TURN_S if self._interactive_busy() else _IDLE_BACKGROUND_TURN_S
+        return min(self.max_score_tokens, int(turn_s / self._score_s_per_token))
 
     def _admit(self, lane: _Lane) -> None:
         """Prefill the lane's waiting requests that fit its batch's size and token budget, then
