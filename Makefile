@@ -34,7 +34,8 @@ test: venv ## Run the test suite against real Postgres and Redis
 lint: venv ## Check the code with ruff
 	$(VENV)/bin/ruff check .
 
-bench: venv ## Run the benchmarks (BENCH_ARGS="--quick" for a shorter run)
+bench: venv ## Run the benchmarks: the job path, then throughput (BENCH_ARGS, JOBPATH_ARGS="--quick")
+	$(VENV_PY) -m bench.jobpath $(JOBPATH_ARGS)
 	$(VENV_PY) -m bench.run $(BENCH_ARGS)
 
 migrate: venv ## Bring the database schema up to date

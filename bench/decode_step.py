@@ -8,7 +8,7 @@ On stories260K, with bench.run's workload (a): `--clients` requests of a few wor
 going on. In a worker, `--clients` concurrent clients send them through the API of a real
 stack (completion cache off), and the worker's /metrics gives the decode passes' time: the
 change of `llmq_forward_pass_seconds{kind="decode"}`'s sum over that of its count. Each system
-runs with the torch threads of an engine process (workers.engine_process.default_torch_threads)
+runs with the torch threads of an engine process (workers.engine_main.default_torch_threads)
 and, but for the engine process, with torch's default. Every system is started first and the
 runs alternate between them, round after round, so that other work on the machine weighs on
 all alike. Medians over the rounds, with the ratio to the engine alone with as many threads.
@@ -146,7 +146,7 @@ def main() -> None:
         return
     import torch
 
-    from workers.engine_process import default_torch_threads
+    from workers.engine_main import default_torch_threads
 
     model_dir, clients = found[MODEL], args.clients
     default = torch.get_num_threads()

@@ -43,33 +43,34 @@ time to first token and duration are counted from when the engine process receiv
 """
 
 import atexit
-import ctypes
 import itertools
 import multiprocessing
 import os
-import pickle
 import queue
-import signal
 import sys
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
 
 import structlog
-import torch
 
 from llmq.events import TokenEvent
-from llmq.logs import configure_logging
 from llmq.publisher import TokenEmission
-from llmq.registry import Device, ModelSpec
-from workers.engine import EngineStopped, GenerationEngine, GenerationRequest
-from workers.host import ModelFacts, ModelHost, TokenizerHost
+from workers.engine import EngineStopped, GenerationRequest
+from workers.engine_main import run_engine_process
+from workers.engine_messages import (
+    Cancel,
+    CycleReport,
+    Ended,
+    EngineConfig,
+    LoadFailed,
+    Stop,
+    Submit,
+)
+from workers.host import ModelFacts, TokenizerHost
 from workers.metrics import EngineMetrics
 from workers.scoring import ScoreRequest
 
@@ -77,61 +78,6 @@ log = structlog.get_logger(__name__)
 
 # The worker process's exit status when its engine process died (EX_SOFTWARE).
 ENGINE_LOST_EXIT = 70
-_PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """What the engine process loads, and how its engine batches."""
-
-    model: ModelSpec
-    device: Device
-    data_dir: Path
-    engine_options: dict[str, Any] = field(default_factory=dict)  # GenerationEngine's keywords
-    log_level: str = "INFO"
-    log_json: bool = True
-    torch_threads: int | None = None  # None: default_torch_threads()
-
-
-# -- messages ---------------------------------------------------------------------------------
-
-
-class _Submit(NamedTuple):
-    key: int  # the worker process's name for the job's future
-    request: GenerationRequest | ScoreRequest
-
-
-class _Cancel(NamedTuple):
-    job_id: uuid.UUID
-
-
-class _Stop(NamedTuple):
-    timeout: float
-
-
-class _Ready(NamedTuple):
-    facts: ModelFacts
-
-
-class _LoadFailed(NamedTuple):
-    error: str
-
-
-class _Ended(NamedTuple):
-    key: int
-    output: Any  # GenerationOutput or ScoreOutput, None when it failed
-    error: BaseException | None
-
-
-# A token delta: (delta number, job id bytes, token index, text, created).
-_Delta = tuple[int, bytes, int, str, float | None]
-
-
-class _CycleReport(NamedTuple):
-    batch_sizes: list[int]  # rows of each decode step
-    passes: list[tuple[str, float]]  # (kind, seconds) of each forward pass
-    deltas: list[_Delta]
-    ended: list[_Ended]
 
 
 # -- the worker process's side ----------------------------------------------------------------
@@ -165,7 +111,7 @@ class EngineProcess:
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._stopping = False
-        self._outbox: queue.SimpleQueue[_Submit | _Cancel | _Stop] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Submit | Cancel | Stop] = queue.SimpleQueue()
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
@@ -211,7 +157,7 @@ class EngineProcess:
                 return
             self._stopping = True
         if self._process is not None:
-            self._outbox.put(_Stop(timeout))
+            self._outbox.put(Stop(timeout))
             self._process.join(timeout + 5)
             if self._process.is_alive():
                 log.warning("the engine process did not stop in time; killing it")
@@ -232,7 +178,7 @@ class EngineProcess:
 
     def cancel(self, job_id: uuid.UUID) -> None:
         """The job leaves its batch at the engine's next step boundary."""
-        self._outbox.put(_Cancel(job_id))
+        self._outbox.put(Cancel(job_id))
 
     def active_job_ids(self) -> list[uuid.UUID]:
         """Generation jobs handed over whose outcome has not come back."""
@@ -249,7 +195,7 @@ class EngineProcess:
         if stopping:
             future.set_exception(EngineStopped("the worker is shutting down"))
         else:
-            self._outbox.put(_Submit(key, request))
+            self._outbox.put(Submit(key, request))
         return future
 
     def _wait_until_ready(self, timeout: float | None) -> ModelFacts:
@@ -269,7 +215,7 @@ class EngineProcess:
                 f"the engine process exited with {self._process.exitcode} before its model "
                 "loaded; its log lines say why"
             ) from None
-        if isinstance(hello, _LoadFailed):
+        if isinstance(hello, LoadFailed):
             raise RuntimeError(f"the engine process could not load the model: {hello.error}")
         return hello.facts
 
@@ -290,9 +236,9 @@ class EngineProcess:
             except Exception as exc:  # requests always pickle; if one did not, fail its jobs
                 log.exception("engine commands could not be sent")
                 for command in commands:
-                    if isinstance(command, _Submit):
-                        self._resolve(_Ended(command.key, None, exc))
-            if any(isinstance(command, _Stop) for command in commands):
+                    if isinstance(command, Submit):
+                        self._resolve(Ended(command.key, None, exc))
+            if any(isinstance(command, Stop) for command in commands):
                 return
 
     def _read(self) -> None:
@@ -309,7 +255,7 @@ class EngineProcess:
         if not self._stopping:
             self._engine_lost()
 
-    def _apply(self, report: _CycleReport) -> None:
+    def _apply(self, report: CycleReport) -> None:
         for size in report.batch_sizes:
             self.metrics.decode_step(size)
         for kind, seconds in report.passes:
@@ -333,7 +279,7 @@ class EngineProcess:
         for ended in report.ended:
             self._resolve(ended)
 
-    def _resolve(self, ended: _Ended) -> None:
+    def _resolve(self, ended: Ended) -> None:
         with self._lock:
             pending = self._pending.pop(ended.key, None)
         if pending is None:
@@ -366,161 +312,3 @@ class EngineProcess:
         if self._process is not None and self._process.is_alive():
             self._process.kill()
             self._process.join(5)
-
-
-# -- the engine process -----------------------------------------------------------------------
-
-
-class _Reporter:
-    """Collects what one engine cycle produced and sends it as one message: the engine's
-    on_tokens, its observer (decode steps, forward passes) and its on_cycle hook."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        # The engine thread reports; the main thread too, for a job refused at submission and
-        # for the last report after the engine stops.
-        self._lock = threading.Lock()
-        self._batch_sizes: list[int] = []
-        self._passes: list[tuple[str, float]] = []
-        self._deltas: list[_Delta] = []
-        self._ended: list[_Ended] = []
-
-    def decode_step(self, batch_size: int) -> None:
-        with self._lock:
-            self._batch_sizes.append(batch_size)
-
-    def forward_pass(self, kind: str, seconds: float) -> None:
-        with self._lock:
-            self._passes.append((kind, seconds))
-
-    def tokens(self, emissions: list[TokenEmission]) -> None:
-        deltas = [
-            (e.number, e.event.job_id.bytes, e.event.token_index, e.event.text, e.event.created)
-            for e in emissions
-        ]
-        with self._lock:
-            self._deltas.extend(deltas)
-
-    def ended(self, key: int, future: Future) -> None:
-        error = future.exception()
-        if error is not None:
-            outcome = _Ended(key, None, _portable(error))
-        else:
-            outcome = _Ended(key, future.result(), None)
-        with self._lock:
-            self._ended.append(outcome)
-
-    def send(self) -> None:
-        with self._lock:
-            if not (self._batch_sizes or self._passes or self._deltas or self._ended):
-                return
-            report = _CycleReport(self._batch_sizes, self._passes, self._deltas, self._ended)
-            self._batch_sizes, self._passes, self._deltas, self._ended = [], [], [], []
-            try:
-                self._conn.send(report)
-            except OSError:
-                _worker_gone()
-            except Exception:  # a report that cannot be sent strands its jobs: fail loudly
-                log.exception("the engine process could not report to the worker; exiting")
-                os._exit(1)
-
-    def send_message(self, message: Any) -> None:
-        with self._lock:
-            self._conn.send(message)
-
-
-def default_torch_threads() -> int | None:
-    """One fewer than the cores this process may use, at least one; None (torch's own choice)
-    where OMP_NUM_THREADS is set. The worker process, bound by its GIL, needs at most one core,
-    and OpenMP threads that meet at the end of every operation all wait whenever one of them
-    waits for its core. On the 2-core machine, with other work on it, a 64-row stories260K
-    decode pass took 4.6 and 5.5 ms alone with one thread against 13.0 and 14.3 ms with two
-    (bench.decode_step, two runs of 9 rounds), and in a worker serving 64 clients through an
-    engine process 6.5-9.6 ms against 10.4-15.8 ms (4 alternated rounds, medians of 3), for
-    2,420-3,797 tokens/s against 2,116-3,232. llama-25m, compute-bound, came out even there
-    (100 and 117 ms a pass with two threads, 123 and 109 ms with one)."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
-
-
-def _portable(error: BaseException) -> BaseException:
-    """The error itself if it survives pickling; else a RuntimeError that names it."""
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-    return error
-
-
-def run_engine_process(
-    config: EngineConfig, conn: Connection, worker_pid: int, die_with_worker: bool
-) -> None:
-    """The engine process's main: load the model, start the engine, serve the worker's commands
-    until it says stop or is gone."""
-    # Signals to the whole group are the worker's to handle; it stops this process last.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if die_with_worker and sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != worker_pid:  # the worker died before the line above
-        os._exit(0)
-    configure_logging(config.log_level, config.log_json)
-    threads = config.torch_threads or default_torch_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)  # before the engine thread's first operation reads it
-    reporter = _Reporter(conn)
-    try:
-        host = ModelHost.load(config.model, config.device, config.data_dir)
-    except Exception as exc:
-        log.exception("the engine process could not load its model")
-        reporter.send_message(_LoadFailed(f"{type(exc).__name__}: {exc}"))
-        return
-    engine = GenerationEngine(
-        host,
-        **config.engine_options,
-        on_tokens=reporter.tokens,
-        observer=reporter,
-        on_cycle=reporter.send,
-    )
-    reporter.send_message(_Ready(host.facts()))
-    engine.start()
-    log.info("engine process serving", pid=os.getpid(), torch_threads=torch.get_num_threads())
-    _serve(conn, engine, reporter)
-
-
-def _serve(conn: Connection, engine: GenerationEngine, reporter: _Reporter) -> None:
-    while True:
-        try:
-            commands = conn.recv()
-        except (EOFError, OSError):
-            _worker_gone()
-        for command in commands:
-            if isinstance(command, _Submit):
-                _submit(engine, reporter, command)
-            elif isinstance(command, _Cancel):
-                engine.cancel(command.job_id)
-            elif isinstance(command, _Stop):
-                engine.stop(command.timeout)
-                reporter.send()  # the jobs the stop failed
-                return
-
-
-def _submit(engine: GenerationEngine, reporter: _Reporter, command: _Submit) -> None:
-    request = command.request
-    try:
-        if isinstance(request, ScoreRequest):
-            future = engine.submit_score(request)
-        else:
-            future = engine.submit(request)
-    except Exception as exc:  # refused at the door: tell its caller, like any other failure
-        future = Future()
-        future.set_exception(exc)
-    future.add_done_callback(partial(reporter.ended, command.key))
-
-
-def _worker_gone() -> NoReturn:
-    """The worker process ended without a stop: nobody waits for this one's work."""
-    log.warning("the worker process is gone; the engine process exits")
-    os._exit(0)

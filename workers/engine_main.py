@@ -1,0 +1,192 @@
+"""The engine process's side of workers/engine_process.py: it loads the model, runs a
+GenerationEngine, serves the worker process's commands and reports each engine cycle."""
+
+import ctypes
+import os
+import pickle
+import signal
+import sys
+import threading
+from concurrent.futures import Future
+from functools import partial
+from multiprocessing.connection import Connection
+from typing import Any, NoReturn
+
+import structlog
+import torch
+
+from llmq.logs import configure_logging
+from llmq.publisher import TokenEmission
+from workers.engine import GenerationEngine
+from workers.engine_messages import (
+    Cancel,
+    CycleReport,
+    Delta,
+    Ended,
+    EngineConfig,
+    LoadFailed,
+    Ready,
+    Stop,
+    Submit,
+)
+from workers.host import ModelHost
+from workers.scoring import ScoreRequest
+
+log = structlog.get_logger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # prctl's option: a signal for this process when its parent dies
+
+
+class _Reporter:
+    """Collects what one engine cycle produced and sends it as one message: the engine's
+    on_tokens, its observer (decode steps, forward passes) and its on_cycle hook."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        # The engine thread reports; the main thread too, for a job refused at submission and
+        # for the last report after the engine stops.
+        self._lock = threading.Lock()
+        self._batch_sizes: list[int] = []
+        self._passes: list[tuple[str, float]] = []
+        self._deltas: list[Delta] = []
+        self._ended: list[Ended] = []
+
+    def decode_step(self, batch_size: int) -> None:
+        with self._lock:
+            self._batch_sizes.append(batch_size)
+
+    def forward_pass(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            self._passes.append((kind, seconds))
+
+    def tokens(self, emissions: list[TokenEmission]) -> None:
+        deltas = [
+            (e.number, e.event.job_id.bytes, e.event.token_index, e.event.text, e.event.created)
+            for e in emissions
+        ]
+        with self._lock:
+            self._deltas.extend(deltas)
+
+    def ended(self, key: int, future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            outcome = Ended(key, None, _portable(error))
+        else:
+            outcome = Ended(key, future.result(), None)
+        with self._lock:
+            self._ended.append(outcome)
+
+    def send(self) -> None:
+        with self._lock:
+            if not (self._batch_sizes or self._passes or self._deltas or self._ended):
+                return
+            report = CycleReport(self._batch_sizes, self._passes, self._deltas, self._ended)
+            self._batch_sizes, self._passes, self._deltas, self._ended = [], [], [], []
+            try:
+                self._conn.send(report)
+            except OSError:
+                _worker_gone()
+            except Exception:  # a report that cannot be sent strands its jobs: fail loudly
+                log.exception("the engine process could not report to the worker; exiting")
+                os._exit(1)
+
+    def send_message(self, message: Any) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+
+def default_torch_threads() -> int | None:
+    """One fewer than the cores this process may use, at least one; None (torch's own choice)
+    where OMP_NUM_THREADS is set. The worker process, bound by its GIL, needs at most one core,
+    and OpenMP threads that meet at the end of every operation all wait whenever one of them
+    waits for its core. On the 2-core machine, with other work on it, a 64-row stories260K
+    decode pass took 4.6 and 5.5 ms alone with one thread against 13.0 and 14.3 ms with two
+    (bench.decode_step, two runs of 9 rounds), and in a worker serving 64 clients through an
+    engine process 6.5-9.6 ms against 10.4-15.8 ms (4 alternated rounds, medians of 3), for
+    2,420-3,797 tokens/s against 2,116-3,232. llama-25m, compute-bound, came out even there
+    (100 and 117 ms a pass with two threads, 123 and 109 ms with one)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling; else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def run_engine_process(
+    config: EngineConfig, conn: Connection, worker_pid: int, die_with_worker: bool
+) -> None:
+    """The engine process's main: load the model, start the engine, serve the worker's commands
+    until it says stop or is gone."""
+    # Signals to the whole group are the worker's to handle; it stops this process last.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if die_with_worker and sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker_pid:  # the worker died before the line above
+        os._exit(0)
+    configure_logging(config.log_level, config.log_json)
+    threads = config.torch_threads or default_torch_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # before the engine thread's first operation reads it
+    reporter = _Reporter(conn)
+    try:
+        host = ModelHost.load(config.model, config.device, config.data_dir)
+    except Exception as exc:
+        log.exception("the engine process could not load its model")
+        reporter.send_message(LoadFailed(f"{type(exc).__name__}: {exc}"))
+        return
+    engine = GenerationEngine(
+        host,
+        **config.engine_options,
+        on_tokens=reporter.tokens,
+        observer=reporter,
+        on_cycle=reporter.send,
+    )
+    reporter.send_message(Ready(host.facts()))
+    engine.start()
+    log.info("engine process serving", pid=os.getpid(), torch_threads=torch.get_num_threads())
+    _serve(conn, engine, reporter)
+
+
+def _serve(conn: Connection, engine: GenerationEngine, reporter: _Reporter) -> None:
+    while True:
+        try:
+            commands = conn.recv()
+        except (EOFError, OSError):
+            _worker_gone()
+        for command in commands:
+            if isinstance(command, Submit):
+                _submit(engine, reporter, command)
+            elif isinstance(command, Cancel):
+                engine.cancel(command.job_id)
+            elif isinstance(command, Stop):
+                engine.stop(command.timeout)
+                reporter.send()  # the jobs the stop failed
+                return
+
+
+def _submit(engine: GenerationEngine, reporter: _Reporter, command: Submit) -> None:
+    request = command.request
+    try:
+        if isinstance(request, ScoreRequest):
+            future = engine.submit_score(request)
+        else:
+            future = engine.submit(request)
+    except Exception as exc:  # refused at the door: tell its caller, like any other failure
+        future = Future()
+        future.set_exception(exc)
+    future.add_done_callback(partial(reporter.ended, command.key))
+
+
+def _worker_gone() -> NoReturn:
+    """The worker process ended without a stop: nobody waits for this one's work."""
+    log.warning("the worker process is gone; the engine process exits")
+    os._exit(0)
