@@ -153,6 +153,11 @@ def _send(
     return True
 
 
+def message_job_ids(headers: dict) -> list[str]:
+    """The jobs a broker message carries: a group message's job ids, else its task id."""
+    return headers.get(JOB_IDS_HEADER) or [headers["id"]]
+
+
 def priority_lists(queue: str) -> list[str]:
     """The Redis lists kombu keeps for one queue: the queue's name for priority 0, and one
     more per further priority step."""

@@ -318,8 +318,8 @@ class JobEventReader:
         published = self.finals.watch(job_id)
         try:
             try:
-                newest = await self.redis.xrevrange(events_key(job_id), count=1)
-                if newest and newest[0][1][b"type"].decode() in FINAL_TYPES:
+                newest = await self._newest_event(events_key(job_id))
+                if newest is not None and newest.final:
                     return
             except RedisError:
                 pass
@@ -342,11 +342,9 @@ class JobEventReader:
         try:
             idle_s = first_check_s
             while True:
-                newest = await self.redis.xrevrange(key, count=1)
-                if newest and newest[0][1][b"type"].decode() in FINAL_TYPES:
-                    event_id, fields = newest[0]
-                    kind, data = fields[b"type"].decode(), fields[b"data"].decode()
-                    return StreamedEvent(event_id.decode(), kind, data)
+                newest = await self._newest_event(key)
+                if newest is not None and newest.final:
+                    return newest
                 try:
                     message = await asyncio.wait_for(asyncio.shield(published), idle_s)
                 except TimeoutError:
@@ -357,10 +355,18 @@ class JobEventReader:
                     return StreamedEvent(event_id, kind, data)
                 idle_s = min(max(idle_s * 2, self.idle_s), MAX_IDLE_S)
                 finished = await self.load_finished(job_id)
-                if finished is not None and not newest:  # finished, and its buffer is gone
+                if finished is not None and newest is None:  # finished, its buffer gone
                     return final_event(job_id, finished)
         finally:
             self.finals.unwatch(job_id, published)
+
+    async def _newest_event(self, key: str) -> StreamedEvent | None:
+        """The newest event of a job's replay buffer; None when the buffer is empty or gone."""
+        newest = await self.redis.xrevrange(key, count=1)
+        if not newest:
+            return None
+        event_id, fields = newest[0]
+        return StreamedEvent(event_id.decode(), fields[b"type"].decode(), fields[b"data"].decode())
 
     async def _replay(self, key: str, after: str | None) -> AsyncIterator[StreamedEvent]:
         start = f"({after}" if after else "-"

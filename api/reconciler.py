@@ -27,13 +27,13 @@ from redis import Redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.enqueue import priority_lists, send_failed, send_jobs
+from api.enqueue import message_job_ids, priority_lists, send_failed, send_jobs
 from api.live_workers import LiveQueues
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq.metrics import job_failed
 from llmq.periodic import PeriodicTask
-from llmq.protocol import JOB_IDS_HEADER, ErrorCategory
+from llmq.protocol import ErrorCategory
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -67,7 +67,7 @@ def waiting_job_ids(redis: Redis, queues: set[str]) -> set[str]:
         for raw in redis.lrange(key, 0, -1):
             try:
                 headers = json.loads(raw)["headers"]
-                ids.update(headers.get(JOB_IDS_HEADER) or [headers["id"]])
+                ids.update(message_job_ids(headers))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # not a Celery message; the worker will reject it
     return ids

@@ -16,11 +16,10 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import structlog
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from api.enqueue import route, send_soon
 from api.live_workers import LiveQueues
@@ -132,7 +131,6 @@ def submit_generations(
     new_jobs = _new_jobs(requests, counter, live)
     try:
         stored = _store_all(session, new_jobs)
-        _complete_in_memory(session, [job for job, _ in stored])
         _commit(session, [job.id for job, _ in stored])
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
@@ -212,20 +210,6 @@ def _store_all(
         for cache_key in keys:
             cache_queries.lock_key(session, cache_key)
     return [_store(session, new, key) for new, key in new_jobs]
-
-
-def _complete_in_memory(session: Session, jobs: list[Job]) -> None:
-    """Read back, before the commit, what Postgres filled in on the new rows, so that building
-    the answer after the commit never needs Postgres (it may be gone by then)."""
-    for job in jobs:
-        state = inspect(job)
-        if not state.persistent:  # answered from the cache: built whole in memory
-            continue
-        if "result" in state.unloaded:
-            set_committed_value(job, "result", None)  # a job stored just now has no result
-        columns = [name for name in state.unloaded if name in state.mapper.column_attrs]
-        if columns:
-            session.refresh(job, attribute_names=columns)
 
 
 def _commit(session: Session, job_ids: list[uuid.UUID]) -> None:

@@ -44,11 +44,10 @@ from rich.table import Table
 from sqlalchemy import bindparam, create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from api.enqueue import priority_lists
+from api.enqueue import message_job_ids, priority_lists
 from bench.servers import PrivateRedis, free_port, wait_for
 from bench.stack import bench_urls, llmq_stack
 from db.admin import drop_database
-from llmq.protocol import JOB_IDS_HEADER
 
 console = Console(width=120)
 MODEL = {
@@ -122,7 +121,7 @@ class JobProbe:
                 # A list's entry is the message; the unacked hash holds [message, ...].
                 envelope = decoded[0] if isinstance(decoded, list) else decoded
                 headers = envelope["headers"]
-                present.update(headers.get(JOB_IDS_HEADER) or [headers["id"]])
+                present.update(message_job_ids(headers))
             except (ValueError, KeyError, TypeError, IndexError):
                 continue
         return queued - present

@@ -5,6 +5,7 @@ checks the fault tests share: which jobs run where, and that each succeeded exac
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import func, select
 
@@ -75,12 +76,20 @@ class CuttableLink:
     def _relay_pair(self, client: socket.socket, server: socket.socket) -> None:
         """Relay one connection both ways (a subclass may watch what passes)."""
         for source, sink in ((client, server), (server, client)):
-            threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            threading.Thread(target=pump, args=(source, sink), daemon=True).start()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def pump(
+    source: socket.socket,
+    sink: socket.socket,
+    passes: Callable[[bytes], bool] | None = None,
+) -> None:
+    """Copy one direction of a connection until it ends, or until `passes` (shown each chunk
+    before it is sent on) says False: then the chunk is not sent and both ends are shut."""
     try:
         while data := source.recv(65536):
+            if passes is not None and not passes(data):
+                return
             sink.sendall(data)
     except OSError:
         pass

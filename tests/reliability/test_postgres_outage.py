@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import pytest
@@ -29,7 +30,7 @@ from tests.factories import (
     wait_for_job,
     wait_for_queue,
 )
-from tests.faults import LONG_JOB, QUEUE, CuttableLink, running_on, shut, wait_until
+from tests.faults import LONG_JOB, QUEUE, CuttableLink, pump, running_on, wait_until
 
 # Postgres wire protocol: the simple Query a client sends to commit, and the server's
 # CommandComplete once the commit is done.
@@ -53,28 +54,22 @@ class TripwireLink(CuttableLink):
     def _relay_pair(self, client: socket.socket, server: socket.socket) -> None:
         armed = threading.Event()  # this connection sent `armed_by`
         for source, sink, to_server in ((client, server, True), (server, client, False)):
-            threading.Thread(
-                target=self._relay, args=(source, sink, to_server, armed), daemon=True
-            ).start()
+            watch = partial(self._passes, sink, to_server, armed)
+            threading.Thread(target=pump, args=(source, sink, watch), daemon=True).start()
 
-    def _relay(self, source, sink, to_server: bool, armed: threading.Event) -> None:
-        try:
-            while data := source.recv(65536):
-                if to_server and self.armed_by in data and not self.tripped.is_set():
-                    armed.set()
-                trips = armed.is_set() and to_server == self.to_server and self.at in data
-                if trips and not self.tripped.is_set():
-                    if self.deliver:
-                        sink.sendall(data)
-                    self.tripped.set()
-                    self.cut()
-                    return
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            shut(source)
-            shut(sink)
+    def _passes(self, sink, to_server: bool, armed: threading.Event, data: bytes) -> bool:
+        """False once this chunk trips the link, which it then cuts (after delivering the
+        chunk, if `deliver`)."""
+        if to_server and self.armed_by in data and not self.tripped.is_set():
+            armed.set()
+        trips = armed.is_set() and to_server == self.to_server and self.at in data
+        if not trips or self.tripped.is_set():
+            return True
+        if self.deliver:
+            sink.sendall(data)
+        self.tripped.set()
+        self.cut()
+        return False
 
 
 @pytest.fixture
