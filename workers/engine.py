@@ -51,6 +51,8 @@ _MAX_BACKGROUND_CREDIT_S = 0.1
 # does (at least one job): a scoring pass costs about in proportion to its tokens.
 _BACKGROUND_TURN_S = 0.02
 _IDLE_BACKGROUND_TURN_S = 0.1
+# A background scoring job waiting this long is scored before longer ones (_score_some).
+_SCORE_AGED_S = 30.0
 
 
 class JobTimeout(Exception):
@@ -315,22 +317,26 @@ class GenerationEngine:
             bisect.insort(self._waiting, item, key=lambda seq: seq.request.priority)
 
     def _score_some(self, background: bool) -> bool:
-        """One turn of scoring: the first waiting scoring jobs of the kind, about
-        max_score_tokens of them (at least one job), resolved here. True if it scored any."""
+        """One turn of scoring: waiting scoring jobs of the kind, about the turn's budget of
+        them (at least one job), resolved here. True if it scored any. Interactive jobs go in
+        the order they came. Background jobs go longest row first, as lm-eval orders its
+        requests: a pass pads its rows to its longest, and taken in arrival order an MMLU run's
+        passes were 30% padding; a job that has waited _SCORE_AGED_S goes first all the same."""
         budget = self._score_budget(background)
+        candidates = [p for p in self._scoring if p.background == background]
+        if background:
+            aged = time.monotonic() - _SCORE_AGED_S
+            candidates.sort(key=lambda p: (p.submitted_at > aged, -p.request.longest_row))
         turn: list[PendingScore] = []
-        rest: list[PendingScore] = []
         tokens = 0
-        for pending in self._scoring:
-            fits = not turn or tokens + pending.request.tokens <= budget
-            if pending.background == background and fits:
+        for pending in candidates:
+            if not turn or tokens + pending.request.tokens <= budget:
                 turn.append(pending)
                 tokens += pending.request.tokens
-            else:
-                rest.append(pending)
         if not turn:
             return False
-        self._scoring = rest
+        taken = {id(pending) for pending in turn}
+        self._scoring = [p for p in self._scoring if id(p) not in taken]
         started = time.monotonic()
         self.scorer.run(turn)
         seconds_per_token = (time.monotonic() - started) / max(tokens, 1)
@@ -427,7 +433,8 @@ class GenerationEngine:
         steps = max(s.request.params.max_tokens for s in seqs) - 1
         cache = Cache(layer_class_to_replicate=partial(GrowingLayer, room=min(ROOM, steps)))
         started = time.perf_counter()
-        out = self.host.model(
+        out = self.host.forward(
+            "prefill",
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -481,7 +488,8 @@ class GenerationEngine:
         batch = batch.extended()
         mask, cache = batch.attention_inputs()
         started = time.perf_counter()
-        out = self.host.model(
+        out = self.host.forward(
+            "decode",
             input_ids=next_ids,
             attention_mask=mask,
             position_ids=positions,

@@ -95,20 +95,34 @@ class _Reporter:
             self._conn.send(message)
 
 
+def _cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def default_torch_threads() -> int | None:
-    """One fewer than the cores this process may use, at least one; None (torch's own choice)
-    where OMP_NUM_THREADS is set. The worker process, bound by its GIL, needs at most one core,
-    and OpenMP threads that meet at the end of every operation all wait whenever one of them
-    waits for its core. On the 2-core machine, with other work on it, a 64-row stories260K
-    decode pass took 4.6 and 5.5 ms alone with one thread against 13.0 and 14.3 ms with two
-    (bench.decode_step, two runs of 9 rounds), and in a worker serving 64 clients through an
-    engine process 6.5-9.6 ms against 10.4-15.8 ms (4 alternated rounds, medians of 3), for
-    2,420-3,797 tokens/s against 2,116-3,232. llama-25m, compute-bound, came out even there
-    (100 and 117 ms a pass with two threads, 123 and 109 ms with one)."""
+    """Torch threads of a decode pass: one fewer than the cores this process may use, at least
+    one; None (torch's own choice) where OMP_NUM_THREADS is set. The worker process, bound by its
+    GIL, needs at most one core, and OpenMP threads that meet at the end of every operation all
+    wait whenever one of them waits for its core. On the 2-core machine, with other work on it,
+    a 64-row stories260K decode pass took 4.6 and 5.5 ms alone with one thread against 13.0 and
+    14.3 ms with two (bench.decode_step, two runs of 9 rounds), and in a worker serving 64
+    clients through an engine process 6.5-9.6 ms against 10.4-15.8 ms (4 alternated rounds,
+    medians of 3), for 2,420-3,797 tokens/s against 2,116-3,232."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
+    return max(1, _cores() - 1)
+
+
+def pass_threads() -> dict[str, int] | None:
+    """Torch threads per kind of forward pass (ModelHost.forward); None where OMP_NUM_THREADS
+    is set. Prefill and scoring passes are large operations, long enough that every core pays:
+    on the 2-core machine an 855-item MMLU run alone took 12.0-12.8 s with scoring passes on
+    both cores against 14.5-15.4 s on one (three runs each, the machine otherwise idle)."""
+    decode = default_torch_threads()
+    if decode is None:
+        return None
+    return {"decode": decode, "prefill": _cores(), "score": _cores()}
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -133,9 +147,9 @@ def run_engine_process(
     if os.getppid() != worker_pid:  # the worker died before the line above
         os._exit(0)
     configure_logging(config.log_level, config.log_json)
-    threads = config.torch_threads or default_torch_threads()
+    threads = pass_threads()
     if threads is not None:
-        torch.set_num_threads(threads)  # before the engine thread's first operation reads it
+        torch.set_num_threads(threads["decode"])  # before the engine thread's first operation
     reporter = _Reporter(conn)
     try:
         host = ModelHost.load(config.model, config.device, config.data_dir)
@@ -143,6 +157,7 @@ def run_engine_process(
         log.exception("the engine process could not load its model")
         reporter.send_message(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
+    host.pass_threads = threads
     engine = GenerationEngine(
         host,
         **config.engine_options,
@@ -152,7 +167,7 @@ def run_engine_process(
     )
     reporter.send_message(Ready(host.facts()))
     engine.start()
-    log.info("engine process serving", pid=os.getpid(), torch_threads=torch.get_num_threads())
+    log.info("engine process serving", pid=os.getpid(), torch_threads=threads)
     _serve(conn, engine, reporter)
 
 

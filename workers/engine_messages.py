@@ -22,7 +22,6 @@ class EngineConfig:
     engine_options: dict[str, Any] = field(default_factory=dict)  # GenerationEngine's keywords
     log_level: str = "INFO"
     log_json: bool = True
-    torch_threads: int | None = None  # None: default_torch_threads()
 
 
 # -- messages ---------------------------------------------------------------------------------

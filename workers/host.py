@@ -87,6 +87,9 @@ class ModelHost:
     model: PreTrainedModel
     tokenizer: object
     load_seconds: float
+    # Torch threads per kind of forward pass ("prefill", "decode", "score"); None: leave torch's
+    # setting alone (workers.engine_main.pass_threads says why an engine process sets them).
+    pass_threads: dict[str, int] | None = None
 
     @classmethod
     def load(cls, spec: ModelSpec, device: Device, data_dir: Path) -> "ModelHost":
@@ -112,6 +115,13 @@ class ModelHost:
         # and will drop the old name.
         forward = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"
+
+    def forward(self, kind: str, **inputs):
+        """One forward pass of the model; `kind` picks its torch threads (pass_threads)."""
+        threads = self.pass_threads.get(kind) if self.pass_threads else None
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return self.model(**inputs)
 
     def facts(self) -> ModelFacts:
         return ModelFacts(

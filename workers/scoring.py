@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import structlog
 import torch
@@ -47,11 +48,19 @@ class ScoreRequest:
     deadline: float | None = None  # time.monotonic() value
     priority: int = 0  # BATCH_PRIORITY and above: a background job (an evaluation item)
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         """About how many tokens its rows put through the model (shared rows counted once)."""
+        return sum(self._row_lengths)
+
+    @cached_property
+    def longest_row(self) -> int:
+        return max(self._row_lengths, default=0)
+
+    @cached_property
+    def _row_lengths(self) -> list[int]:
         rows = {tuple(context): len(continuation) for context, continuation in self.pairs}
-        return sum(min(len(c) + n, self.max_length) for c, n in rows.items())
+        return [min(len(c) + n, self.max_length) for c, n in rows.items()]
 
 
 @dataclass(frozen=True)
@@ -217,8 +226,8 @@ class Scorer:
         # Logits only from the first position any row needs to the end.
         keep = width - min(len(row.tokens) - row.needed for row in rows)
         started = time.perf_counter()
-        logits = self.host.model(
-            input_ids=ids.to(self.host.device), logits_to_keep=keep, use_cache=False
+        logits = self.host.forward(
+            "score", input_ids=ids.to(self.host.device), logits_to_keep=keep, use_cache=False
         ).logits
         if self.on_pass is not None:
             self.on_pass("score", time.perf_counter() - started)
