@@ -111,8 +111,8 @@ def main() -> None:
         raise SystemExit(f"needs {SHARED_STORIES} and {SHARED_DATA / 'mmlu'}")
     spec = {"id": MODEL, "source": str(SHARED_STORIES), "devices": ["cpu"], "max_batch_size": 64}
     spec |= {"context_length": 512, "max_wait_ms": 10}
-    idle: list[tuple[float, float]] = []
-    during: list[tuple[float, float]] = []
+    idle: list[tuple[float, float, float]] = []  # p50, p99, requests per second
+    during: list[tuple[float, float, float]] = []
     alone_s: list[float] = []
     beside_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="llmq-interactive-") as workdir:
@@ -135,12 +135,17 @@ def run_phases(base: str, args, data_dir: Path, idle, during, alone_s, beside_s)
     asyncio.run(interactive(base, args.clients, _set(), at_least=5))  # warm-ups
     asyncio.run(mmlu_run(base, 1, data_dir))
     for _ in range(args.repeats):
+        started = time.perf_counter()
         latencies = asyncio.run(interactive(base, args.clients, _set(), args.idle_requests))
-        idle.append((percentile(latencies, 50), percentile(latencies, 99)))
+        idle.append(_figures(latencies, time.perf_counter() - started))
         alone_s.append(asyncio.run(mmlu_run(base, args.limit, data_dir)))
         latencies, wall = asyncio.run(beside_run(base, args.limit, args.clients, data_dir))
-        during.append((percentile(latencies, 50), percentile(latencies, 99)))
+        during.append(_figures(latencies, wall))
         beside_s.append(wall)
+
+
+def _figures(latencies: list[float], seconds: float) -> tuple[float, float, float]:
+    return percentile(latencies, 50), percentile(latencies, 99), len(latencies) / seconds
 
 
 def _set() -> asyncio.Event:
@@ -150,20 +155,25 @@ def _set() -> asyncio.Event:
 
 
 def report(args, idle, during, alone_s, beside_s) -> None:
-    p50_idle, p99_idle = (statistics.median(p[i] for p in idle) for i in (0, 1))
-    p50_during, p99_during = (statistics.median(p[i] for p in during) for i in (0, 1))
+    p50_idle, p99_idle, rate_idle = (statistics.median(p[i] for p in idle) for i in (0, 1, 2))
+    p50_during, p99_during, rate_during = (
+        statistics.median(p[i] for p in during) for i in (0, 1, 2)
+    )
     table = Table(
         title=f"{INTERACTIVE_TOKENS}-token completions from {args.clients} clients beside an MMLU "
         f"run (limit {args.limit} per subject), medians of {args.repeats}"
     )
-    for column in ("", "p50 ms", "p99 ms", "÷ idle (p50)"):
+    for column in ("", "p50 ms", "p99 ms", "÷ idle (p50)", "requests/s"):
         table.add_column(column, justify="right")
-    table.add_row("idle", f"{p50_idle * 1000:.0f}", f"{p99_idle * 1000:.0f}", "1.00×")
+    table.add_row(
+        "idle", f"{p50_idle * 1000:.0f}", f"{p99_idle * 1000:.0f}", "1.00×", f"{rate_idle:.1f}"
+    )
     table.add_row(
         "during the MMLU run",
         f"{p50_during * 1000:.0f}",
         f"{p99_during * 1000:.0f}",
         f"{p50_during / p50_idle:.2f}×",
+        f"{rate_during:.1f}",
     )
     console.print(table)
     alone, beside = statistics.median(alone_s), statistics.median(beside_s)

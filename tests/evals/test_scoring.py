@@ -211,3 +211,58 @@ def test_engine_times_its_forward_passes_by_kind(host):
     assert passes("prefill") - before["prefill"] == 1
     assert passes("decode") - before["decode"] == 5
     assert passes("score") - before["score"] == 1
+
+
+def test_evaluation_items_score_longest_row_first(host):
+    """Background scoring turns take the longest waiting rows first, as lm-eval orders its
+    requests, so that a pass pads its rows less; interactive scoring jobs keep their order."""
+    from llmq.protocol import BATCH_PRIORITY
+    from workers.engine import GenerationEngine
+    from workers.scoring import PairEncoder, ScoreRequest
+
+    encoder = PairEncoder(host.tokenizer)
+    engine = GenerationEngine(
+        host, max_batch_size=8, max_batch_tokens=100_000, max_wait_ms=5, max_score_tokens=64
+    )
+    finished: list[int] = []
+    futures = []
+    for words in (3, 9, 1, 6, 12, 4):  # one item per turn: each is over half of 64 tokens
+        prompt = "Question: " + " ".join(["what"] * (30 + words)) + "?\nAnswer:"
+        pairs = [encoder.pair(prompt, " A")]
+        item = ScoreRequest(uuid.uuid4(), pairs, 512, priority=BATCH_PRIORITY)
+        future = engine.submit_score(item)
+        future.add_done_callback(lambda _f, words=words: finished.append(words))
+        futures.append(future)
+    engine.start()
+    try:
+        for future in futures:
+            future.result(60)
+    finally:
+        engine.stop()
+    assert finished == [12, 9, 6, 4, 3, 1]
+
+
+def test_background_turns_stay_short_while_interactive_traffic_goes_on(host, monkeypatch):
+    """Between one interactive job and the next, the background lane runs alone, in turns of
+    about _BACKGROUND_TURN_S, so the next job waits little; a second after the last interactive
+    job, background turns grow to _IDLE_BACKGROUND_TURN_S."""
+    from workers import engine as engine_module
+    from workers.engine import GenerationEngine, GenerationRequest
+
+    engine = GenerationEngine(host, max_batch_size=8, max_batch_tokens=100_000, max_wait_ms=5)
+    engine._score_s_per_token = 1e-4  # as measured after some scoring
+    short = int(engine_module._BACKGROUND_TURN_S / 1e-4)
+    long = int(engine_module._IDLE_BACKGROUND_TURN_S / 1e-4)
+    assert engine._score_budget(background=True) == long
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        job = GenerationRequest(uuid.uuid4(), host.encode("The dog"), params)
+        engine.submit(job).result(60)
+    finally:
+        engine.stop()
+    assert engine._score_budget(background=True) == short
+    later = engine_module.time.monotonic() + engine_module._INTERACTIVE_RECENT_S + 0.1
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: later)
+    assert engine._score_budget(background=True) == long
+    assert engine._score_budget(background=False) == engine.max_score_tokens
