@@ -4,8 +4,9 @@ through the same Redis and the seed-style server (one generate per request), in 
     python -m bench.jobpath [--repeats 3] [--clients 64] [--jobs 1000] [--only jobs,seed] [--quick]
 
 Systems, each given --jobs one-token jobs with distinct prompts (LLMQ_CACHE=off):
-  jobs         POST /v1/jobs, then GET /v1/jobs/{id}?wait=60: one request that ends with the job
-               (--jobs-wait events: GET /v1/jobs/{id}/events instead, the SSE stream)
+  jobs         POST /v1/jobs?wait=60: one request that ends with the job (--jobs-wait poll:
+               POST /v1/jobs, then GET /v1/jobs/{id}?wait=60; --jobs-wait events: then
+               GET /v1/jobs/{id}/events, the SSE stream)
   completions  POST /v1/completions, max_tokens 1: answered when its job is done
   batch        one Batch API batch of --jobs lines, timed from its creation to `completed`
   score        an MMLU run of --jobs 0-shot questions written here (no ../shared data), one
@@ -149,15 +150,18 @@ def one_token(model: str | None, number: int) -> dict:
 
 
 def post_one(path: str, model: str | None, wait: str | None = None) -> OneJob:
-    """POST one job; with `wait`, then wait for it: "poll" with one long-polling GET, "events"
-    on its event stream."""
+    """POST one job; with `wait`, wait for it: "submit" in the POST itself (?wait=60), "poll"
+    with one long-polling GET after it, "events" on its event stream after it."""
     suffix = {"poll": "?wait=60", "events": "/events"}.get(wait or "")
+    post_path = f"{path}?wait=60" if wait == "submit" else path
 
     async def one(connection: Connection, number: int) -> None:
         body = json.dumps(one_token(model, number)).encode()
-        status, answer = await connection.request("POST", path, body)
+        status, answer = await connection.request("POST", post_path, body)
         expect(status == (202 if wait else 200), answer)
-        if wait:
+        if wait == "submit":
+            expect(b'"status":"succeeded"' in answer, answer)
+        elif wait:
             job_id = json.loads(answer)["id"]
             status, answer = await connection.request("GET", f"{path}/{job_id}{suffix}")
             expect(status == 200 and b'"status":"succeeded"' in answer, answer)
@@ -476,9 +480,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one run of 300 jobs each")
     parser.add_argument(
         "--jobs-wait",
-        choices=("poll", "events"),
-        default="poll",
-        help="how the jobs system waits: a long-polling GET, or the SSE stream",
+        choices=("submit", "poll", "events"),
+        default="submit",
+        help="how the jobs system waits: in the POST (?wait=60), a long-polling GET after it, "
+        "or the SSE stream",
     )
     parser.add_argument("--serve-celery", metavar="REDIS_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -75,6 +75,16 @@ def cancelled_event(job_id: uuid.UUID) -> DoneEvent:
     )
 
 
+def _wait_query(what: str):
+    return Query(
+        ge=0,
+        le=MAX_WAIT_S,
+        description=f"Seconds to wait for the job to end before answering (long polling): {what} "
+        "comes as soon as it has ended, or after `wait` seconds with the job as it is then. "
+        "0 answers at once.",
+    )
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -87,8 +97,9 @@ def cancelled_event(job_id: uuid.UUID) -> DoneEvent:
         }
     },
 )
-def create_job(
+async def create_job(
     body: JobCreate,
+    request: Request,
     session: SessionDep,
     registry: RegistryDep,
     counter: PromptCounterDep,
@@ -98,27 +109,40 @@ def create_job(
     request_id: RequestIdDep,
     caller: ApiKeyDep,
     idempotency_key: IdempotencyKey = None,
+    wait: Annotated[float, _wait_query("the answer, with its result,")] = 0,
 ) -> JobPublic:
     """Accept a generation job: it is stored, then queued for a worker of its model. A
-    deterministic job may come back succeeded at once, answered from the completion cache."""
+    deterministic job may come back succeeded at once, answered from the completion cache.
+    With `wait`, the answer comes when the job has ended (one request instead of a submit and a
+    long-polling read); the status code stays 202 for a new job either way."""
     spec = resolve_model(registry, body.model)
-    admit(session, caller.owner, caller.limits, jobs=1)
-    submission = submit_generation(
-        session,
-        spec=spec,
-        prompt=body.prompt,
-        params=sampling_params(body, spec.defaults),
-        counter=counter,
-        live=live,
-        idempotency_key=idempotency_key,
-        owner=caller.owner,
-        request_id=request_id,
-        timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
-        use_cache=body.cache,
-    )
-    if not submission.created:
+
+    def store() -> tuple[JobPublic, bool]:
+        admit(session, caller.owner, caller.limits, jobs=1)
+        submission = submit_generation(
+            session,
+            spec=spec,
+            prompt=body.prompt,
+            params=sampling_params(body, spec.defaults),
+            counter=counter,
+            live=live,
+            idempotency_key=idempotency_key,
+            owner=caller.owner,
+            request_id=request_id,
+            timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
+            use_cache=body.cache,
+        )
+        public = JobPublic.from_row(submission.job)
+        session.close()  # gives the request's database slot back before any wait
+        return public, submission.created
+
+    job, created = await run_in_threadpool(store)
+    if not created:
         response.status_code = status.HTTP_200_OK
-    return JobPublic.from_row(submission.job)
+    if wait > 0 and not job.status.is_final:
+        await request.app.state.event_reader.wait_final(job.id, wait)
+        job = JobPublic.from_row(await _read_job(request, caller, job.id))
+    return job
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -126,16 +150,7 @@ async def read_job(
     job_id: uuid.UUID,
     request: Request,
     caller: ApiKeyDep,
-    wait: Annotated[
-        float,
-        Query(
-            ge=0,
-            le=MAX_WAIT_S,
-            description="Seconds to wait for the job to end before answering (long polling): "
-            "the answer comes as soon as it has ended, or after `wait` seconds with the job "
-            "as it is then. 0 answers at once.",
-        ),
-    ] = 0,
+    wait: Annotated[float, _wait_query("the answer")] = 0,
 ) -> JobPublic:
     """A job with its status and, once finished, its result or error."""
     job = await _read_job(request, caller, job_id)

@@ -144,6 +144,34 @@ def test_read_job_with_wait_answers_once_the_job_has_ended(live_client):
     assert time.monotonic() - started < 20  # answered when it ended, not at the limit
 
 
+def test_submit_with_wait_answers_with_the_finished_job(live_client):
+    """One request instead of a submit and a long-polling read; the job is the one stored."""
+    body = {"model": "tiny-llama", "prompt": "Wait with me", "max_tokens": 10, "ignore_eos": True}
+    response = live_client.post("/v1/jobs", params={"wait": 30}, json=body)
+    assert response.status_code == 202
+    job = response.json()
+    assert job["status"] == "succeeded", job
+    assert job["result"]["usage"]["completion_tokens"] == 10
+    assert live_client.get(f"/v1/jobs/{job['id']}").json() == job
+
+
+def test_submit_with_wait_gives_up_after_wait_seconds_and_the_job_stays_queued(client):
+    body = {"model": "tiny-offline", "prompt": "no worker serves me either", "max_tokens": 2}
+    started = time.monotonic()
+    response = client.post("/v1/jobs", params={"wait": 1.5}, json=body)
+    waited = time.monotonic() - started
+    job = response.json()
+    try:
+        assert response.status_code == 202 and job["status"] == "queued"
+        assert 1.4 <= waited < 5
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+    finally:
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+    for wait in ("-1", "61", "soon"):
+        response = client.post("/v1/jobs", params={"wait": wait}, json=body)
+        assert 400 <= response.status_code < 500 and "wait" in response.text
+
+
 def test_read_job_with_wait_gives_up_after_wait_seconds(client):
     job = submit(client, model="tiny-offline", prompt="no worker serves me", max_tokens=2)
     try:
