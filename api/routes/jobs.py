@@ -57,8 +57,12 @@ def job_timeout(requested: float | None, limit_s: float) -> float | None:
 
 
 def get_job_of(session, caller: Caller, job_id: uuid.UUID) -> Job:
+    """The job, in the session, if the caller may see it."""
+    return _visible(job_queries.get_job(session, job_id), caller, job_id)
+
+
+def _visible(job: Job | None, caller: Caller, job_id: uuid.UUID) -> Job:
     """The job if the caller may see it: another key's job is 404, as if it did not exist."""
-    job = job_queries.get_job(session, job_id)
     if job is None or not caller.can_see(job.owner):
         raise JobNotFound(job_id)
     return job
@@ -173,7 +177,7 @@ async def _read_job(request: Request, caller: Caller, job_id: uuid.UUID) -> Job:
 
 def _load_job(database_url: str, caller: Caller, job_id: uuid.UUID) -> Job:
     with get_sessionmaker(database_url)() as session:
-        return get_job_of(session, caller, job_id)
+        return _visible(job_queries.read_job(session, job_id), caller, job_id)
 
 
 @router.get("", response_model=JobsPublic)

@@ -102,6 +102,29 @@ def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
     return session.get(Job, job_id)
 
 
+_result_table = JobResult.__table__
+_result_columns = [column.label(f"result_{column.name}") for column in _result_table.c]
+
+
+def read_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    """get_job in one round trip, for answering reads: the job joined with its result, built in
+    memory outside the session (the ORM's load asks for the result in a second query)."""
+    stmt = (
+        select(job_table, *_result_columns)
+        .outerjoin(_result_table, _result_table.c.job_id == job_table.c.id)
+        .where(job_table.c.id == job_id)
+    )
+    row = session.execute(stmt).one_or_none()
+    if row is None:
+        return None
+    values = row._mapping
+    job = Job(**{column.name: values[column.name] for column in job_table.c})
+    job.result = None
+    if values["result_job_id"] is not None:
+        job.result = JobResult(**{c.name: values[f"result_{c.name}"] for c in _result_table.c})
+    return job
+
+
 def list_jobs(
     session: Session,
     *,
