@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.final_events import FinalEventListener
-from db.queries.jobs import get_job
+from db.queries.jobs import read_job
 from db.session import session_scope
 from db.tables import Job
 from llmq.events import (
@@ -90,7 +90,7 @@ def finished_job(job: Job | None) -> FinishedJob | None:
 def postgres_loader(database_url: str) -> LoadFinished:
     def load(job_id: uuid.UUID) -> FinishedJob | None:
         with session_scope(database_url) as session:
-            return finished_job(get_job(session, job_id))
+            return finished_job(read_job(session, job_id))
 
     async def load_async(job_id: uuid.UUID) -> FinishedJob | None:
         return await run_in_threadpool(load, job_id)
