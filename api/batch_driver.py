@@ -19,9 +19,15 @@ import structlog
 from sqlalchemy.orm import Session
 
 from api.background import background_room
-from api.batch_input import RequestLine, read_input
+from api.batch_input import REQUEST_TYPES, RequestLine, read_input
 from api.openai_protocol import UsageInfo
-from api.openai_requests import build_response, plan_request, submit_choices
+from api.openai_requests import (
+    ResponseShape,
+    build_response,
+    plan_request,
+    stored_shape,
+    submit_choices,
+)
 from db.queries import batches as batch_queries
 from db.queries import files as file_queries
 from db.queries.batches import BatchStatus
@@ -165,6 +171,10 @@ class BatchDriver:
             return [], {"code": exc.code or exc.error_type, "message": exc.message}
         return [choice.job_id for choice in choices], None
 
+    def _shape(self, line: BatchLine, jobs: list[Job]) -> ResponseShape:
+        request = REQUEST_TYPES[line.url].model_validate(line.body)
+        return stored_shape(self.state, request, jobs)
+
     def _valid_lines(self, batch: Batch) -> int:
         return batch.total - len(batch.errors or [])
 
@@ -174,7 +184,7 @@ class BatchDriver:
         expired = final == BatchStatus.EXPIRED
         for line in lines:
             line_jobs = [jobs[j] for j in line.job_ids if j in jobs]
-            record = _output_record(line, line_jobs, expired)
+            record = _output_record(line, line_jobs, expired, self._shape)
             (outputs if record["error"] is None else failures).append(record)
         for error in batch.errors or []:
             failures.append(_failed_record(None, error["code"], error["message"], error["line"]))
@@ -200,24 +210,27 @@ class BatchDriver:
         return stored.id
 
 
-def _output_record(line: BatchLine, jobs: list[Job], expired: bool) -> dict:
+def _output_record(line: BatchLine, jobs: list[Job], expired: bool, shape_of) -> dict:
     """One line of the output file, or of the error file when `error` is set."""
     if "_error" in line.body:
         problem = line.body["_error"]
         return _failed_record(line.custom_id, problem["code"], problem["message"], line.line)
     if jobs and all(job.status == JobStatus.SUCCEEDED.value for job in jobs):
-        chat = line.url == "/v1/chat/completions"
+        shape = shape_of(line, jobs)
         usage = UsageInfo()
         finished = []
         for index, job in enumerate(jobs):
             result = job.result
             usage.add(result.prompt_tokens if index == 0 else 0, result.completion_tokens)
-            finished.append((index, {"text": result.text, "finish_reason": result.finish_reason}))
-        prefix = "chatcmpl" if chat else "cmpl"
+            done = {
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "logprobs": result.logprobs,
+            }
+            finished.append((index, done))
+        prefix = "chatcmpl" if shape.chat else "cmpl"
         created = int(jobs[0].finished_at.timestamp()) if jobs[0].finished_at else int(time.time())
-        body = build_response(
-            chat, jobs[0].model, f"{prefix}-{jobs[0].id.hex}", created, finished, usage
-        )
+        body = build_response(shape, f"{prefix}-{jobs[0].id.hex}", created, finished, usage)
         return {
             "id": f"batch_req_{uuid.uuid4().hex[:24]}",
             "custom_id": line.custom_id,

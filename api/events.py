@@ -65,6 +65,7 @@ class FinishedJob:
     completion_tokens: int
     error_category: str | None
     error_message: str | None
+    logprobs: dict | None = None
 
 
 # Returns None while the job is still queued or running.
@@ -84,6 +85,7 @@ def finished_job(job: Job | None) -> FinishedJob | None:
         completion_tokens=result.completion_tokens if result else 0,
         error_category=job.error_category,
         error_message=job.error_message,
+        logprobs=result.logprobs if result else None,
     )
 
 
@@ -124,6 +126,7 @@ def final_event(job_id: uuid.UUID, job: FinishedJob) -> StreamedEvent:
         text=job.text,
         prompt_tokens=job.prompt_tokens,
         completion_tokens=job.completion_tokens,
+        logprobs=job.logprobs,
     )
     return StreamedEvent(final_id, "done", done.model_dump_json())
 

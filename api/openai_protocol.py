@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     WithJsonSchema,
@@ -20,8 +21,18 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from api.schemas import MAX_JSON_INT, JsonInt, JsonIntOrNone, StopSequences, reject_nul
-from llmq.protocol import MAX_TOKENS_LIMIT, SamplingParams
+from api.logprobs import ChatLogprobs, CompletionLogprobs
+from api.schemas import (
+    MAX_JSON_INT,
+    TOKEN_IDS_SCHEMA,
+    JsonInt,
+    JsonIntOrNone,
+    SamplingExtras,
+    StopSequences,
+    reject_nul,
+    some_prompts,
+)
+from llmq.protocol import MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 16
 # Strict, as OpenAI is: "16" is not a number and 1 is not true. JsonInt still takes 16.0.
@@ -45,20 +56,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+def requires(field: str, condition: dict, then: dict) -> dict:
+    """A JSON Schema rule: when `field` is present and matches `condition`, `then` holds."""
+    return {
+        "if": {"properties": {field: condition}, "required": [field]},
+        "then": then,
+    }
+
+
+def needs_true(field: str) -> dict:
+    return {"properties": {field: {"const": True}}, "required": [field]}
+
+
+# OpenAI's rule, in the published schema too: stream_options needs stream true.
+STREAM_OPTIONS_RULE = requires("stream_options", {"type": "object"}, needs_true("stream"))
+
+
+def rules(*conditions: dict) -> ConfigDict:
+    """The wire input's config with cross-field rules published in its schema."""
+    return ConfigDict(**WIRE_INPUT, json_schema_extra={"allOf": list(conditions)})
+
+
+class _SamplingFields(SamplingExtras):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(
-        **WIRE_INPUT,
-        # OpenAI's rule, in the published schema too: stream_options needs stream true.
-        json_schema_extra={
-            "if": {
-                "properties": {"stream_options": {"type": "object"}},
-                "required": ["stream_options"],
-            },
-            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
-        },
-    )
+    model_config = rules(STREAM_OPTIONS_RULE)
 
     model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -72,35 +94,12 @@ class _SamplingFields(BaseModel):
     # vLLM-style extras
     top_k: JsonIntOrNone = Field(default=None, ge=-1, le=100_000)
     ignore_eos: bool = False
-    min_tokens: JsonInt = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
     # llmq's own: false keeps a deterministic request from the completion cache and from
     # sharing an identical request's run (OpenAI clients send it in extra_body).
     cache: bool = True
-    # Defined by OpenAI, accepted only at their neutral values.
-    presence_penalty: Annotated[float | None, only(0, None)] = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: Annotated[float | None, only(0, None)] = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: Annotated[
-        dict[str, float] | None,
-        WithJsonSchema(
-            {
-                "anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}],
-                "description": "Not supported by this server; leave unset.",
-            }
-        ),
-    ] = None
-    logprobs: Annotated[Any, only(False, 0, None)] = None
 
     @model_validator(mode="after")
-    def refuse_unimplemented(self):
-        unsupported = {
-            "presence_penalty": self.presence_penalty not in (None, 0, 0.0),
-            "frequency_penalty": self.frequency_penalty not in (None, 0, 0.0),
-            "logit_bias": bool(self.logit_bias),
-            "logprobs": self.logprobs not in (None, False),
-        }
-        named = [name for name, used in unsupported.items() if used]
-        if named:
-            raise ValueError(f"{', '.join(named)} not supported by this server; leave unset")
+    def stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -108,6 +107,15 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per generated token, None when no log-probabilities are asked for."""
+        raise NotImplementedError
+
+    @property
+    def prompt_logprobs_asked(self) -> int | None:
+        return None
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -118,13 +126,22 @@ class _SamplingFields(BaseModel):
             seed=self.seed,
             stop=list(self.stop or []),
             ignore_eos=self.ignore_eos,
-            min_tokens=min(self.min_tokens, max_tokens),
+            logprobs=self.top_logprobs_asked,
+            prompt_logprobs=self.prompt_logprobs_asked,
+            **self.extra_sampling(max_tokens),
         )
 
 
 class CompletionRequest(_SamplingFields):
+    model_config = rules(
+        STREAM_OPTIONS_RULE,
+        requires("echo", {"const": True}, {"properties": {"stream": {"const": False}}}),
+        requires("max_tokens", {"const": 0}, needs_true("echo")),
+    )
+
     prompt: Annotated[
-        str | list[str],
+        str | list[int] | list[str] | list[list[int]],
+        BeforeValidator(some_prompts),
         WithJsonSchema(
             {
                 "anyOf": [
@@ -135,31 +152,47 @@ class CompletionRequest(_SamplingFields):
                         "minItems": 1,
                         "maxItems": MAX_CHOICES,
                     },
+                    TOKEN_IDS_SCHEMA,
+                    {
+                        "type": "array",
+                        "items": TOKEN_IDS_SCHEMA,
+                        "minItems": 1,
+                        "maxItems": MAX_CHOICES,
+                    },
                 ],
-                "description": f"A prompt, or a list of up to {MAX_CHOICES}: each is answered "
-                f"with n choices, {MAX_CHOICES} choices at most in all.",
+                "description": f"A prompt (text, or token ids), or a list of up to {MAX_CHOICES}:"
+                f" each is answered with n choices, {MAX_CHOICES} choices at most in all.",
             }
         ),
     ]
-    max_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    echo: Annotated[bool, only(False)] = False
+    # 0 only with echo: the prompt's log-probabilities and nothing generated.
+    max_tokens: JsonIntOrNone = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
+    echo: bool = Field(
+        default=False,
+        description="Return the prompt before the completion, and with logprobs the prompt "
+        "tokens' log-probabilities too (the first token's is null). Not with stream.",
+    )
+    logprobs: JsonIntOrNone = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="The log-probability of each token and of this many likeliest "
+        "alternatives at its position.",
+    )
     best_of: JsonIntOrNone = Field(default=None, ge=1, le=1)
     suffix: Annotated[str | None, only("", None)] = None
 
-    @field_validator("prompt")
-    @classmethod
-    def prompts_are_text(cls, prompt: str | list[str]) -> str | list[str]:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not prompts or not all(prompts):
-            raise ValueError("prompt must be a non-empty string or a list of non-empty strings")
-        for text in prompts:
-            reject_nul(text, "prompt")
-        return prompt
-
     @model_validator(mode="after")
-    def refuse_echo_suffix_and_too_many_choices(self):
-        if self.echo or self.suffix:
-            raise ValueError("echo and suffix are not supported by this server; leave unset")
+    def refuse_suffix_and_too_many_choices(self):
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server; leave it unset")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream; send one of them")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens 0 generates nothing; it is only allowed with echo (to score the "
+                "prompt). Send max_tokens >= 1"
+            )
         if len(self.prompts) * self.n > MAX_CHOICES:
             # A limit the published schema cannot state; its code lets clients tell it apart.
             raise PydanticCustomError(
@@ -175,8 +208,23 @@ class CompletionRequest(_SamplingFields):
         return self
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        if isinstance(self.prompt, str) or _is_token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs_asked(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+
+def _is_token_ids(prompt: object) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
 
 class TextPart(BaseModel):
@@ -200,9 +248,32 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    model_config = rules(
+        STREAM_OPTIONS_RULE, requires("top_logprobs", {"type": "integer"}, needs_true("logprobs"))
+    )
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
     max_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool | None = Field(
+        default=None, description="Return the log-probability of each generated token."
+    )
+    top_logprobs: JsonIntOrNone = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: this many likeliest alternatives at each position.",
+    )
+
+    @model_validator(mode="after")
+    def top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod
@@ -237,7 +308,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -258,7 +329,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -298,14 +369,21 @@ class ChunkFormat:
             "choices": choices,
         }
 
-    def chunk(self, index: int, text: str, finish: str | None, opening: bool = False):
+    def chunk(
+        self,
+        index: int,
+        text: str,
+        finish: str | None,
+        opening: bool = False,
+        logprobs: dict | None = None,
+    ):
         if not self.chat:
             body: dict[str, Any] = {"text": text}
         elif opening:
             body = {"delta": {"role": "assistant", "content": ""}}
         else:
             body = {"delta": {"content": text} if text else {}}
-        choice = {"index": index, **body, "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, **body, "finish_reason": finish, "logprobs": logprobs}
         chunk = self._envelope([choice])
         if self.include_usage:
             chunk["usage"] = None

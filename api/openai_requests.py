@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.events import FinishedJob, finished_job
+from api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from api.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -23,9 +24,10 @@ from api.openai_protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from api.prompts import check_prompt_size
+from api.prompts import PromptCounter, check_prompt_size
 from api.submit import GenerationRequest, resolve_model, submit_generations
-from llmq.protocol import INTERACTIVE_PRIORITY, MAX_TOKENS_LIMIT
+from db.tables import Job
+from llmq.protocol import INTERACTIVE_PRIORITY, MAX_TOKENS_LIMIT, PROMPT_TOKEN_IDS_FIELD
 from llmq.registry import ModelSpec
 from llmq.settings import get_settings
 
@@ -38,13 +40,30 @@ class PlannedRequest:
 
     spec: ModelSpec
     body: CompletionRequest | ChatCompletionRequest
-    prompts: list[str]
+    prompts: list[str]  # each prompt's text (of token ids, decoded)
     max_tokens: list[int]
     prompt_tokens: list[int | None] | None = None  # each prompt's, when counted already
+    prompt_token_ids: list[list[int] | None] | None = None  # each prompt sent as token ids
+    echoed: list[str] | None = None  # with echo: each prompt's text, as the model saw it
 
     @property
     def chat(self) -> bool:
         return isinstance(self.body, ChatCompletionRequest)
+
+    def shape(self, texts: TokenTexts) -> "ResponseShape":
+        asked = self.body.top_logprobs_asked is not None
+        echoed = [text for text in self.echoed for _ in range(self.body.n)] if self.echoed else None
+        return ResponseShape(self.chat, self.spec.id, texts if asked else None, echoed)
+
+
+@dataclass(frozen=True)
+class ResponseShape:
+    """What a response body needs beyond its jobs' outcomes."""
+
+    chat: bool
+    model: str
+    texts: TokenTexts | None = None  # set when the request asked for log-probabilities
+    echoed: list[str] | None = None  # per choice, the prompt text it begins with (echo)
 
 
 @dataclass(frozen=True)
@@ -62,12 +81,9 @@ def plan_request(state: Any, body: CompletionRequest | ChatCompletionRequest) ->
     spec = resolve_model(state.registry, body.model)
     limit = get_settings().max_prompt_chars
     counter = state.prompt_counter
+    counter.check_token_ids(spec, body.token_ids_used())
     if isinstance(body, CompletionRequest):
-        for prompt in body.prompts:
-            check_prompt_size(prompt, limit)
-        max_tokens = body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
-        counted: list[int | None] = [counter.count(spec, prompt) for prompt in body.prompts]
-        return PlannedRequest(spec, body, body.prompts, [max_tokens] * len(body.prompts), counted)
+        return _plan_completion(counter, spec, body, limit)
     messages = body.template_messages()
     # Before rendering: the template's own text is small, the messages may not be.
     check_prompt_size("".join(m["content"] for m in messages), limit, "messages")
@@ -78,6 +94,43 @@ def plan_request(state: Any, body: CompletionRequest | ChatCompletionRequest) ->
     if requested is None:  # as vLLM: whatever the context leaves
         requested = max(1, min(spec.context_length - tokens, MAX_TOKENS_LIMIT))
     return PlannedRequest(spec, body, [prompt], [requested], [tokens])
+
+
+def _plan_completion(
+    counter: PromptCounter, spec: ModelSpec, body: CompletionRequest, limit: int
+) -> PlannedRequest:
+    texts: list[str] = []
+    counted: list[int | None] = []
+    token_ids: list[list[int] | None] = []
+    for prompt in body.prompts:
+        if isinstance(prompt, str):
+            check_prompt_size(prompt, limit)
+            texts.append(prompt)
+            counted.append(counter.count(spec, prompt))
+            token_ids.append(None)
+        else:
+            counter.check_token_ids(spec, [("prompt", token) for token in prompt])
+            texts.append(counter.decode(spec, prompt))
+            counted.append(len(prompt))
+            token_ids.append(prompt)
+    echoed = None
+    if body.echo:
+        echoed = [
+            _echoed(counter, spec, text, ids, body.truncate_prompt_tokens)
+            for text, ids in zip(texts, token_ids, strict=True)
+        ]
+    max_tokens = OPENAI_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    return PlannedRequest(spec, body, texts, [max_tokens] * len(texts), counted, token_ids, echoed)
+
+
+def _echoed(
+    counter: PromptCounter, spec: ModelSpec, text: str, ids: list[int] | None, keep: int | None
+) -> str:
+    """The prompt as echo returns it: its text, or the text of the tokens the model kept."""
+    if keep is None:
+        return text
+    ids = ids if ids is not None else counter.encode(spec, text)
+    return text if len(ids) <= keep else counter.decode(spec, ids[-keep:])
 
 
 def submit_choices(
@@ -96,6 +149,7 @@ def submit_choices(
     a request repeated with the key gets the jobs the first one stored."""
     body, requests = planned.body, []
     counted = planned.prompt_tokens or [None] * len(planned.prompts)
+    token_ids = planned.prompt_token_ids or [None] * len(planned.prompts)
     for p, prompt in enumerate(planned.prompts):
         for j in range(body.n):
             params = body.sampling_params(planned.max_tokens[p])
@@ -114,6 +168,7 @@ def submit_choices(
                     batch_id=batch_id,
                     use_cache=body.cache,
                     prompt_tokens=counted[p],
+                    prompt_token_ids=token_ids[p],
                 )
             )
     submissions = submit_generations(session, requests, state.prompt_counter, state.live_queues)
@@ -123,22 +178,44 @@ def submit_choices(
     ]
 
 
+def stored_shape(
+    state: Any, body: CompletionRequest | ChatCompletionRequest, jobs: list[Job]
+) -> ResponseShape:
+    """The response shape of a request whose jobs (one per choice, in order) are stored."""
+    spec = resolve_model(state.registry, body.model)
+    counter = state.prompt_counter
+    asked = body.top_logprobs_asked is not None
+    echoed = None
+    if isinstance(body, CompletionRequest) and body.echo:
+        echoed = [
+            _echoed(
+                counter,
+                spec,
+                job.input["prompt"],
+                job.input.get(PROMPT_TOKEN_IDS_FIELD),
+                body.truncate_prompt_tokens,
+            )
+            for job in jobs
+        ]
+    chat = isinstance(body, ChatCompletionRequest)
+    return ResponseShape(chat, spec.id, counter.token_texts(spec) if asked else None, echoed)
+
+
 def choice_key(idempotency_key: str | None, index: int) -> str | None:
     return None if idempotency_key is None else f"{idempotency_key}:{index}"
 
 
 def build_response(
-    chat: bool,
-    model: str,
+    shape: ResponseShape,
     response_id: str,
     created: int,
     finished: list[tuple[int, dict]],
     usage: UsageInfo,
 ) -> CompletionResponse | ChatCompletionResponse:
     """The response body from each choice's final event (index, done event data)."""
-    common = {"id": response_id, "created": created, "model": model, "usage": usage}
+    common = {"id": response_id, "created": created, "model": shape.model, "usage": usage}
     ordered = sorted(finished, key=lambda item: item[0])
-    if chat:
+    if shape.chat:
         return ChatCompletionResponse(
             **common,
             choices=[
@@ -146,14 +223,37 @@ def build_response(
                     index=i,
                     message=AssistantMessage(content=d["text"]),
                     finish_reason=d["finish_reason"],
+                    logprobs=_chat_logprobs(shape, d),
                 )
                 for i, d in ordered
             ],
         )
-    return CompletionResponse(
-        **common,
-        choices=[
-            CompletionChoice(index=i, text=d["text"], finish_reason=d["finish_reason"])
-            for i, d in ordered
-        ],
-    )
+    choices = []
+    for i, d in ordered:
+        prefix = shape.echoed[i] if shape.echoed else ""
+        logprobs = _completion_logprobs(shape, d, echo=shape.echoed is not None)
+        choices.append(
+            CompletionChoice(
+                index=i,
+                text=prefix + d["text"],
+                finish_reason=d["finish_reason"],
+                logprobs=logprobs,
+            )
+        )
+    return CompletionResponse(**common, choices=choices)
+
+
+def _chat_logprobs(shape: ResponseShape, done: dict) -> dict | None:
+    if shape.texts is None:
+        return None
+    return chat_logprobs(shape.texts, (done.get("logprobs") or {}).get("completion") or [])
+
+
+def _completion_logprobs(shape: ResponseShape, done: dict, *, echo: bool) -> dict | None:
+    if shape.texts is None:
+        return None
+    stored = done.get("logprobs") or {}
+    entries = list(stored.get("completion") or [])
+    if echo:
+        entries = list(stored.get("prompt") or []) + entries
+    return completion_logprobs(shape.texts, entries)

@@ -18,7 +18,8 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from llmq.errors import InvalidRequest, PromptTooLarge, PromptTooLong
+from api.logprobs import TokenTexts
+from llmq.errors import InvalidRequest, PromptTooLarge, PromptTooLong, TokenOutOfVocabulary
 from llmq.registry import ModelSpec
 
 # For models that ship no chat template (the tiny models, stories260K): one turn per message,
@@ -51,7 +52,33 @@ class PromptCounter:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._token_texts: dict[str, TokenTexts] = {}
         self._lock = threading.Lock()
+
+    def token_texts(self, spec: ModelSpec) -> TokenTexts:
+        """Token ids to text, for log-probabilities (api/logprobs.py)."""
+        tokenizer = self.tokenizer(spec)
+        with self._lock:
+            if spec.id not in self._token_texts:
+                self._token_texts[spec.id] = TokenTexts(tokenizer)
+            return self._token_texts[spec.id]
+
+    def encode(self, spec: ModelSpec, prompt: str) -> list[int]:
+        """The prompt's token ids, as the worker encodes it."""
+        return list(self.tokenizer(spec).encode_batch_fast([prompt])[0].ids)
+
+    def decode(self, spec: ModelSpec, token_ids: list[int]) -> str:
+        return self.tokenizer(spec).decode(token_ids)
+
+    def check_token_ids(self, spec: ModelSpec, named: list[tuple[str, int]]) -> None:
+        """InvalidRequest naming the field of the first token id outside the vocabulary."""
+        size = self.tokenizer(spec).get_vocab_size(with_added_tokens=True)
+        for field, token in named:
+            if token >= size:
+                raise TokenOutOfVocabulary(
+                    f"{field} has token id {token}; {spec.id}'s vocabulary has ids 0 to {size - 1}",
+                    param=field,
+                )
 
     def tokenizer(self, spec: ModelSpec) -> Tokenizer:
         with self._lock:

@@ -4,10 +4,25 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
+from api.logprobs import JobLogprobs, TokenTexts, job_logprobs
 from db.tables import Job
-from llmq.protocol import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, JobStatus
+from llmq.protocol import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_LOGPROBS,
+    JobStatus,
+)
 
 STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 # The largest integer every JSON reader holds exactly (I-JSON, RFC 7493). The OpenAPI document
@@ -65,15 +80,205 @@ StopSequences = Annotated[
 ]
 
 
-class JobCreate(BaseModel):
-    """A text-generation job. Unset sampling fields take the model's defaults."""
+# A token id as the prompt, stop_token_ids and logit_bias take it; the model's vocabulary
+# bounds it further when the request is planned.
+MAX_TOKEN_ID = 2**31 - 1
+TokenId = Annotated[
+    int,
+    BeforeValidator(_whole_number),
+    Field(ge=0, le=MAX_TOKEN_ID),
+    WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}),
+]
+TOKEN_IDS_SCHEMA = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
+    "minItems": 1,
+}
+PROMPT_TEXT_SCHEMA = {"type": "string", "minLength": 1}
+PROMPT_KINDS = "a non-empty string or a non-empty list of token ids"
+
+
+def _token_ids(value: list) -> list[int] | None:
+    """The list as token ids, if it is one (JSON numbers 5 and 5.0 alike); None if not."""
+    if not value or not all(
+        isinstance(item, int | float) and not isinstance(item, bool) for item in value
+    ):
+        return None
+    ids = [int(item) if float(item).is_integer() else item for item in value]
+    for position, token in enumerate(ids):
+        if not isinstance(token, int) or not 0 <= token <= MAX_TOKEN_ID:
+            raise ValueError(
+                f"prompt token ids are whole numbers from 0 to {MAX_TOKEN_ID}; item "
+                f"{position} is {value[position]!r}"
+            )
+    return ids
+
+
+def one_prompt(value: object) -> str | list[int]:
+    """A prompt: its text, or its token ids."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("prompt is empty: it needs at least 1 character, or 1 token id")
+        return reject_nul(value, "prompt")
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"prompt is an empty list; send {PROMPT_KINDS}")
+        ids = _token_ids(value)
+        if ids is not None:
+            return ids
+    raise ValueError(f"prompt must be {PROMPT_KINDS}")
+
+
+def some_prompts(value: object) -> str | list[int] | list[str] | list[list[int]]:
+    """One prompt (text or token ids), or a list of prompts of one kind."""
+    if isinstance(value, list) and value and all(isinstance(item, str | list) for item in value):
+        prompts = [one_prompt(item) for item in value]
+        if len({type(prompt) for prompt in prompts}) > 1:
+            raise ValueError("a list of prompts holds texts or lists of token ids, not both")
+        return prompts
+    try:
+        return one_prompt(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or a list of such prompts") from None
+
+
+Prompt = Annotated[
+    str | list[int],
+    BeforeValidator(one_prompt),
+    WithJsonSchema(
+        {
+            "anyOf": [PROMPT_TEXT_SCHEMA, TOKEN_IDS_SCHEMA],
+            "description": "The prompt's text, or its token ids.",
+            "examples": ["Once upon a time"],
+        }
+    ),
+]
+
+
+def logit_bias(value: object) -> object:
+    """OpenAI's logit_bias: token ids (as JSON object keys, so strings) to a bias in
+    [-100, 100]; returned with integer keys."""
+    if not isinstance(value, dict):
+        raise ValueError("logit_bias must be an object of token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(value)} entries; send at most {MAX_LOGIT_BIAS}")
+    bias: dict[int, float] = {}
+    for key, number in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"logit_bias key {key!r} is not a token id (a whole number >= 0)")
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ValueError(f"logit_bias[{key!r}] must be a number in [-100, 100]")
+        if not -100 <= number <= 100:
+            raise ValueError(f"logit_bias[{key!r}] is {number}; the allowed range is [-100, 100]")
+        bias[int(key)] = float(number)
+    return bias
+
+
+LogitBias = Annotated[
+    dict[int, float],
+    BeforeValidator(logit_bias),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "maxProperties": MAX_LOGIT_BIAS,
+            "description": "Token id → a bias in [-100, 100] added to its logit.",
+        }
+    ),
+]
+
+
+class SamplingExtras(BaseModel):
+    """Sampling fields that the job API and the OpenAI endpoints share beyond temperature,
+    top_p and top_k: penalties, logit_bias, min_p, stop tokens and prompt truncation. Each is
+    applied per row inside the batched step (workers/sampling.py)."""
 
     model_config = STRICT_INPUT
 
+    presence_penalty: float | None = Field(
+        default=None,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from the logit of every token generated so far.",
+    )
+    frequency_penalty: float | None = Field(
+        default=None,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once per time it was generated.",
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=10.0,
+        description="Transformers' and vLLM's: a token of the prompt or the output has its "
+        "logit divided by this (multiplied when negative). 1 leaves it off.",
+    )
+    logit_bias: LogitBias | None = None
+    min_p: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Drop tokens less likely than min_p times the likeliest one.",
+    )
+    stop_token_ids: list[TokenId] | None = Field(
+        default=None,
+        max_length=MAX_STOP_TOKEN_IDS,
+        description="Token ids that end the text as EOS does (not part of the text).",
+    )
+    min_tokens: JsonInt = Field(
+        default=0,
+        ge=0,
+        le=MAX_TOKENS_LIMIT,
+        description="Tokens generated before EOS or a stop token may end the text.",
+    )
+    truncate_prompt_tokens: JsonIntOrNone = Field(
+        default=None,
+        ge=1,
+        le=MAX_JSON_INT,
+        description="Keep only the prompt's last this many tokens.",
+    )
+
+    def extra_sampling(self, max_tokens: int) -> dict[str, Any]:
+        """These fields as SamplingParams keywords."""
+        return {
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": self.repetition_penalty or 1.0,
+            "logit_bias": dict(self.logit_bias or {}),
+            "min_p": self.min_p or 0.0,
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "min_tokens": min(self.min_tokens, max_tokens),
+            "truncate_prompt_tokens": self.truncate_prompt_tokens,
+        }
+
+    def token_ids_used(self) -> list[tuple[str, int]]:
+        """(field, token id) of every token id these fields name, to check against the model's
+        vocabulary."""
+        named = [("logit_bias", token) for token in self.logit_bias or {}]
+        return named + [("stop_token_ids", token) for token in self.stop_token_ids or []]
+
+
+class JobCreate(SamplingExtras):
+    """A text-generation job. Unset sampling fields take the model's defaults."""
+
+    model_config = ConfigDict(
+        **STRICT_INPUT,
+        json_schema_extra={
+            "if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+            "then": {
+                "properties": {"prompt_logprobs": {"type": "integer"}},
+                "required": ["prompt_logprobs"],
+            },
+        },
+    )
+
     model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
     # Capped at LLMQ_MAX_PROMPT_CHARS when submitted (a setting, so not a schema bound).
-    prompt: str = Field(min_length=1, examples=["Once upon a time"])
-    max_tokens: JsonIntOrNone = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    prompt: Prompt
+    # 0 only with prompt_logprobs: the prompt is scored, nothing is generated.
+    max_tokens: JsonIntOrNone = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: JsonIntOrNone = Field(default=None, ge=0, le=100_000)
@@ -92,11 +297,32 @@ class JobCreate(BaseModel):
         description="Fail the job (category timeout) if it runs longer than this many seconds. "
         "Default: the model's timeout_s, else the server's job time limit.",
     )
+    logprobs: JsonIntOrNone = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Store each generated token's log-probability with this many likeliest "
+        "alternatives (the result's logprobs.completion).",
+    )
+    prompt_logprobs: JsonIntOrNone = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="The same for the prompt's tokens (logprobs.prompt; the first has none).",
+    )
 
-    @field_validator("prompt")
-    @classmethod
-    def prompt_has_no_nul(cls, prompt: str) -> str:
-        return reject_nul(prompt, "prompt")
+    @model_validator(mode="after")
+    def nothing_to_do(self):
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError(
+                "max_tokens 0 generates nothing; it is only allowed with prompt_logprobs. "
+                "Send max_tokens >= 1"
+            )
+        return self
+
+    def token_ids_used(self) -> list[tuple[str, int]]:
+        given = self.prompt if isinstance(self.prompt, list) else []
+        return [("prompt", token) for token in given] + super().token_ids_used()
 
     def stop_list(self) -> list[str]:
         return list(self.stop or [])
@@ -114,6 +340,9 @@ class ResultPublic(BaseModel):
     usage: Usage
     time_to_first_token_ms: float | None
     duration_ms: float
+    logprobs: JobLogprobs | None = Field(
+        default=None, description="When the job asked for logprobs or prompt_logprobs"
+    )
 
 
 class JobError(BaseModel):
@@ -149,10 +378,15 @@ class JobPublic(BaseModel):
     error: JobError | None = None
 
     @classmethod
-    def from_row(cls, job: Job) -> "JobPublic":
+    def from_row(cls, job: Job, texts: TokenTexts | None = None) -> "JobPublic":
+        """The job as the API shows it; `texts` turns stored log-probabilities' token ids into
+        text (a job with none needs none)."""
         result = None
         if job.result is not None:
             r = job.result
+            logprobs = None
+            if r.logprobs is not None and texts is not None:
+                logprobs = job_logprobs(texts, r.logprobs)
             result = ResultPublic(
                 text=r.text,
                 finish_reason=r.finish_reason,
@@ -163,6 +397,7 @@ class JobPublic(BaseModel):
                 ),
                 time_to_first_token_ms=r.time_to_first_token_ms,
                 duration_ms=r.duration_ms,
+                logprobs=logprobs,
             )
         error = None
         if job.error_category is not None:

@@ -31,7 +31,13 @@ from db.tables import Job
 from llmq.errors import IdempotencyKeyReused, ModelNotServed
 from llmq.fingerprint import Fingerprint, fingerprint, is_deterministic, model_revisions
 from llmq.metrics import CACHE_HITS, CACHE_MISSES, job_finished
-from llmq.protocol import INTERACTIVE_PRIORITY, JobKind, JobStatus, SamplingParams
+from llmq.protocol import (
+    INTERACTIVE_PRIORITY,
+    PROMPT_TOKEN_IDS_FIELD,
+    JobKind,
+    JobStatus,
+    SamplingParams,
+)
 from llmq.registry import ModelSpec, Registry
 from llmq.settings import get_settings
 
@@ -73,6 +79,8 @@ class GenerationRequest:
     batch_id: str | None = None
     use_cache: bool = True
     prompt_tokens: int | None = None  # when the caller has counted them already
+    # The prompt as token ids, when the client sent it so (`prompt` is then their text).
+    prompt_token_ids: list[int] | None = None
 
 
 def resolve_model(registry: Registry, model: str) -> ModelSpec:
@@ -97,6 +105,7 @@ def submit_generation(
     priority: int = INTERACTIVE_PRIORITY,
     batch_id: str | None = None,
     use_cache: bool = True,
+    prompt_token_ids: list[int] | None = None,
 ) -> Submission:
     """Check the prompt fits, commit the job row, then enqueue it (in that order). A
     deterministic request is answered from the cache, or follows an identical job in flight,
@@ -112,6 +121,7 @@ def submit_generation(
         priority=priority,
         batch_id=batch_id,
         use_cache=use_cache,
+        prompt_token_ids=prompt_token_ids,
     )
     return submit_generations(session, [request], counter, live)[0]
 
@@ -173,13 +183,22 @@ def _new_jobs(
     for request in requests:
         spec, prompt, params = request.spec, request.prompt, request.params
         check_prompt_size(prompt, limit)
+        token_ids = request.prompt_token_ids
         tokens = request.prompt_tokens or counted.get((spec.id, prompt))
-        if tokens is None:
+        if token_ids is not None:
+            tokens = len(token_ids)
+        elif tokens is None:
             tokens = counted[spec.id, prompt] = counter.count(spec, prompt)
+        if params.truncate_prompt_tokens is not None:  # the model sees only the last ones
+            tokens = min(tokens, params.truncate_prompt_tokens)
         counter.check_count_fits(spec, tokens, params.max_tokens)
         queue = route(spec, live.queues)
-        key = cache_fingerprint(spec, queue, prompt, params) if request.use_cache else None
+        # Token ids are their own prompt: NUL never starts a stored text prompt.
+        cache_prompt = prompt if token_ids is None else f"\x00token ids:{token_ids}"
+        key = cache_fingerprint(spec, queue, cache_prompt, params) if request.use_cache else None
         job_input: dict = {"prompt": prompt}
+        if token_ids is not None:
+            job_input[PROMPT_TOKEN_IDS_FIELD] = token_ids
         if key is not None:  # the worker stores the cache entry under exactly this key
             job_input[cache_queries.FINGERPRINT_FIELD] = key.as_json()
         new_job = job_queries.NewJob(
@@ -269,9 +288,10 @@ def cache_fingerprint(
     spec: ModelSpec, queue: str, prompt: str, params: SamplingParams
 ) -> Fingerprint | None:
     """The request's completion-cache key; None when it may not use the cache (the cache is
-    off, the request is sampled without a seed, or the model's weights cannot be told apart)."""
+    off, the request is sampled without a seed, asks for log-probabilities, which the cache
+    does not keep, or the model's weights cannot be told apart)."""
     settings = get_settings()
-    if not settings.cache or not is_deterministic(params):
+    if not settings.cache or not is_deterministic(params) or params.wants_logprobs:
         return None
     revision = model_revisions(settings.data_dir).revision(spec)
     if revision is None:

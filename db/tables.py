@@ -89,6 +89,9 @@ class JobResult(Base):
     time_to_first_token_ms: Mapped[float | None] = mapped_column(Float)
     duration_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # When the job asked for them: {"prompt": [...] | null, "completion": [...] | null}, each
+    # token [id, logprob, [[id, logprob], ...]] (llmq/logprobs.py), the prompt's first null.
+    logprobs: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     job: Mapped[Job] = relationship(back_populates="result")
 

@@ -41,6 +41,12 @@ class InvalidRequest(LlmqError):
     error_type = "invalid_request_error"
 
 
+class TokenOutOfVocabulary(InvalidRequest):
+    """A token id the model's tokenizer does not have (a prompt's, logit_bias's, ...)."""
+
+    code = "token_out_of_vocabulary"
+
+
 class PromptTooLong(InvalidRequest):
     code = "context_length_exceeded"
 

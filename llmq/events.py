@@ -48,6 +48,9 @@ class TokenEvent(BaseModel):
     # Unix time at which the worker made the delta (None when rebuilt from Postgres): with it a
     # client can tell how long the stream took to bring each token.
     created: float | None = None
+    # When the job asked for log-probabilities: those of the tokens this delta covers, each
+    # [token id, logprob, [[id, logprob], ...] best first] (llmq/logprobs.py).
+    logprobs: list | None = None
 
 
 class DoneEvent(BaseModel):
@@ -58,6 +61,8 @@ class DoneEvent(BaseModel):
     text: str
     prompt_tokens: int
     completion_tokens: int
+    # {"prompt": [...] | None, "completion": [...] | None} when the job asked for them.
+    logprobs: dict | None = None
 
 
 class ErrorEvent(BaseModel):

@@ -26,6 +26,13 @@ BATCH_PRIORITY = 9
 
 MAX_TOKENS_LIMIT = 8192
 MAX_STOP_STRINGS = 8
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as vLLM and OpenAI allow
+
+
+# Where a generation job's input keeps its prompt as token ids (next to "prompt", its text).
+PROMPT_TOKEN_IDS_FIELD = "prompt_token_ids"
 
 
 class JobKind(StrEnum):
@@ -67,14 +74,32 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(ge=1, le=MAX_TOKENS_LIMIT)
+    # 0 only with prompt_logprobs: the prompt is scored and nothing is generated (echo).
+    max_tokens: int = Field(ge=0, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    # Tokens that end the text as EOS does (and, like it, are not part of the text).
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)  # EOS is masked until then
+    # EOS and stop_token_ids are masked until then.
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
+    # OpenAI's: subtracted from a token's logit once it was generated (presence) and per time
+    # it was generated (frequency); counts cover the generated tokens only.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # Transformers' and vLLM's: the logit of a token in the prompt or the generated text is
+    # divided by it when positive, multiplied when negative.
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    # Added to a token's logit before anything else (OpenAI's logit_bias).
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
+    # Log-probabilities of each generated token with this many alternatives (None: none).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # The same for the prompt's tokens (the first has none): echo in the OpenAI API.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Keep only the last N prompt tokens (vLLM's truncate_prompt_tokens): evaluations
     # left-truncate long few-shot prompts this way, as lm-evaluation-harness does.
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
@@ -82,6 +107,20 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logit_bias or a penalty changes this row's logits before it is sampled."""
+        return bool(
+            self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None or self.prompt_logprobs is not None
 
     def truncate_prompt(self, prompt_ids: list[int]) -> list[int]:
         if self.truncate_prompt_tokens is None:

@@ -37,7 +37,7 @@ from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.memory import release_free_memory
 from workers.metrics import EngineMetrics, EngineObserver
-from workers.sampling import choose_tokens, make_generator
+from workers.sampling import History, TokenLogprob, choose_tokens, make_generator, token_logprobs
 from workers.scoring import PendingScore, Scorer, ScoreRequest
 
 log = structlog.get_logger(__name__)
@@ -84,6 +84,10 @@ class GenerationOutput:
     completion_tokens: int
     time_to_first_token_ms: float | None
     duration_ms: float
+    # Each chosen token's log-probability and alternatives, when the job asked (EOS included).
+    logprobs: list[TokenLogprob] | None = None
+    # Each prompt token's (the first one's logprob None): the runner's, from a scoring pass.
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -96,6 +100,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     deltas_sent: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0  # entries already carried by token events
 
     @property
     def budget(self) -> int:
@@ -466,8 +472,19 @@ class GenerationEngine:
         with self._lock:
             cancels, self._cancel_requests = self._cancel_requests, set()
         params = [s.request.params for s in batch.seqs]
-        self._mask_early_eos(batch)
-        tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs])
+        raw_logits = batch.logits
+        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if asking:  # the model's own log-probabilities: before any row's logits are changed
+            raw_logits = batch.logits[asking]  # a copy
+        self._mask_early_stops(batch)
+        histories = [History(s.request.prompt_ids, s.generated) for s in batch.seqs]
+        tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs], histories)
+        if asking:
+            entries = token_logprobs(
+                raw_logits, [tokens[row] for row in asking], [params[r].logprobs for r in asking]
+            )
+            for row, entry in zip(asking, entries, strict=True):
+                batch.seqs[row].logprobs.append(entry)
         outcomes = [
             self._advance(seq, token, seq.request.job_id in cancels, now)
             for seq, token in zip(batch.seqs, tokens, strict=True)
@@ -512,16 +529,14 @@ class GenerationEngine:
         self.metrics.forward_pass("decode", time.perf_counter() - started)
         return Batch(batch.seqs, batch.groups, out.logits[:, -1, :])
 
-    def _mask_early_eos(self, batch: Batch[_Sequence]) -> None:
-        """Rows that have not reached their min_tokens may not pick EOS."""
+    def _mask_early_stops(self, batch: Batch[_Sequence]) -> None:
+        """Rows that have not reached their min_tokens may not pick EOS or a stop token."""
         eos = self.host.eos_token_id
-        rows = [
-            row
-            for row, seq in enumerate(batch.seqs)
-            if len(seq.generated) < seq.request.params.min_tokens
-        ]
-        if rows and eos is not None:
-            batch.logits[rows, eos] = float("-inf")
+        for row, seq in enumerate(batch.seqs):
+            params = seq.request.params
+            if len(seq.generated) < params.min_tokens:
+                stops = [*params.stop_token_ids, *([eos] if eos is not None else [])]
+                batch.logits[row, stops] = float("-inf")
 
     def _advance(self, seq: _Sequence, token: int, cancelled: bool, now: float):
         """Append `token`; return why the sequence is done, _TIMED_OUT, or None to go on."""
@@ -534,6 +549,8 @@ class GenerationEngine:
         if seq.first_token_at is None:
             seq.first_token_at = now
         if token == self.host.eos_token_id and not request.params.ignore_eos:
+            return FinishReason.STOP
+        if token in request.params.stop_token_ids:
             return FinishReason.STOP
         seq.generated.append(token)
         context_full = len(request.prompt_ids) + len(seq.generated) >= self.host.spec.context_length
@@ -561,10 +578,23 @@ class GenerationEngine:
                     token_index=len(seq.generated) - 1,
                     text=delta,
                     created=created,
+                    logprobs=self._logprobs_to_send(seq, final),
                 )
                 emissions.append(TokenEmission(seq.deltas_sent, event))
         if emissions and self.on_tokens is not None:
             self.on_tokens(emissions)
+
+    @staticmethod
+    def _logprobs_to_send(seq: _Sequence, final: bool) -> list[TokenLogprob] | None:
+        """The entries a token event carries: those of the tokens since the last event. A
+        delta can hold back text (a character split across tokens); its entries wait with it,
+        and the last event takes the rest, the EOS's included."""
+        if seq.request.params.logprobs is None:
+            return None
+        end = len(seq.logprobs) if final else len(seq.generated)
+        entries = seq.logprobs[seq.logprobs_sent : end]
+        seq.logprobs_sent = max(seq.logprobs_sent, end)
+        return entries
 
     def _finish(self, seq: _Sequence, reason: FinishReason, now: float) -> None:
         first = seq.first_token_at
@@ -576,6 +606,7 @@ class GenerationEngine:
                 completion_tokens=len(seq.generated),
                 time_to_first_token_ms=None if first is None else (first - seq.submitted_at) * 1000,
                 duration_ms=(now - seq.submitted_at) * 1000,
+                logprobs=seq.logprobs if seq.request.params.logprobs is not None else None,
             )
         )
 

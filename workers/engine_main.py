@@ -61,7 +61,14 @@ class _Reporter:
 
     def tokens(self, emissions: list[TokenEmission]) -> None:
         deltas = [
-            (e.number, e.event.job_id.bytes, e.event.token_index, e.event.text, e.event.created)
+            (
+                e.number,
+                e.event.job_id.bytes,
+                e.event.token_index,
+                e.event.text,
+                e.event.created,
+                e.event.logprobs,
+            )
             for e in emissions
         ]
         with self._lock:

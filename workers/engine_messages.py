@@ -54,8 +54,8 @@ class Ended(NamedTuple):
     error: BaseException | None
 
 
-# A token delta: (delta number, job id bytes, token index, text, created).
-Delta = tuple[int, bytes, int, str, float | None]
+# A token delta: (delta number, job id bytes, token index, text, created, logprobs or None).
+Delta = tuple[int, bytes, int, str, float | None, list | None]
 
 
 class CycleReport(NamedTuple):

@@ -271,9 +271,10 @@ class EngineProcess:
                             token_index=index,
                             text=text,
                             created=created,
+                            logprobs=logprobs,
                         ),
                     )
-                    for number, job_id, index, text, created in report.deltas
+                    for number, job_id, index, text, created, logprobs in report.deltas
                 ]
             )
         for ended in report.ended:

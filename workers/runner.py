@@ -4,10 +4,11 @@ This is the boundary where a job's errors are caught, categorised and written; t
 that calls it stays a thin adapter.
 """
 
+import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -16,7 +17,13 @@ from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq import metrics as outcomes
 from llmq.events import DoneEvent, ErrorEvent, TokenEvent
-from llmq.protocol import ErrorCategory, FinishReason, JobStatus, SamplingParams
+from llmq.protocol import (
+    PROMPT_TOKEN_IDS_FIELD,
+    ErrorCategory,
+    FinishReason,
+    JobStatus,
+    SamplingParams,
+)
 from llmq.publisher import TokenEmission, TokenPublisher
 from workers import metrics as worker_metrics
 from workers.claimer import JobClaimer
@@ -24,6 +31,7 @@ from workers.db_retry import db_retry
 from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
 from workers.host import ModelHost
 from workers.result_writer import ResultWriter
+from workers.scoring import ScoreOutput, ScoreRequest, ScoreTimeout
 
 log = structlog.get_logger(__name__)
 
@@ -93,10 +101,9 @@ class JobRunner:
         timeout_s = job.timeout_s or self.job_timeout_s
         try:
             params = SamplingParams.model_validate(job.params)
-            prompt_ids = params.truncate_prompt(self.host.encode(job.input["prompt"]))
+            prompt_ids = params.truncate_prompt(self._prompt_ids(job.input))
             deadline = time.monotonic() + timeout_s
-            request = GenerationRequest(job.id, prompt_ids, params, deadline, job.priority)
-            future = self.engine.submit(request)
+            future = self._submit(job, prompt_ids, params, deadline)
         except (ValueError, KeyError, TypeError) as exc:
             bound.warning("job input rejected", error=str(exc))
             self._fail(job.id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
@@ -105,6 +112,38 @@ class JobRunner:
         # must still end, so wait a little longer than the deadline and no more.
         wait_s = timeout_s + STALL_GRACE_S
         return future, _Running(job.id, wait_s, time.monotonic() + wait_s, bound)
+
+    def _prompt_ids(self, given: dict) -> list[int]:
+        token_ids = given.get(PROMPT_TOKEN_IDS_FIELD)
+        if token_ids is not None:
+            return [int(token) for token in token_ids]
+        return self.host.encode(given["prompt"])
+
+    def _submit(
+        self, job, prompt_ids: list[int], params: SamplingParams, deadline: float
+    ) -> Future:
+        """Hand the job to the engine: its generation, and with prompt_logprobs a scoring
+        pass over its prompt, batched with other scoring work (max_tokens 0: that alone)."""
+        generation = None
+        if params.max_tokens > 0:
+            request = GenerationRequest(job.id, prompt_ids, params, deadline, job.priority)
+            generation = self.engine.submit(request)
+        if params.prompt_logprobs is None:
+            assert generation is not None, "max_tokens 0 needs prompt_logprobs"
+            return generation
+        scoring = None
+        if len(prompt_ids) > 1:  # the first token has no log-probability
+            pair = (prompt_ids[:1], prompt_ids[1:])
+            request = ScoreRequest(
+                job.id,
+                [pair],
+                len(prompt_ids),
+                deadline,
+                job.priority,
+                top_logprobs=params.prompt_logprobs,
+            )
+            scoring = self.engine.submit_score(request)
+        return with_prompt_logprobs(generation, scoring, prompt_ids)
 
     def _ended(self, job: "_Running", future: Future) -> GenerationOutput | None:
         """The output of a job the engine has finished, to be stored; None once its failure
@@ -194,6 +233,7 @@ class JobRunner:
             text=output.text,
             prompt_tokens=output.prompt_tokens,
             completion_tokens=output.completion_tokens,
+            logprobs=stored_logprobs(output),
         )
         self.publisher.publish_final(job_id, event)
 
@@ -226,4 +266,53 @@ def _outcome(output: GenerationOutput) -> job_queries.Outcome:
         completion_tokens=output.completion_tokens,
         time_to_first_token_ms=output.time_to_first_token_ms,
         duration_ms=output.duration_ms,
+        logprobs=stored_logprobs(output),
     )
+
+
+def stored_logprobs(output: GenerationOutput) -> dict | None:
+    """A job's log-probabilities as stored with its result and sent in its final event."""
+    if output.logprobs is None and output.prompt_logprobs is None:
+        return None
+    return {"prompt": output.prompt_logprobs, "completion": output.logprobs}
+
+
+def with_prompt_logprobs(
+    generation: Future | None, scoring: Future | None, prompt_ids: list[int]
+) -> Future:
+    """One future for a job's generation (None: max_tokens 0) and its prompt's scoring pass
+    (None: a one-token prompt), resolved when both are: the generation's output with the
+    prompt's log-probabilities, or the first error (a scoring timeout as the job's timeout)."""
+    joined: Future = Future()
+    parts = [part for part in (generation, scoring) if part is not None]
+    lock = threading.Lock()
+
+    def settle(_: Future) -> None:
+        with lock:
+            if joined.done() or not all(part.done() for part in parts):
+                return
+            try:
+                score: ScoreOutput | None = scoring.result() if scoring is not None else None
+                if generation is not None:
+                    output = generation.result()
+                else:
+                    duration = score.duration_ms if score is not None else 0.0
+                    output = GenerationOutput(
+                        "", FinishReason.LENGTH, len(prompt_ids), 0, None, duration
+                    )
+            except ScoreTimeout as exc:
+                joined.set_exception(JobTimeout(str(exc)))
+                return
+            except BaseException as exc:
+                joined.set_exception(exc)
+                return
+            prompt: list = [(prompt_ids[0], None, None)]  # nothing predicts the first token
+            if score is not None and score.token_logprobs is not None:
+                prompt += score.token_logprobs[0]
+            joined.set_result(replace(output, prompt_logprobs=prompt))
+
+    if not parts:
+        settle(joined)
+    for part in parts:
+        part.add_done_callback(settle)
+    return joined

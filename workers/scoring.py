@@ -29,6 +29,7 @@ import torch
 
 from llmq.protocol import BATCH_PRIORITY
 from workers.host import ModelHost
+from workers.sampling import LOWEST_LOGPROB, TokenLogprob
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +48,9 @@ class ScoreRequest:
     max_length: int
     deadline: float | None = None  # time.monotonic() value
     priority: int = 0  # BATCH_PRIORITY and above: a background job (an evaluation item)
+    # Also each continuation token's log-probability with this many alternatives (a job's
+    # prompt log-probabilities, echo in the OpenAI API); None: the sums only.
+    top_logprobs: int | None = None
 
     @cached_property
     def tokens(self) -> int:
@@ -69,6 +73,8 @@ class ScoreOutput:
     greedy: list[bool]
     input_tokens: int  # tokens this job put through the model, shared rows counted once
     duration_ms: float
+    # Per continuation, each token's entry, when the request asked for top_logprobs.
+    token_logprobs: list[list[TokenLogprob]] | None = None
 
 
 @dataclass
@@ -131,6 +137,26 @@ class _Row:
     greedy: torch.Tensor | None = None  # [needed]
 
 
+def _token_entries(
+    logprobs: torch.Tensor, continuation: list[int], picked: torch.Tensor, request: ScoreRequest
+) -> list[TokenLogprob]:
+    """Each continuation token's log-probability and its request's number of alternatives."""
+    top = request.top_logprobs or 0
+    logprobs = logprobs.clamp(min=LOWEST_LOGPROB)
+    picked = picked.clamp(min=LOWEST_LOGPROB)
+    best_ids: list[list[int]] = [[] for _ in continuation]
+    best_values: list[list[float]] = [[] for _ in continuation]
+    if top:
+        best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        best_ids, best_values = best.indices.tolist(), best.values.tolist()
+    return [
+        (token, value, tuple(zip(ids, values, strict=True)))
+        for token, value, ids, values in zip(
+            continuation, picked.tolist(), best_ids, best_values, strict=True
+        )
+    ]
+
+
 class Scorer:
     """Scores pending requests in as few forward passes as the token budget allows."""
 
@@ -189,6 +215,7 @@ class Scorer:
         finished = time.monotonic()
         for item, plan in zip(pending, plans, strict=True):
             scores, greedy, seen = [], [], set()
+            details: list[list[TokenLogprob]] = []
             for key, continuation in plan:
                 row = rows[key]
                 logprobs = row.logprobs[-len(continuation) :]
@@ -198,12 +225,15 @@ class Scorer:
                 scores.append(float(picked.sum()))
                 greedy.append(bool((choices == wanted).all()))
                 seen.add(key)
+                if item.request.top_logprobs is not None:
+                    details.append(_token_entries(logprobs, continuation, picked, item.request))
             item.future.set_result(
                 ScoreOutput(
                     loglikelihoods=scores,
                     greedy=greedy,
                     input_tokens=sum(len(key) for key in seen),
                     duration_ms=(finished - item.submitted_at) * 1000,
+                    token_logprobs=details if item.request.top_logprobs is not None else None,
                 )
             )
 

@@ -36,15 +36,29 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 
 
 def sampling_params(body: JobCreate, defaults) -> SamplingParams:
+    max_tokens = body.max_tokens if body.max_tokens is not None else defaults.max_tokens
     return SamplingParams(
-        max_tokens=body.max_tokens if body.max_tokens is not None else defaults.max_tokens,
+        max_tokens=max_tokens,
         temperature=body.temperature if body.temperature is not None else defaults.temperature,
         top_p=body.top_p if body.top_p is not None else defaults.top_p,
         top_k=body.top_k if body.top_k is not None else defaults.top_k,
         seed=body.seed,
         stop=body.stop_list(),
         ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
+        prompt_logprobs=body.prompt_logprobs,
+        **body.extra_sampling(max_tokens),
     )
+
+
+def public_job(request: Request, job: Job) -> JobPublic:
+    """The job as answered, its stored log-probabilities' tokens as text."""
+    texts = None
+    if job.result is not None and job.result.logprobs is not None:
+        state = request.app.state
+        spec = state.registry.get(job.model)
+        texts = state.prompt_counter.token_texts(spec) if spec is not None else None
+    return JobPublic.from_row(job, texts)
 
 
 def job_timeout(requested: float | None, limit_s: float) -> float | None:
@@ -122,11 +136,15 @@ async def create_job(
     spec = resolve_model(registry, body.model)
 
     def store() -> tuple[JobPublic, bool]:
+        counter.check_token_ids(spec, body.token_ids_used())
+        token_ids = body.prompt if isinstance(body.prompt, list) else None
+        prompt = body.prompt if token_ids is None else counter.decode(spec, token_ids)
         admit(session, caller.owner, caller.limits, jobs=1)
         submission = submit_generation(
             session,
             spec=spec,
-            prompt=body.prompt,
+            prompt=prompt,
+            prompt_token_ids=token_ids,
             params=sampling_params(body, spec.defaults),
             counter=counter,
             live=live,
@@ -136,7 +154,7 @@ async def create_job(
             timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
             use_cache=body.cache,
         )
-        public = JobPublic.from_row(submission.job)
+        public = public_job(request, submission.job)
         session.close()  # gives the request's database slot back before any wait
         return public, submission.created
 
@@ -145,7 +163,7 @@ async def create_job(
         response.status_code = status.HTTP_200_OK
     if wait > 0 and not job.status.is_final:
         await request.app.state.event_reader.wait_final(job.id, wait)
-        job = JobPublic.from_row(await _read_job(request, caller, job.id))
+        job = public_job(request, await _read_job(request, caller, job.id))
     return job
 
 
@@ -161,7 +179,7 @@ async def read_job(
     if wait > 0 and not JobStatus(job.status).is_final:
         await request.app.state.event_reader.wait_final(job_id, wait)
         job = await _read_job(request, caller, job_id)
-    return JobPublic.from_row(job)
+    return public_job(request, job)
 
 
 async def _read_job(request: Request, caller: Caller, job_id: uuid.UUID) -> Job:
@@ -182,6 +200,7 @@ def _load_job(database_url: str, caller: Caller, job_id: uuid.UUID) -> Job:
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
+    request: Request,
     session: SessionDep,
     caller: ApiKeyDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
@@ -199,7 +218,7 @@ def list_jobs(
         owner=caller.sees_only,
     )
     return JobsPublic(
-        data=[JobPublic.from_row(j) for j in rows], total=total, limit=limit, offset=offset
+        data=[public_job(request, j) for j in rows], total=total, limit=limit, offset=offset
     )
 
 

@@ -29,6 +29,7 @@ from api.deps import ApiKeyDep, database_slots
 from api.errors import RETRY_AFTER_S, error_body
 from api.events import STREAM_INTERRUPTED, StreamedEvent, final_event
 from api.limits import admit
+from api.logprobs import chat_logprobs, completion_logprobs
 from api.middleware import request_id_of
 from api.openai_protocol import (
     ChatCompletionRequest,
@@ -42,6 +43,7 @@ from api.openai_protocol import (
 from api.openai_requests import (
     Choice,
     PlannedRequest,
+    ResponseShape,
     build_response,
     plan_request,
     submit_choices,
@@ -187,13 +189,43 @@ async def _respond(request: Request, choices: list[Choice], model: str, build) -
     return build(sorted(finished, key=lambda item: item[0]), usage)
 
 
-def _stream(request: Request, choices: list[Choice], fmt: ChunkFormat) -> EventSourceResponse:
+class _StreamedLogprobs:
+    """Each choice's log-probabilities, chunk by chunk: a token event carries its tokens'; the
+    final event's stored list gives those no token event carried (a held-back last delta)."""
+
+    def __init__(self, fmt: ChunkFormat, shape: ResponseShape) -> None:
+        self.fmt, self.texts = fmt, shape.texts
+        self.sent: dict[int, int] = {}  # entries sent, per choice
+        self.offset: dict[int, int] = {}  # text sent, per choice (completions' text_offset)
+
+    def of_tokens(self, index: int, data: dict) -> dict | None:
+        return self._shaped(index, data.get("logprobs") or [], len(data["text"]))
+
+    def of_done(self, index: int, data: dict) -> dict | None:
+        entries = ((data.get("logprobs") or {}).get("completion") or [])[self.sent.get(index, 0) :]
+        return self._shaped(index, entries, 0)
+
+    def _shaped(self, index: int, entries: list, text_length: int) -> dict | None:
+        if self.texts is None:
+            return None
+        self.sent[index] = self.sent.get(index, 0) + len(entries)
+        offset = self.offset.get(index, 0)
+        self.offset[index] = offset + text_length
+        if self.fmt.chat:
+            return chat_logprobs(self.texts, entries)
+        return completion_logprobs(self.texts, entries, offset)
+
+
+def _stream(
+    request: Request, choices: list[Choice], fmt: ChunkFormat, shape: ResponseShape
+) -> EventSourceResponse:
     settings = request.app.state.settings
     database_url = settings.database_url
 
     async def publish() -> AsyncIterator[ServerSentEvent]:
         completed = False
         usage = UsageInfo()
+        logprobs = _StreamedLogprobs(fmt, shape)
         try:
             if fmt.chat:
                 for choice in choices:
@@ -206,11 +238,14 @@ def _stream(request: Request, choices: list[Choice], fmt: ChunkFormat) -> EventS
                     completed = True
                     return
                 if event.type == "token":
-                    yield _data(fmt.chunk(choice.index, data["text"], None))
+                    shaped = logprobs.of_tokens(choice.index, data)
+                    yield _data(fmt.chunk(choice.index, data["text"], None, logprobs=shaped))
                 else:
                     prompt_tokens = data["prompt_tokens"] if choice.counts_prompt else 0
                     usage.add(prompt_tokens, data["completion_tokens"])
-                    yield _data(fmt.chunk(choice.index, "", data["finish_reason"]))
+                    shaped = logprobs.of_done(choice.index, data)
+                    finish = data["finish_reason"]
+                    yield _data(fmt.chunk(choice.index, "", finish, logprobs=shaped))
             if fmt.include_usage:
                 yield _data(fmt.usage_chunk(usage))
             yield ServerSentEvent(data="[DONE]")
@@ -251,13 +286,14 @@ async def _serve(
     finally:
         slot.release()
     response_id, created = new_response_id("chatcmpl" if planned.chat else "cmpl")
+    shape = planned.shape(state.prompt_counter.token_texts(planned.spec))
     if planned.body.stream:
         spec, body = planned.spec, planned.body
         fmt = ChunkFormat(response_id, created, spec.id, planned.chat, body.include_usage)
-        return _stream(request, choices, fmt)
+        return _stream(request, choices, fmt, shape)
 
     def build(finished, usage):
-        return build_response(planned.chat, planned.spec.id, response_id, created, finished, usage)
+        return build_response(shape, response_id, created, finished, usage)
 
     return await _respond(request, choices, planned.spec.id, build)
 

@@ -41,6 +41,7 @@ class Outcome:
     completion_tokens: int
     time_to_first_token_ms: float | None
     duration_ms: float
+    logprobs: dict | None = None  # {"prompt": ..., "completion": ...} when the job asked
 
 
 def find_by_idempotency_key(session: Session, owner: str | None, key: str) -> Job | None:
@@ -403,6 +404,7 @@ def _result_values(job_id: uuid.UUID, outcome: Outcome) -> dict:
         "completion_tokens": outcome.completion_tokens,
         "time_to_first_token_ms": outcome.time_to_first_token_ms,
         "duration_ms": outcome.duration_ms,
+        "logprobs": outcome.logprobs,
     }
 
 

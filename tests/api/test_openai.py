@@ -204,8 +204,8 @@ def test_errors_use_the_openai_envelope(client):
         client.completions.create(model="tiny-llama", prompt="x", n=99)
     assert bad.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as unsupported:
-        client.completions.create(model="tiny-llama", prompt="x", presence_penalty=1.0)
-    assert "presence_penalty" in unsupported.value.body["message"]
+        client.completions.create(model="tiny-llama", prompt="x", suffix="end")
+    assert "suffix" in unsupported.value.body["message"]
 
 
 def test_error_after_stream_began_raises_api_error(api_server, client, redis_url):

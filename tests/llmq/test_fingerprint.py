@@ -36,6 +36,14 @@ CHANGES = {
     "ignore_eos": True,
     "min_tokens": 2,
     "truncate_prompt_tokens": 64,
+    "min_p": 0.1,
+    "stop_token_ids": [5],
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "repetition_penalty": 1.2,
+    "logit_bias": {5: 1.0},
+    "logprobs": 2,
+    "prompt_logprobs": 2,
 }
 
 
