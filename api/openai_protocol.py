@@ -29,10 +29,11 @@ from api.schemas import (
     JsonIntOrNone,
     SamplingExtras,
     StopSequences,
+    alternatives_field,
     reject_nul,
     some_prompts,
 )
-from llmq.protocol import MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
+from llmq.protocol import MAX_TOKENS_LIMIT, SamplingParams
 
 MAX_CHOICES = 16
 # Strict, as OpenAI is: "16" is not a number and 1 is not true. JsonInt still takes 16.0.
@@ -172,12 +173,8 @@ class CompletionRequest(_SamplingFields):
         description="Return the prompt before the completion, and with logprobs the prompt "
         "tokens' log-probabilities too (the first token's is null). Not with stream.",
     )
-    logprobs: JsonIntOrNone = Field(
-        default=None,
-        ge=0,
-        le=MAX_TOP_LOGPROBS,
-        description="The log-probability of each token and of this many likeliest "
-        "alternatives at its position.",
+    logprobs: JsonIntOrNone = alternatives_field(
+        "The log-probability of each token and of this many likeliest alternatives at its position."
     )
     best_of: JsonIntOrNone = Field(default=None, ge=1, le=1)
     suffix: Annotated[str | None, only("", None)] = None
@@ -220,6 +217,8 @@ class CompletionRequest(_SamplingFields):
 
     @property
     def prompt_logprobs_asked(self) -> int | None:
+        if self.echo and self.max_tokens == 0:  # the prompt's scoring is then the whole job
+            return self.logprobs or 0
         return self.logprobs if self.echo else None
 
 
@@ -258,11 +257,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = Field(
         default=None, description="Return the log-probability of each generated token."
     )
-    top_logprobs: JsonIntOrNone = Field(
-        default=None,
-        ge=0,
-        le=MAX_TOP_LOGPROBS,
-        description="With logprobs: this many likeliest alternatives at each position.",
+    top_logprobs: JsonIntOrNone = alternatives_field(
+        "With logprobs: this many likeliest alternatives at each position."
     )
 
     @model_validator(mode="after")

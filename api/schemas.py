@@ -189,6 +189,11 @@ LogitBias = Annotated[
 ]
 
 
+def alternatives_field(description: str):
+    """A count of log-probability alternatives per token (logprobs, top_logprobs, ...)."""
+    return Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description=description)
+
+
 class SamplingExtras(BaseModel):
     """Sampling fields that the job API and the OpenAI endpoints share beyond temperature,
     top_p and top_k: penalties, logit_bias, min_p, stop tokens and prompt truncation. Each is
@@ -297,18 +302,12 @@ class JobCreate(SamplingExtras):
         description="Fail the job (category timeout) if it runs longer than this many seconds. "
         "Default: the model's timeout_s, else the server's job time limit.",
     )
-    logprobs: JsonIntOrNone = Field(
-        default=None,
-        ge=0,
-        le=MAX_TOP_LOGPROBS,
-        description="Store each generated token's log-probability with this many likeliest "
-        "alternatives (the result's logprobs.completion).",
+    logprobs: JsonIntOrNone = alternatives_field(
+        "Store each generated token's log-probability with this many likeliest alternatives "
+        "(the result's logprobs.completion)."
     )
-    prompt_logprobs: JsonIntOrNone = Field(
-        default=None,
-        ge=0,
-        le=MAX_TOP_LOGPROBS,
-        description="The same for the prompt's tokens (logprobs.prompt; the first has none).",
+    prompt_logprobs: JsonIntOrNone = alternatives_field(
+        "The same for the prompt's tokens (logprobs.prompt; the first has none)."
     )
 
     @model_validator(mode="after")

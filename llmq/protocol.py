@@ -6,7 +6,7 @@ Both sides import this module; neither imports the other.
 import uuid
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GENERATE_TASK = "llmq.generate"
 SCORE_TASK = "llmq.score"
@@ -103,6 +103,12 @@ class SamplingParams(BaseModel):
     # Keep only the last N prompt tokens (vLLM's truncate_prompt_tokens): evaluations
     # left-truncate long few-shot prompts this way, as lm-evaluation-harness does.
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def something_to_do(self):
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens 0 generates nothing; it needs prompt_logprobs")
+        return self
 
     @property
     def greedy(self) -> bool:

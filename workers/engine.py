@@ -471,20 +471,7 @@ class GenerationEngine:
         now = time.monotonic()
         with self._lock:
             cancels, self._cancel_requests = self._cancel_requests, set()
-        params = [s.request.params for s in batch.seqs]
-        raw_logits = batch.logits
-        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
-        if asking:  # the model's own log-probabilities: before any row's logits are changed
-            raw_logits = batch.logits[asking]  # a copy
-        self._mask_early_stops(batch)
-        histories = [History(s.request.prompt_ids, s.generated) for s in batch.seqs]
-        tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs], histories)
-        if asking:
-            entries = token_logprobs(
-                raw_logits, [tokens[row] for row in asking], [params[r].logprobs for r in asking]
-            )
-            for row, entry in zip(asking, entries, strict=True):
-                batch.seqs[row].logprobs.append(entry)
+        tokens = self._choose(batch)
         outcomes = [
             self._advance(seq, token, seq.request.job_id in cancels, now)
             for seq, token in zip(batch.seqs, tokens, strict=True)
@@ -512,6 +499,24 @@ class GenerationEngine:
             batch = batch.select(keep)
         next_ids = torch.tensor([[seq.generated[-1]] for seq in batch.seqs])
         lane.batch = self._forward_step(batch, next_ids.to(self.host.device))
+
+    def _choose(self, batch: Batch[_Sequence]) -> list[int]:
+        """One token per row, each row with its own settings. Rows that ask for them record
+        the chosen token's log-probability and alternatives, from the model's raw logits."""
+        params = [s.request.params for s in batch.seqs]
+        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+        raw_logits = batch.logits[asking] if asking else None  # a copy, before any masking
+        self._mask_early_stops(batch)
+        histories = None
+        if any(p.adjusts_logits for p in params):  # penalties read each row's tokens
+            histories = [History(s.request.prompt_ids, s.generated) for s in batch.seqs]
+        tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs], histories)
+        if raw_logits is not None:
+            chosen = [tokens[row] for row in asking]
+            tops = [params[row].logprobs for row in asking]
+            for row, entry in zip(asking, token_logprobs(raw_logits, chosen, tops), strict=True):
+                batch.seqs[row].logprobs.append(entry)
+        return tokens
 
     def _forward_step(self, batch: Batch, next_ids: torch.Tensor) -> Batch:
         positions = batch.positions()

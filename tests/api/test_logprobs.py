@@ -331,3 +331,9 @@ def test_batch_lines_carry_logprobs_and_echo(api_server, client):
     assert choice["text"].startswith("Once upon")
     assert choice["logprobs"]["token_logprobs"][0] is None
     assert len(choice["logprobs"]["tokens"]) >= 3
+
+
+def test_echo_alone_returns_the_prompt_without_logprobs(client):
+    response = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=0, echo=True)
+    assert response.choices[0].text == "Once upon"
+    assert response.choices[0].logprobs is None
