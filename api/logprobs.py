@@ -7,8 +7,10 @@ decodes a token it would not otherwise, and a job's stored log-probabilities sta
 
 A token's text is what it adds to the text before it: decoded after an anchor token and cut
 after the anchor's own text, so that a SentencePiece word's leading space is kept (decoded
-alone, "▁the" loses it). Concatenated, a job's token texts give its text, but where one
-character spans several byte tokens (those show U+FFFD) and where a stop string cut the text.
+alone, "▁the" loses it). The first token of a decoded text (a prompt's, or a completion's, which
+workers decode on its own) is decoded alone, as it was. So concatenated, a choice's token
+texts give its text, but where one character spans several byte tokens (those show U+FFFD),
+where a stop string cut the text, and for special tokens (shown, though not in the text).
 """
 
 import re
@@ -31,10 +33,16 @@ class TokenTexts:
         self._anchor = anchor[-1:] if anchor else []
         self._anchor_text = tokenizer.decode(self._anchor) if self._anchor else ""
         self._texts: dict[int, str] = {}
+        self._alone: dict[int, str] = {}
         self._specials: set[int] | None = None
         self._lock = threading.Lock()
 
-    def text(self, token_id: int) -> str:
+    def text(self, token_id: int, alone: bool = False) -> str:
+        """The token's text after others, or `alone` at the start of a text."""
+        if alone and not self.special(token_id):
+            if (known := self._alone.get(token_id)) is None:
+                known = self._alone[token_id] = self.tokenizer.decode([token_id])
+            return known
         known = self._texts.get(token_id)
         if known is not None:
             return known
@@ -48,17 +56,35 @@ class TokenTexts:
             self._texts[token_id] = text
         return text
 
-    def bytes(self, token_id: int) -> list[int]:
+    def bytes(self, token_id: int, alone: bool = False) -> list[int]:
         piece = self.tokenizer.id_to_token(token_id) or ""
         if match := _BYTE_TOKEN.match(piece):  # a byte-fallback token: its one byte
             return [int(match.group(1), 16)]
-        return list(self.text(token_id).encode())
+        return list(self.text(token_id, alone).encode())
+
+    def texts(self, token_ids: list[int], starts_text: bool) -> list[str]:
+        """Each token's text; with `starts_text`, the first that is not special starts a text."""
+        texts, alone = [], starts_text
+        for token in token_ids:
+            texts.append(self.text(token, alone))
+            alone = alone and self.special(token)
+        return texts
+
+    def after(self, token_ids: list[int]) -> str:
+        """The text of tokens that follow others (echo's completion after its prompt)."""
+        specials = self._special_set()
+        kept = [token for token in token_ids if token not in specials]
+        decoded = self.tokenizer.decode([*self._anchor, *kept])
+        return decoded[len(self._anchor_text) :]
 
     def special(self, token_id: int) -> bool:
+        return token_id in self._special_set()
+
+    def _special_set(self) -> set[int]:
         if self._specials is None:
             decoder = self.tokenizer.get_added_tokens_decoder()
             self._specials = {i for i, token in decoder.items() if token.special}
-        return token_id in self._specials
+        return self._specials
 
 
 # -- /v1/completions -----------------------------------------------------------------------
@@ -71,18 +97,33 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-def completion_logprobs(texts: TokenTexts, entries: list[Entry], offset: int = 0) -> dict:
+def text_after_prompt(texts: TokenTexts, done: dict) -> str:
+    """A completion's text as it reads after its prompt (echo). Workers decode a completion on
+    its own, which drops the leading space a SentencePiece tokenizer's first word carries; its
+    token ids, decoded after others, give that space back."""
+    text = done["text"]
+    entries = (done.get("logprobs") or {}).get("completion") or []
+    if not text or not entries:
+        return text
+    following = texts.after([entry[0] for entry in entries])
+    start = following.find(text)
+    return following[:start] + text if 0 < start <= 2 and following[:start].isspace() else text
+
+
+def completion_logprobs(
+    texts: TokenTexts, entries: list[Entry], offset: int = 0, starts_text: bool = True
+) -> dict:
     """OpenAI's legacy `logprobs` object for consecutive tokens whose text starts at `offset`
-    of the choice's text. Each token's top_logprobs holds its alternatives and itself (so up
-    to logprobs + 1 of them), as OpenAI's do."""
+    of the choice's text (`starts_text`: they begin a decoded text). Each token's top_logprobs
+    holds its alternatives and itself (so up to logprobs + 1 of them), as OpenAI's do."""
     shaped: dict[str, list[Any]] = {
         "tokens": [],
         "token_logprobs": [],
         "top_logprobs": [],
         "text_offset": [],
     }
-    for token, logprob, alternatives in entries:
-        text = texts.text(token)
+    token_texts = texts.texts([entry[0] for entry in entries], starts_text)
+    for (token, logprob, alternatives), text in zip(entries, token_texts, strict=True):
         shaped["tokens"].append(text)
         shaped["token_logprobs"].append(logprob)
         shaped["text_offset"].append(offset)
@@ -114,17 +155,18 @@ class ChatLogprobs(BaseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
-def chat_logprobs(texts: TokenTexts, entries: list[Entry]) -> dict:
+def chat_logprobs(texts: TokenTexts, entries: list[Entry], starts_text: bool = True) -> dict:
     """OpenAI's chat `logprobs` object: each token with exactly its alternatives."""
 
-    def described(token: int, logprob: float) -> dict:
-        return {"token": texts.text(token), "logprob": logprob, "bytes": texts.bytes(token)}
+    def described(token: int, logprob: float, alone: bool) -> dict:
+        text = texts.text(token, alone)
+        return {"token": text, "logprob": logprob, "bytes": texts.bytes(token, alone)}
 
-    content = [
-        described(token, logprob)
-        | {"top_logprobs": [described(other, value) for other, value in alternatives]}
-        for token, logprob, alternatives in entries
-    ]
+    content, alone = [], starts_text
+    for token, logprob, alternatives in entries:
+        tops = [described(other, value, alone) for other, value in alternatives]
+        content.append(described(token, logprob, alone) | {"top_logprobs": tops})
+        alone = alone and texts.special(token)
     return {"content": content, "refusal": None}
 
 
@@ -152,10 +194,11 @@ def job_logprobs(texts: TokenTexts, stored: dict) -> JobLogprobs:
     def described(entries: list[Entry] | None) -> list[JobTokenLogprob] | None:
         if entries is None:
             return None
+        token_texts = texts.texts([entry[0] for entry in entries], starts_text=True)
         return [
             JobTokenLogprob(
                 token_id=token,
-                token=texts.text(token),
+                token=text,
                 logprob=logprob,
                 top_logprobs=None
                 if alternatives is None
@@ -164,7 +207,7 @@ def job_logprobs(texts: TokenTexts, stored: dict) -> JobLogprobs:
                     for other, value in alternatives
                 ],
             )
-            for token, logprob, alternatives in entries
+            for (token, logprob, alternatives), text in zip(entries, token_texts, strict=True)
         ]
 
     return JobLogprobs(

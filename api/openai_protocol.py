@@ -111,7 +111,12 @@ class _SamplingFields(SamplingExtras):
 
     @property
     def top_logprobs_asked(self) -> int | None:
-        """Alternatives per generated token, None when no log-probabilities are asked for."""
+        """Alternatives per generated token, None when no log-probabilities are needed."""
+        raise NotImplementedError
+
+    @property
+    def shows_logprobs(self) -> bool:
+        """Whether the response carries log-probabilities."""
         raise NotImplementedError
 
     @property
@@ -213,7 +218,13 @@ class CompletionRequest(_SamplingFields):
 
     @property
     def top_logprobs_asked(self) -> int | None:
+        if self.logprobs is None and self.echo:  # echo's text needs the completion's ids
+            return 0
         return self.logprobs
+
+    @property
+    def shows_logprobs(self) -> bool:
+        return self.logprobs is not None
 
     @property
     def prompt_logprobs_asked(self) -> int | None:
@@ -270,6 +281,10 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def top_logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def shows_logprobs(self) -> bool:
+        return bool(self.logprobs)
 
     @field_validator("messages")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.events import FinishedJob, finished_job
-from api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from api.logprobs import TokenTexts, chat_logprobs, completion_logprobs, text_after_prompt
 from api.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -51,9 +51,8 @@ class PlannedRequest:
         return isinstance(self.body, ChatCompletionRequest)
 
     def shape(self, texts: TokenTexts) -> "ResponseShape":
-        asked = self.body.top_logprobs_asked is not None
         echoed = [text for text in self.echoed for _ in range(self.body.n)] if self.echoed else None
-        return ResponseShape(self.chat, self.spec.id, texts if asked else None, echoed)
+        return ResponseShape(self.chat, self.spec.id, texts, self.body.shows_logprobs, echoed)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,8 @@ class ResponseShape:
 
     chat: bool
     model: str
-    texts: TokenTexts | None = None  # set when the request asked for log-probabilities
+    texts: TokenTexts  # the model's token texts
+    logprobs: bool = False  # the request asked for log-probabilities
     echoed: list[str] | None = None  # per choice, the prompt text it begins with (echo)
 
 
@@ -184,7 +184,6 @@ def stored_shape(
     """The response shape of a request whose jobs (one per choice, in order) are stored."""
     spec = resolve_model(state.registry, body.model)
     counter = state.prompt_counter
-    asked = body.top_logprobs_asked is not None
     echoed = None
     if isinstance(body, CompletionRequest) and body.echo:
         echoed = [
@@ -198,7 +197,7 @@ def stored_shape(
             for job in jobs
         ]
     chat = isinstance(body, ChatCompletionRequest)
-    return ResponseShape(chat, spec.id, counter.token_texts(spec) if asked else None, echoed)
+    return ResponseShape(chat, spec.id, counter.token_texts(spec), body.shows_logprobs, echoed)
 
 
 def choice_key(idempotency_key: str | None, index: int) -> str | None:
@@ -230,30 +229,35 @@ def build_response(
         )
     choices = []
     for i, d in ordered:
-        prefix = shape.echoed[i] if shape.echoed else ""
-        logprobs = _completion_logprobs(shape, d, echo=shape.echoed is not None)
+        text = d["text"]
+        if shape.echoed:
+            text = shape.echoed[i] + text_after_prompt(shape.texts, d)
         choices.append(
             CompletionChoice(
                 index=i,
-                text=prefix + d["text"],
+                text=text,
                 finish_reason=d["finish_reason"],
-                logprobs=logprobs,
+                logprobs=_completion_logprobs(shape, d, shape.echoed[i] if shape.echoed else None),
             )
         )
     return CompletionResponse(**common, choices=choices)
 
 
 def _chat_logprobs(shape: ResponseShape, done: dict) -> dict | None:
-    if shape.texts is None:
+    if not shape.logprobs:
         return None
     return chat_logprobs(shape.texts, (done.get("logprobs") or {}).get("completion") or [])
 
 
-def _completion_logprobs(shape: ResponseShape, done: dict, *, echo: bool) -> dict | None:
-    if shape.texts is None:
+def _completion_logprobs(shape: ResponseShape, done: dict, echoed: str | None) -> dict | None:
+    """The choice's `logprobs`: with echo, its prompt's tokens (which begin the text), then
+    those of its completion (which follow them)."""
+    if not shape.logprobs:
         return None
     stored = done.get("logprobs") or {}
-    entries = list(stored.get("completion") or [])
-    if echo:
-        entries = list(stored.get("prompt") or []) + entries
-    return completion_logprobs(shape.texts, entries)
+    completion = list(stored.get("completion") or [])
+    if echoed is None:
+        return completion_logprobs(shape.texts, completion)
+    shaped = completion_logprobs(shape.texts, list(stored.get("prompt") or []))
+    after = completion_logprobs(shape.texts, completion, len(echoed), starts_text=False)
+    return {name: shaped[name] + after[name] for name in shaped}

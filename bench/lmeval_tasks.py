@@ -151,32 +151,91 @@ def write_tasks(data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _offline_env(output_dir: Path) -> dict[str, str]:
+    return os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(output_dir / "hf"),
+    }
+
+
+def _task_args(
+    tasks_dir: Path,
+    tasks: list[str],
+    num_fewshot: int | None,
+    batch_size: int,
+    output_dir: Path,
+    limit: int | None,
+) -> list[str]:
+    """Tasks, shots (None: each task's own, GSM8K 5 and MMLU 0), batch, samples and limit."""
+    args = ["--include_path", str(tasks_dir), "--tasks", ",".join(tasks)]
+    if num_fewshot is not None:
+        args += ["--num_fewshot", str(num_fewshot)]
+    args += ["--batch_size", str(batch_size), "--log_samples", "--output_path", str(output_dir)]
+    if limit:
+        args += ["--limit", str(limit)]
+    return args
+
+
 def lmeval_run(
     python: str,
     model_dir: Path,
     tasks_dir: Path,
     tasks: list[str],
     *,
-    num_fewshot: int,
+    num_fewshot: int | None,
     batch_size: int,
     output_dir: Path,
     limit: int | None = None,
     max_length: int = 512,
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment that run lm-eval offline on these tasks, logging samples."""
-    env = os.environ | {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(output_dir / "hf"),
-    }
     command = [
         python, "-m", "lm_eval", "--model", "hf",
         "--model_args", f"pretrained={model_dir},dtype=float32,max_length={max_length}",
-        "--device", "cpu", "--include_path", str(tasks_dir), "--tasks", ",".join(tasks),
-        "--num_fewshot", str(num_fewshot), "--batch_size", str(batch_size),
-        "--log_samples", "--output_path", str(output_dir),
+        "--device", "cpu",
     ]  # fmt: skip
-    if limit:
-        command += ["--limit", str(limit)]
-    return command, env
+    command += _task_args(tasks_dir, tasks, num_fewshot, batch_size, output_dir, limit)
+    return command, _offline_env(output_dir)
+
+
+def lmeval_api_run(
+    python: str,
+    base_url: str,
+    model: str,
+    tokenizer_dir: Path,
+    tasks_dir: Path,
+    tasks: list[str],
+    *,
+    num_fewshot: int | None,
+    max_length: int,
+    output_dir: Path,
+    limit: int | None = None,
+    num_concurrent: int = 8,
+    batch_size: int = 1,
+    api_key: str = "",
+) -> tuple[list[str], dict[str, str]]:
+    """lm-eval's own OpenAI client (`local-completions`) against llmq's /v1/completions at
+    `base_url`, sending token ids from the model's tokenizer, as its users run it.
+
+    The client keeps `max_length - 1` tokens: max_length = context + 1 gives generation the
+    HF backend's contexts (context - 256), max_length = context scores windows of context - 1
+    tokens (the HF backend's have `context`: they match where the prompt fits). BOS is added
+    as the HF backend's tokenizer adds it (the client's default is none). The key goes in
+    OPENAI_API_KEY, where the client reads it."""
+    model_args = ",".join(
+        [
+            f"model={model}",
+            f"base_url={base_url.rstrip('/')}/v1/completions",
+            "tokenizer_backend=huggingface",
+            f"tokenizer={tokenizer_dir}",
+            "tokenized_requests=True",
+            "add_bos_token=True",
+            f"max_length={max_length}",
+            f"num_concurrent={num_concurrent}",
+        ]
+    )
+    command = [python, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args]
+    command += _task_args(tasks_dir, tasks, num_fewshot, batch_size, output_dir, limit)
+    return command, _offline_env(output_dir) | {"OPENAI_API_KEY": api_key}

@@ -194,7 +194,7 @@ class _StreamedLogprobs:
     final event's stored list gives those no token event carried (a held-back last delta)."""
 
     def __init__(self, fmt: ChunkFormat, shape: ResponseShape) -> None:
-        self.fmt, self.texts = fmt, shape.texts
+        self.fmt, self.texts = fmt, shape.texts if shape.logprobs else None
         self.sent: dict[int, int] = {}  # entries sent, per choice
         self.offset: dict[int, int] = {}  # text sent, per choice (completions' text_offset)
 
@@ -208,12 +208,13 @@ class _StreamedLogprobs:
     def _shaped(self, index: int, entries: list, text_length: int) -> dict | None:
         if self.texts is None:
             return None
+        first = self.sent.get(index, 0) == 0  # these tokens begin the choice's text
         self.sent[index] = self.sent.get(index, 0) + len(entries)
         offset = self.offset.get(index, 0)
         self.offset[index] = offset + text_length
         if self.fmt.chat:
-            return chat_logprobs(self.texts, entries)
-        return completion_logprobs(self.texts, entries, offset)
+            return chat_logprobs(self.texts, entries, starts_text=first)
+        return completion_logprobs(self.texts, entries, offset, starts_text=first)
 
 
 def _stream(

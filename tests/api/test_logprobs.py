@@ -337,3 +337,45 @@ def test_echo_alone_returns_the_prompt_without_logprobs(client):
     response = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=0, echo=True)
     assert response.choices[0].text == "Once upon"
     assert response.choices[0].logprobs is None
+
+
+def sentencepiece_like_tokenizer():
+    """A tokenizer whose decoder drops the first word's leading space, as Llama's and
+    stories260K's do (Metaspace, then Strip)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁Once": 3, "▁upon": 4, "▁a": 5, "▁time": 6, "a": 7}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return tokenizer
+
+
+def test_token_texts_add_up_to_the_text_where_a_decoder_strips_the_first_space():
+    from api.logprobs import TokenTexts, completion_logprobs, text_after_prompt
+
+    texts = TokenTexts(sentencepiece_like_tokenizer())
+    assert texts.texts([1, 3, 4, 5], starts_text=True) == ["<s>", "Once", " upon", " a"]
+    assert texts.texts([6, 2], starts_text=False) == [" time", "</s>"]
+    # A worker decodes a completion on its own: "time". After its prompt it reads " time".
+    done = {"text": "time", "logprobs": {"completion": [[6, -0.5, []], [2, -0.1, []]]}}
+    assert text_after_prompt(texts, done) == " time"
+    echoed = "Once upon a"
+    prompt = completion_logprobs(texts, [[1, None, None], [3, -1, []], [4, -2, []], [5, -3, []]])
+    after = completion_logprobs(texts, done["logprobs"]["completion"], len(echoed), False)
+    text = echoed + text_after_prompt(texts, done)
+    for token, offset in zip(
+        prompt["tokens"] + after["tokens"],
+        prompt["text_offset"] + after["text_offset"],
+        strict=True,
+    ):
+        if token not in ("<s>", "</s>"):
+            assert text[offset : offset + len(token)] == token
