@@ -82,6 +82,7 @@ def plan_request(state: Any, body: CompletionRequest | ChatCompletionRequest) ->
     limit = get_settings().max_prompt_chars
     counter = state.prompt_counter
     counter.check_token_ids(spec, body.token_ids_used())
+    body.checked_constraint()  # a 400 now for a constraint that cannot be enforced
     if isinstance(body, CompletionRequest):
         return _plan_completion(counter, spec, body, limit)
     messages = body.template_messages()

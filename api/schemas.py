@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from api.logprobs import JobLogprobs, TokenTexts, job_logprobs
+from api.output_formats import OutputFormatFields
 from db.tables import Job
 from llmq.protocol import (
     MAX_LOGIT_BIAS,
@@ -194,10 +195,10 @@ def alternatives_field(description: str):
     return Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description=description)
 
 
-class SamplingExtras(BaseModel):
+class SamplingExtras(OutputFormatFields):
     """Sampling fields that the job API and the OpenAI endpoints share beyond temperature,
-    top_p and top_k: penalties, logit_bias, min_p, stop tokens and prompt truncation. Each is
-    applied per row inside the batched step (workers/sampling.py)."""
+    top_p and top_k: penalties, logit_bias, min_p, stop tokens, prompt truncation and output
+    constraints. Each is applied per row inside the batched step (workers/sampling.py)."""
 
     model_config = STRICT_INPUT
 
@@ -246,8 +247,10 @@ class SamplingExtras(BaseModel):
     )
 
     def extra_sampling(self, max_tokens: int) -> dict[str, Any]:
-        """These fields as SamplingParams keywords."""
+        """These fields as SamplingParams keywords (a 400 for a constraint that cannot be
+        enforced)."""
         return {
+            "constraint": self.checked_constraint(),
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
             "repetition_penalty": self.repetition_penalty or 1.0,

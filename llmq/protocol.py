@@ -8,6 +8,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmq.constraints import OutputConstraint
+
 GENERATE_TASK = "llmq.generate"
 SCORE_TASK = "llmq.score"
 # Several jobs in one message: jobs sent at the same moment (concurrent requests, evaluation
@@ -100,6 +102,8 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # The same for the prompt's tokens (the first has none): echo in the OpenAI API.
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # What the whole text must match (structured output), enforced token by token.
+    constraint: OutputConstraint | None = None
     # Keep only the last N prompt tokens (vLLM's truncate_prompt_tokens): evaluations
     # left-truncate long few-shot prompts this way, as lm-evaluation-harness does.
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)

@@ -33,6 +33,7 @@ from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
 from workers.batch import ROOM, Batch, Group, GrowingLayer, length_groups
+from workers.constraints import ConstraintFailed, Constraints, mask_rows
 from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.memory import release_free_memory
@@ -43,7 +44,7 @@ from workers.scoring import PendingScore, Scorer, ScoreRequest
 log = structlog.get_logger(__name__)
 
 
-_TIMED_OUT = object()
+_FAILED = object()  # the job's future already holds its error (a timeout, a dead-end grammar)
 # Background time saved up while it had nothing to run is capped, so batch lines arriving
 # during a long interactive stretch cannot take the engine for long in one burst.
 _MAX_BACKGROUND_CREDIT_S = 0.1
@@ -100,6 +101,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     deltas_sent: int = 0
+    matcher: object | None = None  # an llguidance matcher, when the job has a constraint
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0  # entries already carried by token events
 
@@ -175,6 +177,7 @@ class GenerationEngine:
         self.scorer = Scorer(host, max_score_tokens, on_pass=self.metrics.forward_pass)
         self._scoring: list[PendingScore] = []
         self._score_s_per_token = 0.0  # a moving average of scoring passes' cost
+        self.constraints: Constraints | None = None  # structured output, on first use
         # Freed memory goes back to the system once the engine idles after work (workers/memory.py).
         self._memory_released = False
         self.memory_releases = 0
@@ -199,9 +202,30 @@ class GenerationEngine:
         )
         if self._stop.is_set():
             future.set_exception(EngineStopped("the worker is shutting down"))
+        elif request.params.constraint is not None:
+            # The engine thread sees it once its grammar has compiled, on another thread.
+            compiling = self._constraints().matcher(request.params.constraint)
+            compiling.add_done_callback(partial(self._compiled, seq))
         else:
             self._inbox.put(seq)
         return future
+
+    def _constraints(self) -> Constraints:
+        with self._lock:
+            if self.constraints is None:
+                vocab = self.host.model.get_output_embeddings().weight.shape[0]
+                self.constraints = Constraints(self.host.tokenizer, vocab)
+            return self.constraints
+
+    def _compiled(self, seq: _Sequence, compiling: Future) -> None:
+        try:
+            seq.matcher = compiling.result()
+        except Exception as exc:
+            seq.future.set_exception(
+                exc if isinstance(exc, ConstraintFailed) else ConstraintFailed(str(exc))
+            )
+            return
+        self._inbox.put(seq)
 
     def submit_score(self, request: ScoreRequest) -> Future:
         """Score continuations; runs between decode steps, batched with other scoring jobs."""
@@ -476,17 +500,17 @@ class GenerationEngine:
             self._advance(seq, token, seq.request.job_id in cancels, now)
             for seq, token in zip(batch.seqs, tokens, strict=True)
         ]
-        stepped = [s for s, o in zip(batch.seqs, outcomes, strict=True) if o is not _TIMED_OUT]
+        stepped = [s for s, o in zip(batch.seqs, outcomes, strict=True) if o is not _FAILED]
         advance_texts(self.host.decode_batch, [(s.detok, s.generated) for s in stepped])
         finished: dict[int, FinishReason] = {}
         for row, (seq, outcome) in enumerate(zip(batch.seqs, outcomes, strict=True)):
-            if outcome is _TIMED_OUT or isinstance(outcome, FinishReason):
+            if outcome is _FAILED or isinstance(outcome, FinishReason):
                 finished[row] = outcome
             elif seq.detok.stopped:
                 finished[row] = FinishReason.STOP
         self._publish(stepped, finished={id(batch.seqs[r]) for r in finished})
         for row, reason in finished.items():
-            if reason is not _TIMED_OUT:
+            if reason is not _FAILED:
                 self._finish(batch.seqs[row], reason, now)
         self.steps += 1
         lane.steps_since_join += 1
@@ -507,10 +531,15 @@ class GenerationEngine:
         asking = [row for row, p in enumerate(params) if p.logprobs is not None]
         raw_logits = batch.logits[asking] if asking else None  # a copy, before any masking
         self._mask_early_stops(batch)
+        constrained = [row for row, s in enumerate(batch.seqs) if s.matcher is not None]
+        if constrained:
+            mask_rows(batch.logits, constrained, [batch.seqs[row].matcher for row in constrained])
         histories = None
         if any(p.adjusts_logits for p in params):  # penalties read each row's tokens
             histories = [History(s.request.prompt_ids, s.generated) for s in batch.seqs]
         tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs], histories)
+        for row in constrained:
+            batch.seqs[row].matcher.consume_token(tokens[row])
         if raw_logits is not None:
             chosen = [tokens[row] for row in asking]
             tops = [params[row].logprobs for row in asking]
@@ -544,20 +573,26 @@ class GenerationEngine:
                 batch.logits[row, stops] = float("-inf")
 
     def _advance(self, seq: _Sequence, token: int, cancelled: bool, now: float):
-        """Append `token`; return why the sequence is done, _TIMED_OUT, or None to go on."""
+        """Append `token`; return why the sequence is done, _FAILED, or None to go on."""
         request = seq.request
         if cancelled:
             return FinishReason.CANCELLED
         if request.deadline is not None and now > request.deadline:
             seq.future.set_exception(JobTimeout("the job ran past its deadline"))
-            return _TIMED_OUT
+            return _FAILED
         if seq.first_token_at is None:
             seq.first_token_at = now
         if token == self.host.eos_token_id and not request.params.ignore_eos:
             return FinishReason.STOP
         if token in request.params.stop_token_ids:
             return FinishReason.STOP
+        if seq.matcher is not None and seq.matcher.is_error():
+            error = seq.matcher.get_error()
+            seq.future.set_exception(ConstraintFailed(f"the constraint failed: {error}"))
+            return _FAILED
         seq.generated.append(token)
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            return FinishReason.STOP
         context_full = len(request.prompt_ids) + len(seq.generated) >= self.host.spec.context_length
         if len(seq.generated) >= request.params.max_tokens or context_full:
             return FinishReason.LENGTH
