@@ -5,6 +5,7 @@ not implement are accepted only at their neutral value and otherwise refused wit
 names them, so no client believes a setting took effect when it did not.
 """
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from api.logprobs import ChatLogprobs, CompletionLogprobs
+from api.output_formats import ToolFields
 from api.schemas import (
     MAX_JSON_INT,
     TOKEN_IDS_SCHEMA,
@@ -244,22 +246,78 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class CalledFunction(BaseModel):
     model_config = WIRE_INPUT
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    name: str
+    arguments: str
+
+
+class PastToolCall(BaseModel):
+    model_config = WIRE_INPUT
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ChatMessage(BaseModel):
+    """A message of the conversation, a tool call an earlier answer made and a tool's result
+    included: the model reads each as its text (a call as its JSON)."""
+
+    model_config = ConfigDict(
+        **WIRE_INPUT,
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {
+                    "required": ["tool_calls"],
+                    "properties": {"tool_calls": {"type": "array", "minItems": 1}},
+                },
+            ],
+            **requires(
+                "tool_calls", {"type": "array"}, {"properties": {"role": {"const": "assistant"}}}
+            ),
+        },
+    )
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[PastToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def has_something_to_say(self):
+        if self.content is None and not self.tool_calls:
+            raise ValueError("a message needs content (or, from the assistant, tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            calls = [
+                {"name": call.function.name, "arguments": call.function.arguments}
+                for call in self.tool_calls or []
+            ]
+            return json.dumps(calls, ensure_ascii=False)
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(ToolFields, _SamplingFields):
     model_config = rules(
-        STREAM_OPTIONS_RULE, requires("top_logprobs", {"type": "integer"}, needs_true("logprobs"))
+        STREAM_OPTIONS_RULE,
+        requires("top_logprobs", {"type": "integer"}, needs_true("logprobs")),
+        # llmq generates a forced tool's call; it cannot let the model decide ("auto").
+        requires("tools", {"type": "array", "minItems": 1}, {"required": ["tool_choice"]}),
+        requires(
+            "tool_choice",
+            {"not": {"const": "none"}},
+            {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]},
+        ),
     )
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
@@ -277,6 +335,37 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def tools_are_forced(self):
+        if self.tools and self.tool_choice is None:
+            raise ValueError(
+                'tools need tool_choice: "required" or a named function (the arguments are '
+                'generated under the function\'s parameters schema), or "none"; "auto", where '
+                "the model decides whether to call, is not supported"
+            )
+        if not self.tools and self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice needs tools")
+        if self.tools and self.tool_choice not in (None, "none") and self.stream:
+            raise ValueError("a forced tool call is not streamed; send stream false")
+        return self
+
+    @property
+    def calls_tool(self) -> bool:
+        return bool(self.tools) and self.tool_choice not in (None, "none")
+
+    def output_constraint(self):
+        if not self.calls_tool:
+            return super().output_constraint()
+        if self.response_format is not None or self.structured_outputs is not None:
+            raise ValueError(
+                "a forced tool call is generated under its parameters schema; send no "
+                "response_format or structured_outputs with it"
+            )
+        return self.tool_constraint()
+
+    def constraint_param(self) -> str:
+        return "tool_choice" if self.calls_tool else super().constraint_param()
 
     @property
     def top_logprobs_asked(self) -> int | None:
@@ -331,9 +420,21 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -6,6 +6,7 @@ and one that stored them is answered with them. Planning and submitting render t
 tokenize, so both run in a worker thread, never on the event loop.
 """
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from api.openai_protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    FunctionCall,
+    ToolCall,
     UsageInfo,
 )
 from api.prompts import PromptCounter, check_prompt_size
@@ -52,7 +55,9 @@ class PlannedRequest:
 
     def shape(self, texts: TokenTexts) -> "ResponseShape":
         echoed = [text for text in self.echoed for _ in range(self.body.n)] if self.echoed else None
-        return ResponseShape(self.chat, self.spec.id, texts, self.body.shows_logprobs, echoed)
+        return ResponseShape(
+            self.chat, self.spec.id, texts, self.body.shows_logprobs, echoed, forced_tool(self.body)
+        )
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,15 @@ class ResponseShape:
     texts: TokenTexts  # the model's token texts
     logprobs: bool = False  # the request asked for log-probabilities
     echoed: list[str] | None = None  # per choice, the prompt text it begins with (echo)
+    # A forced tool call: the function's name, or "" when the text names it ("required").
+    tool: str | None = None
+
+
+def forced_tool(body: CompletionRequest | ChatCompletionRequest) -> str | None:
+    if not isinstance(body, ChatCompletionRequest) or not body.calls_tool:
+        return None
+    choice = body.tool_choice
+    return "" if choice == "required" else choice.function.name
 
 
 @dataclass(frozen=True)
@@ -198,7 +212,8 @@ def stored_shape(
             for job in jobs
         ]
     chat = isinstance(body, ChatCompletionRequest)
-    return ResponseShape(chat, spec.id, counter.token_texts(spec), body.shows_logprobs, echoed)
+    texts = counter.token_texts(spec)
+    return ResponseShape(chat, spec.id, texts, body.shows_logprobs, echoed, forced_tool(body))
 
 
 def choice_key(idempotency_key: str | None, index: int) -> str | None:
@@ -221,8 +236,7 @@ def build_response(
             choices=[
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=d["text"]),
-                    finish_reason=d["finish_reason"],
+                    **_chat_answer(shape, d),
                     logprobs=_chat_logprobs(shape, d),
                 )
                 for i, d in ordered
@@ -242,6 +256,25 @@ def build_response(
             )
         )
     return CompletionResponse(**common, choices=choices)
+
+
+def _chat_answer(shape: ResponseShape, done: dict) -> dict:
+    """The choice's message and finish_reason: its text, or the forced tool's call (the text
+    is the call's JSON; cut short by max_tokens, it stays text with finish_reason length)."""
+    text, finish = done["text"], done["finish_reason"]
+    if shape.tool is None or finish != "stop":
+        return {"message": AssistantMessage(content=text), "finish_reason": finish}
+    if shape.tool:
+        name, arguments = shape.tool, text
+    else:
+        call = json.loads(text)
+        name = call["name"]
+        arguments = json.dumps(call["arguments"], separators=(",", ":"), ensure_ascii=False)
+    tool_call = ToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments)
+    )
+    message = AssistantMessage(content=None, tool_calls=[tool_call])
+    return {"message": message, "finish_reason": "tool_calls"}
 
 
 def _chat_logprobs(shape: ResponseShape, done: dict) -> dict | None:

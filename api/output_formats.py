@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmq.constraints import OutputConstraint, constraint_problem
-from llmq.errors import InvalidRequest
+from llmq.errors import ConstraintNotEnforceable
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 JsonSchema = Annotated[
@@ -129,16 +129,20 @@ class OutputFormatFields(BaseModel):
             return OutputConstraint.json_schema({} if schema is None else schema)
         return None
 
+    def constraint_param(self) -> str:
+        """The field a constraint came from, for error messages."""
+        return "structured_outputs" if self.structured_outputs else "response_format"
+
     def checked_constraint(self) -> OutputConstraint | None:
         """output_constraint, refused with a 400 that names the problem when it cannot be
         enforced."""
-        param = "structured_outputs" if self.structured_outputs else "response_format"
+        param = self.constraint_param()
         try:
             constraint = self.output_constraint()
         except ValueError as exc:
-            raise InvalidRequest(str(exc), param=param) from None
+            raise ConstraintNotEnforceable(str(exc), param=param) from None
         if constraint is not None and (problem := _problem(constraint)) is not None:
-            raise InvalidRequest(
+            raise ConstraintNotEnforceable(
                 f"{param}: the {constraint.kind.replace('_', ' ')} cannot be enforced: {problem}",
                 param=param,
             )
@@ -148,3 +152,94 @@ class OutputFormatFields(BaseModel):
 @lru_cache(maxsize=1024)
 def _problem(constraint: OutputConstraint) -> str | None:
     return constraint_problem(constraint)
+
+
+# -- function calling ----------------------------------------------------------------------
+
+
+class FunctionSpec(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: JsonSchema | None = Field(
+        default=None, description="The arguments' JSON Schema (none: any JSON object)"
+    )
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolFields(BaseModel):
+    """Function calling with a forced tool: the arguments are generated under their schema.
+    `tool_choice: "auto"` (the model decides whether to call) is not supported: deciding needs a
+    model trained to call tools and a parser of its own call syntax, which llmq does not have."""
+
+    model_config = STRICT
+
+    tools: list[ToolSpec] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description='"required" (one of the tools), a named function, or "none". Needed with '
+        'tools: "auto" is not supported.',
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Accepted; one call is generated per choice."
+    )
+
+    def forced_tools(self) -> list[FunctionSpec] | None:
+        """The functions the answer must call one of; None when no tool is forced."""
+        choice = self.tool_choice
+        if not self.tools or choice is None or choice == "none":
+            return None
+        functions = [tool.function for tool in self.tools]
+        if choice == "required":
+            return functions
+        named = [function for function in functions if function.name == choice.function.name]
+        if not named:
+            known = ", ".join(function.name for function in functions)
+            raise ValueError(
+                f"tool_choice names {choice.function.name!r}, not one of the tools ({known})"
+            )
+        return named
+
+    def tool_constraint(self) -> OutputConstraint | None:
+        """What the generated text must be: the one forced function's arguments, or, with
+        several, {"name": ..., "arguments": ...} of one of them."""
+        functions = self.forced_tools()
+        if functions is None:
+            return None
+        if len(functions) == 1 and self.tool_choice != "required":
+            return OutputConstraint.json_schema(arguments_schema(functions[0]))
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": arguments_schema(f)},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in functions
+        ]
+        return OutputConstraint.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls})
+
+
+def arguments_schema(function: FunctionSpec) -> dict | bool:
+    return {"type": "object"} if function.parameters is None else function.parameters

@@ -41,6 +41,13 @@ class InvalidRequest(LlmqError):
     error_type = "invalid_request_error"
 
 
+class ConstraintNotEnforceable(InvalidRequest):
+    """An output constraint (JSON Schema, regex, grammar, tool) that cannot be enforced: it is
+    invalid, or uses what the grammar engine does not implement."""
+
+    code = "invalid_constraint"
+
+
 class TokenOutOfVocabulary(InvalidRequest):
     """A token id the model's tokenizer does not have (a prompt's, logit_bias's, ...)."""
 

@@ -19,6 +19,7 @@ LIMIT_CODES = {
     "context_length_exceeded",  # prompt + max_tokens over the model's context, in tokens
     "prompt_too_large",  # over the server's LLMQ_MAX_PROMPT_CHARS
     "too_many_choices",  # prompts × n over 16
+    "invalid_constraint",  # a JSON Schema, regex or grammar the grammar engine cannot enforce
     "token_out_of_vocabulary",  # a token id (prompt, logit_bias, stop_token_ids) past the model's
     "invalid_period",  # a usage period over a year, or backwards (end defaults to today)
 }

@@ -351,3 +351,97 @@ def test_a_batch_of_200_json_schema_lines_is_all_valid(client):
         choice = record["response"]["body"]["choices"][0]
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMAS[n % 3])
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "unit": {"enum": ["C", "F"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 12}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+
+
+def test_a_named_tool_is_called_with_valid_arguments(client):
+    asked = [{"role": "user", "content": "Weather?"}]
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=asked,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), PARAMETERS["get_weather"])
+    # The conversation goes on with the call and the tool's result in it.
+    follow_up = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            *asked,
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny"},
+        ],
+        max_tokens=4,
+    )
+    assert follow_up.choices[0].message.content is not None
+
+
+def test_required_calls_one_of_the_tools(client):
+    for seed in range(6):
+        choice = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "?"}],
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            max_tokens=80,
+            temperature=1.0,
+            seed=seed,
+        ).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        call = choice.message.tool_calls[0].function
+        jsonschema.validate(json.loads(call.arguments), PARAMETERS[call.name])
+
+
+@pytest.mark.parametrize(
+    ("extra", "hint"),
+    [
+        ({"tools": [WEATHER]}, "auto"),
+        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "not one of the tools",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "stream"),
+    ],
+)
+def test_tool_requests_llmq_cannot_serve_are_a_400(api_server, extra, hint):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **extra}
+    response = post(api_server, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    assert hint in response.json()["error"]["message"]
