@@ -28,6 +28,7 @@ from api.openai_requests import (
     stored_shape,
     submit_choices,
 )
+from api.output_formats import resolve_named_schema
 from db.queries import batches as batch_queries
 from db.queries import files as file_queries
 from db.queries.batches import BatchStatus
@@ -158,7 +159,8 @@ class BatchDriver:
     ) -> tuple[list[uuid.UUID], dict | None]:
         """The line's job ids, or no jobs and why the line was refused."""
         try:
-            planned = plan_request(self.state, line.request)
+            request = resolve_named_schema(session, batch.owner, line.request)
+            planned = plan_request(self.state, request)
             choices = submit_choices(
                 session,
                 self.state,

@@ -33,6 +33,7 @@ from api.routes import (
     metrics,
     models,
     openai,
+    schemas,
     stats,
     streams,
 )
@@ -101,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)  # outermost: every answer gets an id
     for module in (health, metrics):  # probes and Prometheus stay open, as do the docs
         app.include_router(module.router, responses=ERROR_RESPONSES)
-    keyed = (jobs, streams, models, openai, files, batches, stats, evals, me, admin)
+    keyed = (jobs, streams, models, openai, schemas, files, batches, stats, evals, me, admin)
     for module in keyed:  # every route of these needs an API key
         app.include_router(
             module.router, responses=ERROR_RESPONSES, dependencies=[Depends(authenticate)]

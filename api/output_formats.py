@@ -2,13 +2,14 @@
 `structured_outputs`, turned into one OutputConstraint (llmq/constraints.py) and checked when the
 request is submitted."""
 
+from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmq.constraints import OutputConstraint, constraint_problem
-from llmq.errors import ConstraintNotEnforceable
+from llmq.errors import ConstraintNotEnforceable, SchemaNotFound
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 JsonSchema = Annotated[
@@ -34,7 +35,11 @@ class JsonSchemaSpec(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     # Named `schema` on the wire; the attribute keeps clear of BaseModel's own.
-    json_schema: JsonSchema | None = Field(default=None, alias="schema")
+    json_schema: JsonSchema | None = Field(
+        default=None,
+        alias="schema",
+        description="Left out: the key's named schema of this name (POST /v1/schemas)",
+    )
     strict: bool | None = None
 
 
@@ -126,8 +131,24 @@ class OutputFormatFields(BaseModel):
             return OutputConstraint.json_schema({"type": "object"})
         if isinstance(formatted, JsonSchemaFormat):
             schema = formatted.json_schema.json_schema
-            return OutputConstraint.json_schema({} if schema is None else schema)
+            if schema is None:
+                raise ValueError(f"the named schema {formatted.json_schema.name!r} was not read")
+            return OutputConstraint.json_schema(schema)
         return None
+
+    def named_schema(self) -> str | None:
+        """The name of the stored schema this request refers to, if it refers to one."""
+        formatted = self.response_format
+        if isinstance(formatted, JsonSchemaFormat) and formatted.json_schema.json_schema is None:
+            return formatted.json_schema.name
+        return None
+
+    def with_schema(self, schema: dict | bool):
+        """This request with its named schema's content in place of the name."""
+        assert isinstance(self.response_format, JsonSchemaFormat)
+        spec = self.response_format.json_schema.model_copy(update={"json_schema": schema})
+        formatted = self.response_format.model_copy(update={"json_schema": spec})
+        return self.model_copy(update={"response_format": formatted})
 
     def constraint_param(self) -> str:
         """The field a constraint came from, for error messages."""
@@ -243,3 +264,54 @@ class ToolFields(BaseModel):
 
 def arguments_schema(function: FunctionSpec) -> dict | bool:
     return {"type": "object"} if function.parameters is None else function.parameters
+
+
+# -- named schemas -------------------------------------------------------------------------
+
+
+class SchemaCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=10_000)
+    json_schema: JsonSchema = Field(alias="schema")
+
+
+class SchemaPublic(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    id: str
+    object: Literal["schema"] = "schema"
+    name: str
+    description: str | None
+    json_schema: JsonSchema = Field(alias="schema")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row) -> "SchemaPublic":  # row: db.tables.NamedSchema
+        return cls(
+            id=row.id,
+            name=row.name,
+            description=row.description,
+            json_schema=row.json_schema,
+            created_at=row.created_at,
+        )
+
+
+class SchemasPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SchemaPublic]
+
+
+def resolve_named_schema(session, owner: str | None, body):
+    """The request with the key's named schema in place of its name (SchemaNotFound, a 404,
+    when the key has none of that name: another key's is not seen)."""
+    name = body.named_schema()
+    if name is None:
+        return body
+    from db.queries import schemas as schema_queries
+
+    stored = schema_queries.get_schema(session, owner, name)
+    if stored is None:
+        raise SchemaNotFound(name, param="response_format")
+    return body.with_schema(stored.json_schema)

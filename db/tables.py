@@ -289,6 +289,21 @@ class Batch(Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class NamedSchema(Base):
+    """A JSON Schema stored under a name by the key that made it; requests name it in
+    response_format's json_schema instead of sending it."""
+
+    __tablename__ = "named_schemas"
+    __table_args__ = (UniqueConstraint("owner", "name", name="uq_named_schemas_owner_name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(Text)
+    json_schema: Mapped[Any] = mapped_column("schema", JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class BatchLine(Base):
     """One request line of a batch and the jobs (one per choice) that answer it."""
 

@@ -5,6 +5,8 @@ LlmqError
 │   ├── PromptTooLong       400  prompt plus max_tokens exceed the model's context
 │   ├── PromptTooLarge      400  the prompt has more characters than the server takes
 │   ├── InvalidPeriod       400  a usage period runs backwards or is longer than a year
+│   ├── ConstraintNotEnforceable 400  a JSON Schema, regex, grammar or tool llguidance refuses
+│   ├── TokenOutOfVocabulary 400  a token id the model's tokenizer does not have
 │   └── DatasetUnavailable  400  an evaluation's data cannot be read (llmq/evals/datasets.py)
 ├── AuthenticationFailed    401  no API key, or one that is unknown or revoked
 ├── PermissionDenied        403  the key's role may not do this (admin endpoints)
@@ -12,9 +14,11 @@ LlmqError
 ├── EvalRunNotFound         404
 ├── ApiKeyNotFound          404
 ├── ModelNotServed          404  the model is not in the registry
+├── SchemaNotFound          404  no named schema of that name for this key
 ├── JobNotCancellable       409  the job already finished
 │   └── EvalRunNotCancellable 409  the evaluation run already ended
 ├── IdempotencyKeyReused    409  the key stored a request with other choices
+├── SchemaNameTaken         409  the key has a named schema of that name already
 ├── TooManyRequests         429  with Retry-After
 │   ├── RateLimited         429  the key's requests per minute are spent
 │   ├── TooManyConcurrentJobs 429  the key has its most jobs queued or running
@@ -115,6 +119,23 @@ class ServiceUnavailable(LlmqError):
 
 class ServerBusy(ServiceUnavailable):
     code = "server_busy"
+
+
+class SchemaNotFound(LlmqError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "schema_not_found"
+
+    def __init__(self, name: str, param: str | None = None) -> None:
+        super().__init__(
+            f"no named schema {name!r} for this key; store it with POST /v1/schemas", param=param
+        )
+
+
+class SchemaNameTaken(LlmqError):
+    status_code = 409
+    error_type = "conflict_error"
+    code = "schema_name_taken"
 
 
 class EvalRunNotFound(LlmqError):

@@ -18,6 +18,7 @@ from api.deps import (
     database_slots,
 )
 from api.limits import admit
+from api.output_formats import resolve_named_schema
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from api.submit import resolve_model, submit_generation
 from db.queries import jobs as job_queries
@@ -137,6 +138,7 @@ async def create_job(
 
     def store() -> tuple[JobPublic, bool]:
         counter.check_token_ids(spec, body.token_ids_used())
+        given = resolve_named_schema(session, caller.owner, body)
         token_ids = body.prompt if isinstance(body.prompt, list) else None
         prompt = body.prompt if token_ids is None else counter.decode(spec, token_ids)
         admit(session, caller.owner, caller.limits, jobs=1)
@@ -145,7 +147,7 @@ async def create_job(
             spec=spec,
             prompt=prompt,
             prompt_token_ids=token_ids,
-            params=sampling_params(body, spec.defaults),
+            params=sampling_params(given, spec.defaults),
             counter=counter,
             live=live,
             idempotency_key=idempotency_key,

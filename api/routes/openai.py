@@ -48,6 +48,7 @@ from api.openai_requests import (
     plan_request,
     submit_choices,
 )
+from api.output_formats import resolve_named_schema
 from db.queries import jobs as job_queries
 from db.session import get_sessionmaker, session_scope
 from llmq.metrics import job_finished
@@ -103,6 +104,11 @@ def _submit_choices(
     endpoint = "chat" if planned.chat else "completions"
     log.info("openai request queued", model=planned.spec.id, jobs=len(choices), endpoint=endpoint)
     return choices
+
+
+def _with_named_schema(request: Request, body, caller: Caller):
+    with get_sessionmaker(request.app.state.settings.database_url)() as session:
+        return resolve_named_schema(session, caller.owner, body)
 
 
 def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID], model: str) -> int:
@@ -276,6 +282,8 @@ async def _serve(
 ):
     """Plan and store the choices, then stream them or answer once all have finished."""
     state = request.app.state
+    if body.named_schema() is not None:  # its content, from Postgres, before planning
+        body = await anyio.to_thread.run_sync(_with_named_schema, request, body, caller)
     # Rendering and tokenizing: CPU in proportion to the prompt, off the event loop, and
     # before the request takes its turn at the database.
     planned = await anyio.to_thread.run_sync(plan_request, state, body)

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.factories import ADMIN_KEY, AUTH
+from tests.factories import ADMIN_KEY, AUTH, bearer, create_key
 
 MODEL = "tiny-llama"
 NAME = {"type": "string", "maxLength": 8}
@@ -445,3 +445,47 @@ def test_tool_requests_llmq_cannot_serve_are_a_400(api_server, extra, hint):
     response = post(api_server, "/v1/chat/completions", body)
     assert response.status_code == 400, response.text
     assert hint in response.json()["error"]["message"]
+
+
+def test_named_schemas_are_the_keys_own_and_used_by_name(api_server):
+
+    with httpx.Client(base_url=api_server, headers=AUTH, timeout=60) as admin:
+        name = f"point-{time.monotonic_ns()}"
+        created = admin.post("/v1/schemas", json={"name": name, "schema": SCHEMAS[6]})
+        assert created.status_code == 201, created.text
+        assert created.json()["schema"] == SCHEMAS[6]
+        again = admin.post("/v1/schemas", json={"name": name, "schema": SCHEMAS[0]})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "schema_name_taken"
+        refused = admin.post("/v1/schemas", json={"name": "bad", "schema": {"type": "nope"}})
+        assert refused.status_code == 400
+        by_name = {"type": "json_schema", "json_schema": {"name": name}}
+        chat = admin.post(
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "?"}],
+                "max_tokens": 90,
+                "response_format": by_name,
+            },
+        )
+        assert chat.status_code == 200, chat.text
+        content = chat.json()["choices"][0]["message"]["content"]
+        jsonschema.validate(json.loads(content), SCHEMAS[6])
+        job = admin.post(
+            "/v1/jobs",
+            params={"wait": 30},
+            json={"model": MODEL, "prompt": "x", "max_tokens": 90, "response_format": by_name},
+        ).json()
+        jsonschema.validate(json.loads(job["result"]["text"]), SCHEMAS[6])
+        assert name in [s["name"] for s in admin.get("/v1/schemas").json()["data"]]
+        other = create_key(admin, "another team")["key"]
+        with httpx.Client(base_url=api_server, headers=bearer(other), timeout=60) as stranger:
+            assert stranger.get(f"/v1/schemas/{name}").status_code == 404
+            unknown = stranger.post(
+                "/v1/jobs",
+                json={"model": MODEL, "prompt": "x", "max_tokens": 5, "response_format": by_name},
+            )
+            assert unknown.status_code == 404, unknown.text
+            assert unknown.json()["error"]["code"] == "schema_not_found"
+        assert admin.delete(f"/v1/schemas/{name}").status_code == 204
+        assert admin.get(f"/v1/schemas/{name}").status_code == 404
