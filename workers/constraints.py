@@ -18,6 +18,9 @@ from llmq.constraints import OutputConstraint, grammar_of
 
 COMPILED_KEPT = 256  # compiled grammars kept per worker
 COMPILE_THREADS = 2
+# A job whose grammar takes longer fails (invalid_input); the compile itself runs on. llguidance
+# compiles realistic schemas in milliseconds (bench.structured).
+COMPILE_LIMIT_S = 10.0
 
 
 class ConstraintFailed(ValueError):

@@ -33,7 +33,7 @@ from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
 from workers.batch import ROOM, Batch, Group, GrowingLayer, length_groups
-from workers.constraints import ConstraintFailed, Constraints, mask_rows
+from workers.constraints import COMPILE_LIMIT_S, ConstraintFailed, Constraints, mask_rows
 from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.memory import release_free_memory
@@ -102,6 +102,7 @@ class _Sequence:
     first_token_at: float | None = None
     deltas_sent: int = 0
     matcher: object | None = None  # an llguidance matcher, when the job has a constraint
+    compile_settled: bool = False  # its matcher came, or its compile ran out of time
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0  # entries already carried by token events
 
@@ -205,6 +206,10 @@ class GenerationEngine:
         elif request.params.constraint is not None:
             # The engine thread sees it once its grammar has compiled, on another thread.
             compiling = self._constraints().matcher(request.params.constraint)
+            if not compiling.done():  # a grammar that compiles too long fails its job alone
+                limit = threading.Timer(COMPILE_LIMIT_S, self._compile_overdue, (seq,))
+                limit.daemon = True
+                limit.start()
             compiling.add_done_callback(partial(self._compiled, seq))
         else:
             self._inbox.put(seq)
@@ -217,15 +222,29 @@ class GenerationEngine:
                 self.constraints = Constraints(self.host.tokenizer, vocab)
             return self.constraints
 
+    def _compile_overdue(self, seq: _Sequence) -> None:
+        message = f"the constraint did not compile within {COMPILE_LIMIT_S:g} s"
+        self._compile_settled(seq, ConstraintFailed(message))
+
     def _compiled(self, seq: _Sequence, compiling: Future) -> None:
         try:
             seq.matcher = compiling.result()
         except Exception as exc:
-            seq.future.set_exception(
-                exc if isinstance(exc, ConstraintFailed) else ConstraintFailed(str(exc))
-            )
-            return
-        self._inbox.put(seq)
+            failed = exc if isinstance(exc, ConstraintFailed) else ConstraintFailed(str(exc))
+            self._compile_settled(seq, failed)
+        else:
+            self._compile_settled(seq, None)
+
+    def _compile_settled(self, seq: _Sequence, failed: Exception | None) -> None:
+        """The first of compile and time limit decides: the job runs, or fails with `failed`."""
+        with self._lock:
+            if seq.compile_settled:
+                return
+            seq.compile_settled = True
+        if failed is not None:
+            seq.future.set_exception(failed)
+        else:
+            self._inbox.put(seq)
 
     def submit_score(self, request: ScoreRequest) -> Future:
         """Score continuations; runs between decode steps, batched with other scoring jobs."""
