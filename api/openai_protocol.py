@@ -316,7 +316,13 @@ class ChatCompletionRequest(ToolFields, _SamplingFields):
         requires(
             "tool_choice",
             {"not": {"const": "none"}},
-            {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]},
+            {
+                "properties": {
+                    "tools": {"type": "array", "minItems": 1},
+                    "stream": {"const": False},  # a forced call is answered whole
+                },
+                "required": ["tools"],
+            },
         ),
     )
 

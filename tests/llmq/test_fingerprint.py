@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from llmq.constraints import OutputConstraint
 from llmq.fingerprint import (
     ModelRevisions,
     fingerprint,
@@ -44,6 +45,7 @@ CHANGES = {
     "logit_bias": {5: 1.0},
     "logprobs": 2,
     "prompt_logprobs": 2,
+    "constraint": OutputConstraint(kind="regex", value="[0-9]+"),
 }
 
 
