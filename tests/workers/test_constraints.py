@@ -15,15 +15,6 @@ from workers.constraints import ConstraintFailed, Constraints, mask_rows
 DIGITS = OutputConstraint(kind="regex", value="[0-9]{3}")
 
 
-@pytest.fixture(scope="module")
-def host(tiny_model_path):
-    from llmq.registry import ModelSpec
-    from workers.host import ModelHost
-
-    spec = ModelSpec(id="tiny-llama", source=str(tiny_model_path), context_length=128)
-    return ModelHost.load(spec, "cpu", tiny_model_path.parent)
-
-
 @pytest.fixture
 def constraints(host):
     return Constraints(host.tokenizer, host.model.get_output_embeddings().weight.shape[0])

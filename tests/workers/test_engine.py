@@ -20,15 +20,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def host(tiny_model_path):
-    from llmq.registry import ModelSpec
-    from workers.host import ModelHost
-
-    spec = ModelSpec(id="tiny-llama", source=str(tiny_model_path), context_length=128)
-    return ModelHost.load(spec, "cpu", tiny_model_path.parent)
-
-
 @pytest.fixture
 def make_engine(host):
     from workers.engine import GenerationEngine

@@ -4,7 +4,6 @@ padded cache, and a model that cannot run it keeps one cache."""
 import uuid
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from llmq.protocol import SamplingParams
@@ -15,15 +14,6 @@ PROMPTS = [
     ["x", "Hello 🙂 漢字", "0 1 2 3 4 5"],
 ]
 DECODE_STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def host(tiny_model_path):
-    from llmq.registry import ModelSpec
-    from workers.host import ModelHost
-
-    spec = ModelSpec(id="tiny-llama", source=str(tiny_model_path), context_length=128)
-    return ModelHost.load(spec, "cpu", tiny_model_path.parent)
 
 
 def prefill(engine, host, prompts):

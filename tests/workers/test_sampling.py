@@ -104,15 +104,6 @@ def test_token_logprobs_are_log_softmax_with_the_true_top_k():
 
 
 @pytest.fixture(scope="module")
-def host(tiny_model_path):
-    from llmq.registry import ModelSpec
-    from workers.host import ModelHost
-
-    spec = ModelSpec(id="tiny-llama", source=str(tiny_model_path), context_length=128)
-    return ModelHost.load(spec, "cpu", tiny_model_path.parent)
-
-
-@pytest.fixture(scope="module")
 def engine(host):
     from workers.engine import GenerationEngine
 
