@@ -38,7 +38,13 @@ from workers.detokenize import TextState, advance_texts
 from workers.host import ModelHost
 from workers.memory import release_free_memory
 from workers.metrics import EngineMetrics, EngineObserver
-from workers.sampling import History, TokenLogprob, choose_tokens, make_generator, token_logprobs
+from workers.sampling import (
+    TokenHistory,
+    TokenLogprob,
+    choose_tokens,
+    make_generator,
+    token_logprobs,
+)
 from workers.scoring import PendingScore, Scorer, ScoreRequest
 
 log = structlog.get_logger(__name__)
@@ -103,6 +109,7 @@ class _Sequence:
     deltas_sent: int = 0
     matcher: object | None = None  # an llguidance matcher, when the job has a constraint
     compile_settled: bool = False  # its matcher came, or its compile ran out of time
+    history: TokenHistory | None = None  # its tokens as penalties read them, if it has any
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0  # entries already carried by token events
 
@@ -555,8 +562,16 @@ class GenerationEngine:
             mask_rows(batch.logits, constrained, [batch.seqs[row].matcher for row in constrained])
         histories = None
         if any(p.adjusts_logits for p in params):  # penalties read each row's tokens
-            histories = [History(s.request.prompt_ids, s.generated) for s in batch.seqs]
+            vocab = batch.logits.shape[-1]
+            for seq, p in zip(batch.seqs, params, strict=True):
+                if p.adjusts_logits and seq.history is None:
+                    seq.history = TokenHistory(seq.request.prompt_ids, vocab)
+            histories = [s.history for s in batch.seqs]
         tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs], histories)
+        if histories is not None:
+            for history, token in zip(histories, tokens, strict=True):
+                if history is not None:
+                    history.add(token)
         for row in constrained:
             batch.seqs[row].matcher.consume_token(tokens[row])
         if raw_logits is not None:

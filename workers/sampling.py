@@ -11,7 +11,6 @@ the above), as vLLM reports them by default: what the model thinks, whatever the
 """
 
 import random
-from dataclasses import dataclass
 
 import torch
 
@@ -25,32 +24,47 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-@dataclass(frozen=True)
-class History:
-    """The tokens a row's penalties look at."""
+class TokenHistory:
+    """The tokens a row's penalties read, kept token by token: which tokens the prompt and the
+    output hold (repetition) and how often each was generated (frequency, presence). Kept up to
+    date as the row goes, so no step rebuilds them from the whole prompt."""
 
-    prompt_ids: list[int]
-    generated: list[int]
+    def __init__(self, prompt_ids: list[int], vocab_size: int) -> None:
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+        self.seen[[token for token in prompt_ids if token < vocab_size]] = True
+        self.counts = torch.zeros(vocab_size)
+
+    def add(self, token: int) -> None:
+        if token < self.counts.numel():
+            self.seen[token] = True
+            self.counts[token] += 1
 
 
-def adjust_logits(scores: torch.Tensor, params: SamplingParams, history: History) -> torch.Tensor:
-    """A row's float logits after logit_bias and the penalties (a new tensor)."""
+def adjust_logits(
+    scores: torch.Tensor, params: list[SamplingParams], histories: list[TokenHistory]
+) -> torch.Tensor:
+    """Rows of float logits after logit_bias and the penalties, all rows at once (a new
+    tensor; a row whose setting is neutral is left as it was)."""
     scores = scores.clone()
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        bias = torch.tensor(list(params.logit_bias.values()), dtype=scores.dtype)
-        scores.index_add_(0, ids, bias)
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted({*history.prompt_ids, *history.generated}), dtype=torch.long)
-        picked = scores[seen]
-        penalty = params.repetition_penalty
-        scores[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
-    if (params.frequency_penalty or params.presence_penalty) and history.generated:
-        counts = torch.bincount(
-            torch.tensor(history.generated, dtype=torch.long), minlength=scores.numel()
-        ).to(scores.dtype)[: scores.numel()]
-        scores -= counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
-    return scores
+    vocab = scores.shape[-1]
+    biased = [
+        (row, token, value)
+        for row, p in enumerate(params)
+        for token, value in p.logit_bias.items()
+        if token < vocab
+    ]
+    if biased:
+        rows, tokens, values = zip(*biased, strict=True)
+        index = (torch.tensor(rows), torch.tensor(tokens))
+        scores.index_put_(index, torch.tensor(values, dtype=scores.dtype), accumulate=True)
+    seen = torch.stack([history.seen for history in histories])
+    counts = torch.stack([history.counts for history in histories])
+    penalty = torch.tensor([p.repetition_penalty for p in params]).unsqueeze(-1)
+    repeated = torch.where(scores < 0, scores * penalty, scores / penalty)
+    scores = torch.where(seen & (penalty != 1.0), repeated, scores)
+    frequency = torch.tensor([p.frequency_penalty for p in params]).unsqueeze(-1)
+    presence = torch.tensor([p.presence_penalty for p in params]).unsqueeze(-1)
+    return scores - counts * frequency - (counts > 0) * presence
 
 
 def sample_token(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
@@ -77,22 +91,25 @@ def choose_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator],
-    histories: list[History] | None = None,
+    histories: list[TokenHistory | None] | None = None,
 ) -> list[int]:
-    """One next token per row: plain greedy rows in one argmax; rows that sample or adjust
-    their logits (histories needed then) each on their own."""
+    """One next token per row: plain greedy rows in one argmax; rows that adjust their logits
+    (their histories needed then) adjusted together; rows that sample each on their own."""
     chosen = logits.argmax(dim=-1).tolist()
     own_rows = [row for row, p in enumerate(params) if not p.greedy or p.adjusts_logits]
-    if own_rows:
-        cpu_logits = logits[own_rows].float().cpu()
-        for slot, row in enumerate(own_rows):
-            scores, p = cpu_logits[slot], params[row]
-            if p.adjusts_logits:
-                assert histories is not None, "penalties need each row's tokens"
-                scores = adjust_logits(scores, p, histories[row])
-            chosen[row] = (
-                int(scores.argmax()) if p.greedy else sample_token(scores, p, generators[row])
-            )
+    if not own_rows:
+        return chosen
+    cpu_logits = logits[own_rows].float().cpu()
+    adjusting = [slot for slot, row in enumerate(own_rows) if params[row].adjusts_logits]
+    if adjusting:
+        assert histories is not None, "penalties need each row's tokens"
+        rows = [own_rows[slot] for slot in adjusting]
+        cpu_logits[adjusting] = adjust_logits(
+            cpu_logits[adjusting], [params[row] for row in rows], [histories[row] for row in rows]
+        )
+    for slot, row in enumerate(own_rows):
+        p, scores = params[row], cpu_logits[slot]
+        chosen[row] = int(scores.argmax()) if p.greedy else sample_token(scores, p, generators[row])
     return chosen
 
 

@@ -15,7 +15,7 @@ from transformers import (
 
 from llmq.protocol import SamplingParams
 from tests.api.test_logprobs import CLOSE, model_logprobs
-from workers.sampling import History, adjust_logits, sample_token, token_logprobs
+from workers.sampling import TokenHistory, adjust_logits, sample_token, token_logprobs
 
 VOCAB = 512
 
@@ -72,7 +72,10 @@ def test_adjusted_logits_equal_transformers_processors(case):
     prompt = torch.randint(0, VOCAB, (12,), generator=generator).tolist()
     generated = torch.randint(0, VOCAB, (9,), generator=generator).tolist() + [7, 7, 3]
     logits = torch.randn(VOCAB, generator=generator) * 4
-    ours = adjust_logits(logits, params, History(prompt, generated))
+    history = TokenHistory(prompt, VOCAB)
+    for token in generated:
+        history.add(token)
+    ours = adjust_logits(logits.unsqueeze(0), [params], [history])[0]
     input_ids = torch.tensor([prompt + generated])
     theirs = hf_processors(params, len(prompt))(input_ids, logits.clone().unsqueeze(0))[0]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
