@@ -84,7 +84,10 @@ def sample_token(scores: torch.Tensor, params: SamplingParams, generator: torch.
         drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    try:
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+    except RuntimeError:  # every token masked (a grammar at a dead end): the job fails alone
+        return int(scores.argmax())
 
 
 def choose_tokens(

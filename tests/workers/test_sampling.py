@@ -172,3 +172,11 @@ def test_logprobs_in_a_batch_are_the_models_own(engine, host):
             row = expected[len(prompt_ids) - 1 + step]
             assert logprob == pytest.approx(row[token].item(), **CLOSE)
             assert [a for a, _ in alternatives] == row.topk(2).indices.tolist()
+
+
+def test_a_row_with_every_token_masked_samples_without_failing_the_step():
+    """A grammar at a dead end leaves no token; the row gets one (its matcher then fails that
+    job alone) instead of an error that would fail the whole batch."""
+    masked = torch.full((VOCAB,), float("-inf"))
+    params = SamplingParams(max_tokens=1, temperature=1.0)
+    assert 0 <= sample_token(masked, params, torch.Generator().manual_seed(0)) < VOCAB
