@@ -3,8 +3,9 @@
 A row's logits go through, in vLLM's order: logit_bias, the repetition penalty (Transformers'
 definition, over the prompt and the generated tokens), the frequency and presence penalties
 (OpenAI's definition, over the generated tokens), then temperature, min_p, top_k and top_p.
-Rows that ask for none of these take the greedy argmax of the whole batch in one call; only the
-others are worked on one by one, so jobs with plain settings pay nothing for the rest.
+Rows that ask for none of these take the greedy argmax of the whole batch in one call; rows with
+a bias or a penalty are adjusted together in one pass; only sampled rows draw one by one, so jobs
+with plain settings pay nothing for the rest.
 
 Log-probabilities are those of the model itself (log_softmax of its raw logits, before any of
 the above), as vLLM reports them by default: what the model thinks, whatever the job did with it.
@@ -126,13 +127,20 @@ TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
     """Each row's chosen token's log-probability and its `tops[row]` likeliest tokens, best
     first, from the rows' raw logits (one log_softmax and one topk for all of them)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOWEST_LOGPROB)
+    return logprob_entries(torch.log_softmax(logits.float(), dim=-1), tokens, tops)
+
+
+def logprob_entries(
+    logprobs: torch.Tensor, tokens: list[int], tops: list[int]
+) -> list[TokenLogprob]:
+    """token_logprobs from rows of log-probabilities (a decode step's, or a scoring pass's)."""
+    logprobs = logprobs.clamp(min=LOWEST_LOGPROB)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(-1))
     most = max(tops, default=0)
     best_values: list[list[float]] = [[] for _ in tokens]
     best_ids: list[list[int]] = [[] for _ in tokens]
     if most:
-        best = logprobs.topk(most, dim=-1)
+        best = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1)
         best_values, best_ids = best.values.tolist(), best.indices.tolist()
     return [
         (token, logprob, tuple(zip(ids[:top], values[:top], strict=True)))

@@ -29,7 +29,7 @@ import torch
 
 from llmq.protocol import BATCH_PRIORITY
 from workers.host import ModelHost
-from workers.sampling import LOWEST_LOGPROB, TokenLogprob
+from workers.sampling import TokenLogprob, logprob_entries
 
 log = structlog.get_logger(__name__)
 
@@ -137,26 +137,6 @@ class _Row:
     greedy: torch.Tensor | None = None  # [needed]
 
 
-def _token_entries(
-    logprobs: torch.Tensor, continuation: list[int], picked: torch.Tensor, request: ScoreRequest
-) -> list[TokenLogprob]:
-    """Each continuation token's log-probability and its request's number of alternatives."""
-    top = request.top_logprobs or 0
-    logprobs = logprobs.clamp(min=LOWEST_LOGPROB)
-    picked = picked.clamp(min=LOWEST_LOGPROB)
-    best_ids: list[list[int]] = [[] for _ in continuation]
-    best_values: list[list[float]] = [[] for _ in continuation]
-    if top:
-        best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
-        best_ids, best_values = best.indices.tolist(), best.values.tolist()
-    return [
-        (token, value, tuple(zip(ids, values, strict=True)))
-        for token, value, ids, values in zip(
-            continuation, picked.tolist(), best_ids, best_values, strict=True
-        )
-    ]
-
-
 class Scorer:
     """Scores pending requests in as few forward passes as the token budget allows."""
 
@@ -226,7 +206,8 @@ class Scorer:
                 greedy.append(bool((choices == wanted).all()))
                 seen.add(key)
                 if item.request.top_logprobs is not None:
-                    details.append(_token_entries(logprobs, continuation, picked, item.request))
+                    tops = [item.request.top_logprobs] * len(continuation)
+                    details.append(logprob_entries(logprobs, continuation, tops))
             item.future.set_result(
                 ScoreOutput(
                     loglikelihoods=scores,
