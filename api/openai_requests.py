@@ -55,9 +55,7 @@ class PlannedRequest:
 
     def shape(self, texts: TokenTexts) -> "ResponseShape":
         echoed = [text for text in self.echoed for _ in range(self.body.n)] if self.echoed else None
-        return ResponseShape(
-            self.chat, self.spec.id, texts, self.body.shows_logprobs, echoed, forced_tool(self.body)
-        )
+        return ResponseShape.of(self.body, self.spec.id, texts, echoed)
 
 
 @dataclass(frozen=True)
@@ -72,12 +70,20 @@ class ResponseShape:
     # A forced tool call: the function's name, or "" when the text names it ("required").
     tool: str | None = None
 
-
-def forced_tool(body: CompletionRequest | ChatCompletionRequest) -> str | None:
-    if not isinstance(body, ChatCompletionRequest) or not body.calls_tool:
-        return None
-    choice = body.tool_choice
-    return "" if choice == "required" else choice.function.name
+    @classmethod
+    def of(
+        cls,
+        body: CompletionRequest | ChatCompletionRequest,
+        model: str,
+        texts: TokenTexts,
+        echoed: list[str] | None,
+    ) -> "ResponseShape":
+        tool = None
+        if isinstance(body, ChatCompletionRequest) and body.calls_tool:
+            choice = body.tool_choice
+            tool = "" if choice == "required" else choice.function.name
+        chat = isinstance(body, ChatCompletionRequest)
+        return cls(chat, model, texts, body.shows_logprobs, echoed, tool)
 
 
 @dataclass(frozen=True)
@@ -166,8 +172,10 @@ def submit_choices(
     counted = planned.prompt_tokens or [None] * len(planned.prompts)
     token_ids = planned.prompt_token_ids or [None] * len(planned.prompts)
     for p, prompt in enumerate(planned.prompts):
+        # Once per prompt: building them checks the request's constraint.
+        prompt_params = body.sampling_params(planned.max_tokens[p])
         for j in range(body.n):
-            params = body.sampling_params(planned.max_tokens[p])
+            params = prompt_params
             if params.seed is not None:
                 params = params.model_copy(update={"seed": params.seed + j})
             index = p * body.n + j
@@ -211,9 +219,7 @@ def stored_shape(
             )
             for job in jobs
         ]
-    chat = isinstance(body, ChatCompletionRequest)
-    texts = counter.token_texts(spec)
-    return ResponseShape(chat, spec.id, texts, body.shows_logprobs, echoed, forced_tool(body))
+    return ResponseShape.of(body, spec.id, counter.token_texts(spec), echoed)
 
 
 def choice_key(idempotency_key: str | None, index: int) -> str | None:
