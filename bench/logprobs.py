@@ -40,33 +40,56 @@ VARIANTS = {
 }
 
 
-def bench_model(name: str, model_dir: Path, workdir: Path, args) -> Table:
-    from workers.engine import GenerationEngine, GenerationRequest
-    from workers.host import ModelHost
+class EngineAlone:
+    """An engine in this process with workload (a)'s prompts, one per client, in one batch."""
 
-    host = ModelHost.load(ModelSpec(id=name, source=str(model_dir)), "cpu", workdir)
-    engine = GenerationEngine(
-        host, max_batch_size=args.clients, max_batch_tokens=1_000_000, max_wait_ms=10
-    )
-    engine.start()
-    prompts = [host.encode(r.prompt) for r in make_workload("a", args.clients)]
+    def __init__(self, name: str, model_dir: Path, workdir: Path, clients: int) -> None:
+        from workers.engine import GenerationEngine
+        from workers.host import ModelHost
 
-    def run(settings: dict) -> float:
-        params = SamplingParams(max_tokens=TOKENS, ignore_eos=True, **settings)
+        self.host = ModelHost.load(ModelSpec(id=name, source=str(model_dir)), "cpu", workdir)
+        self.engine = GenerationEngine(
+            self.host, max_batch_size=clients, max_batch_tokens=1_000_000, max_wait_ms=10
+        )
+        self.engine.start()
+        self.prompts = [self.host.encode(r.prompt) for r in make_workload("a", clients)]
+
+    def tokens_per_s(self, params: SamplingParams) -> float:
+        """Every prompt under these params at once: generated tokens over the wall time."""
+        from workers.engine import GenerationRequest
+
         started = time.perf_counter()
-        futures = [engine.submit(GenerationRequest(uuid.uuid4(), p, params)) for p in prompts]
+        submit = self.engine.submit
+        futures = [submit(GenerationRequest(uuid.uuid4(), p, params)) for p in self.prompts]
         tokens = sum(future.result(timeout=600).completion_tokens for future in futures)
         return tokens / (time.perf_counter() - started)
 
+    @staticmethod
+    def rounds(run, variants: dict, repeats: int) -> dict[str, list]:
+        """run(variant) for each variant, round after round (after one warm-up round), so that
+        other work on the machine weighs on all alike."""
+        for variant in variants.values():
+            run(variant)
+        results: dict[str, list] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, variant in variants.items():
+                results[name].append(run(variant))
+        return results
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+def bench_model(name: str, model_dir: Path, workdir: Path, args) -> Table:
+    alone = EngineAlone(name, model_dir, workdir, args.clients)
+
+    def run(settings: dict) -> float:
+        return alone.tokens_per_s(SamplingParams(max_tokens=TOKENS, ignore_eos=True, **settings))
+
     try:
-        for settings in VARIANTS.values():  # warm-up
-            run(settings)
-        rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-        for _ in range(args.repeats):
-            for variant, settings in VARIANTS.items():
-                rates[variant].append(run(settings))
+        rates = alone.rounds(run, VARIANTS, args.repeats)
     finally:
-        engine.stop()
+        alone.stop()
     table = Table(title=f"{name}: {args.clients} rows × {TOKENS} tokens, medians of {args.repeats}")
     for column in ("rows ask for", "tokens/s", "runs (tokens/s)", "× plain"):
         table.add_column(column, justify="right")

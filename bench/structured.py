@@ -16,17 +16,15 @@ import argparse
 import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from bench.logprobs import EngineAlone
 from bench.models import benchmark_models
-from bench.run import make_workload
 from llmq.constraints import OutputConstraint
 from llmq.protocol import SamplingParams
-from llmq.registry import ModelSpec
 from workers.threads import apply_thread_defaults
 
 console = Console(width=140)
@@ -89,16 +87,8 @@ class MaskTimer:
 
 
 def bench_model(name: str, model_dir: Path, workdir: Path, args) -> list[Table]:
-    from workers.engine import GenerationEngine, GenerationRequest
-    from workers.host import ModelHost
-
-    host = ModelHost.load(ModelSpec(id=name, source=str(model_dir)), "cpu", workdir)
     timer = MaskTimer()
-    engine = GenerationEngine(
-        host, max_batch_size=args.clients, max_batch_tokens=1_000_000, max_wait_ms=10
-    )
-    engine.start()
-    prompts = [host.encode(r.prompt) for r in make_workload("a", args.clients)]
+    alone = EngineAlone(name, model_dir, workdir, args.clients)
     variants = {
         "unconstrained": SamplingParams(max_tokens=TOKENS, ignore_eos=True),
         "JSON Schema": SamplingParams(
@@ -109,10 +99,7 @@ def bench_model(name: str, model_dir: Path, workdir: Path, args) -> list[Table]:
     def run(params: SamplingParams) -> tuple[float, float]:
         """(tokens/s, mask ms per step)"""
         timer.seconds, timer.calls = 0.0, 0
-        started = time.perf_counter()
-        futures = [engine.submit(GenerationRequest(uuid.uuid4(), p, params)) for p in prompts]
-        tokens = sum(future.result(timeout=600).completion_tokens for future in futures)
-        rate = tokens / (time.perf_counter() - started)
+        rate = alone.tokens_per_s(params)
         return rate, timer.seconds * 1000 / max(timer.calls, 1)
 
     def compile_seconds(schema: dict) -> tuple[float, float]:
@@ -120,20 +107,15 @@ def bench_model(name: str, model_dir: Path, workdir: Path, args) -> list[Table]:
         times = []
         for _ in range(2):
             started = time.perf_counter()
-            engine._constraints().matcher(constraint).result(timeout=60)
+            alone.engine._constraints().matcher(constraint).result(timeout=60)
             times.append(time.perf_counter() - started)
         return times[0], times[1]
 
     try:
         compiled = {label: compile_seconds(schema) for label, schema in SCHEMAS.items()}
-        for params in variants.values():  # warm-up
-            run(params)
-        rounds: dict[str, list[tuple[float, float]]] = {variant: [] for variant in variants}
-        for _ in range(args.repeats):
-            for variant, params in variants.items():
-                rounds[variant].append(run(params))
+        rounds = alone.rounds(run, variants, args.repeats)
     finally:
-        engine.stop()
+        alone.stop()
     speed = Table(title=f"{name}: {args.clients} rows × {TOKENS} tokens, medians of {args.repeats}")
     for column in ("rows", "tokens/s", "runs (tokens/s)", "× unconstrained", "mask ms/step"):
         speed.add_column(column, justify="right")
