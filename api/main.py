@@ -37,6 +37,7 @@ from api.routes import (
     stats,
     streams,
 )
+from api.upstreams import UpstreamBreakers
 from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
@@ -83,13 +84,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.prompt_counter = PromptCounter(settings.data_dir)
     app.state.live_queues = LiveQueues(producer(), interval_s=settings.workers_cache_s)
     app.state.publisher = TokenPublisher(settings.redis_url)
+    app.state.upstream_breakers = UpstreamBreakers(app.state.registry, settings.redis_url)
     app.state.authenticator = Authenticator(settings)
     app.state.eval_driver = EvalDriver(
         settings, app.state.registry, app.state.prompt_counter, app.state.live_queues
     )
     app.state.batch_driver = BatchDriver(app.state, settings.batch_interval_s)
     app.state.scrape_registry = scrape_registry(
-        app.state.registry, app.state.live_queues, settings.redis_url, settings.database_url
+        app.state.registry,
+        app.state.live_queues,
+        settings.redis_url,
+        settings.database_url,
+        app.state.upstream_breakers,
     )
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)

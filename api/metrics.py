@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.enqueue import priority_lists
 from api.live_workers import LiveQueues
+from api.upstreams import STATE_VALUES, UpstreamBreakers
 from db.queries import batches as batch_queries
 from db.session import session_scope
 from llmq.protocol import JOB_IDS_HEADER
@@ -116,6 +117,31 @@ class QueueCollector(Collector):
         yield depth
 
 
+class UpstreamCollector(Collector):
+    """Each remote model's upstream circuit breaker, as every worker of it shares it."""
+
+    def __init__(self, breakers: UpstreamBreakers) -> None:
+        self.breakers = breakers
+
+    @staticmethod
+    def family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "llmq_upstream_circuit_breaker_state",
+            "A remote model's upstream breaker: 0 closed, 1 half-open, 2 open",
+            labels=["model"],
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self.family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self.family()
+        for model, state in self.breakers.states().items():
+            if state in STATE_VALUES:
+                family.add_metric([model], STATE_VALUES[state])
+        yield family
+
+
 class BatchCollector(Collector):
     """Batch API progress: batches by status, and their jobs queued or running per model."""
 
@@ -155,7 +181,11 @@ class BatchCollector(Collector):
 
 
 def scrape_registry(
-    registry: Registry, live: LiveQueues, redis_url: str, database_url: str
+    registry: Registry,
+    live: LiveQueues,
+    redis_url: str,
+    database_url: str,
+    breakers: UpstreamBreakers,
 ) -> CollectorRegistry:
     """The app's scrape-time collectors, kept apart from the process-wide registry so that each
     app (tests build several) reports its own queues."""
@@ -163,6 +193,7 @@ def scrape_registry(
     redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     scraped.register(QueueCollector(registry, live, redis))
     scraped.register(BatchCollector(database_url))
+    scraped.register(UpstreamCollector(breakers))
     return scraped
 
 

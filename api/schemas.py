@@ -444,6 +444,10 @@ class ModelPublic(BaseModel):
     max_batch_size: int
     live: bool = Field(description="True when at least one worker consumes one of its queues")
     live_queues: list[str]
+    circuit_breaker: str | None = Field(
+        default=None,
+        description="A remote model's upstream breaker: closed, half-open or open (None: local)",
+    )
 
 
 class ModelsPublic(BaseModel):

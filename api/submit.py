@@ -25,6 +25,7 @@ from api.enqueue import route, send_soon
 from api.live_workers import LiveQueues
 from api.metrics import job_submitted
 from api.prompts import PromptCounter, check_prompt_size
+from api.upstreams import check_remote_params
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.tables import Job
@@ -192,6 +193,7 @@ def _new_jobs(
         if params.truncate_prompt_tokens is not None:  # the model sees only the last ones
             tokens = min(tokens, params.truncate_prompt_tokens)
         counter.check_count_fits(spec, tokens, params.max_tokens)
+        check_remote_params(spec, params)
         queue = route(spec, live.queues)
         # Token ids are their own prompt: NUL never starts a stored text prompt.
         cache_prompt = prompt if token_ids is None else f"\x00token ids:{token_ids}"

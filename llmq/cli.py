@@ -34,14 +34,17 @@ def worker(
 ) -> None:
     """Start a Celery worker that holds one model and drains its llmq.<model>.<device> queue."""
     apply_thread_defaults()  # before torch loads
-    from workers.host import detect_device
-
     settings = get_settings()
     model = model or settings.worker_model
     spec = get_registry().get(model)
     if spec is None:
         raise typer.BadParameter(f"unknown model {model!r}; known: {', '.join(get_registry().ids)}")
-    resolved = detect_device(device)
+    if spec.is_remote:  # sends its jobs upstream: no device, no torch
+        resolved = "remote"
+    else:
+        from workers.host import detect_device
+
+        resolved = detect_device(device)
     # The worker process reads its identity from settings, like every other knob.
     os.environ["LLMQ_WORKER_MODEL"] = spec.id
     os.environ["LLMQ_WORKER_DEVICE"] = resolved

@@ -14,7 +14,9 @@ The revision comes from the API's view of the model, without loading it (no torc
   also loaded at that revision);
 - else, for a local folder (built-in models included), a hash of the name, size and
   modification time of every file in it: config, tokenizer, chat template and weights;
-- else, for a hub id, the commit of the snapshot in the local Hugging Face cache.
+- else, for a hub id, the commit of the snapshot in the local Hugging Face cache;
+- a remote model (another server's weights, which may change without notice) has a revision
+  only when models.yaml gives one: the operator's word that the upstream's weights are those.
 A model whose revision cannot be told (a hub id never downloaded here) is not cached.
 """
 
@@ -140,6 +142,8 @@ class ModelRevisions:
     def _read(self, spec: ModelSpec) -> str | None:
         if spec.revision is not None:
             return f"rev:{spec.revision}"
+        if spec.is_remote:
+            return None  # another server's weights may change unseen: only a revision vouches
         local = spec.local_path(self.data_dir)
         if local is not None:
             return folder_revision(local)

@@ -69,6 +69,11 @@ class ErrorCategory(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
     INTERNAL = "internal"
+    # A remote model's upstream answered what is not a valid response (workers/remote/).
+    UPSTREAM_ERROR = "upstream_error"
+    # A remote model's upstream could not be reached (or its breaker stayed open) until the
+    # job's deadline.
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
 
 
 class SamplingParams(BaseModel):

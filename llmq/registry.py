@@ -5,12 +5,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmq.settings import get_settings
 
-Device = Literal["cpu", "cuda", "mps"]
+# "remote": the model runs on another OpenAI-compatible server (RemoteUpstream).
+Device = Literal["cpu", "cuda", "mps", "remote"]
 BUILTIN_PREFIX = "builtin:"
+REMOTE_SOURCE = "remote"
 
 
 class GenerationDefaults(BaseModel):
@@ -22,13 +24,46 @@ class GenerationDefaults(BaseModel):
     top_k: int = Field(default=0, ge=0)
 
 
+class CircuitBreakerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Consecutive failed upstream requests (after their retries) that open the breaker.
+    fail_max: int = Field(default=5, ge=1)
+    # Seconds the breaker stays open before a probe request may try the upstream again.
+    reset_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class RemoteUpstream(BaseModel):
+    """Where a `source: remote` model runs: another OpenAI-compatible server (vLLM, TGI, a
+    hosted API, another llmq), reached by the model's remote workers (workers/remote/)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(pattern=r"^https?://", description="the upstream's /v1 URL")
+    model: str = Field(min_length=1, description="the model's name upstream")
+    # The environment variable holding the upstream's API key, never the key itself: this
+    # file is checked in. Unset: no Authorization header.
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Requests in flight to the upstream from all of this model's workers together.
+    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # The longest silence within a response (between streamed chunks) before it counts as hung.
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
+
+
 class ModelSpec(BaseModel):
     """One entry of models.yaml."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # A hub id, a local folder, `builtin:tiny-llama`, or `remote` (see `remote`).
     source: str
+    remote: RemoteUpstream | None = None
+    # Where the tokenizer files come from, when not from `source` (a remote model's): the API
+    # counts prompts and renders chat templates with them, as for a model served here.
+    tokenizer: str | None = None
     # The weights' name for the completion cache (llmq/fingerprint.py): a hub model is loaded at
     # this revision; for a local folder, change it when the weights change. Unset: the cache
     # tells the weights apart by their files.
@@ -58,6 +93,37 @@ class ModelSpec(BaseModel):
     # server's job time limit).
     timeout_s: float | None = Field(default=None, gt=0)
 
+    @model_validator(mode="after")
+    def remote_settings_match_source(self) -> "ModelSpec":
+        if self.is_remote:
+            if self.remote is None:
+                raise ValueError(f"{self.id}: source: remote needs a `remote:` block (base_url…)")
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{self.id}: a remote model needs `tokenizer` (a hub id or folder with the "
+                    "upstream model's tokenizer), to count prompts and render chat templates"
+                )
+            if "devices" not in self.model_fields_set:
+                self.devices = ["remote"]
+            elif self.devices != ["remote"]:
+                raise ValueError(f"{self.id}: a remote model's devices are [remote]")
+        else:
+            if self.remote is not None:
+                raise ValueError(f"{self.id}: a `remote:` block needs source: remote")
+            if "remote" in self.devices:
+                raise ValueError(f"{self.id}: device remote is for source: remote models")
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        return self.source == REMOTE_SOURCE
+
+    @property
+    def files(self) -> str:
+        """Where the model's files come from: its tokenizer's for a remote model, else the
+        weights' (which hold the tokenizer too)."""
+        return self.tokenizer or self.source
+
     @property
     def background_window(self) -> int:
         """Batch-API jobs the Batch driver keeps queued or running per live worker: a full
@@ -67,18 +133,21 @@ class ModelSpec(BaseModel):
     @property
     def worker_threads(self) -> int:
         """Celery threads per worker: the background window, the interactive batch, and a few
-        more, so an interactive job is always picked up at once, however many lines wait."""
+        more, so an interactive job is always picked up at once, however many lines wait. A
+        remote model's worker holds as many jobs as may be in flight upstream."""
+        if self.remote is not None:
+            return self.remote.max_concurrency
         return self.background_window + self.max_batch_size + max(1, self.max_batch_size // 4)
 
     @property
     def is_builtin(self) -> bool:
-        return self.source.startswith(BUILTIN_PREFIX)
+        return self.files.startswith(BUILTIN_PREFIX)
 
     def local_path(self, data_dir: Path) -> Path | None:
-        """Where the weights lie on disk, or None for a hub id (resolved by from_pretrained)."""
+        """Where the model's files lie on disk, or None for a hub id (from_pretrained's)."""
         if self.is_builtin:
-            return data_dir / "models" / self.source.removeprefix(BUILTIN_PREFIX)
-        path = Path(self.source)
+            return data_dir / "models" / self.files.removeprefix(BUILTIN_PREFIX)
+        path = Path(self.files)
         return path if path.is_dir() else None
 
     def queue(self, device: Device) -> str:
@@ -100,11 +169,18 @@ def load_registry(path: Path) -> Registry:
     raw = yaml.safe_load(path.read_text()) or {}
     registry = Registry.model_validate(raw)
     for spec in registry.models:
-        if not spec.is_builtin and not Path(spec.source).is_absolute():
-            candidate = (path.parent / spec.source).resolve()
-            if candidate.exists():
-                spec.source = str(candidate)
+        spec.source = _resolved(spec.source, path.parent)
+        if spec.tokenizer is not None:
+            spec.tokenizer = _resolved(spec.tokenizer, path.parent)
     return registry
+
+
+def _resolved(source: str, base: Path) -> str:
+    """A folder named relative to models.yaml, made absolute; other sources as they are."""
+    if source.startswith(BUILTIN_PREFIX) or source == REMOTE_SOURCE or Path(source).is_absolute():
+        return source
+    candidate = (base / source).resolve()
+    return str(candidate) if candidate.exists() else source
 
 
 @lru_cache

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
 
     # Worker identity: one worker process serves one model on one device.
     worker_model: str = "tiny-llama"
-    worker_device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    worker_device: Literal["auto", "cpu", "cuda", "mps", "remote"] = "auto"  # remote: source remote
     # Where each worker serves its Prometheus metrics; 0 turns the endpoint off. Workers that
     # share a host need a port each (`llmq worker --metrics-port`).
     worker_metrics_host: str = "127.0.0.1"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.factories import ADMIN_KEY  # reads no settings
+from tests.factories import ADMIN_KEY, free_port  # reads no settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA_DIR = Path(tempfile.mkdtemp(prefix="llmq-test-"))
@@ -33,11 +33,19 @@ def _test_urls() -> tuple[str, str]:
 
 
 DATABASE_URL, REDIS_URL = _test_urls()
+# Remote models (tests/workers/remote) reach their upstream, a second llmq, through a link on
+# this port; the models file gives it to them.
+UPSTREAM_LINK_PORT = free_port()
+MODELS_FILE = TEST_DATA_DIR / "models.yaml"
+MODELS_FILE.write_text(
+    (ROOT / "tests" / "models.test.yaml").read_text()
+    + (ROOT / "tests" / "models.remote.yaml").read_text().format(port=UPSTREAM_LINK_PORT)
+)
 # Set before any llmq module reads settings (celeryconfig reads them at import).
 os.environ.update(
     LLMQ_DATABASE_URL=DATABASE_URL,
     LLMQ_REDIS_URL=REDIS_URL,
-    LLMQ_MODELS_FILE=str(ROOT / "tests" / "models.test.yaml"),
+    LLMQ_MODELS_FILE=str(MODELS_FILE),
     LLMQ_DATA_DIR=str(TEST_DATA_DIR),
     LLMQ_LOG_JSON="false",
     LLMQ_WORKERS_CACHE_S="0.5",
@@ -53,6 +61,8 @@ os.environ.update(
     LLMQ_RATE_LIMIT_PER_MINUTE="0",
     LLMQ_MAX_CONCURRENT_JOBS="0",
     LLMQ_BATCH_INTERVAL_S="0.3",
+    # The key remote models send their upstream (models.remote.yaml's api_key_env).
+    LLMQ_TEST_UPSTREAM_KEY=ADMIN_KEY,
 )
 
 from tests.factories import (  # noqa: E402

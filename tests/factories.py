@@ -34,9 +34,10 @@ def api_client(base_url: str, headers: dict[str, str] = AUTH, **options) -> http
     return httpx.Client(base_url=base_url, headers=headers, **options)
 
 
-def start_worker(model: str, **env: str) -> subprocess.Popen:
+def start_worker(model: str, log_name: str | None = None, **env: str) -> subprocess.Popen:
     """A real `llmq worker` subprocess; `env` overrides settings (LLMQ_REDIS_URL=...)."""
-    log = open(Path(os.environ["LLMQ_DATA_DIR"]) / f"worker-{model}.log", "ab")  # noqa: SIM115
+    log_file = f"{log_name or f'worker-{model}'}.log"
+    log = open(Path(os.environ["LLMQ_DATA_DIR"]) / log_file, "ab")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "llmq.cli", "worker", "--model", model, "--device", "cpu"],
         cwd=ROOT,
@@ -52,10 +53,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_api(timeout: float = 60, **env: str) -> tuple[subprocess.Popen, str]:
+def start_api(
+    timeout: float = 60, log_name: str = "api", **env: str
+) -> tuple[subprocess.Popen, str]:
     """The API under uvicorn; `env` overrides settings (LLMQ_REDIS_URL=...)."""
     port = free_port()
-    log = open(Path(os.environ["LLMQ_DATA_DIR"]) / "api.log", "ab")  # noqa: SIM115
+    log = open(Path(os.environ["LLMQ_DATA_DIR"]) / f"{log_name}.log", "ab")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port)],
         cwd=ROOT,

@@ -21,9 +21,9 @@ LONG_JOB = {"model": MODEL, "max_tokens": 400, "ignore_eos": True, "cache": Fals
 
 
 class CuttableLink:
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", port: int = 0) -> None:
         self.upstream = (upstream_host, upstream_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -77,6 +77,43 @@ class CuttableLink:
         """Relay one connection both ways (a subclass may watch what passes)."""
         for source, sink in ((client, server), (server, client)):
             threading.Thread(target=pump, args=(source, sink), daemon=True).start()
+
+
+class HttpFaultLink(CuttableLink):
+    """A link in front of an HTTP server that can also answer each new request itself with
+    an error status (`fail_with`), or take requests and never answer them (`hang`)."""
+
+    def __init__(self, upstream_port: int, port: int = 0) -> None:
+        super().__init__(upstream_port, port=port)
+        self.fail_with: tuple[int, dict[str, str]] | None = None  # status, headers
+        self.hang = False
+        self.answered_errors = 0
+
+    def _relay_pair(self, client: socket.socket, server: socket.socket) -> None:
+        if self.hang:
+            return  # both ends stay open and silent until cut
+        if self.fail_with is not None:
+            status, headers = self.fail_with
+            threading.Thread(
+                target=self._answer_error, args=(client, server, status, headers), daemon=True
+            ).start()
+            return
+        super()._relay_pair(client, server)
+
+    def _answer_error(self, client, server, status: int, headers: dict[str, str]) -> None:
+        shut(server)
+        try:
+            client.recv(65536)  # the request: its content does not matter
+            body = b'{"error": {"message": "injected fault", "type": "server_error"}}'
+            lines = [f"HTTP/1.1 {status} Injected", f"Content-Length: {len(body)}"]
+            lines += ["Content-Type: application/json", "Connection: close"]
+            lines += [f"{name}: {value}" for name, value in headers.items()]
+            client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            self.answered_errors += 1
+        except OSError:
+            pass
+        finally:
+            shut(client)
 
 
 def pump(

@@ -8,6 +8,7 @@ from celery import Celery
 from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from llmq.logs import configure_logging
+from llmq.registry import get_registry
 from llmq.settings import get_settings
 from workers import broker_transport
 from workers.draining import DrainingHeart
@@ -33,13 +34,21 @@ def load_model(sender=None, **_kwargs) -> None:
     """Runs before the worker consumes: with the threads pool this is the one process."""
     global _runtime
     from workers.metrics import serve_metrics  # kept out of Flower, which imports this app
-    from workers.runtime import WorkerRuntime  # torch is imported by worker processes only
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    worker_name = getattr(sender, "hostname", "worker")
     try:
         serve_metrics(settings)
-        _runtime = WorkerRuntime.start(settings, worker_name=getattr(sender, "hostname", "worker"))
+        spec = get_registry().get(settings.worker_model)
+        if spec is not None and spec.is_remote:
+            from workers.remote.runtime import RemoteRuntime  # no torch: no weights here
+
+            _runtime = RemoteRuntime.start(settings, spec, worker_name)
+        else:
+            from workers.runtime import WorkerRuntime  # torch is imported by model workers only
+
+            _runtime = WorkerRuntime.start(settings, worker_name)
     except Exception:
         # Celery logs a failing signal handler and consumes all the same: every job taken would
         # then fail. Exit before the first message instead, so a supervisor restarts the worker

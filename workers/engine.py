@@ -30,11 +30,17 @@ import torch
 from transformers import Cache
 
 from llmq.events import TokenEvent
-from llmq.protocol import BATCH_PRIORITY, FinishReason, SamplingParams
+from llmq.protocol import BATCH_PRIORITY, FinishReason
 from llmq.publisher import TokenEmission
 from workers.batch import ROOM, Batch, Group, GrowingLayer, length_groups
 from workers.constraints import COMPILE_LIMIT_S, ConstraintFailed, Constraints, mask_rows
 from workers.detokenize import TextState, advance_texts
+from workers.engine_jobs import (
+    EngineStopped,
+    GenerationOutput,
+    GenerationRequest,
+    JobTimeout,
+)
 from workers.host import ModelHost
 from workers.memory import release_free_memory
 from workers.metrics import EngineMetrics, EngineObserver
@@ -64,37 +70,6 @@ _IDLE_BACKGROUND_TURN_S = 0.1
 _INTERACTIVE_RECENT_S = 1.0
 # A background scoring job waiting this long is scored before longer ones (_score_some).
 _SCORE_AGED_S = 30.0
-
-
-class JobTimeout(Exception):
-    """The job ran past its deadline."""
-
-
-class EngineStopped(Exception):
-    """The engine shut down before the job finished."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    job_id: uuid.UUID
-    prompt_ids: list[int]
-    params: SamplingParams
-    deadline: float | None = None  # time.monotonic() value
-    priority: int = 0  # lower first: interactive jobs join the batch before batch-API lines
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    text: str  # exactly the concatenation of the job's token deltas
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token_ms: float | None
-    duration_ms: float
-    # Each chosen token's log-probability and alternatives, when the job asked (EOS included).
-    logprobs: list[TokenLogprob] | None = None
-    # Each prompt token's (the first one's logprob None): the runner's, from a scoring pass.
-    prompt_logprobs: list | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -28,10 +29,20 @@ from llmq.publisher import TokenEmission, TokenPublisher
 from workers import metrics as worker_metrics
 from workers.claimer import JobClaimer
 from workers.db_retry import db_retry
-from workers.engine import GenerationEngine, GenerationOutput, GenerationRequest, JobTimeout
-from workers.host import ModelHost
+from workers.engine_jobs import (
+    GenerationOutput,
+    GenerationRequest,
+    JobFailed,
+    JobTimeout,
+    ScoreOutput,
+    ScoreRequest,
+    ScoreTimeout,
+)
 from workers.result_writer import ResultWriter
-from workers.scoring import ScoreOutput, ScoreRequest, ScoreTimeout
+
+if TYPE_CHECKING:  # the model's modules import torch, which a remote model's worker never loads
+    from workers.engine import GenerationEngine
+    from workers.host import ModelHost
 
 log = structlog.get_logger(__name__)
 
@@ -40,8 +51,8 @@ STALL_GRACE_S = 30.0
 
 @dataclass
 class JobRunner:
-    engine: GenerationEngine
-    host: ModelHost
+    engine: "GenerationEngine"
+    host: "ModelHost"
     publisher: TokenPublisher
     database_url: str
     worker_name: str
@@ -101,9 +112,7 @@ class JobRunner:
         timeout_s = job.timeout_s or self.job_timeout_s
         try:
             params = SamplingParams.model_validate(job.params)
-            prompt_ids = params.truncate_prompt(self._prompt_ids(job.input))
-            deadline = time.monotonic() + timeout_s
-            future = self._submit(job, prompt_ids, params, deadline)
+            future = self._submit(job, params, time.monotonic() + timeout_s)
         except (ValueError, KeyError, TypeError) as exc:
             bound.warning("job input rejected", error=str(exc))
             self._fail(job.id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
@@ -119,11 +128,10 @@ class JobRunner:
             return [int(token) for token in token_ids]
         return self.host.encode(given["prompt"])
 
-    def _submit(
-        self, job, prompt_ids: list[int], params: SamplingParams, deadline: float
-    ) -> Future:
+    def _submit(self, job, params: SamplingParams, deadline: float) -> Future:
         """Hand the job to the engine: its generation, and with prompt_logprobs a scoring
         pass over its prompt, batched with other scoring work (max_tokens 0: that alone)."""
+        prompt_ids = params.truncate_prompt(self._prompt_ids(job.input))
         generation = None
         if params.max_tokens > 0:
             request = GenerationRequest(job.id, prompt_ids, params, deadline, job.priority)
@@ -152,6 +160,9 @@ class JobRunner:
             output = future.result()
         except JobTimeout as exc:
             self._fail(job.job_id, ErrorCategory.TIMEOUT, str(exc))
+        except JobFailed as exc:
+            job.bound.warning("job failed", category=exc.category.value, error=str(exc))
+            self._fail(job.job_id, exc.category, str(exc))
         except (ValueError, KeyError, TypeError) as exc:
             job.bound.warning("job input rejected", error=str(exc))
             self._fail(job.job_id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")

@@ -16,6 +16,7 @@ import random
 import torch
 
 from llmq.protocol import SamplingParams
+from workers.engine_jobs import TokenLogprob
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -120,8 +121,6 @@ def choose_tokens(
 # What a log-probability of minus infinity (a token the model rules out) is reported as, as
 # vLLM does: JSON has no infinity.
 LOWEST_LOGPROB = -9999.0
-# A token's log-probability and its best alternatives: (token id, logprob, ((id, logprob), ...)).
-TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:

@@ -18,63 +18,19 @@ used by one thread and scoring and generation take turns (see GenerationEngine.s
 """
 
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import structlog
 import torch
 
 from llmq.protocol import BATCH_PRIORITY
+from workers.engine_jobs import Pair, ScoreOutput, ScoreRequest, ScoreTimeout
 from workers.host import ModelHost
 from workers.sampling import TokenLogprob, logprob_entries
 
 log = structlog.get_logger(__name__)
-
-
-class ScoreTimeout(Exception):
-    """The scoring job reached its deadline before its turn on the model."""
-
-
-Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    job_id: uuid.UUID
-    pairs: list[Pair]
-    max_length: int
-    deadline: float | None = None  # time.monotonic() value
-    priority: int = 0  # BATCH_PRIORITY and above: a background job (an evaluation item)
-    # Also each continuation token's log-probability with this many alternatives (a job's
-    # prompt log-probabilities, echo in the OpenAI API); None: the sums only.
-    top_logprobs: int | None = None
-
-    @cached_property
-    def tokens(self) -> int:
-        """About how many tokens its rows put through the model (shared rows counted once)."""
-        return sum(self._row_lengths)
-
-    @cached_property
-    def longest_row(self) -> int:
-        return max(self._row_lengths, default=0)
-
-    @cached_property
-    def _row_lengths(self) -> list[int]:
-        rows = {tuple(context): len(continuation) for context, continuation in self.pairs}
-        return [min(len(c) + n, self.max_length) for c, n in rows.items()]
-
-
-@dataclass(frozen=True)
-class ScoreOutput:
-    loglikelihoods: list[float]
-    greedy: list[bool]
-    input_tokens: int  # tokens this job put through the model, shared rows counted once
-    duration_ms: float
-    # Per continuation, each token's entry, when the request asked for top_logprobs.
-    token_logprobs: list[list[TokenLogprob]] | None = None
 
 
 @dataclass

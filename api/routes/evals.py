@@ -115,6 +115,13 @@ def create_eval_run(
     benchmark = Benchmark(body.benchmark)
     if body.subjects is not None and benchmark is not Benchmark.MMLU:
         raise InvalidRequest("subjects apply to mmlu only; remove them", param="subjects")
+    if spec.is_remote and benchmark is Benchmark.MMLU:
+        raise InvalidRequest(
+            f"mmlu scores each answer by its log-likelihood, and {spec.id} is a remote model: "
+            "llmq asks its upstream for completions only. Run gsm8k on it, or mmlu on a model "
+            "llmq serves itself",
+            param="model",
+        )
     run_settings = RunSettings(
         benchmark,
         body.num_fewshot if body.num_fewshot is not None else benchmark.default_fewshot,

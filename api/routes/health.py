@@ -2,7 +2,7 @@
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from redis import Redis
 from redis.exceptions import ResponseError
@@ -37,8 +37,10 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(settings: SettingsDep) -> JSONResponse:
-    """Postgres and Redis answer and the schema is at the newest migration."""
+def readyz(settings: SettingsDep, request: Request) -> JSONResponse:
+    """Postgres and Redis answer and the schema is at the newest migration. Remote models'
+    upstream breakers are shown beside the checks: an upstream's outage fails that model's jobs,
+    not the API's readiness."""
     checks: dict[str, str] = {}
     try:
         with get_engine(settings.database_url).connect() as conn:
@@ -57,8 +59,11 @@ def readyz(settings: SettingsDep) -> JSONResponse:
     except Exception as exc:
         checks["redis"] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
+    body: dict = {"status": "ready" if ready else "not ready", "checks": checks}
+    if breakers := request.app.state.upstream_breakers.states():
+        body["upstream_circuit_breakers"] = breakers
     return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks},
+        body,
         status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": "5"},
     )

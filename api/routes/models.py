@@ -1,6 +1,7 @@
 """The configured models and whether a live worker serves each."""
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 
 from api.deps import LiveQueuesDep, RegistryDep
 from api.schemas import ModelPublic, ModelsPublic
@@ -9,8 +10,10 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelsPublic)
-def list_models(registry: RegistryDep, live: LiveQueuesDep) -> ModelsPublic:
-    """Every model in models.yaml, with its queues and the ones a worker consumes now."""
+async def list_models(registry: RegistryDep, live: LiveQueuesDep, request: Request) -> ModelsPublic:
+    """Every model in models.yaml, with its queues and the ones a worker consumes now, and a
+    remote model's upstream circuit breaker."""
+    breakers = await anyio.to_thread.run_sync(request.app.state.upstream_breakers.states)
     data = []
     for spec in registry.models:
         queues = [spec.queue(d) for d in spec.devices]
@@ -25,6 +28,7 @@ def list_models(registry: RegistryDep, live: LiveQueuesDep) -> ModelsPublic:
                 max_batch_size=spec.max_batch_size,
                 live=bool(live_queues),
                 live_queues=live_queues,
+                circuit_breaker=breakers.get(spec.id),
             )
         )
     return ModelsPublic(data=data)

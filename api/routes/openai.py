@@ -52,7 +52,7 @@ from api.output_formats import resolve_named_schema
 from db.queries import jobs as job_queries
 from db.session import get_sessionmaker, session_scope
 from llmq.metrics import job_finished
-from llmq.protocol import JobStatus
+from llmq.protocol import ErrorCategory, JobStatus
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -173,10 +173,19 @@ async def _wait_ended(request: Request, choices: list[Choice], model: str, data:
     return JSONResponse(body, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+# A remote model's upstream failures are a gateway's: 502 for an invalid answer, 503 while it
+# cannot be reached. Every other failed job is a 500.
+UPSTREAM_FAILURE_STATUS = {
+    ErrorCategory.UPSTREAM_ERROR.value: 502,
+    ErrorCategory.UPSTREAM_UNAVAILABLE.value: 503,
+}
+
+
 def _job_failed(event: StreamedEvent) -> JSONResponse:
     data = json.loads(event.data)
     message = f"generation failed ({data['category']}): {data['message']}"
-    return JSONResponse(error_body(message, "server_error", code=data["category"]), 500)
+    status = UPSTREAM_FAILURE_STATUS.get(data["category"], 500)
+    return JSONResponse(error_body(message, "server_error", code=data["category"]), status)
 
 
 async def _respond(request: Request, choices: list[Choice], model: str, build) -> object:

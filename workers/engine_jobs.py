@@ -1,0 +1,92 @@
+"""What goes into the engine and what comes out of it: requests, outputs and the errors a job's
+future may hold. Plain data, free of torch, so a process that holds no model (the API's tools, a
+remote model's worker) can use the job path around the engine."""
+
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+
+from llmq.protocol import ErrorCategory, FinishReason, SamplingParams
+
+# A token's log-probability and its best alternatives: (token id, logprob, ((id, logprob), ...)).
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
+class JobFailed(Exception):
+    """A job's failure whose category the engine knows (a remote model's upstream errors)."""
+
+    category = ErrorCategory.MODEL_ERROR
+
+
+class JobTimeout(Exception):
+    """The job ran past its deadline."""
+
+
+class EngineStopped(Exception):
+    """The engine shut down before the job finished."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    job_id: uuid.UUID
+    prompt_ids: list[int]
+    params: SamplingParams
+    deadline: float | None = None  # time.monotonic() value
+    priority: int = 0  # lower first: interactive jobs join the batch before batch-API lines
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    text: str  # exactly the concatenation of the job's token deltas
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float | None
+    duration_ms: float
+    # Each chosen token's log-probability and alternatives, when the job asked (EOS included).
+    logprobs: list[TokenLogprob] | None = None
+    # Each prompt token's (the first one's logprob None): the runner's, from a scoring pass.
+    prompt_logprobs: list | None = None
+
+
+class ScoreTimeout(Exception):
+    """The scoring job reached its deadline before its turn on the model."""
+
+
+Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    job_id: uuid.UUID
+    pairs: list[Pair]
+    max_length: int
+    deadline: float | None = None  # time.monotonic() value
+    priority: int = 0  # BATCH_PRIORITY and above: a background job (an evaluation item)
+    # Also each continuation token's log-probability with this many alternatives (a job's
+    # prompt log-probabilities, echo in the OpenAI API); None: the sums only.
+    top_logprobs: int | None = None
+
+    @cached_property
+    def tokens(self) -> int:
+        """About how many tokens its rows put through the model (shared rows counted once)."""
+        return sum(self._row_lengths)
+
+    @cached_property
+    def longest_row(self) -> int:
+        return max(self._row_lengths, default=0)
+
+    @cached_property
+    def _row_lengths(self) -> list[int]:
+        rows = {tuple(context): len(continuation) for context, continuation in self.pairs}
+        return [min(len(c) + n, self.max_length) for c, n in rows.items()]
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    loglikelihoods: list[float]
+    greedy: list[bool]
+    input_tokens: int  # tokens this job put through the model, shared rows counted once
+    duration_ms: float
+    # Per continuation, each token's entry, when the request asked for top_logprobs.
+    token_logprobs: list[list[TokenLogprob]] | None = None

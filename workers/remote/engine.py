@@ -1,0 +1,355 @@
+"""The remote model's engine: the same surface as the model's engine (submit, cancel,
+active_job_ids, stop), each job sent upstream from a thread of its own.
+
+A job's attempts, until one succeeds or the job's deadline passes:
+1. wait while the breaker is open (a job that waits is not sent, so an outage does not fail
+   the jobs in a burst); when it may close again, one attempt of one worker is its probe;
+2. wait for one of the model's upstream slots (workers/remote/slots.py);
+3. stream the completion, relaying its text into the job's event stream as it comes.
+Transient failures are retried with exponential backoff and jitter (tenacity), no sooner than
+the upstream's Retry-After. A retried job's stream goes on where its text agrees with what was
+already relayed (a greedy or seeded job gets the same text again); where it does not, the stream
+starts over, as it does after a lost worker.
+"""
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pybreaker
+import structlog
+from redis import Redis
+from redis.exceptions import RedisError
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from llmq.circuit_breakers import circuit_breaker
+from llmq.events import TokenEvent
+from llmq.protocol import BATCH_PRIORITY, ErrorCategory, FinishReason, SamplingParams
+from llmq.publisher import TokenEmission
+from llmq.registry import ModelSpec
+from workers.engine_jobs import GenerationOutput, JobFailed, JobTimeout
+from workers.remote import metrics
+from workers.remote.slots import UpstreamSlots
+from workers.remote.upstream import (
+    Streamed,
+    UpstreamClient,
+    UpstreamRefused,
+    UpstreamTransient,
+    request_body,
+)
+
+log = structlog.get_logger(__name__)
+
+BREAKER_POLL_S = 0.2
+_backoff = wait_exponential_jitter(initial=0.25, max=5.0, jitter=0.5)
+
+
+class UpstreamUnavailable(JobFailed):
+    category = ErrorCategory.UPSTREAM_UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    job_id: uuid.UUID
+    job_input: dict  # the job row's input: its prompt, or its prompt's token ids
+    params: SamplingParams
+    deadline: float  # time.monotonic() value
+    priority: int = 0
+
+
+@dataclass
+class _Call:
+    """A job in flight, across its attempts."""
+
+    request: UpstreamRequest
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    relayed: str = ""  # the text its stream has carried so far
+    deltas: int = 0  # token events published
+    first_text_at: float | None = None  # time.monotonic()
+
+    @property
+    def background(self) -> bool:
+        return self.request.priority >= BATCH_PRIORITY
+
+
+class RemoteEngine:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        redis: Redis,
+        on_tokens: Callable[[list[TokenEmission]], None],
+        on_reset: Callable[[uuid.UUID], None],
+    ) -> None:
+        assert spec.remote is not None
+        self.spec = spec
+        self.upstream = spec.remote
+        self.redis = redis
+        self.on_tokens = on_tokens
+        self.on_reset = on_reset
+        self.client = UpstreamClient(self.upstream)
+        self.breaker = circuit_breaker(
+            spec,
+            redis,
+            exclude=[UpstreamRefused, JobTimeout],  # the request's fault, or the job's deadline
+            listeners=[metrics.BreakerMetrics(spec.id)],
+        )
+        # A lease outlives any request that still streams: one silent for read_timeout_s fails.
+        lease_s = self.upstream.connect_timeout_s + self.upstream.read_timeout_s + 30
+        self.slots = UpstreamSlots(redis, spec.id, self.upstream.max_concurrency, lease_s)
+        self._probe_key = f"llmq:breaker-probe:{spec.id}"
+        self._executor = ThreadPoolExecutor(
+            self.upstream.max_concurrency, thread_name_prefix="llmq-upstream"
+        )
+        self._calls: dict[uuid.UUID, _Call] = {}
+        self._lock = threading.Lock()
+
+    # -- the engine's surface -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Tell in the log whether the upstream answers; a worker starts either way, and its
+        jobs wait for the upstream (the breaker) rather than fail."""
+        try:
+            names = self.client.model_names()
+        except (JobFailed, UpstreamTransient) as exc:
+            log.error("upstream unavailable at start", model=self.spec.id, error=str(exc))
+            return
+        if self.upstream.model not in names:
+            log.error(
+                "the upstream does not serve this model",
+                model=self.spec.id,
+                upstream_model=self.upstream.model,
+                upstream_models=names[:20],
+            )
+        else:
+            log.info("upstream answers", model=self.spec.id, base_url=self.upstream.base_url)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for call in list(self._calls.values()):
+            call.cancelled.set()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
+
+    def submit(self, request: UpstreamRequest) -> Future:
+        call = _Call(request)
+        with self._lock:
+            self._calls[request.job_id] = call
+        future = self._executor.submit(self._run, call)
+        future.add_done_callback(lambda _: self._forget(request.job_id))
+        return future
+
+    def cancel(self, job_id: uuid.UUID) -> None:
+        with self._lock:
+            call = self._calls.get(job_id)
+        if call is not None:
+            call.cancelled.set()
+
+    def active_job_ids(self) -> list[uuid.UUID]:
+        with self._lock:
+            return list(self._calls)
+
+    def _forget(self, job_id: uuid.UUID) -> None:
+        with self._lock:
+            self._calls.pop(job_id, None)
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def _run(self, call: _Call) -> GenerationOutput:
+        started = time.monotonic()
+        retrying = Retrying(
+            retry=retry_if_exception_type((UpstreamTransient, pybreaker.CircuitBreakerError)),
+            wait=_wait_before_retry,
+            stop=lambda state: (
+                time.monotonic() + (state.upcoming_sleep or 0) >= call.request.deadline
+            ),
+            before_sleep=lambda state: log.info(
+                "upstream attempt failed; retrying",
+                job_id=str(call.request.job_id),
+                attempt=state.attempt_number,
+                error=str(state.outcome.exception()) if state.outcome else None,
+                retry_in_s=round(state.upcoming_sleep or 0, 2),
+            ),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._attempt(call, started)
+        except (UpstreamTransient, pybreaker.CircuitBreakerError) as exc:
+            raise UpstreamUnavailable(
+                f"the upstream did not answer before the job's deadline; last: {exc}"
+            ) from exc
+        raise AssertionError("unreachable: tenacity returns or raises")
+
+    def _attempt(self, call: _Call, started: float) -> GenerationOutput:
+        request = call.request
+        member = f"{request.job_id}:{time.monotonic_ns()}"
+        probing = self._wait_for_breaker(call, member)
+        try:
+            if not self.slots.acquire(member, request.deadline, call.cancelled.is_set):
+                if call.cancelled.is_set():
+                    return _cancelled(call, started)
+                raise UpstreamUnavailable(
+                    f"none of the upstream's {self.upstream.max_concurrency} slots "
+                    "(max_concurrency) came free before the job's deadline"
+                )
+            try:
+                with self.breaker.calling():
+                    streamed = self._stream(call, member)
+            finally:
+                self.slots.release(member)
+        finally:
+            if probing:
+                self._end_probe(member)
+        if streamed is None:
+            return _cancelled(call, started)
+        return self._output(call, streamed, started)
+
+    def may_send(self) -> bool:
+        """Whether a request may go upstream now: the breaker is closed, or a probe is due."""
+        state = self.breaker.current_state
+        return state == pybreaker.STATE_CLOSED or self._probe_due(state)
+
+    def _probe_due(self, state: str) -> bool:
+        if state == pybreaker.STATE_HALF_OPEN:
+            return True
+        opened_at = self.breaker._state_storage.opened_at  # pybreaker has no public reader
+        reset_s = self.upstream.circuit_breaker.reset_timeout_s
+        return opened_at is None or time.time() >= opened_at.timestamp() + reset_s
+
+    def _wait_for_breaker(self, call: _Call, member: str) -> bool:
+        """Wait until the breaker lets this attempt go; True if it goes as the probe. Raises
+        UpstreamUnavailable at the job's deadline (returns on cancellation: it is told later)."""
+        while True:
+            state = self.breaker.current_state
+            if state == pybreaker.STATE_CLOSED:
+                return False
+            if self._probe_due(state) and self._take_probe(member):
+                return True
+            if call.cancelled.is_set():
+                return False
+            if time.monotonic() >= call.request.deadline:
+                fail_max = self.upstream.circuit_breaker.fail_max
+                raise UpstreamUnavailable(
+                    f"the upstream's circuit breaker stayed {state} until the job's deadline "
+                    f"(it opens after {fail_max} failed requests in a row)"
+                )
+            time.sleep(BREAKER_POLL_S)
+
+    def _take_probe(self, member: str) -> bool:
+        ttl = int(self.upstream.connect_timeout_s + self.upstream.read_timeout_s) + 1
+        try:
+            return bool(self.redis.set(self._probe_key, member, nx=True, ex=ttl))
+        except RedisError:
+            return True
+
+    def _end_probe(self, member: str) -> None:
+        try:
+            if self.redis.get(self._probe_key) == member.encode():
+                self.redis.delete(self._probe_key)
+        except RedisError:
+            pass  # it lapses
+
+    def _stream(self, call: _Call, member: str) -> Streamed | None:
+        request = call.request
+        remaining = request.deadline - time.monotonic()
+        if remaining <= 0:
+            raise JobTimeout("the job reached its deadline before the upstream answered")
+        sent = time.monotonic()
+        attempt_text: list[str] = []
+        renewed = [sent]
+
+        def on_text(delta: str) -> None:
+            now = time.monotonic()
+            if not attempt_text:
+                metrics.UPSTREAM_FIRST_TEXT.labels(self.spec.id).observe(now - sent)
+                call.first_text_at = call.first_text_at or now
+            attempt_text.append(delta)
+            if not call.background:
+                self._relay(call, "".join(attempt_text))
+            if now - renewed[0] > self.slots.lease_s / 3:
+                renewed[0] = now
+                self.slots.renew(member)
+            if now >= request.deadline:
+                raise JobTimeout("the job ran past its deadline while the upstream streamed")
+
+        body = request_body(self.upstream, request.job_input, request.params)
+        outcome = "error"
+        try:
+            streamed = self.client.complete(
+                body, min(self.upstream.read_timeout_s, remaining), on_text, call.cancelled.is_set
+            )
+            outcome = "ok" if streamed is not None else "cancelled"
+            return streamed
+        except UpstreamTransient:
+            outcome = "transient"
+            raise
+        except UpstreamRefused:
+            outcome = "refused"
+            raise
+        finally:
+            metrics.UPSTREAM_REQUESTS.labels(self.spec.id, outcome).inc()
+            metrics.UPSTREAM_SECONDS.labels(self.spec.id).observe(time.monotonic() - sent)
+
+    def _relay(self, call: _Call, text: str) -> None:
+        """Publish what `text` (the attempt's text so far) adds to the job's stream."""
+        if text.startswith(call.relayed):
+            added = text[len(call.relayed) :]
+        elif call.relayed.startswith(text):
+            return  # a retry still behind what was relayed
+        else:  # a retry that took another turn: its stream starts over
+            self.on_reset(call.request.job_id)
+            call.relayed, call.deltas, added = "", 0, text
+        if added:
+            call.deltas += 1
+            call.relayed += added
+            event = TokenEvent(
+                job_id=call.request.job_id,
+                token_index=call.deltas - 1,
+                text=added,
+                created=time.time(),
+            )
+            self.on_tokens([TokenEmission(call.deltas, event)])
+
+    def _output(self, call: _Call, streamed: Streamed, started: float) -> GenerationOutput:
+        if streamed.text != call.relayed:
+            if call.relayed:  # a retry ended short of what the stream carried
+                self.on_reset(call.request.job_id)
+                call.relayed, call.deltas = "", 0
+            self._relay(call, streamed.text)
+        usage = streamed.usage
+        return GenerationOutput(
+            text=streamed.text,
+            finish_reason=streamed.finish_reason,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else streamed.deltas,
+            time_to_first_token_ms=(
+                (call.first_text_at - started) * 1000 if call.first_text_at else None
+            ),
+            duration_ms=(time.monotonic() - started) * 1000,
+        )
+
+
+def _cancelled(call: _Call, started: float) -> GenerationOutput:
+    return GenerationOutput(
+        call.relayed,
+        FinishReason.CANCELLED,
+        0,
+        call.deltas,
+        None,
+        (time.monotonic() - started) * 1000,
+    )
+
+
+def _wait_before_retry(state: RetryCallState) -> float:
+    """Exponential backoff with jitter, never sooner than the upstream's Retry-After; a breaker
+    that is open needs no backoff (the next attempt waits for it)."""
+    error = state.outcome.exception() if state.outcome else None
+    if isinstance(error, pybreaker.CircuitBreakerError):
+        return 0.0
+    backoff = _backoff(state)
+    if isinstance(error, UpstreamTransient) and error.retry_after_s is not None:
+        return max(backoff, error.retry_after_s)
+    return backoff
