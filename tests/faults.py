@@ -87,7 +87,7 @@ class HttpFaultLink(CuttableLink):
         super().__init__(upstream_port, port=port)
         self.fail_with: tuple[int, dict[str, str]] | None = None  # status, headers
         self.hang = False
-        self.answered_errors = 0
+        self.error_times: list[float] = []  # time.monotonic() of each error answered
 
     def _relay_pair(self, client: socket.socket, server: socket.socket) -> None:
         if self.hang:
@@ -109,7 +109,7 @@ class HttpFaultLink(CuttableLink):
             lines += ["Content-Type: application/json", "Connection: close"]
             lines += [f"{name}: {value}" for name, value in headers.items()]
             client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-            self.answered_errors += 1
+            self.error_times.append(time.monotonic())
         except OSError:
             pass
         finally:

@@ -163,13 +163,13 @@ class UpstreamClient:
             ) as source:
                 _check_status(source.response)
                 return _read_stream(source.iter_sse(), on_text, cancelled)
+        except SSEError as exc:  # a 200 that is not an event stream (an httpx.TransportError)
+            raise UpstreamError(f"the upstream's answer is not an event stream: {exc}") from exc
         except httpx.TimeoutException as exc:
             raise UpstreamTransient(f"the upstream timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             # Refused, reset, or a stream cut by the connection: the upstream went away.
             raise UpstreamTransient(f"the upstream is unreachable: {exc!r}") from exc
-        except SSEError as exc:  # a 200 that is not an event stream
-            raise UpstreamError(f"the upstream's answer is not an event stream: {exc}") from exc
 
     def model_names(self) -> list[str]:
         """The upstream's /v1/models ids (a start-up check); raises what complete() raises."""

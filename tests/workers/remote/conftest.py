@@ -113,6 +113,7 @@ def healthy_upstream(upstream, remote_worker):
 def _heal(upstream: Upstream) -> None:
     upstream.link.fail_with = None
     upstream.link.hang = False
+    upstream.link.error_times.clear()
     upstream.link.cut()  # drops connections a test left hanging
     upstream.link.restore()
     redis = Redis.from_url(REDIS_URL)
