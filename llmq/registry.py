@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmq.pricing import Price, one_currency
 from llmq.settings import get_settings
 
 Device = Literal["cpu", "cuda", "mps"]
@@ -57,6 +58,8 @@ class ModelSpec(BaseModel):
     # Seconds a job of this model may run before it fails with category timeout (None: the
     # server's job time limit).
     timeout_s: float | None = Field(default=None, gt=0)
+    # What its tokens cost (llmq/pricing.py); None: nothing is charged.
+    price: Price | None = None
 
     @property
     def background_window(self) -> int:
@@ -87,6 +90,11 @@ class ModelSpec(BaseModel):
 
 class Registry(BaseModel):
     models: list[ModelSpec]
+
+    @model_validator(mode="after")
+    def prices_share_a_currency(self) -> "Registry":
+        one_currency(self.models)
+        return self
 
     def get(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)
