@@ -2,14 +2,30 @@
 
 import uuid
 from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 from api.limits import KeyLimits
-from api.schemas import MAX_JSON_INT, JobPublic, JsonIntOrNone, reject_nul
+from api.schemas import (
+    MAX_JSON_INT,
+    CostPublic,
+    JobPublic,
+    JsonIntOrNone,
+    costs_public,
+    reject_nul,
+)
 from db.queries.usage import Totals
 from db.tables import ApiKey, Job
+from llmq.pricing import format_amount
 
 STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 INT32_MAX = 2**31 - 1
@@ -31,16 +47,50 @@ QuotaField = Field(
 )
 
 
+def _amount(value: object) -> object:
+    """A JSON number or a decimal string as an exact Decimal (a float through its shortest
+    repr, so 12.3 is 12.3); anything else is left for the type check to refuse."""
+    if isinstance(value, bool):
+        raise ValueError('monthly_spend_limit must be a number such as 25 or "12.50"')
+    if isinstance(value, int | float | str):
+        try:
+            return Decimal(str(value))
+        except InvalidOperation:
+            raise ValueError(
+                f'monthly_spend_limit {value!r} is not a number; send e.g. 25 or "12.50"'
+            ) from None
+    return value
+
+
+SpendLimitOrNone = Annotated[
+    Decimal | None,
+    BeforeValidator(_amount),
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}]}),
+]
+SpendLimitField = Field(
+    default=None,
+    ge=0,
+    max_digits=16,
+    decimal_places=4,
+    allow_inf_nan=False,
+    description="Spend per calendar month (UTC), in the currency of the models' prices, at "
+    "most 4 decimal places; 0 or null: none.",
+)
+
+
 class LimitsPublic(BaseModel):
     """Limits in force: the key's own, or the server's defaults. 0 means no limit."""
 
     rate_limit_per_minute: int
     max_concurrent_jobs: int
     monthly_token_quota: int
+    monthly_spend_limit: str = Field(description="In the deployment's currency; 0: none")
 
     @classmethod
     def of(cls, limits: KeyLimits) -> "LimitsPublic":
-        return cls(**vars(limits))
+        return cls(
+            **vars(limits) | {"monthly_spend_limit": format_amount(limits.monthly_spend_limit)}
+        )
 
 
 class ApiKeyCreate(BaseModel):
@@ -53,6 +103,7 @@ class ApiKeyCreate(BaseModel):
     rate_limit_per_minute: JsonIntOrNone = RateLimitField
     max_concurrent_jobs: JsonIntOrNone = ConcurrencyField
     monthly_token_quota: JsonIntOrNone = QuotaField
+    monthly_spend_limit: SpendLimitOrNone = SpendLimitField
 
     @field_validator("name")
     @classmethod
@@ -73,6 +124,7 @@ class ApiKeyUpdate(BaseModel):
     rate_limit_per_minute: JsonIntOrNone = RateLimitField
     max_concurrent_jobs: JsonIntOrNone = ConcurrencyField
     monthly_token_quota: JsonIntOrNone = QuotaField
+    monthly_spend_limit: SpendLimitOrNone = SpendLimitField
 
     @field_validator("name")
     @classmethod
@@ -91,6 +143,7 @@ class ApiKeyPublic(BaseModel):
     rate_limit_per_minute: int | None = Field(description="The key's own limit; null: default")
     max_concurrent_jobs: int | None
     monthly_token_quota: int | None
+    monthly_spend_limit: str | None = Field(description="The key's own limit; null: none")
     limits: LimitsPublic
     created_at: datetime
     revoked_at: datetime | None
@@ -108,6 +161,9 @@ class ApiKeyPublic(BaseModel):
             rate_limit_per_minute=row.rate_limit_per_minute,
             max_concurrent_jobs=row.max_concurrent_jobs,
             monthly_token_quota=row.monthly_token_quota,
+            monthly_spend_limit=(
+                None if row.monthly_spend_limit is None else format_amount(row.monthly_spend_limit)
+            ),
             limits=LimitsPublic.of(limits),
             created_at=row.created_at,
             revoked_at=row.revoked_at,
@@ -133,6 +189,10 @@ class UsageTotals(BaseModel):
     completion_tokens: int
     total_tokens: int
     cached_tokens: int = Field(description="Of total_tokens, those answered from the cache")
+    cost: list[CostPublic] = Field(
+        description="What the jobs cost at their model's price when each finished, per "
+        "currency; empty when no model had a price"
+    )
 
     @classmethod
     def of(cls, totals: Totals) -> "UsageTotals":
@@ -142,6 +202,7 @@ class UsageTotals(BaseModel):
             completion_tokens=totals.completion_tokens,
             total_tokens=totals.total_tokens,
             cached_tokens=totals.cached_tokens,
+            cost=costs_public(totals.cost),
         )
 
 
@@ -159,6 +220,15 @@ class QuotaPublic(BaseModel):
     remaining: int | None = Field(description="null: no quota")
 
 
+class SpendPublic(BaseModel):
+    """The key's spend this calendar month (UTC), in the deployment's currency."""
+
+    currency: str
+    monthly_spend_limit: str = Field(description="0: no limit")
+    spent_this_month: str
+    remaining: str | None = Field(description="null: no limit")
+
+
 class UsagePublic(BaseModel):
     """One key's usage over a period of UTC days, both ends included."""
 
@@ -171,6 +241,7 @@ class UsagePublic(BaseModel):
     by_day: list[DayUsage]
     limits: LimitsPublic
     quota: QuotaPublic
+    spend: SpendPublic | None = Field(description="null: no model has a price")
 
 
 class KeyUsage(UsageTotals):

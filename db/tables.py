@@ -77,7 +77,7 @@ class Job(Base):
 
     result: Mapped["JobResult | None"] = relationship(back_populates="job", lazy="selectin")
     # Never loaded on its own: the queries that answer reads fill it in (db/queries/jobs.py).
-    usage: Mapped["Usage | None"] = relationship(lazy="noload", viewonly=True)
+    usage: Mapped["Usage | None"] = relationship(lazy="raise", viewonly=True)
 
 
 class JobResult(Base):
