@@ -1,8 +1,9 @@
 """Request and response bodies of API keys and usage (`ApiKeyCreate` in, `ApiKeyPublic` out)."""
 
+import re
 import uuid
 from datetime import date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -47,34 +48,52 @@ QuotaField = Field(
 )
 
 
+AMOUNT = re.compile(r"[0-9]{1,12}(\.[0-9]{1,4})?")
+MAX_AMOUNT = 10**12 - 1
+
+
 def _amount(value: object) -> object:
-    """A JSON number or a decimal string as an exact Decimal (a float through its shortest
-    repr, so 12.3 is 12.3); anything else is left for the type check to refuse."""
+    """A whole JSON number, or a decimal string for a fraction (a float would not be exact), as
+    a Decimal; anything else is refused with what to send."""
     if isinstance(value, bool):
-        raise ValueError('monthly_spend_limit must be a number such as 25 or "12.50"')
-    if isinstance(value, int | float | str):
-        try:
-            return Decimal(str(value))
-        except InvalidOperation:
+        raise ValueError('monthly_spend_limit must be an amount such as 25 or "12.50"')
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        raise ValueError(
+            f'send a fractional monthly_spend_limit as a string, e.g. "{value}", so it stays exact'
+        )
+    if isinstance(value, str):
+        if not AMOUNT.fullmatch(value):
             raise ValueError(
-                f'monthly_spend_limit {value!r} is not a number; send e.g. 25 or "12.50"'
-            ) from None
+                f"monthly_spend_limit {value!r} is not an amount: send up to 12 digits, and at "
+                'most 4 after the point, e.g. "12.50"'
+            )
+        return Decimal(value)
     return value
 
 
 SpendLimitOrNone = Annotated[
     Decimal | None,
     BeforeValidator(_amount),
-    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}]}),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_AMOUNT},
+                {"type": "string", "pattern": f"^{AMOUNT.pattern}$"},
+                {"type": "null"},
+            ]
+        }
+    ),
 ]
 SpendLimitField = Field(
     default=None,
     ge=0,
-    max_digits=16,
-    decimal_places=4,
-    allow_inf_nan=False,
-    description="Spend per calendar month (UTC), in the currency of the models' prices, at "
-    "most 4 decimal places; 0 or null: none.",
+    le=MAX_AMOUNT,
+    description="Spend per calendar month (UTC), in the currency of the models' prices: a whole "
+    'number, or a string with at most 4 decimal places ("12.50"); 0 or null: none.',
 )
 
 

@@ -240,9 +240,10 @@ def test_spend_limit_refuses_new_work_once_reached(priced):
     ("limit", "message"),
     [
         (-1, "greater than or equal to 0"),
-        ("0.00001", "no more than 4 decimal places"),
-        ("ten", "'ten' is not a number"),
-        (True, "must be a number"),
+        ("0.00001", "'0.00001' is not an amount: send up to 12 digits, and at most 4 after"),
+        ("ten", "'ten' is not an amount"),
+        (12.5, 'send a fractional monthly_spend_limit as a string, e.g. "12.5"'),
+        (True, "must be an amount"),
     ],
 )
 def test_a_bad_spend_limit_is_400(client, limit, message):
