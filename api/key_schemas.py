@@ -1,15 +1,32 @@
 """Request and response bodies of API keys and usage (`ApiKeyCreate` in, `ApiKeyPublic` out)."""
 
+import re
 import uuid
 from datetime import date, datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 from api.limits import KeyLimits
-from api.schemas import MAX_JSON_INT, JobPublic, JsonIntOrNone, reject_nul
+from api.schemas import (
+    MAX_JSON_INT,
+    CostPublic,
+    JobPublic,
+    JsonIntOrNone,
+    costs_public,
+    reject_nul,
+)
 from db.queries.usage import Totals
 from db.tables import ApiKey, Job
+from llmq.pricing import format_amount
 
 STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 INT32_MAX = 2**31 - 1
@@ -31,16 +48,68 @@ QuotaField = Field(
 )
 
 
+AMOUNT = re.compile(r"[0-9]{1,12}(\.[0-9]{1,4})?")
+MAX_AMOUNT = 10**12 - 1
+
+
+def _amount(value: object) -> object:
+    """A whole JSON number, or a decimal string for a fraction (a float would not be exact), as
+    a Decimal; anything else is refused with what to send."""
+    if isinstance(value, bool):
+        raise ValueError('monthly_spend_limit must be an amount such as 25 or "12.50"')
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        raise ValueError(
+            f'send a fractional monthly_spend_limit as a string, e.g. "{value}", so it stays exact'
+        )
+    if isinstance(value, str):
+        if not AMOUNT.fullmatch(value):
+            raise ValueError(
+                f"monthly_spend_limit {value!r} is not an amount: send up to 12 digits, and at "
+                'most 4 after the point, e.g. "12.50"'
+            )
+        return Decimal(value)
+    return value
+
+
+SpendLimitOrNone = Annotated[
+    Decimal | None,
+    BeforeValidator(_amount),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_AMOUNT},
+                {"type": "string", "pattern": f"^{AMOUNT.pattern}$"},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+SpendLimitField = Field(
+    default=None,
+    ge=0,
+    le=MAX_AMOUNT,
+    description="Spend per calendar month (UTC), in the currency of the models' prices: a whole "
+    'number, or a string with at most 4 decimal places ("12.50"); 0 or null: none.',
+)
+
+
 class LimitsPublic(BaseModel):
     """Limits in force: the key's own, or the server's defaults. 0 means no limit."""
 
     rate_limit_per_minute: int
     max_concurrent_jobs: int
     monthly_token_quota: int
+    monthly_spend_limit: str = Field(description="In the deployment's currency; 0: none")
 
     @classmethod
     def of(cls, limits: KeyLimits) -> "LimitsPublic":
-        return cls(**vars(limits))
+        return cls(
+            **vars(limits) | {"monthly_spend_limit": format_amount(limits.monthly_spend_limit)}
+        )
 
 
 class ApiKeyCreate(BaseModel):
@@ -53,6 +122,7 @@ class ApiKeyCreate(BaseModel):
     rate_limit_per_minute: JsonIntOrNone = RateLimitField
     max_concurrent_jobs: JsonIntOrNone = ConcurrencyField
     monthly_token_quota: JsonIntOrNone = QuotaField
+    monthly_spend_limit: SpendLimitOrNone = SpendLimitField
 
     @field_validator("name")
     @classmethod
@@ -73,6 +143,7 @@ class ApiKeyUpdate(BaseModel):
     rate_limit_per_minute: JsonIntOrNone = RateLimitField
     max_concurrent_jobs: JsonIntOrNone = ConcurrencyField
     monthly_token_quota: JsonIntOrNone = QuotaField
+    monthly_spend_limit: SpendLimitOrNone = SpendLimitField
 
     @field_validator("name")
     @classmethod
@@ -91,6 +162,7 @@ class ApiKeyPublic(BaseModel):
     rate_limit_per_minute: int | None = Field(description="The key's own limit; null: default")
     max_concurrent_jobs: int | None
     monthly_token_quota: int | None
+    monthly_spend_limit: str | None = Field(description="The key's own limit; null: none")
     limits: LimitsPublic
     created_at: datetime
     revoked_at: datetime | None
@@ -108,6 +180,9 @@ class ApiKeyPublic(BaseModel):
             rate_limit_per_minute=row.rate_limit_per_minute,
             max_concurrent_jobs=row.max_concurrent_jobs,
             monthly_token_quota=row.monthly_token_quota,
+            monthly_spend_limit=(
+                None if row.monthly_spend_limit is None else format_amount(row.monthly_spend_limit)
+            ),
             limits=LimitsPublic.of(limits),
             created_at=row.created_at,
             revoked_at=row.revoked_at,
@@ -133,6 +208,10 @@ class UsageTotals(BaseModel):
     completion_tokens: int
     total_tokens: int
     cached_tokens: int = Field(description="Of total_tokens, those answered from the cache")
+    cost: list[CostPublic] = Field(
+        description="What the jobs cost at their model's price when each finished, per "
+        "currency; empty when no model had a price"
+    )
 
     @classmethod
     def of(cls, totals: Totals) -> "UsageTotals":
@@ -142,6 +221,7 @@ class UsageTotals(BaseModel):
             completion_tokens=totals.completion_tokens,
             total_tokens=totals.total_tokens,
             cached_tokens=totals.cached_tokens,
+            cost=costs_public(totals.cost),
         )
 
 
@@ -159,6 +239,15 @@ class QuotaPublic(BaseModel):
     remaining: int | None = Field(description="null: no quota")
 
 
+class SpendPublic(BaseModel):
+    """The key's spend this calendar month (UTC), in the deployment's currency."""
+
+    currency: str
+    monthly_spend_limit: str = Field(description="0: no limit")
+    spent_this_month: str
+    remaining: str | None = Field(description="null: no limit")
+
+
 class UsagePublic(BaseModel):
     """One key's usage over a period of UTC days, both ends included."""
 
@@ -171,6 +260,7 @@ class UsagePublic(BaseModel):
     by_day: list[DayUsage]
     limits: LimitsPublic
     quota: QuotaPublic
+    spend: SpendPublic | None = Field(description="null: no model has a price")
 
 
 class KeyUsage(UsageTotals):

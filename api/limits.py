@@ -1,12 +1,14 @@
-"""Per-key limits: requests per minute, counted in Redis; jobs queued or running at once, and
-tokens per calendar month, read from Postgres. Their state lives in Redis and Postgres, so the
+"""Per-key limits: requests per minute, counted in Redis; jobs queued or running at once,
+tokens per calendar month, and spend per calendar month (in the deployment's currency, see
+llmq/pricing.py), read from Postgres. Their state lives in Redis and Postgres, so the
 limits hold however many API processes serve a key. And the process's own: how many requests
 use Postgres at once (DatabaseSlots).
 
-A spent monthly quota is refused with 429 and type `insufficient_quota`, as OpenAI does, with
-`x-should-retry: false` so that OpenAI's clients do not retry until the month ends. Concurrent
-jobs are counted before new ones are stored: requests that arrive together can overshoot the
-limit by the number of them, never by more.
+A spent monthly quota or spend limit is refused with 429 and type `insufficient_quota`, as
+OpenAI does, with `x-should-retry: false` so that OpenAI's clients do not retry until the month
+ends. Concurrent jobs are counted before new ones are stored: requests that arrive together
+can overshoot the limit by the number of them, never by more (and a month's spend by what jobs
+in flight cost when they finish).
 """
 
 import asyncio
@@ -15,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import anyio
 import redis.asyncio as aioredis
@@ -27,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.queries import usage as usage_queries
 from db.tables import ApiKey
-from llmq.errors import QuotaExceeded, ServerBusy, TooManyConcurrentJobs
+from llmq.errors import QuotaExceeded, ServerBusy, SpendLimitReached, TooManyConcurrentJobs
+from llmq.pricing import format_amount, get_price_book
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -47,6 +51,7 @@ class KeyLimits:
     rate_limit_per_minute: int = 0
     max_concurrent_jobs: int = 0
     monthly_token_quota: int = 0
+    monthly_spend_limit: Decimal = Decimal(0)  # the key's own only: there is no default
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ def limits_of(row: ApiKey, settings: Settings) -> KeyLimits:
         rate_limit_per_minute=pick(row.rate_limit_per_minute, settings.rate_limit_per_minute),
         max_concurrent_jobs=pick(row.max_concurrent_jobs, settings.max_concurrent_jobs),
         monthly_token_quota=pick(row.monthly_token_quota, settings.monthly_token_quota),
+        monthly_spend_limit=row.monthly_spend_limit or Decimal(0),
     )
 
 
@@ -118,26 +124,39 @@ def _load(
     session: Session, owner: str | None, limits: KeyLimits, count_jobs: bool
 ) -> usage_queries.Load | None:
     """The key's jobs in flight (when counted) after QuotaExceeded (429) if it has spent its
-    monthly tokens; None when there is nothing to check."""
-    if owner is None or not (count_jobs or limits.monthly_token_quota):
+    monthly tokens or reached its monthly spend limit; None when there is nothing to check."""
+    # No model with a price: nothing is spent, so a spend limit has nothing to count.
+    currency = get_price_book().currency if limits.monthly_spend_limit else None
+    monthly = bool(limits.monthly_token_quota or currency)
+    if owner is None or not (count_jobs or monthly):
         return None  # with auth off no one owns anything, and nothing is limited
     now = datetime.now(UTC)
-    since = usage_queries.month_start(now) if limits.monthly_token_quota else None
-    load = usage_queries.load(session, owner, count_jobs=count_jobs, since=since)
+    since = usage_queries.month_start(now) if monthly else None
+    load = usage_queries.load(
+        session, owner, count_jobs=count_jobs, since=since, spend_currency=currency
+    )
+    renews_in_s = math.ceil((usage_queries.next_month_start(now) - now).total_seconds())
     if limits.monthly_token_quota and load.tokens_this_month >= limits.monthly_token_quota:
-        renews = usage_queries.next_month_start(now)
         raise QuotaExceeded(
             load.tokens_this_month,
             limits.monthly_token_quota,
             now.strftime("%B %Y"),
-            math.ceil((renews - now).total_seconds()),
+            renews_in_s,
+        )
+    if currency is not None and load.spent_this_month >= limits.monthly_spend_limit:
+        raise SpendLimitReached(
+            format_amount(load.spent_this_month),
+            format_amount(limits.monthly_spend_limit),
+            currency,
+            now.strftime("%B %Y"),
+            renews_in_s,
         )
     return load
 
 
 def job_room(session: Session, owner: str | None, limits: KeyLimits) -> int | None:
     """How many more jobs the key may have queued or running now (None: no limit), after
-    QuotaExceeded (429) if it has spent its monthly tokens."""
+    QuotaExceeded (429) if it has spent its monthly tokens or reached its spend limit."""
     count_jobs = bool(limits.max_concurrent_jobs)
     load = _load(session, owner, limits, count_jobs)
     if load is None or not count_jobs:
@@ -146,8 +165,9 @@ def job_room(session: Session, owner: str | None, limits: KeyLimits) -> int | No
 
 
 def admit(session: Session, owner: str | None, limits: KeyLimits, jobs: int) -> None:
-    """Refuse new work (429) once the key has spent its monthly tokens, or when `jobs` more
-    would take it past its jobs queued or running at once. `jobs=0` checks the quota only."""
+    """Refuse new work (429) once the key has spent its monthly tokens or reached its monthly
+    spend limit, or when `jobs` more would take it past its jobs queued or running at once.
+    `jobs=0` checks the quota and spend limit only."""
     count_jobs = bool(limits.max_concurrent_jobs) and jobs > 0
     load = _load(session, owner, limits, count_jobs)
     if load is not None and count_jobs:

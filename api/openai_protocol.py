@@ -27,6 +27,8 @@ from api.output_formats import ToolFields
 from api.schemas import (
     MAX_JSON_INT,
     TOKEN_IDS_SCHEMA,
+    CostField,
+    CostPublic,
     JsonInt,
     JsonIntOrNone,
     SamplingExtras,
@@ -403,6 +405,8 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # llmq's extension: absent when the model has no price, so OpenAI's shape is kept.
+    cost: CostPublic | None = CostField
 
     def add(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens += prompt_tokens

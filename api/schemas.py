@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import (
@@ -12,10 +13,13 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from sqlalchemy import inspect as sa_inspect
 
 from api.logprobs import JobLogprobs, TokenTexts, job_logprobs
 from api.output_formats import OutputFormatFields
 from db.tables import Job
+from db.tables import Usage as UsageRow
+from llmq.pricing import format_amount
 from llmq.protocol import (
     MAX_LOGIT_BIAS,
     MAX_STOP_STRINGS,
@@ -330,10 +334,36 @@ class JobCreate(SamplingExtras):
         return list(self.stop or [])
 
 
+class CostPublic(BaseModel):
+    """An amount of money: its exact decimal digits, as a string, and its currency."""
+
+    amount: str = Field(examples=["0.0000125"])
+    currency: str = Field(examples=["USD"], description="ISO 4217 code")
+
+    @classmethod
+    def of(cls, amount: Decimal, currency: str) -> "CostPublic":
+        return cls(amount=format_amount(amount), currency=currency)
+
+
+def costs_public(costs: dict[str, Decimal]) -> list[CostPublic]:
+    """Amounts per currency, in currency order."""
+    return [CostPublic.of(amount, currency) for currency, amount in sorted(costs.items())]
+
+
+# An extension of a usage object: absent, rather than null, when the model has no price.
+CostField = Field(
+    default=None,
+    exclude_if=lambda cost: cost is None,
+    description="What the tokens cost at the model's price when the job finished; absent when "
+    "the model has no price",
+)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cost: CostPublic | None = CostField
 
 
 class ResultPublic(BaseModel):
@@ -396,6 +426,7 @@ class JobPublic(BaseModel):
                     prompt_tokens=r.prompt_tokens,
                     completion_tokens=r.completion_tokens,
                     total_tokens=r.prompt_tokens + r.completion_tokens,
+                    cost=_cost_of(job),
                 ),
                 time_to_first_token_ms=r.time_to_first_token_ms,
                 duration_ms=r.duration_ms,
@@ -422,6 +453,14 @@ class JobPublic(BaseModel):
             result=result,
             error=error,
         )
+
+
+def _cost_of(job: Job) -> CostPublic | None:
+    # Filled in by the queries that answer reads; never loaded here (a query per job).
+    usage = sa_inspect(job).attrs.usage.loaded_value
+    if not isinstance(usage, UsageRow) or usage.cost is None or usage.currency is None:
+        return None
+    return CostPublic.of(usage.cost, usage.currency)
 
 
 class JobsPublic(BaseModel):
@@ -488,6 +527,9 @@ class ModelStatsPublic(BaseModel):
     latency_ms: LatencyPublic
     throughput: ThroughputPublic
     tokens: TokensPublic
+    cost: list[CostPublic] = Field(
+        description="What the window's finished jobs cost, per currency (priced models only)"
+    )
     errors: dict[str, int] = Field(description="Failed jobs by error category")
 
 

@@ -32,6 +32,7 @@ from db.tables import Job
 from llmq.errors import IdempotencyKeyReused, ModelNotServed
 from llmq.fingerprint import Fingerprint, fingerprint, is_deterministic, model_revisions
 from llmq.metrics import CACHE_HITS, CACHE_MISSES, job_finished
+from llmq.pricing import get_price_book
 from llmq.protocol import (
     INTERACTIVE_PRIORITY,
     PROMPT_TOKEN_IDS_FIELD,
@@ -308,7 +309,8 @@ def _store(
     if key is None:
         return job_queries.insert_job(session, new), Placement.QUEUED
     ttl_s = get_settings().cache_ttl_s
-    if (hit := cache_queries.answer_from_cache(session, key, new, ttl_s)) is not None:
+    price = get_price_book().price(new.model)  # a hit finishes now, at the price in force now
+    if (hit := cache_queries.answer_from_cache(session, key, new, ttl_s, price)) is not None:
         return hit, Placement.CACHED
     cache_queries.lock_key(session, key.cache_key)
     leader = cache_queries.find_leader(session, key.cache_key, new.priority)
@@ -316,6 +318,6 @@ def _store(
         follower = replace(new, follows_job_id=leader)
         return job_queries.insert_job(session, follower), Placement.FOLLOWING
     # The leader may have finished between the first look and the lock.
-    if (hit := cache_queries.answer_from_cache(session, key, new, ttl_s)) is not None:
+    if (hit := cache_queries.answer_from_cache(session, key, new, ttl_s, price)) is not None:
         return hit, Placement.CACHED
     return job_queries.insert_job(session, new), Placement.QUEUED

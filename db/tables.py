@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -13,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Numeric,
     SmallInteger,
     String,
     Text,
@@ -74,6 +76,8 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(String(64))  # the batch this job is a line of
 
     result: Mapped["JobResult | None"] = relationship(back_populates="job", lazy="selectin")
+    # Never loaded on its own: the queries that answer reads fill it in (db/queries/jobs.py).
+    usage: Mapped["Usage | None"] = relationship(lazy="raise", viewonly=True)
 
 
 class JobResult(Base):
@@ -112,6 +116,10 @@ class Usage(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     cached: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # What the tokens cost at the model's price when the job finished (llmq/pricing.py: exact,
+    # hence NUMERIC with 10 decimal places); null when the model had no price.
+    cost: Mapped[Decimal | None] = mapped_column(Numeric(20, 10))
+    currency: Mapped[str | None] = mapped_column(String(3))
 
 
 class CompletionCache(Base):
@@ -238,6 +246,8 @@ class ApiKey(Base):
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
     monthly_token_quota: Mapped[int | None] = mapped_column(BigInteger)
+    # In the deployment's currency (llmq/pricing.py); None: no limit.
+    monthly_spend_limit: Mapped[Decimal | None] = mapped_column(Numeric(16, 4))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

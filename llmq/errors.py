@@ -23,6 +23,7 @@ LlmqError
 │   ├── RateLimited         429  the key's requests per minute are spent
 │   ├── TooManyConcurrentJobs 429  the key has its most jobs queued or running
 │   └── QuotaExceeded       429  the key's monthly token quota is spent
+│       └── SpendLimitReached 429  the key's monthly spend limit is reached
 └── ServiceUnavailable      503  Postgres or Redis cannot be reached right now
     └── ServerBusy          503  too many requests wait for the database in this process
 """
@@ -219,6 +220,20 @@ class QuotaExceeded(TooManyRequests):
         super().__init__(
             f"monthly token quota spent: this key has used {used:,} of its {quota:,} tokens in "
             f"{month} (UTC); it renews at the start of next month, or an admin can raise it",
+            renews_in_s,
+            should_retry=False,
+        )
+
+
+class SpendLimitReached(QuotaExceeded):
+    """A spent monthly spend limit, answered like a spent token quota."""
+
+    def __init__(self, spent: str, limit: str, currency: str, month: str, renews_in_s: int):
+        TooManyRequests.__init__(
+            self,
+            f"monthly spend limit reached: this key has spent {spent} {currency} of its "
+            f"{limit} {currency} in {month} (UTC); it renews at the start of next month, or an "
+            "admin can raise it",
             renews_in_s,
             should_retry=False,
         )

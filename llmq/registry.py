@@ -7,6 +7,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmq.pricing import Price, one_currency
 from llmq.settings import get_settings
 
 # "remote": the model runs on another OpenAI-compatible server (RemoteUpstream).
@@ -92,6 +93,8 @@ class ModelSpec(BaseModel):
     # Seconds a job of this model may run before it fails with category timeout (None: the
     # server's job time limit).
     timeout_s: float | None = Field(default=None, gt=0)
+    # What its tokens cost (llmq/pricing.py); None: nothing is charged.
+    price: Price | None = None
 
     @model_validator(mode="after")
     def remote_settings_match_source(self) -> "ModelSpec":
@@ -156,6 +159,11 @@ class ModelSpec(BaseModel):
 
 class Registry(BaseModel):
     models: list[ModelSpec]
+
+    @model_validator(mode="after")
+    def prices_share_a_currency(self) -> "Registry":
+        one_currency(self.models)
+        return self
 
     def get(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)

@@ -1,5 +1,6 @@
 """Finished generation jobs' results go to Postgres many per transaction (a group commit: see
-workers/group_commit.py), in a fixed number of statements per group."""
+workers/group_commit.py), in a fixed number of statements per group. Their usage rows are
+priced as they are written: at the price in force when the job finished."""
 
 import uuid
 from concurrent.futures import Future
@@ -11,6 +12,7 @@ from sqlalchemy import Row
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.session import session_scope
+from llmq.pricing import get_price_book
 from workers.db_retry import db_retry
 from workers.group_commit import GroupCommit
 
@@ -24,8 +26,12 @@ class Stored:
 
 
 class ResultWriter(GroupCommit[Result, "Stored | None"]):
-    def __init__(self, database_url: str, worker_name: str) -> None:
-        super().__init__("llmq-results", partial(store_results, database_url, worker_name))
+    def __init__(
+        self, database_url: str, worker_name: str, price_of: job_queries.PriceOf | None = None
+    ) -> None:
+        price_of = price_of or get_price_book().price
+        write = partial(store_results, database_url, worker_name, price_of)
+        super().__init__("llmq-results", write)
 
     def store(self, job_id: uuid.UUID, outcome: job_queries.Outcome) -> Stored | None:
         """Store the job's result, its cache entry and its followers' results; blocks until
@@ -42,12 +48,12 @@ class ResultWriter(GroupCommit[Result, "Stored | None"]):
 
 @db_retry
 def store_results(
-    database_url: str, worker_name: str, results: list[Result]
+    database_url: str, worker_name: str, price_of: job_queries.PriceOf, results: list[Result]
 ) -> list[Stored | None]:
     """The jobs' results, cache entries and followers' results in one transaction; None for a
     job that was not this worker's to complete."""
     with session_scope(database_url) as session:
-        done = job_queries.complete_jobs(session, worker_name, dict(results))
+        done = job_queries.complete_jobs(session, worker_name, dict(results), price_of=price_of)
         stored: list[Stored | None] = []
         for job_id, outcome in results:
             job = done.pop(job_id, None)  # popped: a job listed twice is stored once
@@ -57,6 +63,8 @@ def store_results(
                 stored.append(Stored(job, []))
             else:
                 cache_queries.store_entry(session, job, outcome)
-                followers = cache_queries.complete_followers(session, job, outcome)
+                followers = cache_queries.complete_followers(
+                    session, job, outcome, price_of=price_of
+                )
                 stored.append(Stored(job, followers))
     return stored

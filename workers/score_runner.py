@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import ScoreResult
+from llmq.pricing import get_price_book
 from llmq.protocol import ErrorCategory, ScoreInput, ScoreParams
 from workers.db_retry import db_retry
 from workers.engine import GenerationEngine
@@ -133,7 +134,11 @@ class ScoreRunner:
                     time_to_first_token_ms=None,
                     duration_ms=output.duration_ms,
                 )
-                if not job_queries.complete_job(session, scoring.job_id, self.worker_name, outcome):
+                price_of = get_price_book().price  # the price in force as the job finishes
+                stored = job_queries.complete_job(
+                    session, scoring.job_id, self.worker_name, outcome, price_of=price_of
+                )
+                if not stored:
                     log.warning(
                         "result dropped: the job was cancelled or handed to another worker",
                         job_id=str(scoring.job_id),

@@ -61,7 +61,12 @@ def create_key(
     body: ApiKeyCreate, session: SessionDep, settings: SettingsDep, caller: AdminDep
 ) -> ApiKeyCreated:
     """Create a key. The answer holds the key itself, this once: store it now."""
-    limits = Limits(body.rate_limit_per_minute, body.max_concurrent_jobs, body.monthly_token_quota)
+    limits = Limits(
+        body.rate_limit_per_minute,
+        body.max_concurrent_jobs,
+        body.monthly_token_quota,
+        body.monthly_spend_limit,
+    )
     row, key = key_queries.create_key(session, body.name, Role(body.role), limits)
     # Built before the commit: the key is shown once, so answering must not need Postgres.
     created = ApiKeyCreated(**key_public(row, settings).model_dump(), key=key)
@@ -116,7 +121,7 @@ def revoke_key(
 def read_usage_by_key(
     session: SessionDep, start: StartDay = None, end: EndDay = None
 ) -> UsageByKeyPublic:
-    """Everyone's tokens over a period of UTC days, per key, most tokens first."""
+    """Everyone's tokens and cost over a period of UTC days, per key, most tokens first."""
     start, end = usage_period(start, end)
     rows = usage_queries.by_owner(session, *period_bounds(start, end))
     key_ids = {owner: _key_id(owner) for owner, _ in rows}

@@ -1,4 +1,4 @@
-"""The calling key's own account: its token usage, limits and monthly quota."""
+"""The calling key's own account: its token usage and cost, limits, monthly quota and spend."""
 
 import re
 from datetime import UTC, date, datetime, timedelta
@@ -13,12 +13,14 @@ from api.key_schemas import (
     LimitsPublic,
     ModelUsage,
     QuotaPublic,
+    SpendPublic,
     UsagePublic,
     UsageTotals,
 )
 from db.queries import usage as usage_queries
 from db.queries.usage import Totals
 from llmq.errors import InvalidPeriod
+from llmq.pricing import format_amount, get_price_book
 
 router = APIRouter(prefix="/v1/me", tags=["usage"])
 
@@ -69,8 +71,8 @@ def period_bounds(start: date, end: date) -> tuple[datetime, datetime]:
 def read_my_usage(
     caller: ApiKeyDep, session: SessionDep, start: StartDay = None, end: EndDay = None
 ) -> UsagePublic:
-    """This key's tokens over a period of UTC days, by model and by day, with its limits and
-    what is left of its monthly quota."""
+    """This key's tokens and cost over a period of UTC days, by model and by day, with its
+    limits and what is left of its monthly quota and spend limit."""
     start, end = usage_period(start, end)
     rows = usage_queries.by_model_and_day(session, caller.owner, *period_bounds(start, end))
     total, models, days = Totals(), {}, {}
@@ -81,6 +83,16 @@ def read_my_usage(
     month_start = usage_queries.month_start(datetime.now(UTC))
     used = usage_queries.tokens_since(session, caller.owner, month_start)
     quota = caller.limits.monthly_token_quota
+    spend = None
+    if (currency := get_price_book().currency) is not None:
+        spent = usage_queries.spent_since(session, caller.owner, month_start, currency)
+        limit = caller.limits.monthly_spend_limit
+        spend = SpendPublic(
+            currency=currency,
+            monthly_spend_limit=format_amount(limit),
+            spent_this_month=format_amount(spent),
+            remaining=format_amount(max(limit - spent, 0)) if limit else None,
+        )
     return UsagePublic(
         key_id=caller.key_id,
         start=start,
@@ -100,4 +112,5 @@ def read_my_usage(
             used_this_month=used,
             remaining=max(0, quota - used) if quota else None,
         ),
+        spend=spend,
     )

@@ -49,9 +49,12 @@ from api.openai_requests import (
     submit_choices,
 )
 from api.output_formats import resolve_named_schema
+from api.schemas import CostPublic
 from db.queries import jobs as job_queries
+from db.queries import usage as usage_queries
 from db.session import get_sessionmaker, session_scope
 from llmq.metrics import job_finished
+from llmq.pricing import get_price_book
 from llmq.protocol import ErrorCategory, JobStatus
 
 log = structlog.get_logger(__name__)
@@ -116,6 +119,28 @@ def _cancel_jobs(database_url: str, job_ids: list[uuid.UUID], model: str) -> int
         cancelled = sum(job_queries.cancel_job(session, job_id) for job_id in job_ids)
     job_finished(model, JobStatus.CANCELLED.value, cancelled)
     return cancelled
+
+
+def _costs(database_url: str, job_ids: list[uuid.UUID]):
+    with session_scope(database_url) as session:
+        return usage_queries.cost_of_jobs(session, job_ids)
+
+
+async def _add_cost(request: Request, choices: list[Choice], model: str, usage: UsageInfo):
+    """Put what the request's jobs were charged (their usage rows, priced as each finished)
+    into its usage, when the model has a price. Without Postgres the answer goes without."""
+    if get_price_book().price(model) is None:
+        return
+    database_url = request.app.state.settings.database_url
+    job_ids = [choice.job_id for choice in choices]
+    try:
+        costs = await anyio.to_thread.run_sync(_costs, database_url, job_ids)
+    except SQLAlchemyError as exc:
+        log.warning("a response's cost could not be read", error=str(exc))
+        return
+    if len(costs) == 1:  # a deployment charges in one currency
+        [(currency, amount)] = costs.items()
+        usage.cost = CostPublic.of(amount, currency)
 
 
 async def _final_event(request: Request, choice: Choice) -> StreamedEvent:
@@ -201,6 +226,7 @@ async def _respond(request: Request, choices: list[Choice], model: str, build) -
         done = json.loads(event.data)
         usage.add(done["prompt_tokens"] if choice.counts_prompt else 0, done["completion_tokens"])
         finished.append((choice.index, done))
+    await _add_cost(request, choices, model, usage)
     return build(sorted(finished, key=lambda item: item[0]), usage)
 
 
@@ -263,6 +289,7 @@ def _stream(
                     finish = data["finish_reason"]
                     yield _data(fmt.chunk(choice.index, "", finish, logprobs=shaped))
             if fmt.include_usage:
+                await _add_cost(request, choices, fmt.model, usage)
                 yield _data(fmt.usage_chunk(usage))
             yield ServerSentEvent(data="[DONE]")
             completed = True

@@ -13,6 +13,7 @@ from api.schemas import (
     StatsPublic,
     ThroughputPublic,
     TokensPublic,
+    costs_public,
 )
 from db.queries.stats import ModelStats, Percentiles, window_stats
 from llmq.protocol import JobStatus
@@ -69,6 +70,7 @@ def model_stats_public(stats: ModelStats, window_s: int) -> ModelStatsPublic:
             completion=stats.completion_tokens,
             total=stats.prompt_tokens + stats.completion_tokens,
         ),
+        cost=costs_public(stats.cost),
         errors=stats.errors_by_category,
     )
 
@@ -82,7 +84,7 @@ def read_stats(
 ) -> StatsPublic:
     """Per model, over the jobs submitted in the last `window_s` seconds: p50/p90/p95/p99 of
     end-to-end latency, queue wait, time to first token and time per output token (ms),
-    throughput, token totals and errors by category. Every configured model is listed."""
+    throughput, token totals, cost and errors by category. Every configured model is listed."""
     window = window_stats(session, window_s, model)
     found = {stats.model: stats for stats in window.models}
     wanted = [model] if model is not None else registry.ids

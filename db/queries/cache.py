@@ -16,7 +16,9 @@ from functools import lru_cache
 
 from sqlalchemy import (
     Interval,
+    Numeric,
     Select,
+    String,
     bindparam,
     func,
     insert,
@@ -34,13 +36,16 @@ from db.queries.jobs import (
     RUNNABLE,
     NewJob,
     Outcome,
+    PriceOf,
     failed_values,
     job_row,
     release_followers,
     usage_values,
 )
+from db.queries.usage import charged, insert_usage
 from db.tables import CompletionCache, Job, JobResult, Usage
 from llmq.fingerprint import Fingerprint
+from llmq.pricing import Price
 from llmq.protocol import ErrorCategory, FinishReason, JobStatus
 
 # Where a job's input keeps its fingerprint (next to "prompt").
@@ -101,8 +106,20 @@ def _answer_statement(expires: bool) -> Select:
             literal(0.0),  # duration: no worker time went into it
         ).select_from(both),
     )
+    # The cached price of one token, exact (llmq/pricing.py): Postgres multiplies NUMERICs
+    # exactly, so the cost equals Price.cost's. Both null when the model has no price.
+    per_token = bindparam("cost_per_token", type_=Numeric(20, 10))
     usage = insert(Usage).from_select(
-        ["job_id", "owner", "model", "prompt_tokens", "completion_tokens", "cached"],
+        [
+            "job_id",
+            "owner",
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+            "cached",
+            "cost",
+            "currency",
+        ],  # fmt: skip
         select(
             stored.c.id,
             stored.c.owner,
@@ -110,6 +127,8 @@ def _answer_statement(expires: bool) -> Select:
             entry.c.prompt_tokens,
             entry.c.completion_tokens,
             true(),
+            (entry.c.prompt_tokens + entry.c.completion_tokens) * per_token,
+            bindparam("cost_currency", type_=String(3)),
         ).select_from(both),
     )
     return (
@@ -120,12 +139,13 @@ def _answer_statement(expires: bool) -> Select:
 
 
 def answer_from_cache(
-    session: Session, fingerprint: Fingerprint, new: NewJob, ttl_s: float
+    session: Session, fingerprint: Fingerprint, new: NewJob, ttl_s: float, price: Price | None
 ) -> Job | None:
     """The new job answered from the cache entry of its fingerprint, unless there is none or it
     is older than `ttl_s` (0: entries never expire): stored as succeeded, with the entry's
-    result and a cached usage row, and the entry's hit counted, in one round trip. The
-    entry's row stays locked until the commit, which follows."""
+    result and a cached usage row (costed at `price`, the model's price now), and the entry's
+    hit counted, in one round trip. The entry's row stays locked until the commit, which
+    follows."""
     job = job_row(new)
     job.status = JobStatus.SUCCEEDED.value
     job.cache_hit = True
@@ -137,10 +157,16 @@ def answer_from_cache(
         "key_prompt_hash": fingerprint.prompt_hash,
         "key_params_fingerprint": fingerprint.params_fingerprint,
         "max_age": timedelta(seconds=ttl_s),
+        "cost_per_token": price.cached_per_token if price is not None else None,
+        "cost_currency": price.currency if price is not None else None,
     }
     row = session.execute(_answer_statement(expires=ttl_s > 0), params).first()
     if row is None:
         return None
+    if price is not None:
+        cost = price.cost(row.prompt_tokens, row.completion_tokens, cached=True)
+        job.usage = Usage(cost=cost, currency=price.currency)
+        charged(session, new.model, price.currency, cost)
     job.created_at = job.finished_at = row.created_at
     job.result = JobResult(
         job_id=job.id,
@@ -210,8 +236,11 @@ def store_entry(session: Session, job: Job, outcome: Outcome) -> bool:
     return True
 
 
-def complete_followers(session: Session, leader: Job, outcome: Outcome) -> list[uuid.UUID]:
-    """Give the leader's result to its queued followers (a cancelled one keeps its status)."""
+def complete_followers(
+    session: Session, leader: Job, outcome: Outcome, *, price_of: PriceOf
+) -> list[uuid.UUID]:
+    """Give the leader's result to its queued followers (a cancelled one keeps its status);
+    their usage is cached, at the model's cached price now."""
     followers = session.execute(
         update(Job)
         .where(Job.follows_job_id == leader.id, Job.status == JobStatus.QUEUED.value)
@@ -238,10 +267,12 @@ def complete_followers(session: Session, leader: Job, outcome: Outcome) -> list[
         )
         .on_conflict_do_nothing()
     )
-    session.execute(
-        pg_insert(Usage)
-        .values([usage_values(follower, outcome, cached=True) for follower in followers])
-        .on_conflict_do_nothing()
+    insert_usage(
+        session,
+        [
+            usage_values(follower, outcome, price_of(follower.model), cached=True)
+            for follower in followers
+        ],
     )
     return [follower.id for follower in followers]
 

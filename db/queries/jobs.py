@@ -1,19 +1,24 @@
 """Job queries. Every status change is a compare-and-set, so duplicate deliveries write once."""
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Row, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, selectinload
 
+from db.queries.usage import insert_usage
 from db.tables import Job, JobResult, Usage
+from llmq.pricing import Price
 from llmq.protocol import BATCH_PRIORITY, ErrorCategory, JobStatus
 
 job_table = Job.__table__
 RUNNABLE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+# A model's price in force now (llmq.pricing.PriceBook.price); None: it has none.
+PriceOf = Callable[[str], Price | None]
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,21 @@ def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
 
 _result_table = JobResult.__table__
 _result_columns = [column.label(f"result_{column.name}") for column in _result_table.c]
+_usage_table = Usage.__table__
 
 
 def read_job(session: Session, job_id: uuid.UUID) -> Job | None:
     """get_job in one round trip, for answering reads: the job joined with its result, built in
     memory outside the session (the ORM's load asks for the result in a second query)."""
     stmt = (
-        select(job_table, *_result_columns)
+        select(
+            job_table,
+            *_result_columns,
+            _usage_table.c.cost.label("usage_cost"),
+            _usage_table.c.currency.label("usage_currency"),
+        )
         .outerjoin(_result_table, _result_table.c.job_id == job_table.c.id)
+        .outerjoin(_usage_table, _usage_table.c.job_id == job_table.c.id)
         .where(job_table.c.id == job_id)
     )
     row = session.execute(stmt).one_or_none()
@@ -123,6 +135,8 @@ def read_job(session: Session, job_id: uuid.UUID) -> Job | None:
     job.result = None
     if values["result_job_id"] is not None:
         job.result = JobResult(**{c.name: values[f"result_{c.name}"] for c in _result_table.c})
+    if values["usage_cost"] is not None:
+        job.usage = Usage(cost=values["usage_cost"], currency=values["usage_currency"])
     return job
 
 
@@ -146,7 +160,10 @@ def list_jobs(
         stmt = stmt.where(Job.owner == owner)
     total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
     rows = session.scalars(
-        stmt.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+        stmt.order_by(Job.created_at.desc(), Job.id)
+        .limit(limit)
+        .offset(offset)
+        .options(selectinload(Job.usage))
     ).all()
     return list(rows), total
 
@@ -350,15 +367,18 @@ def cancelled_among(session: Session, job_ids: list[uuid.UUID]) -> set[uuid.UUID
     return set(rows)
 
 
-def complete_job(session: Session, job_id: uuid.UUID, worker: str, outcome: Outcome) -> Row | None:
-    """Store the result and usage and mark the job succeeded, exactly once: only the worker that
-    holds the job may, so a worker that was presumed lost and comes back writes nothing.
-    Returns the job, or None when it was not this worker's to complete."""
-    return complete_jobs(session, worker, {job_id: outcome}).get(job_id)
+def complete_job(
+    session: Session, job_id: uuid.UUID, worker: str, outcome: Outcome, *, price_of: PriceOf
+) -> Row | None:
+    """Store the result and usage (priced by `price_of` now) and mark the job succeeded,
+    exactly once: only the worker that holds the job may, so a worker that was presumed lost
+    and comes back writes nothing. Returns the job, or None when it was not this worker's to
+    complete."""
+    return complete_jobs(session, worker, {job_id: outcome}, price_of=price_of).get(job_id)
 
 
 def complete_jobs(
-    session: Session, worker: str, outcomes: dict[uuid.UUID, Outcome]
+    session: Session, worker: str, outcomes: dict[uuid.UUID, Outcome], *, price_of: PriceOf
 ) -> dict[uuid.UUID, Row]:
     """complete_job for many jobs in three statements, whatever their number. Returns the rows
     (id, owner, model, cache_key, and the input of a job with a cache key) of the jobs that
@@ -387,10 +407,9 @@ def complete_jobs(
         .values([_result_values(row.id, outcomes[row.id]) for row in done])
         .on_conflict_do_nothing()
     )
-    session.execute(
-        pg_insert(Usage)
-        .values([usage_values(row, outcomes[row.id], cached=False) for row in done])
-        .on_conflict_do_nothing()
+    insert_usage(
+        session,
+        [usage_values(row, outcomes[row.id], price_of(row.model), cached=False) for row in done],
     )
     return {row.id: row for row in done}
 
@@ -408,8 +427,12 @@ def _result_values(job_id: uuid.UUID, outcome: Outcome) -> dict:
     }
 
 
-def usage_values(job, outcome: Outcome, *, cached: bool) -> dict:
-    """A usage row of a finished job (any object with id, owner and model)."""
+def usage_values(job, outcome: Outcome, price: Price | None, *, cached: bool) -> dict:
+    """A usage row of a finished job (any object with id, owner and model), with its cost at
+    `price`, the model's price now."""
+    cost = None
+    if price is not None:
+        cost = price.cost(outcome.prompt_tokens, outcome.completion_tokens, cached=cached)
     return {
         "job_id": job.id,
         "owner": job.owner,
@@ -417,6 +440,8 @@ def usage_values(job, outcome: Outcome, *, cached: bool) -> dict:
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
         "cached": cached,
+        "cost": cost,
+        "currency": price.currency if price is not None else None,
     }
 
 

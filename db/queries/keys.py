@@ -6,6 +6,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -17,7 +18,12 @@ from db.tables import ApiKey
 
 KEY_PREFIX = "llmq_"
 # The limits a key may set for itself; None means the settings' default.
-LIMIT_FIELDS = ("rate_limit_per_minute", "max_concurrent_jobs", "monthly_token_quota")
+LIMIT_FIELDS = (
+    "rate_limit_per_minute",
+    "max_concurrent_jobs",
+    "monthly_token_quota",
+    "monthly_spend_limit",  # no default: None means no limit
+)
 
 
 class Role(StrEnum):
@@ -30,6 +36,7 @@ class Limits:
     rate_limit_per_minute: int | None = None
     max_concurrent_jobs: int | None = None
     monthly_token_quota: int | None = None
+    monthly_spend_limit: Decimal | None = None
 
 
 def generate_key() -> str:

@@ -8,17 +8,19 @@ those of its succeeded jobs, except queue wait, which every job that started has
 - time to first token: handed to the engine → first token (`job_results`);
 - time per output token: the time after the first token over the tokens after the first.
 Percentiles are continuous (`percentile_cont`: linear interpolation between the two nearest
-values), in milliseconds; NULL when no job has the figure.
+values), in milliseconds; NULL when no job has the figure. Cost is that of the window's
+finished jobs, as their usage rows hold it, per currency.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from sqlalchemy import ColumnElement, Float, case, cast, func, select
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 
-from db.tables import Job, JobResult
+from db.tables import Job, JobResult, Usage
 from llmq.protocol import JobStatus
 
 PERCENTILES = (0.5, 0.9, 0.95, 0.99)
@@ -47,6 +49,7 @@ class ModelStats:
     prompt_tokens: int
     completion_tokens: int
     errors_by_category: dict[str, int]
+    cost: dict[str, Decimal] = field(default_factory=dict)  # per currency
 
     @property
     def submitted(self) -> int:
@@ -111,6 +114,15 @@ def window_stats(session: Session, window_s: float, model: str | None = None) ->
     ):
         errors.setdefault(job_model, {})[category or "unknown"] = count
 
+    costs: dict[str, dict[str, Decimal]] = {}
+    for job_model, currency, cost in session.execute(
+        select(Job.model, Usage.currency, func.sum(Usage.cost))
+        .join(Usage, Usage.job_id == Job.id)
+        .where(*in_window, Usage.cost.is_not(None))
+        .group_by(Job.model, Usage.currency)
+    ):
+        costs.setdefault(job_model, {})[currency] = Decimal(cost)
+
     models = []
     for row in rows:
         counts = row[1 : 1 + len(statuses)]
@@ -126,6 +138,7 @@ def window_stats(session: Session, window_s: float, model: str | None = None) ->
                 prompt_tokens=int(prompt_tokens),
                 completion_tokens=int(completion_tokens),
                 errors_by_category=errors.get(row[0], {}),
+                cost=costs.get(row[0], {}),
             )
         )
     return WindowStats(since, models)

@@ -6,7 +6,12 @@ import pytest
 
 from tests.factories import bearer, create_key, submit, wait_for_job
 
-SUITE_DEFAULTS = {"rate_limit_per_minute": 0, "max_concurrent_jobs": 0, "monthly_token_quota": 0}
+SUITE_DEFAULTS = {
+    "rate_limit_per_minute": 0,
+    "max_concurrent_jobs": 0,
+    "monthly_token_quota": 0,
+    "monthly_spend_limit": "0",
+}
 
 
 def test_created_key_is_shown_once(client):
@@ -25,7 +30,12 @@ def test_created_key_is_shown_once(client):
 
 
 def test_admin_key_with_its_own_limits(client):
-    limits = {"rate_limit_per_minute": 60, "max_concurrent_jobs": 4, "monthly_token_quota": 10**12}
+    limits = {
+        "rate_limit_per_minute": 60,
+        "max_concurrent_jobs": 4,
+        "monthly_token_quota": 10**12,
+        "monthly_spend_limit": "12.5",
+    }
     created = create_key(client, "ops", role="admin", **limits)
     assert created["role"] == "admin" and created["limits"] == limits
     assert client.get("/v1/admin/keys", headers=bearer(created["key"])).status_code == 200
@@ -70,6 +80,7 @@ def test_patch_changes_only_the_fields_sent(client):
         "rate_limit_per_minute": 10,
         "max_concurrent_jobs": 3,
         "monthly_token_quota": 500,
+        "monthly_spend_limit": "0",
     }
     restored = client.patch(path, json={"rate_limit_per_minute": None}).json()
     assert restored["rate_limit_per_minute"] is None
