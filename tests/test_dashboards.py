@@ -46,11 +46,13 @@ def defined_series() -> frozenset[str]:
     import api.metrics
     import llmq.metrics  # noqa: F401
     import workers.metrics  # noqa: F401
+    import workers.remote.metrics  # noqa: F401
 
     families = [
         *REGISTRY.collect(),
         *api.metrics.QueueCollector.families(),
         *api.metrics.BatchCollector.families(),
+        api.metrics.UpstreamCollector.family(),
     ]
     names = set()
     for family in families:

@@ -127,9 +127,9 @@ class RemoteEngine:
             log.info("upstream answers", model=self.spec.id, base_url=self.upstream.base_url)
 
     def stop(self, timeout: float = 10.0) -> None:
-        for call in list(self._calls.values()):
-            call.cancelled.set()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """At worker shutdown, once Celery's threads have ended their tasks (a job still in
+        flight here is left to the reconciler, as a local engine's is)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
     def submit(self, request: UpstreamRequest) -> Future:
