@@ -7,7 +7,8 @@ Two stacks on this machine, each with its own Postgres database and Redis databa
 upstream (API and a worker holding the model: stories260K where ../shared has it, else the
 built-in tiny-llama), and the front (API and a remote worker, which loads no model). Rounds
 alternate direct and through the front; each round sends `--requests` streamed completions of
-`--tokens` tokens from `--clients` concurrent clients, distinct prompts, cache off. Figures are
+`--tokens` tokens from `--clients` concurrent clients, distinct prompts (so never a cache hit;
+the upstream stores cache entries for both paths alike). Figures are
 medians over the rounds: completion tokens per second over the round's wall time, and the p50
 time to the first streamed text. The front's own processes share this machine's cores with the
 upstream's model, so its ratio here includes that contention; on separate machines only the
@@ -18,11 +19,14 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +34,7 @@ from bench.models import SHARED_STORIES
 from bench.run import percentile
 from bench.stack import bench_urls, llmq_stack
 
-console = Console(width=120)
+console = Console(width=150)
 UPSTREAM_PORT, FRONT_PORT = 8771, 8772
 
 
@@ -48,11 +52,10 @@ async def one_round(base: str, model: str, args, round_number: int) -> tuple[flo
             number = queue.get_nowait()
             body = {
                 "model": model,
-                "prompt": f"Once upon a time, round {round_number} story {number}",
+                "prompt": f"Once upon a time, {model} round {round_number} story {number}",
                 "max_tokens": args.tokens,
                 "temperature": 0,
                 "ignore_eos": True,
-                "cache": False,
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
@@ -119,7 +122,7 @@ def main() -> None:
                 port=UPSTREAM_PORT,
                 redis_url=upstream_redis,
                 database="llmq_bench_upstream",
-            ) as (upstream, _),
+            ) as (upstream, upstream_processes),
             llmq_stack(
                 [front_model],
                 workdir / "front",
@@ -127,8 +130,9 @@ def main() -> None:
                 port=FRONT_PORT,
                 redis_url=front_redis,
                 database="llmq_bench_front",
-            ) as (front, _),
+            ) as (front, front_processes),
         ):
+            stacks = {"upstream": upstream_processes, "front": front_processes}
             paths = {
                 "upstream, directly": (upstream, model_id),
                 "through the front": (front, front_model["id"]),
@@ -138,17 +142,31 @@ def main() -> None:
                     one_round(base, model, argparse.Namespace(**{**vars(args), "requests": 8}), -1)
                 )
             figures: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+            cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             for round_number in range(args.rounds):
                 for name, (base, model) in paths.items():
+                    before = {stack: cpu_seconds(p) for stack, p in stacks.items()}
                     rate, firsts = asyncio.run(one_round(base, model, args, round_number))
+                    used = {s: cpu_seconds(p) - before[s] for s, p in stacks.items()}
+                    cpu[name].append({s: 1000 * v / args.requests for s, v in used.items()})
                     ttft_ms = percentile(firsts, 50) * 1000
                     figures[name].append((rate, ttft_ms))
                     say = f"round {round_number + 1} {name}: {rate:,.0f} tok/s, TTFT p50"
                     console.print(f"{say} {ttft_ms:.1f} ms")
-        report(figures, args, model_id)
+        report(figures, cpu, args, model_id)
 
 
-def report(figures: dict[str, list[tuple[float, float]]], args, model_id: str) -> None:
+def cpu_seconds(processes: list[subprocess.Popen]) -> float:
+    """CPU seconds the stack's API and workers have used so far (their threads included)."""
+    total = 0.0
+    for process in processes:
+        with suppress(psutil.Error):
+            times = psutil.Process(process.pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def report(figures, cpu, args, model_id: str) -> None:
     medians = {
         name: (statistics.median(r for r, _ in runs), statistics.median(t for _, t in runs))
         for name, runs in figures.items()
@@ -158,15 +176,20 @@ def report(figures: dict[str, list[tuple[float, float]]], args, model_id: str) -
         title=f"Remote relaying: {model_id}, {args.clients} clients × {args.tokens} tokens, "
         f"{args.requests} requests, median of {args.rounds} rounds"
     )
-    for column in ("path", "tokens/s", "ratio", "TTFT p50 (ms)", "added TTFT (ms)"):
+    columns = ["path", "tokens/s", "ratio", "TTFT p50 (ms)", "added TTFT (ms)"]
+    columns += ["upstream CPU ms/request", "front CPU ms/request"]
+    for column in columns:
         table.add_column(column, justify="right" if column != "path" else "left")
     for name, (rate, ttft) in medians.items():
+        spent = {s: statistics.median(r[s] for r in cpu[name]) for s in ("upstream", "front")}
         table.add_row(
             name,
             f"{rate:,.0f}",
             f"{rate / base_rate:.2f}×",
             f"{ttft:.1f}",
             f"{ttft - base_ttft:+.1f}",
+            f"{spent['upstream']:.1f}",
+            f"{spent['front']:.1f}",
         )
     console.print(table)
 

@@ -2,6 +2,7 @@
 directly: jobs, SSE streams (a late join gets every token), the OpenAI client (streaming or not),
 a Batch API file and a GSM8K run; and what llmq does not relay is refused at once."""
 
+import json
 import uuid
 from pathlib import Path
 
@@ -50,19 +51,22 @@ def test_jobs_give_the_upstreams_text_and_usage(client, healthy_upstream):
 
 
 def test_stream_relays_tokens_and_a_late_join_gets_them_all(api_server, healthy_upstream):
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
     job = httpx.post(f"{api_server}/v1/jobs", json=body | {"cache": False}, headers=AUTH).json()
     live = read_events(api_server, job["id"])
     stored = wait_done(api_server, job["id"])["result"]["text"]
     assert live[-1].event == "done"
     tokens = [e for e in live if e.event == "token"]
     assert len(tokens) > 1, "relayed as it came, not in one piece"
+    indexes = [json.loads(e.data)["token_index"] for e in tokens]
+    assert indexes == sorted(indexes) and indexes[-1] == 299
     assert texts(live) == stored
     late = read_events(api_server, job["id"])  # after the job ended: the replay
     assert texts(late) == stored and late[-1].event == "done"
-    resumed = read_events(api_server, job["id"], last_event_id=tokens[4].id)
-    assert texts(tokens[:5]) + texts(resumed) == stored
-    asked = healthy_upstream.complete(prompt=body["prompt"], max_tokens=40, ignore_eos=True)
+    half = len(tokens) // 2
+    resumed = read_events(api_server, job["id"], last_event_id=tokens[half - 1].id)
+    assert texts(tokens[:half]) + texts(resumed) == stored
+    asked = healthy_upstream.complete(prompt=body["prompt"], max_tokens=300, ignore_eos=True)
     assert stored == asked["choices"][0]["text"]
 
 
