@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from api.logprobs import TokenTexts
 from llmq.errors import InvalidRequest, PromptTooLarge, PromptTooLong, TokenOutOfVocabulary
+from llmq.model_files import model_file
 from llmq.registry import ModelSpec
 
 # For models that ship no chat template (the tiny models, stories260K): one turn per message,
@@ -89,16 +90,7 @@ class PromptCounter:
             return self._tokenizers[spec.id]
 
     def _model_file(self, spec: ModelSpec, name: str) -> Path:
-        local = spec.local_path(self.data_dir)
-        if local is None:
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(spec.source, name, revision=spec.revision))
-        if spec.is_builtin and not (local / "tokenizer.json").exists():
-            from llmq.tiny_model import ensure_tiny_model  # first use only
-
-            ensure_tiny_model(local)
-        return local / name
+        return model_file(spec, self.data_dir, name)
 
     def _chat_setup(self, spec: ModelSpec) -> tuple[str, dict[str, str]]:
         """The model's chat template (or the default) and its special tokens."""

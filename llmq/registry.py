@@ -51,6 +51,9 @@ class RemoteUpstream(BaseModel):
     # The longest silence within a response (between streamed chunks) before it counts as hung.
     read_timeout_s: float = Field(default=60.0, gt=0)
     circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
+    # The upstream echoes prompts with their log-probabilities (`echo` and `logprobs` on
+    # completions, as vLLM and llmq do): MMLU runs then score through it.
+    prompt_logprobs: bool = False
 
 
 class ModelSpec(BaseModel):

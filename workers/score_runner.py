@@ -9,6 +9,7 @@ import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import ValidationError
@@ -19,10 +20,13 @@ from db.tables import ScoreResult
 from llmq.pricing import get_price_book
 from llmq.protocol import ErrorCategory, ScoreInput, ScoreParams
 from workers.db_retry import db_retry
-from workers.engine import GenerationEngine
-from workers.host import ModelHost
+from workers.engine_jobs import JobFailed, ScoreOutput, ScoreRequest, ScoreTimeout
+from workers.pairs import PairEncoder
 from workers.runner import STALL_GRACE_S
-from workers.scoring import PairEncoder, ScoreOutput, ScoreRequest, ScoreTimeout
+
+if TYPE_CHECKING:  # the model's modules import torch, which a remote model's worker never loads
+    from workers.engine import GenerationEngine
+    from workers.host import ModelHost
 
 log = structlog.get_logger(__name__)
 
@@ -41,8 +45,8 @@ class _Scoring:
 class ScoreRunner:
     """Scoring jobs' life in a worker: claim them, score them in the engine, store outcomes."""
 
-    engine: GenerationEngine
-    host: ModelHost
+    engine: "GenerationEngine"  # or a remote model's engine (workers/remote/engine.py)
+    host: "ModelHost"  # what it needs of it: the tokenizer
     database_url: str
     worker_name: str
     job_timeout_s: float
@@ -90,6 +94,9 @@ class ScoreRunner:
         except (ScoreTimeout, FutureTimeout) as exc:
             message = str(exc) or "no result within the deadline"
             self._fail(scoring.job_id, ErrorCategory.TIMEOUT, message)
+        except JobFailed as exc:  # a remote model's upstream failure, with its category
+            log.warning("job failed", job_id=str(scoring.job_id), error=str(exc))
+            self._fail(scoring.job_id, exc.category, str(exc))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("job input rejected", job_id=str(scoring.job_id), error=str(exc))
             message = f"{type(exc).__name__}: {exc}"

@@ -115,11 +115,12 @@ def create_eval_run(
     benchmark = Benchmark(body.benchmark)
     if body.subjects is not None and benchmark is not Benchmark.MMLU:
         raise InvalidRequest("subjects apply to mmlu only; remove them", param="subjects")
-    if spec.is_remote and benchmark is Benchmark.MMLU:
+    if spec.remote is not None and not spec.remote.prompt_logprobs and benchmark.scores:
         raise InvalidRequest(
-            f"mmlu scores each answer by its log-likelihood, and {spec.id} is a remote model: "
-            "llmq asks its upstream for completions only. Run gsm8k on it, or mmlu on a model "
-            "llmq serves itself",
+            f"{benchmark.value} scores each answer by its log-likelihood, and {spec.id} is a "
+            "remote model whose upstream is not known to echo prompt log-probabilities (set "
+            "remote.prompt_logprobs in models.yaml where it does). Run gsm8k on it, or "
+            f"{benchmark.value} on a model llmq serves itself",
             param="model",
         )
     run_settings = RunSettings(

@@ -33,6 +33,11 @@ class Benchmark(StrEnum):
         return gsm8k.DEFAULT_FEWSHOT if self is Benchmark.GSM8K else mmlu.DEFAULT_FEWSHOT
 
     @property
+    def scores(self) -> bool:
+        """Whether its items are scored by log-likelihood (else generated and graded)."""
+        return self is Benchmark.MMLU
+
+    @property
     def primary_metric(self) -> str:
         return gsm8k.STRICT_MATCH if self is Benchmark.GSM8K else mmlu.ACC
 

@@ -44,7 +44,8 @@ def direct(host, context: str, continuation: str, max_length: int) -> tuple[floa
 
 
 def score_all(host, pairs, max_length: int, max_batch_tokens: int = 100_000):
-    from workers.scoring import PairEncoder, PendingScore, Scorer, ScoreRequest
+    from workers.pairs import PairEncoder
+    from workers.scoring import PendingScore, Scorer, ScoreRequest
 
     encoder = PairEncoder(host.tokenizer)
     pending = [
@@ -72,7 +73,8 @@ def test_small_token_budget_splits_passes_without_changing_scores(host):
 
 
 def test_choices_sharing_a_prompt_share_one_row(host):
-    from workers.scoring import PairEncoder, PendingScore, Scorer, ScoreRequest
+    from workers.pairs import PairEncoder
+    from workers.scoring import PendingScore, Scorer, ScoreRequest
 
     encoder = PairEncoder(host.tokenizer)
     prompt = "Question: 2 + 2?\nAnswer:"
@@ -89,7 +91,7 @@ def test_choices_sharing_a_prompt_share_one_row(host):
 
 
 def test_empty_prompt_is_scored_after_the_bos_token(host):
-    from workers.scoring import PairEncoder
+    from workers.pairs import PairEncoder
 
     encoder = PairEncoder(host.tokenizer)
     context, continuation = encoder.pair("", "Hello")
@@ -101,7 +103,8 @@ def test_engine_scores_between_decode_steps(host):
     """Scoring jobs submitted while generations decode all finish, and neither changes the
     other's result."""
     from workers.engine import GenerationEngine, GenerationRequest
-    from workers.scoring import PairEncoder, ScoreRequest
+    from workers.pairs import PairEncoder
+    from workers.scoring import ScoreRequest
 
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     prompts = ["Once upon a time", "The dog", "A queue holds jobs"]
@@ -136,7 +139,8 @@ def test_interactive_scoring_job_goes_before_waiting_evaluation_items(host):
     job of an interactive client waits for none of them."""
     from llmq.protocol import BATCH_PRIORITY
     from workers.engine import GenerationEngine
-    from workers.scoring import PairEncoder, ScoreRequest
+    from workers.pairs import PairEncoder
+    from workers.scoring import ScoreRequest
 
     encoder = PairEncoder(host.tokenizer)
     engine = GenerationEngine(
@@ -167,7 +171,7 @@ def test_pairs_of_one_prompt_equal_lm_evals_pairs(host):
     """The prompt is encoded once for all its continuations; each pair is still the one lm-eval
     makes: the prompt without its trailing whitespace, and the tokens past it in the encoding
     of the whole text."""
-    from workers.scoring import PairEncoder
+    from workers.pairs import PairEncoder
 
     tokenizer = host.tokenizer
     encoder = PairEncoder(tokenizer)
@@ -189,7 +193,8 @@ def test_engine_times_its_forward_passes_by_kind(host):
     from prometheus_client import REGISTRY
 
     from workers.engine import GenerationEngine, GenerationRequest
-    from workers.scoring import PairEncoder, ScoreRequest
+    from workers.pairs import PairEncoder
+    from workers.scoring import ScoreRequest
 
     labels = {"model": host.spec.id, "queue": host.spec.queue(host.device)}
 
@@ -218,7 +223,8 @@ def test_evaluation_items_score_longest_row_first(host):
     requests, so that a pass pads its rows less; interactive scoring jobs keep their order."""
     from llmq.protocol import BATCH_PRIORITY
     from workers.engine import GenerationEngine
-    from workers.scoring import PairEncoder, ScoreRequest
+    from workers.pairs import PairEncoder
+    from workers.scoring import ScoreRequest
 
     encoder = PairEncoder(host.tokenizer)
     engine = GenerationEngine(

@@ -113,7 +113,8 @@ def test_greedy_generation_equals_the_in_process_engines(
 
 
 def test_scoring_equals_the_in_process_engines(engine_process, in_process_engine, host):
-    from workers.scoring import PairEncoder, ScoreRequest
+    from workers.pairs import PairEncoder
+    from workers.scoring import ScoreRequest
 
     encoder = PairEncoder(host.tokenizer)
     pairs = encoder.pairs("Question: 2 + 2?\nAnswer:", [" A", " B", " four"])

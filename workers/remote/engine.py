@@ -30,12 +30,19 @@ from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, ErrorCategory, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
 from llmq.registry import ModelSpec
-from workers.engine_jobs import GenerationOutput, JobFailed, JobTimeout
+from workers.engine_jobs import (
+    GenerationOutput,
+    JobFailed,
+    JobTimeout,
+    ScoreOutput,
+    ScoreRequest,
+)
 from workers.remote import metrics
 from workers.remote.slots import UpstreamSlots
 from workers.remote.upstream import (
     Streamed,
     UpstreamClient,
+    UpstreamError,
     UpstreamRefused,
     UpstreamTransient,
     request_body,
@@ -68,7 +75,8 @@ class UpstreamRequest:
 class _Call:
     """A job in flight, across its attempts."""
 
-    request: UpstreamRequest
+    request: "UpstreamRequest | ScoreRequest"
+    started: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     relayed: str = ""  # the text its stream has carried so far
     deltas: int = 0  # token events published
@@ -138,11 +146,20 @@ class RemoteEngine:
         self.client.close()
 
     def submit(self, request: UpstreamRequest) -> Future:
-        call = _Call(request)
+        """A generation job: its completion streamed from the upstream (GenerationOutput)."""
+        return self._submit(_Call(request), self._generate)
+
+    def submit_score(self, request: ScoreRequest) -> Future:
+        """A scoring job: its continuations' log-likelihoods from the upstream's echoed prompt
+        log-probabilities (ScoreOutput), for upstreams that give them (prompt_logprobs)."""
+        return self._submit(_Call(request), self._score)
+
+    def _submit(self, call: "_Call", send: Callable) -> Future:
+        job_id = call.request.job_id
         with self._lock:
-            self._calls[request.job_id] = call
-        future = self._executor.submit(self._run, call)
-        future.add_done_callback(lambda _: self._forget(request.job_id))
+            self._calls[job_id] = call
+        future = self._executor.submit(self._run, call, send)
+        future.add_done_callback(lambda _: self._forget(job_id))
         return future
 
     def cancel(self, job_id: uuid.UUID) -> None:
@@ -161,8 +178,8 @@ class RemoteEngine:
 
     # -- one job ------------------------------------------------------------------------------
 
-    def _run(self, call: _Call) -> GenerationOutput:
-        started = time.monotonic()
+    def _run(self, call: _Call, send: Callable):
+        """`send`'s result, retried while the job's deadline allows."""
         retrying = Retrying(
             retry=retry_if_exception_type((UpstreamTransient, pybreaker.CircuitBreakerError)),
             wait=_wait_before_retry,
@@ -181,36 +198,34 @@ class RemoteEngine:
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._attempt(call, started)
+                    return self._attempt(call, send)
         except (UpstreamTransient, pybreaker.CircuitBreakerError) as exc:
             raise UpstreamUnavailable(
                 f"the upstream did not answer before the job's deadline; last: {exc}"
             ) from exc
         raise AssertionError("unreachable: tenacity returns or raises")
 
-    def _attempt(self, call: _Call, started: float) -> GenerationOutput:
+    def _attempt(self, call: _Call, send: Callable):
         request = call.request
         member = f"{request.job_id}:{time.monotonic_ns()}"
         probing = self._wait_for_breaker(call, member)
         try:
             if not self.slots.acquire(member, request.deadline, call.cancelled.is_set):
                 if call.cancelled.is_set():
-                    return _cancelled(call, started)
+                    return _cancelled(call)
                 raise UpstreamUnavailable(
                     f"none of the upstream's {self.upstream.max_concurrency} slots "
                     "(max_concurrency) came free before the job's deadline"
                 )
             try:
                 with self.breaker.calling():
-                    streamed = self._stream(call, member)
+                    result = send(call, member)
             finally:
                 self.slots.release(member)
         finally:
             if probing:
                 self._end_probe(member)
-        if streamed is None:
-            return _cancelled(call, started)
-        return self._output(call, streamed, started)
+        return result if result is not None else _cancelled(call)
 
     def may_send(self) -> bool:
         """Whether a request may go upstream now: the breaker is closed, or a probe is due."""
@@ -257,6 +272,10 @@ class RemoteEngine:
         except RedisError:
             pass  # it lapses
 
+    def _generate(self, call: _Call, member: str) -> GenerationOutput | None:
+        streamed = self._stream(call, member)
+        return None if streamed is None else self._output(call, streamed)
+
     def _stream(self, call: _Call, member: str) -> Streamed | None:
         request = call.request
         remaining = request.deadline - time.monotonic()
@@ -299,6 +318,58 @@ class RemoteEngine:
             metrics.UPSTREAM_REQUESTS.labels(self.spec.id, outcome).inc()
             metrics.UPSTREAM_SECONDS.labels(self.spec.id).observe(time.monotonic() - sent)
 
+    def _score(self, call: _Call, member: str) -> ScoreOutput:
+        """Each pair's continuation log-likelihood and whether greedy decoding gives it, from
+        the log-probabilities of its row (context + continuation, the last max_length + 1
+        tokens, as lm-eval reads them) echoed by the upstream: one request for the job's rows.
+        One token is asked to be generated, as lm-eval's own API clients ask, and ignored."""
+        request: ScoreRequest = call.request  # type: ignore[assignment]
+        remaining = request.deadline - time.monotonic() if request.deadline else None
+        if remaining is not None and remaining <= 0:
+            raise JobTimeout("the job reached its deadline before the upstream answered")
+        rows = [(c + n)[-(request.max_length + 1) :] for c, n in request.pairs]
+        body = {
+            "model": self.upstream.model,
+            "prompt": rows,
+            "max_tokens": 1,
+            "temperature": 0,
+            "echo": True,
+            "logprobs": 1,
+        }
+        timeout = min(self.upstream.read_timeout_s, remaining or self.upstream.read_timeout_s)
+        sent = time.monotonic()
+        answer = self.client.score(body, timeout)
+        metrics.UPSTREAM_REQUESTS.labels(self.spec.id, "ok").inc()
+        metrics.UPSTREAM_SECONDS.labels(self.spec.id).observe(time.monotonic() - sent)
+        choices = sorted(answer.choices, key=lambda choice: choice.index)
+        if len(choices) != len(rows):
+            raise UpstreamError(
+                f"the upstream answered {len(choices)} choices for {len(rows)} rows"
+            )
+        loglikelihoods, greedy = [], []
+        for (_, continuation), row, choice in zip(request.pairs, rows, choices, strict=True):
+            wanted = range(len(row) - min(len(continuation), len(row) - 1), len(row))
+            try:
+                picked = [choice.logprobs.token_logprobs[i] for i in wanted]
+                tokens = [choice.logprobs.tokens[i] for i in wanted]
+                tops = [choice.logprobs.top_logprobs[i] for i in wanted]
+            except (IndexError, TypeError) as exc:
+                raise UpstreamError(
+                    f"the upstream echoed {len(choice.logprobs.token_logprobs)} log-probabilities "
+                    f"for a prompt of {len(row)} tokens: it does not echo prompts as asked"
+                ) from exc
+            if any(value is None for value in picked) or any(not top for top in tops):
+                raise UpstreamError("the upstream gave no log-probability for prompt tokens")
+            loglikelihoods.append(float(sum(picked)))  # type: ignore[arg-type]
+            chosen = zip(tops, tokens, strict=True)
+            greedy.append(all(max(top, key=top.get) == token for top, token in chosen))
+        return ScoreOutput(
+            loglikelihoods,
+            greedy,
+            input_tokens=sum(len(row) for row in rows),
+            duration_ms=(time.monotonic() - call.started) * 1000,
+        )
+
     def _relay(self, call: _Call, text: str, token_index: int) -> None:
         """Publish what `text` (the attempt's text so far, `token_index` + 1 upstream deltas,
         about a token each) adds to the job's stream."""
@@ -320,7 +391,7 @@ class RemoteEngine:
             )
             self.on_tokens([TokenEmission(call.deltas, event)])
 
-    def _output(self, call: _Call, streamed: Streamed, started: float) -> GenerationOutput:
+    def _output(self, call: _Call, streamed: Streamed) -> GenerationOutput:
         if not streamed.text.startswith(call.relayed):  # a retry ended short of the stream
             self.on_reset(call.request.job_id)
             call.relayed, call.deltas = "", 0
@@ -333,20 +404,20 @@ class RemoteEngine:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else streamed.deltas,
             time_to_first_token_ms=(
-                (call.first_text_at - started) * 1000 if call.first_text_at else None
+                (call.first_text_at - call.started) * 1000 if call.first_text_at else None
             ),
-            duration_ms=(time.monotonic() - started) * 1000,
+            duration_ms=(time.monotonic() - call.started) * 1000,
         )
 
 
-def _cancelled(call: _Call, started: float) -> GenerationOutput:
+def _cancelled(call: _Call) -> GenerationOutput:
     return GenerationOutput(
         call.relayed,
         FinishReason.CANCELLED,
         0,
         call.deltas,
         None,
-        (time.monotonic() - started) * 1000,
+        (time.monotonic() - call.started) * 1000,
     )
 
 

@@ -16,8 +16,10 @@ from llmq.registry import Device, ModelSpec
 from llmq.settings import Settings
 from workers.cancellation import CancellationWatcher
 from workers.remote.engine import RemoteEngine, UpstreamRequest
+from workers.remote.tokenizer import FilesTokenizer
 from workers.result_writer import ResultWriter
 from workers.runner import JobRunner
+from workers.score_runner import ScoreRunner
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +34,13 @@ class RemoteHost:
 
     spec: ModelSpec
     device: Device = "remote"
+
+
+@dataclass(frozen=True)
+class ScoringHost:
+    """What the scoring runner asks of a model host: the tokenizer its pairs are encoded with."""
+
+    tokenizer: FilesTokenizer
 
 
 class RemoteJobRunner(JobRunner):
@@ -63,16 +72,19 @@ class RemoteJobRunner(JobRunner):
         return self.engine.submit(request)
 
     def refuse_group(self, job_ids: list[uuid.UUID]) -> None:
-        """Scoring jobs: a remote model is asked for completions only (the API refuses these
-        jobs; one that came anyway fails, rather than waiting forever in the queue)."""
+        """Scoring jobs where the upstream echoes no prompt log-probabilities (the API refuses
+        these jobs; one that came anyway fails, rather than waiting forever in the queue)."""
         for job in self.claims.claim_all(job_ids):
-            message = f"{self.host.spec.id} is a remote model: it scores no continuations"
+            message = (
+                f"{self.host.spec.id} is a remote model whose upstream is not known to echo "
+                "prompt log-probabilities (remote.prompt_logprobs): it scores no continuations"
+            )
             self._fail(job.id, ErrorCategory.INVALID_INPUT, message)
 
 
 @dataclass(frozen=True)
 class ScoreRefusal:
-    """The score tasks' runner on a remote model's worker."""
+    """The score tasks' runner on a worker of a remote model that scores nothing."""
 
     runner: RemoteJobRunner
 
@@ -89,7 +101,7 @@ class RemoteRuntime:
     engine: RemoteEngine
     watcher: CancellationWatcher
     runner: RemoteJobRunner
-    score_runner: ScoreRefusal
+    score_runner: "ScoreRunner | ScoreRefusal"
 
     @classmethod
     def start(cls, settings: Settings, spec: ModelSpec, worker_name: str) -> "RemoteRuntime":
@@ -110,7 +122,17 @@ class RemoteRuntime:
             settings.job_time_limit_s,
             results,
         )
-        return cls(RemoteHost(spec), engine, watcher, runner, ScoreRefusal(runner))
+        score_runner: ScoreRunner | ScoreRefusal = ScoreRefusal(runner)
+        if spec.remote is not None and spec.remote.prompt_logprobs:
+            tokenizer = FilesTokenizer(spec, settings.data_dir)  # pairs as lm-eval encodes them
+            score_runner = ScoreRunner(
+                engine,  # type: ignore[arg-type]
+                ScoringHost(tokenizer),  # type: ignore[arg-type]
+                settings.database_url,
+                worker_name,
+                settings.job_time_limit_s,
+            )
+        return cls(RemoteHost(spec), engine, watcher, runner, score_runner)
 
     def stop(self) -> None:
         self.watcher.stop()

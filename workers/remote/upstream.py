@@ -65,6 +65,23 @@ class _Chunk(BaseModel):
     usage: _Usage | None = None
 
 
+class _Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+
+
+class _EchoChoice(BaseModel):
+    index: int
+    logprobs: _Logprobs
+
+
+class Echoed(BaseModel):
+    """A completion answered whole, its prompts echoed with their log-probabilities."""
+
+    choices: list[_EchoChoice]
+
+
 @dataclass
 class Streamed:
     """What came back: the text, how it ended and, when the upstream said, its token counts."""
@@ -151,13 +168,8 @@ class UpstreamClient:
         turned true (the connection is then closed, which ends the upstream's work too)."""
         if self.misconfigured is not None:
             raise UpstreamTransient(self.misconfigured)
-        timeout = httpx.Timeout(
-            self.upstream.connect_timeout_s,
-            read=read_timeout_s,
-            write=self.upstream.connect_timeout_s,
-            pool=read_timeout_s,
-        )
         try:
+            timeout = self._timeout(read_timeout_s)
             with connect_sse(
                 self.client, "POST", "completions", json=body, timeout=timeout
             ) as source:
@@ -170,6 +182,32 @@ class UpstreamClient:
         except httpx.TransportError as exc:
             # Refused, reset, or a stream cut by the connection: the upstream went away.
             raise UpstreamTransient(f"the upstream is unreachable: {exc!r}") from exc
+
+    def score(self, body: dict, read_timeout_s: float) -> "Echoed":
+        """One completion request answered whole (no stream): prompts echoed with their
+        log-probabilities."""
+        if self.misconfigured is not None:
+            raise UpstreamTransient(self.misconfigured)
+        try:
+            response = self.client.post(
+                "completions", json=body, timeout=self._timeout(read_timeout_s)
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamTransient(f"the upstream timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamTransient(f"the upstream is unreachable: {exc!r}") from exc
+        _check_status(response)
+        try:
+            return Echoed.model_validate_json(response.content)
+        except ValidationError as exc:
+            shown = response.text[:MAX_ERROR_TEXT]
+            raise UpstreamError(
+                f"the upstream's answer has no echoed log-probabilities: {shown}"
+            ) from exc
+
+    def _timeout(self, read_timeout_s: float) -> httpx.Timeout:
+        connect = self.upstream.connect_timeout_s
+        return httpx.Timeout(connect, read=read_timeout_s, write=connect, pool=read_timeout_s)
 
     def model_names(self) -> list[str]:
         """The upstream's /v1/models ids (a start-up check); raises what complete() raises."""

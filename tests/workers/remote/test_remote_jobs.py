@@ -11,14 +11,14 @@ import openai
 import pytest
 
 from db.session import session_scope
-from db.tables import Job
+from db.tables import Job, ScoreResult
 from llmq.evals import gsm8k
 from tests.api.test_batches import chat_line, jsonl, records, wait_for_batch
 from tests.api.test_streams import read_events, texts, wait_done
 from tests.evals.conftest import EVAL_DATA_ROOT, write_benchmarks
 from tests.evals.test_runs import items_of, start_run, wait_for_run
 from tests.factories import ADMIN_KEY, AUTH, read_samples, sample, submit, wait_for_job
-from tests.workers.remote.conftest import MODEL, UPSTREAM_MODEL
+from tests.workers.remote.conftest import MODEL, UPSTREAM_DATABASE_URL, UPSTREAM_MODEL
 
 PROMPTS = ["Once upon a time", "The little dog", "She found a box"]
 
@@ -141,9 +141,40 @@ def test_what_is_not_relayed_is_refused_with_400(client, healthy_upstream):
         error = response.json()["error"]
         assert "tiny-remote is a remote model" in error["message"]
         assert param is None or error["param"] == param
-    run = client.post("/v1/evals", json={"benchmark": "mmlu", "model": MODEL, "limit": 1})
+    plain = {"benchmark": "mmlu", "model": "tiny-remote-plain", "limit": 1}
+    run = client.post("/v1/evals", json=plain)
     assert run.status_code == 400
-    assert "mmlu scores each answer by its log-likelihood" in run.json()["error"]["message"]
+    message = run.json()["error"]["message"]
+    assert "mmlu scores each answer by its log-likelihood" in message
+    assert "remote.prompt_logprobs" in message
+
+
+def test_mmlu_run_scores_through_the_upstreams_echoed_logprobs(
+    client, healthy_upstream, database_url
+):
+    write_benchmarks(EVAL_DATA_ROOT)
+    body = {"benchmark": "mmlu", "num_fewshot": 1, "subjects": ["abstract_algebra", "anatomy"]}
+    ours = wait_for_run(client, start_run(client, body | {"model": MODEL})["id"])
+    with healthy_upstream.client() as upstream:
+        theirs = start_run(upstream, body | {"model": UPSTREAM_MODEL})
+        theirs = wait_for_run(upstream, theirs["id"])
+        their_items = {i["prompt"]: i for i in items_of(upstream, theirs["id"])}
+    our_items = items_of(client, ours["id"])
+    assert len(our_items) == len(their_items) == 5
+    for item in our_items:
+        their = their_items[item["prompt"]]
+        ours_scored = _scores(database_url, item["job_id"])
+        their_scored = _scores(UPSTREAM_DATABASE_URL, their["job_id"])
+        assert ours_scored[0] == pytest.approx(their_scored[0], abs=1e-4)
+        assert ours_scored[1] == their_scored[1]  # greedy, continuation by continuation
+        assert item["answer"]["prediction"] == their["answer"]["prediction"]
+    assert ours["scores"]["metrics"]["acc"] == theirs["scores"]["metrics"]["acc"]
+
+
+def _scores(database_url: str, job_id: str) -> tuple[list[float], list[bool]]:
+    with session_scope(database_url) as session:
+        result = session.get(ScoreResult, uuid.UUID(job_id))
+        return list(result.loglikelihoods), list(result.greedy)
 
 
 def test_models_readyz_and_metrics_show_the_breaker(client, healthy_upstream):
@@ -152,7 +183,7 @@ def test_models_readyz_and_metrics_show_the_breaker(client, healthy_upstream):
     assert models[MODEL]["queues"] == ["llmq.tiny-remote.remote"]
     assert models["tiny-llama"]["circuit_breaker"] is None
     ready = client.get("/readyz").json()
-    assert ready["upstream_circuit_breakers"] == {MODEL: "closed"}
+    assert ready["upstream_circuit_breakers"] == {MODEL: "closed", "tiny-remote-plain": "closed"}
     samples = read_samples(client.get("/metrics").text)
     assert sample(samples, "llmq_upstream_circuit_breaker_state", model=MODEL) == 0
 

@@ -1,0 +1,21 @@
+"""A model's files (tokenizer, tokenizer config, chat template) read without loading it: from its
+folder, the built-in model's (written on first use), or the hub's cache. The API reads them to
+count prompts and render chat templates; a remote model's worker, to encode scoring pairs."""
+
+from pathlib import Path
+
+from llmq.registry import ModelSpec
+
+
+def model_file(spec: ModelSpec, data_dir: Path, name: str) -> Path:
+    """The path of one of the model's files (which may not exist, e.g. a chat template)."""
+    local = spec.local_path(data_dir)
+    if local is None:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(spec.files, name, revision=spec.revision))
+    if spec.is_builtin and not (local / "tokenizer.json").exists():
+        from llmq.tiny_model import ensure_tiny_model  # first use only
+
+        ensure_tiny_model(local)
+    return local / name
