@@ -17,7 +17,6 @@ added latency remains.
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import tempfile
@@ -31,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.models import SHARED_STORIES
-from bench.run import percentile
+from bench.run import percentile, stream_completion
 from bench.stack import bench_urls, llmq_stack
 
 console = Console(width=150)
@@ -56,22 +55,10 @@ async def one_round(base: str, model: str, args, round_number: int) -> tuple[flo
                 "max_tokens": args.tokens,
                 "temperature": 0,
                 "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
             }
-            started = time.perf_counter()
-            first = None
-            async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and any(c.get("text") for c in chunk.get("choices", [])):
-                        first = time.perf_counter() - started
-                    if chunk.get("usage"):
-                        tokens += chunk["usage"]["completion_tokens"]
-            firsts.append(first if first is not None else time.perf_counter() - started)
+            first, used = await stream_completion(http, base, body)
+            tokens += used
+            firsts.append(first if first is not None else 0.0)
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as http:

@@ -122,22 +122,31 @@ def llmq_request(base: str, model: str, stream: bool):
             response.raise_for_status()
             tokens = response.json()["usage"]["completion_tokens"]
             return Sample(time.perf_counter() - started, None, tokens, request.max_tokens)
-        body["stream_options"] = {"include_usage": True}
-        first = None
-        tokens = 0
-        async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif first is None and chunk["choices"][0]["text"]:
-                    first = time.perf_counter() - started
+        first, tokens = await stream_completion(http, base, body)
         return Sample(time.perf_counter() - started, first, tokens, request.max_tokens)
 
     return one
+
+
+async def stream_completion(
+    http: httpx.AsyncClient, base: str, body: dict
+) -> tuple[float | None, int]:
+    """A streamed /v1/completions request: seconds to its first text, and its completion
+    tokens (the usage chunk's)."""
+    started = time.perf_counter()
+    first, tokens = None, 0
+    body = body | {"stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - started
+    return first, tokens
 
 
 @dataclass

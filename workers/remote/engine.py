@@ -87,6 +87,10 @@ class _Call:
     def background(self) -> bool:
         return self.request.priority >= BATCH_PRIORITY
 
+    @property
+    def deadline(self) -> float:
+        return self.request.deadline if self.request.deadline is not None else float("inf")
+
 
 class RemoteEngine:
     def __init__(
@@ -184,7 +188,7 @@ class RemoteEngine:
             retry=retry_if_exception_type((UpstreamTransient, pybreaker.CircuitBreakerError)),
             wait=_wait_before_retry,
             stop=lambda state: (
-                time.monotonic() + (state.upcoming_sleep or 0) >= call.request.deadline
+                time.monotonic() + (state.upcoming_sleep or 0) >= call.deadline
             ),
             before_sleep=lambda state: log.info(
                 "upstream attempt failed; retrying",
@@ -210,7 +214,7 @@ class RemoteEngine:
         member = f"{request.job_id}:{time.monotonic_ns()}"
         probing = self._wait_for_breaker(call, member)
         try:
-            if not self.slots.acquire(member, request.deadline, call.cancelled.is_set):
+            if not self.slots.acquire(member, call.deadline, call.cancelled.is_set):
                 if call.cancelled.is_set():
                     return _cancelled(call)
                 raise UpstreamUnavailable(
@@ -250,7 +254,7 @@ class RemoteEngine:
                 return True
             if call.cancelled.is_set():
                 return False
-            if time.monotonic() >= call.request.deadline:
+            if time.monotonic() >= call.deadline:
                 fail_max = self.upstream.circuit_breaker.fail_max
                 raise UpstreamUnavailable(
                     f"the upstream's circuit breaker stayed {state} until the job's deadline "
