@@ -234,15 +234,18 @@ def collection_trace(name: str, collection_id: uuid.UUID | str, **attributes) ->
         span_cm.__exit__(None, None, None)
 
 
-def linked_job_trace(name: str, collection: Span) -> str | None:
-    """A new trace for one job of a run or batch, its root span linked to the collection's
-    span; returns its traceparent for the job row (None when the collection is not traced)."""
+@contextmanager
+def linked_trace(name: str, collection: Span) -> Iterator[str | None]:
+    """A new trace for one job of a run or batch, current inside the block, its root span
+    linked to the collection's span; yields its traceparent for the job's row (None when the
+    collection is not traced)."""
     if not _enabled or not collection.is_recording():
-        return None
+        yield None
+        return
     link = Link(collection.get_span_context())
-    span = tracer().start_span(name, context=otel_context.Context(), links=[link])
-    span.end()
-    return traceparent_of(span)
+    root = tracer().start_as_current_span(name, context=otel_context.Context(), links=[link])
+    with root as span:
+        yield traceparent_of(span)
 
 
 def _trace_id_for(collection_id: uuid.UUID | str) -> int:
