@@ -106,7 +106,7 @@ def main() -> None:
     ):
         bases = {"off": off_base, "on": on_base}
         prepares = {
-            name: http_clients(base, args.clients, post_one("/v1/jobs", model))
+            name: http_clients(base, args.clients, post_one("/v1/jobs", model, "submit"))
             for name, base in bases.items()
         }
         for name in ("off", "on"):  # warm-up: one job per client
