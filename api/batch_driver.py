@@ -37,6 +37,7 @@ from db.tables import Batch, BatchLine, Job
 from llmq.errors import LlmqError
 from llmq.periodic import PeriodicTask
 from llmq.protocol import BATCH_PRIORITY, JobStatus
+from llmq.tracing import collection_trace, linked_trace
 
 log = structlog.get_logger(__name__)
 
@@ -143,9 +144,14 @@ class BatchDriver:
             if not left:
                 break
         # Its own session: submitting commits each job, which must not end the lock's transaction.
-        with get_sessionmaker(self.database_url)() as submitting:
+        # The batch is one trace; each line's jobs get their own, linked to it.
+        with (
+            get_sessionmaker(self.database_url)() as submitting,
+            collection_trace("llmq.batch.queue", batch.id, **{"llmq.batch_id": batch.id}) as queued,
+        ):
             for line in todo:
-                job_ids, refusal = self._submit_line(submitting, batch, line)
+                with linked_trace("llmq.batch.line", queued):
+                    job_ids, refusal = self._submit_line(submitting, batch, line)
                 body = line.body if refusal is None else {**line.body, "_error": refusal}
                 batch_queries.add_line(
                     submitting, batch.id, line.line, line.custom_id, line.url, body, job_ids

@@ -22,6 +22,7 @@ from llmq.protocol import (
     JobKind,
 )
 from llmq.registry import ModelSpec
+from llmq.tracing import attached
 
 log = structlog.get_logger(__name__)
 
@@ -58,10 +59,14 @@ GROUP_TASK_FOR_KIND = {
 MAX_JOBS_PER_MESSAGE = 16
 
 
-def enqueue_job(job_id: uuid.UUID, kind: str, queue: str, priority: int = 0) -> bool:
+def enqueue_job(
+    job_id: uuid.UUID, kind: str, queue: str, priority: int = 0, trace_context: str | None = None
+) -> bool:
     """Send after the job row is committed. False if the broker is unreachable: the job row
-    stays queued and the reconciler sends it later, so the client's 202 still holds."""
-    return _send(TASK_FOR_KIND[kind], {"job_id": str(job_id)}, str(job_id), queue, priority)
+    stays queued and the reconciler sends it later, so the client's 202 still holds. The
+    job's trace context, when it has one, goes in the message's headers too."""
+    with attached(trace_context):
+        return _send(TASK_FOR_KIND[kind], {"job_id": str(job_id)}, str(job_id), queue, priority)
 
 
 def enqueue_score_group(job_ids: list[uuid.UUID], queue: str, priority: int) -> bool:
@@ -76,11 +81,14 @@ def send_jobs(deliveries: list[Delivery]) -> list[uuid.UUID]:
     groups: dict[tuple[str, str, int], list[uuid.UUID]] = defaultdict(list)
     for job in deliveries:
         groups[job.kind, job.queue, job.priority].append(job.id)
+    contexts = {job.id: job.trace_context for job in deliveries if job.trace_context}
     sent: list[uuid.UUID] = []
     for (kind, queue_name, priority), job_ids in groups.items():
         for start in range(0, len(job_ids), MAX_JOBS_PER_MESSAGE):
             chunk = job_ids[start : start + MAX_JOBS_PER_MESSAGE]
-            if len(chunk) == 1 and enqueue_job(chunk[0], kind, queue_name, priority):
+            # A group message's jobs may belong to as many traces: their rows carry each one's.
+            trace_context = contexts.get(chunk[0]) if len(chunk) == 1 else None
+            if len(chunk) == 1 and enqueue_job(chunk[0], kind, queue_name, priority, trace_context):
                 sent += chunk
             elif len(chunk) > 1 and _send_group(kind, chunk, queue_name, priority):
                 sent += chunk

@@ -37,6 +37,7 @@ from llmq.periodic import PeriodicTask
 from llmq.protocol import BATCH_PRIORITY, JobKind
 from llmq.registry import Registry
 from llmq.settings import Settings
+from llmq.tracing import collection_trace, linked_trace
 
 log = structlog.get_logger(__name__)
 
@@ -127,7 +128,7 @@ class EvalDriver:
 
     def feed(self, run_id: uuid.UUID) -> int:
         """Top the run's jobs in flight up to its window; returns how many were sent."""
-        created: list[tuple[uuid.UUID, str]] = []  # (job id, kind), all on one queue
+        created: list[tuple[uuid.UUID, str, str | None]] = []  # (id, kind, trace), one queue
         with session_scope(self.settings.database_url) as session:
             run = eval_queries.lock_run(session, run_id, eval_queries.RunStatus.RUNNING)
             if run is None:
@@ -145,29 +146,33 @@ class EvalDriver:
             if room <= 0:
                 return 0
             queue = route(spec, self.live.queues)
-            for item in eval_queries.next_requests(session, run_id, room):
-                job = job_queries.create_job(
-                    session,
-                    job_queries.NewJob(
-                        kind=item.kind,
-                        model=spec.id,
-                        queue=queue,
-                        input=item.input,
-                        params=item.params,
-                        owner=run.owner or f"eval:{run_id}",
-                        timeout_s=spec.timeout_s,
-                        priority=BATCH_PRIORITY,
-                    ),
-                )
-                eval_queries.assign_job(session, run_id, item.request_key, job.id)
-                created.append((job.id, item.kind))
+            # The run is one trace; each of its jobs gets its own, linked to it.
+            with collection_trace("llmq.eval.feed", run_id, **{"llmq.run_id": str(run_id)}) as feed:
+                for item in eval_queries.next_requests(session, run_id, room):
+                    with linked_trace("llmq.eval.item", feed) as trace_context:
+                        job = job_queries.create_job(
+                            session,
+                            job_queries.NewJob(
+                                kind=item.kind,
+                                model=spec.id,
+                                queue=queue,
+                                input=item.input,
+                                params=item.params,
+                                owner=run.owner or f"eval:{run_id}",
+                                timeout_s=spec.timeout_s,
+                                priority=BATCH_PRIORITY,
+                                trace_context=trace_context,
+                            ),
+                        )
+                    eval_queries.assign_job(session, run_id, item.request_key, job.id)
+                    created.append((job.id, item.kind, trace_context))
         # After the commit, as for every job; a lost send is resent by the reconciler, job by job.
-        scoring = [job_id for job_id, kind in created if kind == JobKind.SCORE.value]
+        scoring = [job_id for job_id, kind, _ in created if kind == JobKind.SCORE.value]
         for start in range(0, len(scoring), SCORE_GROUP_SIZE):
             enqueue_score_group(scoring[start : start + SCORE_GROUP_SIZE], queue, BATCH_PRIORITY)
-        for job_id, kind in created:
+        for job_id, kind, trace_context in created:
             if kind != JobKind.SCORE.value:
-                enqueue_job(job_id, kind, queue, BATCH_PRIORITY)
+                enqueue_job(job_id, kind, queue, BATCH_PRIORITY, trace_context)
         return len(created)
 
     def _key_room(self, session, run) -> int:

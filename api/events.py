@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
+from opentelemetry.trace import Span
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
@@ -21,6 +22,7 @@ from api.final_events import FinalEventListener
 from db.queries.jobs import read_job
 from db.session import session_scope
 from db.tables import Job
+from llmq import tracing
 from llmq.events import (
     DoneEvent,
     ErrorEvent,
@@ -380,3 +382,20 @@ class JobEventReader:
             yield StreamedEvent(
                 event_id.decode(), fields[b"type"].decode(), fields[b"data"].decode()
             )
+
+
+def relay_span(jobs: int) -> Span | None:
+    """A span for relaying jobs' events to one client's stream, under the request's span;
+    None with tracing off. Started, not made current: the relay is an async generator that
+    the server resumes in contexts of its own."""
+    if not tracing.enabled():
+        return None
+    span = tracing.tracer().start_span("llmq.stream.relay")
+    span.set_attribute("llmq.jobs", jobs)
+    return span
+
+
+def end_relay_span(span: Span, events: int, completed: bool) -> None:
+    span.set_attribute("llmq.events", events)
+    span.set_attribute("llmq.completed", completed)
+    span.end()

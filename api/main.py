@@ -42,6 +42,7 @@ from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
 from llmq.settings import Settings, get_settings
+from llmq.tracing import configure_tracing, instrument_app
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         dependencies=[Depends(single_query_values)],
     )
+    configure_tracing("llmq-api")  # before logging: traced lines carry their trace ids
     configure_logging(settings.log_level, settings.log_json)
     app.state.settings = settings
     app.state.registry = load_registry(settings.models_file)
@@ -106,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         larger_limits={"/v1/files": MAX_FILE_BYTES + 1024 * 1024},
     )
     app.add_middleware(RequestContextMiddleware)  # outermost: every answer gets an id
+    instrument_app(app)  # wraps even that: the request's span is current in every middleware
     for module in (health, metrics):  # probes and Prometheus stay open, as do the docs
         app.include_router(module.router, responses=ERROR_RESPONSES)
     keyed = (jobs, streams, models, openai, schemas, files, batches, stats, evals, me, admin)

@@ -1,5 +1,6 @@
 """Request context for every HTTP request: an id, bound to its log lines and returned to the
-client, and a count and a duration for Prometheus under the route's template.
+client (with the request's `traceparent` when it is traced), and a count and a duration for
+Prometheus under the route's template.
 
 A plain ASGI middleware rather than Starlette's BaseHTTPMiddleware, which would buffer
 Server-Sent Event streams and run the endpoint in another task, out of reach of the log context.
@@ -17,10 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.errors import error_body
+from llmq.tracing import current_traceparent
 
 log = structlog.get_logger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# The request's trace (W3C Trace Context), when it is traced: a client finds its trace by it.
+TRACEPARENT_HEADER = "traceparent"
 # A client's id is kept when it is short and made of characters that are safe in logs and URLs;
 # anything else is replaced, not refused, so that tracing never fails a request.
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -61,6 +65,7 @@ class RequestContextMiddleware:
             return
         request_id = accepted_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
         scope.setdefault("state", {})["request_id"] = request_id
+        traceparent = current_traceparent()  # the tracing middleware's span, outside this one
         status = 500  # what the client gets if the app raises before it answers
         answered = False
         started = time.perf_counter()
@@ -69,7 +74,10 @@ class RequestContextMiddleware:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append(REQUEST_ID_HEADER, request_id)
+                if traceparent is not None:
+                    headers.append(TRACEPARENT_HEADER, traceparent)
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):

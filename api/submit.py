@@ -42,6 +42,7 @@ from llmq.protocol import (
 )
 from llmq.registry import ModelSpec, Registry
 from llmq.settings import get_settings
+from llmq.tracing import current_traceparent, enabled, tracer
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +137,23 @@ def submit_generations(
 ) -> list[Submission]:
     """Check every prompt, store all the jobs in one transaction, then enqueue them. An error
     before the commit stores none of them; once the commit has returned, none fails."""
+    if not enabled():
+        return _submit_generations(session, requests, counter, live)
+    # The jobs' rows keep this span's context: the worker's spans for them are its children.
+    with tracer().start_as_current_span("llmq.submit") as span:
+        submissions = _submit_generations(session, requests, counter, live)
+        if span.is_recording():
+            span.set_attribute("llmq.jobs", len(submissions))
+            span.set_attribute("llmq.job_ids", [str(s.job.id) for s in submissions])
+        return submissions
+
+
+def _submit_generations(
+    session: Session,
+    requests: list[GenerationRequest],
+    counter: PromptCounter,
+    live: LiveQueues,
+) -> list[Submission]:
     if requests and all(r.idempotency_key is not None for r in requests):
         earlier = _earlier(session, requests)
         if earlier is not None:
@@ -180,6 +198,7 @@ def _new_jobs(
 ) -> list[tuple[job_queries.NewJob, Fingerprint | None]]:
     """Each request's job row and cache key, once every prompt is known to fit (400 if not)."""
     limit = get_settings().max_prompt_chars
+    trace_context = current_traceparent()
     counted: dict[tuple[str, str], int] = {}  # n choices of one prompt are tokenized once
     new_jobs = []
     for request in requests:
@@ -217,6 +236,7 @@ def _new_jobs(
             priority=request.priority,
             batch_id=request.batch_id,
             cache_key=key.cache_key if key is not None else None,
+            trace_context=trace_context,
         )
         new_jobs.append((new_job, key))
     return new_jobs
@@ -272,7 +292,9 @@ def _after_commit(job: Job, placement: Placement, *, counted: bool) -> None:
         if counted:
             (CACHE_HITS if placement is Placement.CACHED else CACHE_MISSES).labels(job.model).inc()
         if placement is Placement.QUEUED:
-            send_soon(job_queries.Delivery(job.id, job.kind, job.queue, job.priority))
+            send_soon(
+                job_queries.Delivery(job.id, job.kind, job.queue, job.priority, job.trace_context)
+            )
             job_submitted(job.model, job.queue)
         elif placement is Placement.CACHED:
             job_finished(job.model, JobStatus.SUCCEEDED.value)

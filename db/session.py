@@ -4,7 +4,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine
+import sqlalchemy
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from llmq.settings import get_settings
@@ -26,7 +27,8 @@ def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
         factory = _factories.get(database_url)
         if factory is None:
             settings = get_settings()
-            engine = create_engine(
+            # Looked up when called: tracing (llmq/tracing.py) wraps it after this import.
+            engine = sqlalchemy.create_engine(
                 database_url,
                 pool_pre_ping=True,
                 pool_size=settings.db_pool_size,

@@ -74,6 +74,8 @@ class Job(Base):
     # Broker priority: 0, interactive, goes first; batch lines wait behind (see api/enqueue.py).
     priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     batch_id: Mapped[str | None] = mapped_column(String(64))  # the batch this job is a line of
+    # The W3C traceparent the job's spans continue (llmq/tracing.py); None when not traced.
+    trace_context: Mapped[str | None] = mapped_column(String(64))
 
     result: Mapped["JobResult | None"] = relationship(back_populates="job", lazy="selectin")
     # Never loaded on its own: the queries that answer reads fill it in (db/queries/jobs.py).

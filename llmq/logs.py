@@ -1,7 +1,9 @@
 """structlog set-up shared by the API and the workers: JSON lines, or console output for people.
 
 Every line carries the ids bound in its context: the request id in the API (api/middleware.py);
-the job id, model, queue and request id in a worker thread while it runs a job. Lines from the
+the job id, model, queue and request id in a worker thread while it runs a job. With tracing on
+(llmq/tracing.py), lines written inside a recorded span carry its trace_id and span_id too, and
+a worker's lines about a job carry the job's (workers/job_trace.py). Lines from the
 standard library's loggers (Celery, kombu) go through the same renderer, so JSON stays JSON.
 """
 
@@ -12,6 +14,8 @@ from contextlib import AbstractContextManager
 
 import structlog
 
+from llmq import tracing
+
 
 def configure_logging(level: str = "INFO", json: bool = True) -> None:
     shared = [
@@ -19,6 +23,8 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if tracing.enabled():  # configure tracing first; off, lines pay nothing for it
+        shared.append(tracing.log_ids)
     renderer = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

@@ -2,6 +2,7 @@
 and the Prometheus and Grafana files it mounts. No Docker engine is needed, and no fixtures."""
 
 import fnmatch
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -16,6 +17,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROMETHEUS_FILE = ROOT / "ops" / "prometheus.yml"
 GRAFANA_DATASOURCES = ROOT / "ops" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+JAEGER_DATASOURCE = GRAFANA_DATASOURCES.with_name("jaeger.yml")
+DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "llmq.json"
 GRAFANA_DASHBOARD_PROVIDERS = ROOT / "ops" / "grafana" / "provisioning" / "dashboards"
 PROMETHEUS_CONFIG_DIR = "/etc/prometheus"  # where relative rule_files resolve in the container
 WORKER_METRICS_PORT = 9100
@@ -457,3 +460,16 @@ def test_flower_runs_behind_basic_auth_from_settings():
         "flower needs LLMQ_FLOWER_USER and LLMQ_FLOWER_PASSWORD, or `llmq flower` refuses to start"
     )
     assert environment["LLMQ_FLOWER_PASSWORD"] not in command, "the password shows in `ps`"
+
+
+def test_api_and_workers_export_traces_to_the_provisioned_trace_backend():
+    services = _services()
+    assert "jaeger" in services, "no trace backend in the stack"
+    for name in ("api", "worker", "worker-gpu"):
+        endpoint = urlsplit(_environment(services[name]).get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
+        assert (endpoint.hostname, endpoint.port) == ("jaeger", 4318), name
+    sources = yaml.safe_load(JAEGER_DATASOURCE.read_text())["datasources"]
+    assert [(s["type"], s["url"]) for s in sources] == [("jaeger", "http://jaeger:16686")]
+    dashboard = json.loads(DASHBOARD.read_text())
+    links = [link["url"] for link in dashboard.get("links", [])]
+    assert any("jaeger" in url and "llmq.job" in url for url in links), links

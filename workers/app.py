@@ -10,6 +10,7 @@ from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 from llmq.logs import configure_logging
 from llmq.registry import get_registry
 from llmq.settings import get_settings
+from llmq.tracing import configure_tracing
 from workers import broker_transport
 from workers.draining import DrainingHeart
 
@@ -36,6 +37,9 @@ def load_model(sender=None, **_kwargs) -> None:
     from workers.metrics import serve_metrics  # kept out of Flower, which imports this app
 
     settings = get_settings()
+    # Here, in the one process of the threads pool, before any task: the Celery
+    # instrumentation hooks the task signals of this process.
+    configure_tracing("llmq-worker")
     configure_logging(settings.log_level, settings.log_json)
     worker_name = getattr(sender, "hostname", "worker")
     try:

@@ -37,6 +37,7 @@ from workers.constraints import COMPILE_LIMIT_S, ConstraintFailed, Constraints, 
 from workers.detokenize import TextState, advance_texts
 from workers.engine_jobs import (
     EngineStopped,
+    EngineTimings,
     GenerationOutput,
     GenerationRequest,
     JobTimeout,
@@ -87,6 +88,12 @@ class _Sequence:
     history: TokenHistory | None = None  # its tokens as penalties read them, if it has any
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0  # entries already carried by token events
+    # Recorded for timed (traced) requests only: see EngineTimings.
+    admitted_at: float | None = None
+    prefilled_at: float | None = None
+    lane: "_Lane | None" = None
+    steps_at_join: int = 0
+    rows_at_join: int = 0
 
     @property
     def budget(self) -> int:
@@ -104,6 +111,8 @@ class _Lane:
     background: bool
     batch: Batch[_Sequence] | None = None
     steps_since_join: int = 0  # decode steps of the running batch since newcomers last joined
+    steps_total: int = 0  # decode steps ever, and their rows summed: a timed job's batch
+    rows_total: int = 0  # figures are the differences between its joining and its end
 
 
 class GenerationEngine:
@@ -429,6 +438,13 @@ class GenerationEngine:
             fresh = self._prefill([admitted[row] for row in rows])
             if fresh is None:
                 continue
+            for seq in fresh.seqs:
+                if seq.request.timed:
+                    seq.lane, seq.steps_at_join, seq.rows_at_join = (
+                        lane,
+                        lane.steps_total,
+                        lane.rows_total,
+                    )
             if lane.batch is not None:
                 fresh = lane.batch.concat(fresh, self.max_cache_groups)
             lane.batch = fresh
@@ -476,6 +492,7 @@ class GenerationEngine:
         # Each decode step appends a column; a row takes its first token from this pass.
         steps = max(s.request.params.max_tokens for s in seqs) - 1
         cache = Cache(layer_class_to_replicate=partial(GrowingLayer, room=min(ROOM, steps)))
+        began = time.monotonic()
         started = time.perf_counter()
         out = self.host.forward(
             "prefill",
@@ -487,12 +504,18 @@ class GenerationEngine:
             logits_to_keep=1,
         )
         self.metrics.forward_pass("prefill", time.perf_counter() - started)
+        ended = time.monotonic()
+        for seq in seqs:
+            if seq.request.timed:
+                seq.admitted_at, seq.prefilled_at = began, ended
         return Batch(seqs, [Group(cache.layers, mask)], out.logits[:, -1, :])
 
     def _step(self, lane: _Lane) -> None:
         """Pick one token per row, publish the text, retire finished rows, run one decode pass."""
         batch = lane.batch
         assert batch is not None
+        lane.steps_total += 1
+        lane.rows_total += len(batch.seqs)
         now = time.monotonic()
         with self._lock:
             cancels, self._cancel_requests = self._cancel_requests, set()
@@ -656,6 +679,7 @@ class GenerationEngine:
                 time_to_first_token_ms=None if first is None else (first - seq.submitted_at) * 1000,
                 duration_ms=(now - seq.submitted_at) * 1000,
                 logprobs=seq.logprobs if seq.request.params.logprobs is not None else None,
+                timings=_timings(seq, now) if seq.request.timed else None,
             )
         )
 
@@ -690,3 +714,18 @@ class GenerationEngine:
             if not seq.future.done():
                 seq.future.set_exception(exc)
         self._waiting = []
+
+
+def _timings(seq: _Sequence, now: float) -> EngineTimings:
+    lane = seq.lane
+    steps = lane.steps_total - seq.steps_at_join if lane is not None else 0
+    rows = lane.rows_total - seq.rows_at_join if lane is not None else 0
+    return EngineTimings(
+        submitted=seq.submitted_at,
+        admitted=seq.admitted_at,
+        prefilled=seq.prefilled_at,
+        finished=now,
+        steps=steps,
+        mean_batch_size=rows / steps if steps else 0.0,
+        last_batch_size=len(lane.batch.seqs) if lane is not None and lane.batch else 0,
+    )

@@ -33,6 +33,22 @@ class GenerationRequest:
     params: SamplingParams
     deadline: float | None = None  # time.monotonic() value
     priority: int = 0  # lower first: interactive jobs join the batch before batch-API lines
+    timed: bool = False  # traced: its output carries EngineTimings for the job's spans
+
+
+@dataclass(frozen=True)
+class EngineTimings:
+    """When a traced job passed the engine's stages (time.monotonic() seconds, which every
+    process of the host shares) and what its batch was like: the worker's spans are made of
+    these once the job ends, so that the engine thread builds no span and steps no slower."""
+
+    submitted: float
+    admitted: float | None  # its prefill began (None: it ended before, cancelled or failed)
+    prefilled: float | None  # its first token could be chosen
+    finished: float
+    steps: int = 0  # decode steps of its batch while it was in it
+    mean_batch_size: float = 0.0  # rows per step, averaged over those steps
+    last_batch_size: int = 0  # rows of its batch at its last step
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,7 @@ class GenerationOutput:
     logprobs: list[TokenLogprob] | None = None
     # Each prompt token's (the first one's logprob None): the runner's, from a scoring pass.
     prompt_logprobs: list | None = None
+    timings: EngineTimings | None = None  # when the request was timed
 
 
 class ScoreTimeout(Exception):

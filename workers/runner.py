@@ -17,6 +17,7 @@ from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq import metrics as outcomes
+from llmq import tracing
 from llmq.events import DoneEvent, ErrorEvent, TokenEvent
 from llmq.protocol import (
     PROMPT_TOKEN_IDS_FIELD,
@@ -38,6 +39,7 @@ from workers.engine_jobs import (
     ScoreRequest,
     ScoreTimeout,
 )
+from workers.job_trace import JobTrace
 from workers.result_writer import ResultWriter
 
 if TYPE_CHECKING:  # the model's modules import torch, which a remote model's worker never loads
@@ -74,10 +76,15 @@ class JobRunner:
         """Run jobs delivered in one message: claimed together, handed to the engine together,
         each stored and announced as soon as it finishes. Every job has ended (stored, failed
         or skipped) when this returns and the message is acknowledged."""
+        traced = tracing.enabled()
+        claim_started_ns = time.time_ns() if traced else 0
         claimed = self.claims.claim_all(job_ids)
+        claimed_ns = time.time_ns() if traced else 0
         for job_id in set(job_ids) - {job.id for job in claimed}:
             log.info("job skipped: cancelled or already finished", job_id=str(job_id))
-        running = dict(filter(None, map(self._start, claimed)))
+        running = dict(
+            filter(None, (self._start(job, claim_started_ns, claimed_ns) for job in claimed))
+        )
         storing: dict[Future, tuple[_Running, GenerationOutput]] = {}
         while running or storing:
             deadline = min((r.wait_until for r in running.values()), default=None)
@@ -86,7 +93,10 @@ class JobRunner:
             for future in done:
                 if future in running:
                     job = running.pop(future)
-                    if (output := self._ended(job, future)) is not None:
+                    output = self._ended(job, future)
+                    if job.trace is not None:
+                        job.trace.ended(output, future)
+                    if output is not None:
                         storing[self.results.store_async(job.job_id, _outcome(output))] = (
                             job,
                             output,
@@ -98,29 +108,38 @@ class JobRunner:
                     del running[future]
                     self._stalled(job)
 
-    def _start(self, job) -> tuple[Future, "_Running"] | None:
+    def _start(
+        self, job, claim_started_ns: int = 0, claimed_ns: int = 0
+    ) -> tuple[Future, "_Running"] | None:
         """Hand a claimed job to the engine."""
         bound = log.bind(job_id=str(job.id), model=self.host.spec.id, request_id=job.request_id)
+        trace = JobTrace.begin(job, claim_started_ns, claimed_ns) if claimed_ns else None
+        if trace is not None:
+            bound = bound.bind(**trace.log_ids())
         worker_metrics.job_started(job)
         if job.id in self.engine.active_job_ids():
             # This worker was presumed lost while it ran the job, and got it back: the run in
             # progress stores the result.
             bound.info("job already running in this worker")
+            if trace is not None:
+                trace.end()
             return None
         if job.attempts > 1:  # a redelivery: the lost attempt's partial stream is void
             self.publisher.reset(job.id)
         timeout_s = job.timeout_s or self.job_timeout_s
         try:
             params = SamplingParams.model_validate(job.params)
-            future = self._submit(job, params, time.monotonic() + timeout_s)
+            future = self._submit(job, params, time.monotonic() + timeout_s, trace is not None)
         except (ValueError, KeyError, TypeError) as exc:
             bound.warning("job input rejected", error=str(exc))
             self._fail(job.id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
+            if trace is not None:
+                trace.end(ErrorCategory.INVALID_INPUT.value)
             return None
         # The engine enforces the deadline at each step; if it stops stepping at all, the job
         # must still end, so wait a little longer than the deadline and no more.
         wait_s = timeout_s + STALL_GRACE_S
-        return future, _Running(job.id, wait_s, time.monotonic() + wait_s, bound)
+        return future, _Running(job.id, wait_s, time.monotonic() + wait_s, bound, trace)
 
     def _prompt_ids(self, given: dict) -> list[int]:
         token_ids = given.get(PROMPT_TOKEN_IDS_FIELD)
@@ -128,13 +147,15 @@ class JobRunner:
             return [int(token) for token in token_ids]
         return self.host.encode(given["prompt"])
 
-    def _submit(self, job, params: SamplingParams, deadline: float) -> Future:
+    def _submit(self, job, params: SamplingParams, deadline: float, timed: bool) -> Future:
         """Hand the job to the engine: its generation, and with prompt_logprobs a scoring
         pass over its prompt, batched with other scoring work (max_tokens 0: that alone)."""
         prompt_ids = params.truncate_prompt(self._prompt_ids(job.input))
         generation = None
         if params.max_tokens > 0:
-            request = GenerationRequest(job.id, prompt_ids, params, deadline, job.priority)
+            request = GenerationRequest(
+                job.id, prompt_ids, params, deadline, job.priority, timed=timed
+            )
             generation = self.engine.submit(request)
         if params.prompt_logprobs is None:
             assert generation is not None, "max_tokens 0 needs prompt_logprobs"
@@ -181,24 +202,37 @@ class JobRunner:
         self.engine.cancel(job.job_id)
         message = f"the worker made no progress within {job.wait_s:.0f}s"
         self._fail(job.job_id, ErrorCategory.TIMEOUT, message)
+        if job.trace is not None:
+            job.trace.end(message)
 
     def _stored(self, job: "_Running", output: GenerationOutput, future: Future) -> None:
         """Announce a stored result (or store the failure to store it)."""
+        trace = job.trace
+        if trace is not None:
+            trace.stored(output.completion_tokens)
         try:
             stored = future.result()
         except Exception as exc:  # a result Postgres refuses must not leave the job running
             job.bound.exception("result could not be stored")
             self._fail(job.job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
+            if trace is not None:
+                trace.end(f"result not stored: {exc}")
             return
         if stored is None:
             job.bound.warning("result dropped: the job was cancelled or handed to another worker")
             if self._was_cancelled(job.job_id):  # cancelled as it finished: tell its streams
                 self._publish_done(job.job_id, output, JobStatus.CANCELLED)
+            if trace is not None:
+                trace.end()
             return
         worker_metrics.job_succeeded(job.job_id, output)
         outcomes.job_finished(stored.job.model, JobStatus.SUCCEEDED.value, len(stored.followers))
+        publish_started_ns = time.time_ns() if trace is not None else 0
         self._publish_done(job.job_id, output, JobStatus.SUCCEEDED)
         self._publish_followers_done(stored.followers, output)
+        if trace is not None:
+            trace.child("llmq.stream.publish", publish_started_ns, time.time_ns())
+            trace.end()
         job.bound.info(
             "job succeeded",
             completion_tokens=output.completion_tokens,
@@ -267,6 +301,7 @@ class _Running:
     wait_s: float
     wait_until: float  # time.monotonic(): its deadline plus a grace for a stalled engine
     bound: structlog.stdlib.BoundLogger
+    trace: JobTrace | None = None  # its spans, when it is traced
 
 
 def _outcome(output: GenerationOutput) -> job_queries.Outcome:

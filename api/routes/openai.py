@@ -27,7 +27,13 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.auth import Caller
 from api.deps import ApiKeyDep, database_slots
 from api.errors import RETRY_AFTER_S, error_body
-from api.events import STREAM_INTERRUPTED, StreamedEvent, final_event
+from api.events import (
+    STREAM_INTERRUPTED,
+    StreamedEvent,
+    end_relay_span,
+    final_event,
+    relay_span,
+)
 from api.limits import admit
 from api.logprobs import chat_logprobs, completion_logprobs
 from api.middleware import request_id_of
@@ -268,11 +274,16 @@ def _stream(
         completed = False
         usage = UsageInfo()
         logprobs = _StreamedLogprobs(fmt, shape)
+        relay = relay_span(len(choices))
+        events = 0
         try:
             if fmt.chat:
                 for choice in choices:
                     yield _data(fmt.chunk(choice.index, "", None, opening=True))
             async for choice, event in _merged_events(request, choices):
+                events += 1
+                if events == 1 and relay is not None:
+                    relay.add_event("first event")
                 data = json.loads(event.data)
                 if event.type == "error":
                     message = f"generation failed ({data['category']}): {data['message']}"
@@ -294,6 +305,8 @@ def _stream(
             yield ServerSentEvent(data="[DONE]")
             completed = True
         finally:
+            if relay is not None:
+                end_relay_span(relay, events, completed)
             if not completed:  # the client went away: free the batch
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(

@@ -36,6 +36,7 @@ class NewJob:
     batch_id: str | None = None
     cache_key: str | None = None  # deterministic jobs only (llmq/fingerprint.py)
     follows_job_id: uuid.UUID | None = None  # an identical job in flight, whose result it gets
+    trace_context: str | None = None  # a W3C traceparent, when the request is traced
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def job_values(new: NewJob) -> dict[str, Any]:
         "batch_id": new.batch_id,
         "cache_key": new.cache_key,
         "follows_job_id": new.follows_job_id,
+        "trace_context": new.trace_context,
         "attempts": 0,
     }
 
@@ -232,6 +234,7 @@ CLAIMED_COLUMNS = (
     job_table.c.attempts,
     job_table.c.created_at,
     job_table.c.started_at,
+    job_table.c.trace_context,
 )
 
 
@@ -260,6 +263,7 @@ class Delivery:
     kind: str
     queue: str
     priority: int
+    trace_context: str | None = None  # made current while its message is sent
 
 
 def stale_queued(session: Session, older_than_s: float, limit: int) -> list[Delivery]:
@@ -276,7 +280,7 @@ def stale_queued(session: Session, older_than_s: float, limit: int) -> list[Deli
         .exists()
     )
     rows = session.execute(
-        select(Job.id, Job.kind, Job.queue, Job.priority)
+        select(Job.id, Job.kind, Job.queue, Job.priority, Job.trace_context)
         .where(
             Job.status == JobStatus.QUEUED.value,
             or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
@@ -285,7 +289,7 @@ def stale_queued(session: Session, older_than_s: float, limit: int) -> list[Deli
         .order_by(Job.created_at)
         .limit(limit)
     )
-    return [Delivery(row.id, row.kind, row.queue, row.priority) for row in rows]
+    return [Delivery(row.id, row.kind, row.queue, row.priority, row.trace_context) for row in rows]
 
 
 def running_jobs_by_worker(session: Session) -> dict[str, set[str]]:

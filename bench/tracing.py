@@ -1,0 +1,161 @@
+"""What tracing costs the job path: one-token jobs/s with tracing off against tracing on at 100%
+sampling, two stacks side by side, their rounds alternated so that noise falls on both alike.
+
+    python -m bench.tracing [--rounds 5] [--jobs 500] [--clients 32]
+
+Both stacks are bench.jobpath's `jobs` system (POST /v1/jobs?wait=60, distinct prompts, the
+cache off), each with its own Postgres database and Redis database. The traced one exports
+OTLP/HTTP to a receiver in this process that parses and counts the spans (its CPU is this
+process's, as a collector's would be another's); the other has no OTEL_* variables at all, as
+a stack does by default. The table shows each stack's median jobs/s and p50 latency over the
+rounds, and the traced stack's jobs/s as a share of the untraced one's.
+"""
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from rich.console import Console
+from rich.table import Table
+
+from bench.jobpath import http_clients, post_one
+from bench.models import benchmark_models
+from bench.run import percentile
+from bench.servers import free_port
+from bench.stack import bench_urls, llmq_stack
+from llmq.tiny_model import ensure_tiny_model
+
+console = Console(width=140)
+STACKS = {"off": ("llmq_bench_tracing_off", 6), "on": ("llmq_bench_tracing_on", 7)}
+
+
+class SpanSink:
+    """An OTLP/HTTP receiver that counts the spans it is sent."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                count = sum(
+                    len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans
+                )
+                with lock:
+                    sink.spans += count
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds of each stack")
+    parser.add_argument("--jobs", type=int, default=500, help="jobs in each round")
+    parser.add_argument("--clients", type=int, default=32)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="llmq-tracing-"))
+    model, model_dir = next(benchmark_models("stories260K", workdir, console.print), (None, None))
+    if model_dir is None:
+        model, model_dir = "tiny-llama", ensure_tiny_model(workdir / "tiny-llama")
+    spec = {"id": model, "source": str(model_dir), "devices": ["cpu"], "context_length": 512}
+    spec["max_batch_size"] = args.clients
+    sink = SpanSink()
+    traced = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
+    results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    for name in STACKS:
+        (workdir / name).mkdir()
+    spans_per_job: list[float] = []
+    with (
+        llmq_stack(
+            [spec],
+            workdir / "off",
+            [model],
+            port=free_port(),
+            redis_url=_redis_url("off"),
+            database=STACKS["off"][0],
+            LLMQ_CACHE="off",
+        ) as (off_base, _),
+        llmq_stack(
+            [spec],
+            workdir / "on",
+            [model],
+            port=free_port(),
+            redis_url=_redis_url("on"),
+            database=STACKS["on"][0],
+            LLMQ_CACHE="off",
+            **traced,
+        ) as (on_base, _),
+    ):
+        bases = {"off": off_base, "on": on_base}
+        prepares = {
+            name: http_clients(base, args.clients, post_one("/v1/jobs", model, "submit"))
+            for name, base in bases.items()
+        }
+        for name in ("off", "on"):  # warm-up: one job per client
+            prepares[name](range(args.clients))()
+        number = args.clients
+        for round_ in range(args.rounds):
+            order = ("off", "on") if round_ % 2 == 0 else ("on", "off")
+            for name in order:
+                spans_before = sink.spans
+                run = prepares[name](range(number, number + args.jobs))
+                number += args.jobs
+                started = time.perf_counter()
+                latencies = run()
+                wall_s = time.perf_counter() - started
+                results[name].append((args.jobs / wall_s, percentile(latencies, 50)))
+                if name == "on":
+                    time.sleep(1.0)  # the batch processor's schedule: its spans arrive
+                    spans_per_job.append((sink.spans - spans_before) / args.jobs)
+                console.print(
+                    f"round {round_ + 1}/{args.rounds} tracing {name}: "
+                    f"{args.jobs / wall_s:,.1f} jobs/s"
+                )
+    report(results, spans_per_job, args)
+    console.print(f"logs in {workdir}")
+
+
+def _redis_url(name: str) -> str:
+    return f"{bench_urls(STACKS[name][0])[1].rsplit('/', 1)[0]}/{STACKS[name][1]}"
+
+
+def report(results: dict[str, list[tuple[float, float]]], spans_per_job, args) -> None:
+    table = Table(title=f"tracing cost: {args.rounds} rounds of {args.jobs} one-token jobs")
+    for column in ("tracing", "jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "spans/job"):
+        table.add_column(column, justify="right")
+    off = statistics.median(rate for rate, _ in results["off"])
+    for name, runs in results.items():
+        rate = statistics.median(r for r, _ in runs)
+        p50 = statistics.median(p for _, p in runs)
+        spans = f"{statistics.median(spans_per_job):.1f}" if name == "on" else "0"
+        table.add_row(
+            "on (100%)" if name == "on" else "off",
+            f"{rate:,.1f}",
+            " ".join(f"{r:,.0f}" for r, _ in runs),
+            f"{p50 * 1000:,.1f}",
+            f"{rate / off:.3f}",
+            spans,
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Request tracing with OpenTelemetry: set up once per process, off unless asked for.
+
+Tracing is on when the standard variables ask for an exporter: OTEL_EXPORTER_OTLP_ENDPOINT
+(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), or OTEL_TRACES_EXPORTER naming one ("otlp",
+"otlp_proto_http", "console"); OTEL_SDK_DISABLED=true turns it off again. Everything else is
+the SDK's: OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_* and OTEL_BSP_*.
+Sampling is OTEL_TRACES_SAMPLER's; unset, it is `parentbased_traceidratio` at the ratio in
+OTEL_TRACES_SAMPLER_ARG (DEFAULT_RATIO without it).
+
+Off, nothing is instrumented and no provider is installed: the job path asks `enabled()` (a
+module flag) before building any span or context, and stores no trace context with its jobs.
+
+A job's trace context travels in its row (`jobs.trace_context`, a W3C traceparent) as well as
+in the Celery message headers, since one message carries several jobs and a job may be sent
+again by the reconciler; the worker's spans for a job are children of the stored context.
+Database, Redis and broker calls made outside any trace (the reconciler's sweeps, the
+workers' group commits, heartbeats) start no trace of their own: see QuietBackground.
+"""
+
+import contextvars
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RATIO = 0.1
+TRACER_NAME = "llmq"
+EXPORTERS = ("otlp", "otlp_proto_http", "console")
+
+_enabled = False
+_lock = threading.Lock()
+_propagator = TraceContextTextMapPropagator()
+# A trace id chosen by the caller for the next root span (an evaluation run's, a batch's).
+_forced_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "llmq_forced_trace_id", default=None
+)
+
+
+def enabled() -> bool:
+    """Whether this process traces: the one check the job path makes when tracing is off."""
+    return _enabled
+
+
+def requested(environ: dict[str, str] | None = None) -> bool:
+    """Whether the OTEL_* variables ask for traces to be exported."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = [e.strip() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()]
+    if exporters:
+        return any(e in EXPORTERS for e in exporters)
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def configure_tracing(service_name: str) -> bool:
+    """Install the tracer provider, its exporters and the library instrumentations, once per
+    process, when the OTEL_* variables ask for traces; returns whether this process traces.
+    `service_name` is used when OTEL_SERVICE_NAME is not set."""
+    global _enabled
+    with _lock:
+        if _enabled or not requested():
+            return _enabled
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+        provider = TracerProvider(
+            resource=resource, sampler=QuietBackground(_sampler()), id_generator=_IdGenerator()
+        )
+        for exporter in _exporters():
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        _instrument_libraries()
+        _enabled = True
+    log.info("tracing on", service=service_name)
+    return True
+
+
+def _sampler() -> sampling.Sampler:
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name:
+        return sampling._get_from_env_or_default()  # the SDK's reading of the standard pair
+    ratio = os.environ.get("OTEL_TRACES_SAMPLER_ARG", "")
+    try:
+        rate = float(ratio) if ratio else DEFAULT_RATIO
+    except ValueError:
+        rate = DEFAULT_RATIO
+    return sampling.ParentBasedTraceIdRatio(min(max(rate, 0.0), 1.0))
+
+
+def _exporters() -> list:
+    names = [e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
+    exporters = []
+    for name in names:
+        if name in ("otlp", "otlp_proto_http"):
+            # OTLP over HTTP (protobuf), the protocol the specification defaults to; it reads
+            # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _HEADERS and _TIMEOUT itself.
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            exporters.append(ConsoleSpanExporter())
+    return exporters
+
+
+def _instrument_libraries() -> None:
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    CeleryInstrumentor().instrument()
+    HTTPXClientInstrumentor().instrument()
+    RedisInstrumentor().instrument()
+    # Its declared range stops below SQLAlchemy 2.1, whose engine events it uses unchanged.
+    SQLAlchemyInstrumentor().instrument(skip_dep_check=True)
+
+
+def instrument_app(app: Any) -> None:
+    """Trace a FastAPI app's requests (one server span each); a no-op with tracing off. The
+    per-message receive/send spans are left out: a stream would get one per token event."""
+    if not _enabled:
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls="/metrics,/healthz,/readyz", exclude_spans=["receive", "send"]
+    )
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+# -- trace context ----------------------------------------------------------------------------
+
+
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the current span when it is being recorded, else None."""
+    if not _enabled:
+        return None
+    return traceparent_of(trace.get_current_span())
+
+
+def traceparent_of(span: Span) -> str | None:
+    ctx = span.get_span_context()
+    if not ctx.is_valid or not ctx.trace_flags.sampled:
+        return None
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def context_of(traceparent: str | None) -> otel_context.Context | None:
+    """The context to start a span under from a stored traceparent; None when there is none
+    (or tracing is off), so that no span is started."""
+    if not _enabled or not traceparent:
+        return None
+    ctx = _propagator.extract({"traceparent": traceparent})
+    if not trace.get_current_span(ctx).get_span_context().is_valid:
+        return None
+    return ctx
+
+
+@contextmanager
+def attached(traceparent: str | None) -> Iterator[None]:
+    """Make a stored trace context current in this thread inside the block (for the Celery
+    instrumentation's send of a job's message); nothing when there is none."""
+    ctx = context_of(traceparent)
+    if ctx is None:
+        yield
+        return
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def link_to(traceparent: str | None) -> list[Link]:
+    ctx = context_of(traceparent)
+    return [] if ctx is None else [Link(trace.get_current_span(ctx).get_span_context())]
+
+
+def log_ids(_logger: Any, _name: str, event: dict) -> dict:
+    """structlog processor: the current span's trace and span ids, when it is recorded."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid and ctx.trace_flags.sampled:
+        event.setdefault("trace_id", f"{ctx.trace_id:032x}")
+        event.setdefault("span_id", f"{ctx.span_id:016x}")
+    return event
+
+
+# -- traces of evaluation runs and batches ------------------------------------------------------
+
+
+@contextmanager
+def collection_trace(name: str, collection_id: uuid.UUID | str, **attributes) -> Iterator[Span]:
+    """A span in the one trace of an evaluation run or a batch: its trace id is derived from
+    the collection's id, so that every sweep of every API process adds to the same trace, and
+    the ratio sampler decides alike for all of them. Yields a non-recording span when off."""
+    if not _enabled:
+        yield trace.INVALID_SPAN
+        return
+    trace_id = _trace_id_for(collection_id)
+    reset = _forced_trace_id.set(trace_id)
+    try:
+        span_cm = tracer().start_as_current_span(name, context=otel_context.Context())
+        span = span_cm.__enter__()
+    finally:
+        _forced_trace_id.reset(reset)
+    try:
+        if span.is_recording():
+            span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+        yield span
+    finally:
+        span_cm.__exit__(None, None, None)
+
+
+@contextmanager
+def linked_trace(name: str, collection: Span) -> Iterator[str | None]:
+    """A new trace for one job of a run or batch, current inside the block, its root span
+    linked to the collection's span; yields its traceparent for the job's row (None when the
+    collection is not traced)."""
+    if not _enabled or not collection.is_recording():
+        yield None
+        return
+    link = Link(collection.get_span_context())
+    root = tracer().start_as_current_span(name, context=otel_context.Context(), links=[link])
+    with root as span:
+        yield traceparent_of(span)
+
+
+def _trace_id_for(collection_id: uuid.UUID | str) -> int:
+    if isinstance(collection_id, uuid.UUID):
+        return collection_id.int or 1
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"llmq:{collection_id}").int
+
+
+class _IdGenerator(IdGenerator):
+    """The SDK's random ids, except a trace id chosen for a collection's span."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        return self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        forced = _forced_trace_id.get()
+        return forced if forced is not None else self._random.generate_trace_id()
+
+
+class QuietBackground(sampling.Sampler):
+    """A sampler that starts no trace at a client, producer or consumer span without a parent
+    (a query of the reconciler, a group commit of a worker, a heartbeat's Redis call): only
+    requests, and the spans llmq starts itself, begin traces. Others go to `inner`."""
+
+    _QUIET = (SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
+
+    def __init__(self, inner: sampling.Sampler) -> None:
+        self.inner = inner
+        self._drop = sampling.SamplingResult(sampling.Decision.DROP)
+
+    def should_sample(
+        self,
+        parent_context,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes=None,
+        links: Sequence[Link] | None = None,
+        trace_state=None,
+    ):
+        if kind in self._QUIET:
+            parent = trace.get_current_span(parent_context).get_span_context()
+            if not parent.is_valid:
+                return self._drop
+        return self.inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"QuietBackground{{{self.inner.get_description()}}}"
