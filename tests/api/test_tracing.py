@@ -232,7 +232,7 @@ def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, database_u
     assert wait["start"] == pytest.approx(created, abs=0.002)
     total = (wait["end"] - wait["start"]) + (run["end"] - run["start"])
     assert total == pytest.approx(run["end"] - created, abs=0.005)
-    assert finished <= run["end"] + 0.05 and run["end"] - finished < 0.5
+    assert finished <= run["end"] + 0.05 and run["end"] - finished < 5  # announced after
 
     # Both processes' log lines about the job carry its trace id.
     logs = Path(os.environ["LLMQ_DATA_DIR"])

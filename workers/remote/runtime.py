@@ -57,7 +57,8 @@ class RemoteJobRunner(JobRunner):
         while not self.engine.may_send() and time.monotonic() < until:
             time.sleep(OPEN_BREAKER_POLL_S)
 
-    def _submit(self, job, params: SamplingParams, deadline: float) -> Future:
+    def _submit(self, job, params: SamplingParams, deadline: float, timed: bool) -> Future:
+        # A traced job's spans are the job path's; the upstream's own work is its trace's.
         if params.wants_logprobs:
             raise ValueError(
                 f"{self.host.spec.id} is a remote model: llmq does not relay its upstream's "

@@ -3,22 +3,36 @@ directly: jobs, SSE streams (a late join gets every token), the OpenAI client (s
 a Batch API file and a GSM8K run; and what llmq does not relay is refused at once."""
 
 import json
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from redis import Redis
 
 from db.session import session_scope
 from db.tables import Job, ScoreResult
 from llmq.evals import gsm8k
 from tests.api.test_batches import chat_line, jsonl, records, wait_for_batch
 from tests.api.test_streams import read_events, texts, wait_done
+from tests.conftest import REDIS_URL
 from tests.evals.conftest import EVAL_DATA_ROOT, write_benchmarks
 from tests.evals.test_runs import items_of, start_run, wait_for_run
-from tests.factories import ADMIN_KEY, AUTH, read_samples, sample, submit, wait_for_job
-from tests.workers.remote.conftest import MODEL, UPSTREAM_DATABASE_URL, UPSTREAM_MODEL
+from tests.factories import (
+    ADMIN_KEY,
+    AUTH,
+    read_samples,
+    sample,
+    start_worker,
+    stop_worker,
+    submit,
+    wait_for_job,
+    wait_for_queue,
+)
+from tests.workers.remote.conftest import MODEL, QUEUE, UPSTREAM_DATABASE_URL, UPSTREAM_MODEL
 
 PROMPTS = ["Once upon a time", "The little dog", "She found a box"]
 
@@ -191,3 +205,37 @@ def test_models_readyz_and_metrics_show_the_breaker(client, healthy_upstream):
 def test_remote_worker_loads_no_torch(remote_worker):
     maps = Path(f"/proc/{remote_worker.pid}/maps").read_text()
     assert "libtorch" not in maps, "a remote model's worker loaded torch"
+
+
+def test_two_workers_share_the_upstreams_concurrency(client, healthy_upstream, database_url):
+    """max_concurrency (8) holds for both workers together, and both take jobs."""
+    second = start_worker(MODEL, log_name="worker-tiny-remote-2")
+    try:
+        wait_for_queue(QUEUE, second)
+        redis = Redis.from_url(REDIS_URL)
+        held: list[int] = []
+        ids = [
+            submit(client, model=MODEL, prompt=f"shared {i}", max_tokens=200, ignore_eos=True)["id"]
+            for i in range(40)
+        ]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                held.append(redis.zcard(f"llmq:upstream-slots:{MODEL}"))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            jobs = [wait_for_job(client, job_id, timeout=120) for job_id in ids]
+        finally:
+            done.set()
+            watcher.join(5)
+        assert {job["status"] for job in jobs} == {"succeeded"}
+        assert max(held) == 8, f"slots held at once: at most {max(held)}"
+        with session_scope(database_url) as session:
+            workers = {session.get(Job, uuid.UUID(i)).worker.split("@")[0] for i in ids}
+        assert len(workers) == 2, workers
+    finally:
+        stop_worker(second)
