@@ -20,7 +20,9 @@ def prefill(engine, host, prompts):
     """One group, as the engine makes it when these prompts join together."""
     params = SamplingParams(max_tokens=DECODE_STEPS + 1)
     seqs = [
-        SimpleNamespace(request=SimpleNamespace(prompt_ids=host.encode(p), params=params))
+        SimpleNamespace(
+            request=SimpleNamespace(prompt_ids=host.encode(p), params=params, timed=False)
+        )
         for p in prompts
     ]
     return engine._forward_prompts(seqs)
