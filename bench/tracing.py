@@ -16,7 +16,6 @@ import statistics
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -25,6 +24,7 @@ from rich.table import Table
 
 from bench.jobpath import http_clients, post_one
 from bench.models import benchmark_models
+from bench.otlp import OtlpReceiver
 from bench.run import percentile
 from bench.servers import free_port
 from bench.stack import bench_urls, llmq_stack
@@ -35,31 +35,17 @@ STACKS = {"off": ("llmq_bench_tracing_off", 6), "on": ("llmq_bench_tracing_on", 
 
 
 class SpanSink:
-    """An OTLP/HTTP receiver that counts the spans it is sent."""
+    """Counts the spans it is sent, as a collector would receive them."""
 
     def __init__(self) -> None:
         self.spans = 0
-        lock = threading.Lock()
-        sink = self
+        self._lock = threading.Lock()
+        self.port = OtlpReceiver(self._count).port
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
-                count = sum(
-                    len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans
-                )
-                with lock:
-                    sink.spans += count
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _count(self, request: ExportTraceServiceRequest) -> None:
+        count = sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+        with self._lock:
+            self.spans += count
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -22,12 +21,12 @@ from redis import Redis
 
 from api.enqueue import priority_lists
 from api.reconciler import waiting_job_ids
+from bench.otlp import OtlpReceiver
 from db.session import session_scope
 from db.tables import Job
 from llmq.tracing import requested
 from tests.factories import (
     AUTH,
-    free_port,
     start_api,
     start_worker,
     stop_worker,
@@ -53,22 +52,8 @@ class Receiver:
     def __init__(self) -> None:
         self.spans: dict[str, list[dict]] = defaultdict(list)
         self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.add(ExportTraceServiceRequest.FromString(body))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.otlp = OtlpReceiver(self.add)
+        self.port = self.otlp.port
 
     def add(self, request: ExportTraceServiceRequest) -> None:
         for resource_spans in request.resource_spans:
@@ -127,7 +112,7 @@ def traced_env(receiver: Receiver) -> dict[str, str]:
 def receiver() -> Receiver:
     receiver = Receiver()
     yield receiver
-    receiver.server.shutdown()
+    receiver.otlp.close()
 
 
 @pytest.fixture(scope="module")
