@@ -10,7 +10,6 @@ on the event loop: callers run them in a worker thread, and prompts are capped i
 (`check_prompt_size`) before either starts.
 """
 
-import json
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +19,7 @@ from tokenizers import Tokenizer
 
 from api.logprobs import TokenTexts
 from llmq.errors import InvalidRequest, PromptTooLarge, PromptTooLong, TokenOutOfVocabulary
-from llmq.model_files import model_file
+from llmq.model_files import model_file, special_token_text, tokenizer_config
 from llmq.registry import ModelSpec
 
 # For models that ship no chat template (the tiny models, stories260K): one turn per message,
@@ -94,15 +93,16 @@ class PromptCounter:
 
     def _chat_setup(self, spec: ModelSpec) -> tuple[str, dict[str, str]]:
         """The model's chat template (or the default) and its special tokens."""
-        config_file = self._model_file(spec, "tokenizer_config.json")
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        template_file = config_file.parent / "chat_template.jinja"
+        config = tokenizer_config(spec, self.data_dir)
+        # Beside the config: a hub model's file is only looked for, never downloaded.
+        template_file = (
+            self._model_file(spec, "tokenizer_config.json").parent / "chat_template.jinja"
+        )
         template = config.get("chat_template")
         if template is None and template_file.exists():
             template = template_file.read_text()
         specials = {
-            name: config.get(name) if isinstance(config.get(name), str) else ""
-            for name in ("bos_token", "eos_token")
+            name: special_token_text(config, name) or "" for name in ("bos_token", "eos_token")
         }
         return template or DEFAULT_CHAT_TEMPLATE, specials
 

@@ -2,6 +2,7 @@
 folder, the built-in model's (written on first use), or the hub's cache. The API reads them to
 count prompts and render chat templates; a remote model's worker, to encode scoring pairs."""
 
+import json
 from pathlib import Path
 
 from llmq.registry import ModelSpec
@@ -19,3 +20,18 @@ def model_file(spec: ModelSpec, data_dir: Path, name: str) -> Path:
 
         ensure_tiny_model(local)
     return local / name
+
+
+def tokenizer_config(spec: ModelSpec, data_dir: Path) -> dict:
+    """The model's tokenizer_config.json ({} when it has none)."""
+    config_file = model_file(spec, data_dir, "tokenizer_config.json")
+    return json.loads(config_file.read_text()) if config_file.exists() else {}
+
+
+def special_token_text(config: dict, name: str) -> str | None:
+    """The text of a special token (bos_token, eos_token) the config names, plain or saved as
+    an AddedToken."""
+    token = config.get(name)
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) and token else None

@@ -2,27 +2,23 @@
 `tokenizers` library (the fast tokenizer Transformers wraps, without torch), with the surface
 workers/pairs.py uses, so scoring pairs are encoded as lm-evaluation-harness encodes them."""
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from llmq.model_files import model_file
+from llmq.model_files import model_file, special_token_text, tokenizer_config
 from llmq.registry import ModelSpec
 
 
 class FilesTokenizer:
     def __init__(self, spec: ModelSpec, data_dir: Path) -> None:
         self._tokenizer = Tokenizer.from_file(str(model_file(spec, data_dir, "tokenizer.json")))
-        config_file = model_file(spec, data_dir, "tokenizer_config.json")
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        self.bos_token_id = self._special_id(config.get("bos_token"))
-        self.eos_token_id = self._special_id(config.get("eos_token"))
+        config = tokenizer_config(spec, data_dir)
+        self.bos_token_id = self._id_of(special_token_text(config, "bos_token"))
+        self.eos_token_id = self._id_of(special_token_text(config, "eos_token"))
 
-    def _special_id(self, token: str | dict | None) -> int | None:
-        if isinstance(token, dict):  # an AddedToken, serialized
-            token = token.get("content")
-        return self._tokenizer.token_to_id(token) if isinstance(token, str) else None
+    def _id_of(self, text: str | None) -> int | None:
+        return self._tokenizer.token_to_id(text) if text is not None else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
