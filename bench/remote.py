@@ -58,7 +58,8 @@ async def one_round(base: str, model: str, args, round_number: int) -> tuple[flo
             }
             first, used = await stream_completion(http, base, body)
             tokens += used
-            firsts.append(first if first is not None else 0.0)
+            if first is not None:  # a request that brought no text has no first text
+                firsts.append(first)
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as http:

@@ -187,9 +187,7 @@ class RemoteEngine:
         retrying = Retrying(
             retry=retry_if_exception_type((UpstreamTransient, pybreaker.CircuitBreakerError)),
             wait=_wait_before_retry,
-            stop=lambda state: (
-                time.monotonic() + (state.upcoming_sleep or 0) >= call.deadline
-            ),
+            stop=lambda state: time.monotonic() + (state.upcoming_sleep or 0) >= call.deadline,
             before_sleep=lambda state: log.info(
                 "upstream attempt failed; retrying",
                 job_id=str(call.request.job_id),
@@ -223,13 +221,31 @@ class RemoteEngine:
                 )
             try:
                 with self.breaker.calling():
-                    result = send(call, member)
+                    result = self._counted(send, call, member)
             finally:
                 self.slots.release(member)
         finally:
             if probing:
                 self._end_probe(member)
         return result if result is not None else _cancelled(call)
+
+    def _counted(self, send: Callable, call: _Call, member: str):
+        """`send`'s result, the request counted by outcome and timed, whatever its kind."""
+        sent = time.monotonic()
+        outcome = "error"
+        try:
+            result = send(call, member)
+            outcome = "ok" if result is not None else "cancelled"
+            return result
+        except UpstreamTransient:
+            outcome = "transient"
+            raise
+        except UpstreamRefused:
+            outcome = "refused"
+            raise
+        finally:
+            metrics.UPSTREAM_REQUESTS.labels(self.spec.id, outcome).inc()
+            metrics.UPSTREAM_SECONDS.labels(self.spec.id).observe(time.monotonic() - sent)
 
     def may_send(self) -> bool:
         """Whether a request may go upstream now: the breaker is closed, or a probe is due."""
@@ -305,22 +321,8 @@ class RemoteEngine:
                 raise JobTimeout("the job ran past its deadline while the upstream streamed")
 
         body = request_body(self.upstream, request.job_input, request.params)
-        outcome = "error"
-        try:
-            streamed = self.client.complete(
-                body, min(self.upstream.read_timeout_s, remaining), on_text, call.cancelled.is_set
-            )
-            outcome = "ok" if streamed is not None else "cancelled"
-            return streamed
-        except UpstreamTransient:
-            outcome = "transient"
-            raise
-        except UpstreamRefused:
-            outcome = "refused"
-            raise
-        finally:
-            metrics.UPSTREAM_REQUESTS.labels(self.spec.id, outcome).inc()
-            metrics.UPSTREAM_SECONDS.labels(self.spec.id).observe(time.monotonic() - sent)
+        read_timeout = min(self.upstream.read_timeout_s, remaining)
+        return self.client.complete(body, read_timeout, on_text, call.cancelled.is_set)
 
     def _score(self, call: _Call, member: str) -> ScoreOutput:
         """Each pair's continuation log-likelihood and whether greedy decoding gives it, from
@@ -341,10 +343,7 @@ class RemoteEngine:
             "logprobs": 1,
         }
         timeout = min(self.upstream.read_timeout_s, remaining or self.upstream.read_timeout_s)
-        sent = time.monotonic()
         answer = self.client.score(body, timeout)
-        metrics.UPSTREAM_REQUESTS.labels(self.spec.id, "ok").inc()
-        metrics.UPSTREAM_SECONDS.labels(self.spec.id).observe(time.monotonic() - sent)
         choices = sorted(answer.choices, key=lambda choice: choice.index)
         if len(choices) != len(rows):
             raise UpstreamError(
