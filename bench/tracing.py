@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -69,28 +70,23 @@ def main() -> None:
     for name in STACKS:
         (workdir / name).mkdir()
     spans_per_job: list[float] = []
-    with (
-        llmq_stack(
-            [spec],
-            workdir / "off",
-            [model],
-            port=free_port(),
-            redis_url=_redis_url("off"),
-            database=STACKS["off"][0],
-            LLMQ_CACHE="off",
-        ) as (off_base, _),
-        llmq_stack(
-            [spec],
-            workdir / "on",
-            [model],
-            port=free_port(),
-            redis_url=_redis_url("on"),
-            database=STACKS["on"][0],
-            LLMQ_CACHE="off",
-            **traced,
-        ) as (on_base, _),
-    ):
-        bases = {"off": off_base, "on": on_base}
+    extra = {"off": {}, "on": traced}
+    with ExitStack() as stacks:
+        bases = {
+            name: stacks.enter_context(
+                llmq_stack(
+                    [spec],
+                    workdir / name,
+                    [model],
+                    port=free_port(),
+                    redis_url=_redis_url(name),
+                    database=STACKS[name][0],
+                    LLMQ_CACHE="off",
+                    **extra[name],
+                )
+            )[0]
+            for name in STACKS
+        }
         prepares = {
             name: http_clients(base, args.clients, post_one("/v1/jobs", model, "submit"))
             for name, base in bases.items()
