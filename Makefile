@@ -31,8 +31,9 @@ run: venv ## Start the whole stack (API, worker, Flower) until Ctrl-C
 test: venv ## Run the test suite against real Postgres and Redis
 	$(WITH_SERVICES) $(VENV_PY) -m pytest
 
-lint: venv ## Check the code with ruff
+lint: venv ## Check the code with ruff and the layout's import contracts
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: venv ## Run the benchmarks: the job path, then throughput (BENCH_ARGS, JOBPATH_ARGS="--quick")
 	$(VENV_PY) -m bench.jobpath $(JOBPATH_ARGS)

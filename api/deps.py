@@ -7,11 +7,11 @@ import anyio
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.auth import Caller, authenticate, require_admin
-from api.limits import DatabaseSlots, Slot
-from api.live_workers import LiveQueues
-from api.middleware import request_id_of
-from api.prompts import PromptCounter
+from api.fleet.live_workers import LiveQueues
+from api.http.auth import Caller, authenticate, require_admin
+from api.http.limits import DatabaseSlots, Slot
+from api.http.middleware import request_id_of
+from api.intake.prompts import PromptCounter
 from db.session import get_sessionmaker
 from llmq.registry import Registry
 from llmq.settings import Settings

@@ -6,22 +6,23 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 
-from api.auth import Authenticator, authenticate
-from api.batch_driver import BatchDriver
-from api.batch_input import MAX_FILE_BYTES
-from api.enqueue import producer
-from api.errors import ERROR_RESPONSES, install_error_handlers
-from api.eval_driver import EvalDriver
-from api.events import JobEventReader, postgres_loader
-from api.final_events import FinalEventListener
-from api.limits import RateLimiter, RateLimitHeaders
-from api.live_workers import LiveQueues
+from api.background.batch_driver import BatchDriver
+from api.background.eval_driver import EvalDriver
+from api.background.reconciler import Reconciler
+from api.fleet.live_workers import LiveQueues
+from api.fleet.upstreams import UpstreamBreakers
+from api.http.auth import Authenticator, authenticate
+from api.http.errors import ERROR_RESPONSES, install_error_handlers
+from api.http.limits import RateLimiter, RateLimitHeaders
+from api.http.middleware import RequestContextMiddleware
+from api.http.query_params import single_query_values
+from api.http.request_size import RequestSizeLimit
+from api.intake.batch_input import MAX_FILE_BYTES
+from api.intake.enqueue import producer
+from api.intake.prompts import PromptCounter
 from api.metrics import scrape_registry
-from api.middleware import RequestContextMiddleware
-from api.prompts import PromptCounter
-from api.query_params import single_query_values
-from api.reconciler import Reconciler
-from api.request_size import RequestSizeLimit
+from api.results.events import JobEventReader, postgres_loader
+from api.results.final_events import FinalEventListener
 from api.routes import (
     admin,
     batches,
@@ -37,7 +38,6 @@ from api.routes import (
     stats,
     streams,
 )
-from api.upstreams import UpstreamBreakers
 from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry

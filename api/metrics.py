@@ -18,9 +18,9 @@ from prometheus_client.registry import Collector
 from redis import Redis, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.enqueue import priority_lists
-from api.live_workers import LiveQueues
-from api.upstreams import STATE_VALUES, UpstreamBreakers
+from api.fleet.live_workers import LiveQueues
+from api.fleet.queues import priority_lists
+from api.fleet.upstreams import STATE_VALUES, UpstreamBreakers
 from db.queries import batches as batch_queries
 from db.session import session_scope
 from llmq.protocol import JOB_IDS_HEADER

@@ -6,7 +6,7 @@
 
     python -m bench.batch [--lines 10000] [--clients 64] [--probe-lines 2000] [--repeats 3]
 
-Uses ../shared/models/stories260K when present, else the built-in tiny model.
+Uses stories260K, the model that ships with llmq (models/stories260K).
 """
 
 import argparse
@@ -23,7 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench.models import SHARED_STORIES
+from bench.models import STORIES
 from bench.stack import llmq_stack
 
 console = Console(width=140)
@@ -31,7 +31,7 @@ ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 def model_entry(background_share: float) -> dict:
-    source = str(SHARED_STORIES) if SHARED_STORIES.is_dir() else "builtin:tiny-llama"
+    source = str(STORIES)
     return {
         "id": "bench-batch",
         "source": source,
@@ -182,7 +182,7 @@ def main() -> None:
     def wall(runs):
         return statistics.median(w for w, _ in runs)
 
-    model = "stories260K" if SHARED_STORIES.is_dir() else "tiny-llama (built-in)"
+    model = "stories260K"
     table = Table(
         title=f"Batch API, {model}, {args.lines} chat requests × {args.max_tokens} tokens, "
         f"medians of {args.repeats}"

@@ -40,12 +40,11 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.lmeval_tasks import lmeval_api_run, lmeval_run, write_tasks
-from bench.models import SHARED_STORIES
+from bench.models import SHARED_DATA, STORIES
 from bench.stack import llmq_stack
 from llmq.evals import mmlu
 
 console = Console(width=160)
-SHARED_DATA = SHARED_STORIES.parent.parent / "data"
 MODEL = "stories260K"
 MAX_LENGTH = 512  # stories260K's max_position_embeddings, lm-eval's max_length for it
 SHOTS = {"gsm8k": 5, "mmlu": 0}
@@ -290,7 +289,7 @@ def main() -> None:
         "--num-fewshot", type=int, default=None, help="shots for all (default GSM8K 5, MMLU 0)"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="lm-eval's batch size")
-    parser.add_argument("--model", default=str(SHARED_STORIES))
+    parser.add_argument("--model", default=str(STORIES))
     parser.add_argument("--data", default=str(SHARED_DATA))
     parser.add_argument("--lmeval-python", default=os.environ.get("LMEVAL_PYTHON", "python"))
     parser.add_argument(

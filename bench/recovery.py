@@ -44,7 +44,7 @@ from rich.table import Table
 from sqlalchemy import bindparam, create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from api.enqueue import message_job_ids, priority_lists
+from api.fleet.queues import message_job_ids, priority_lists
 from bench.servers import PrivateRedis, free_port, wait_for
 from bench.stack import bench_urls, llmq_stack
 from db.admin import drop_database

@@ -3,15 +3,14 @@ directly, and through a front llmq whose `source: remote` model sends them to it
 
     python -m bench.remote [--clients 64] [--tokens 64] [--requests 256] [--rounds 3]
 
-Two stacks on this machine, each with its own Postgres database and Redis database: the
-upstream (API and a worker holding the model: stories260K where ../shared has it, else the
-built-in tiny-llama), and the front (API and a remote worker, which loads no model). Rounds
-alternate direct and through the front; each round sends `--requests` streamed completions of
-`--tokens` tokens from `--clients` concurrent clients, distinct prompts (so never a cache hit;
-the upstream stores cache entries for both paths alike). Figures are
-medians over the rounds: completion tokens per second over the round's wall time, and the p50
-time to the first streamed text. The front's own processes share this machine's cores with the
-upstream's model, so its ratio here includes that contention; on separate machines only the
+Two stacks on this machine, each with its own Postgres database and Redis database: the upstream
+(API and a worker holding stories260K, the model that ships with llmq), and the front (API and a
+remote worker, which loads no model). Rounds alternate direct and through the front; each round
+sends `--requests` streamed completions of `--tokens` tokens from `--clients` concurrent clients,
+distinct prompts (so never a cache hit; the upstream stores cache entries for both paths alike).
+Figures are medians over the rounds: completion tokens per second over the round's wall time, and
+the p50 time to the first streamed text. The front's own processes share this machine's cores with
+the upstream's model, so its ratio here includes that contention; on separate machines only the
 added latency remains.
 """
 
@@ -29,7 +28,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from bench.models import SHARED_STORIES
+from bench.models import STORIES
 from bench.run import percentile, stream_completion
 from bench.stack import bench_urls, llmq_stack
 
@@ -77,8 +76,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="llmq-bench-remote-") as tmp:
         workdir = Path(tmp)
-        model_id = "stories260K" if SHARED_STORIES.is_dir() else "tiny-llama"
-        source = str(SHARED_STORIES) if SHARED_STORIES.is_dir() else "builtin:tiny-llama"
+        model_id = "stories260K"
+        source = str(STORIES)
         upstream_model = {
             "id": model_id,
             "source": source,

@@ -71,7 +71,8 @@ class Job(Base):
     # Model, prompt and output-shaping parameters hashed, for deterministic jobs only: the key
     # of the completion cache, and how identical jobs in flight are found.
     cache_key: Mapped[str | None] = mapped_column(String(64))
-    # Broker priority: 0, interactive, goes first; batch lines wait behind (see api/enqueue.py).
+    # Broker priority: 0, interactive, goes first; batch lines wait behind
+    # (see api/intake/enqueue.py).
     priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     batch_id: Mapped[str | None] = mapped_column(String(64))  # the batch this job is a line of
     # The W3C traceparent the job's spans continue (llmq/tracing.py); None when not traced.

@@ -1,4 +1,4 @@
-"""Domain errors. The API maps each to an HTTP status in one place (api/errors.py).
+"""Domain errors. The API maps each to an HTTP status in one place (api/http/errors.py).
 
 LlmqError
 ├── InvalidRequest          400  the request is well-formed but cannot be served as asked

@@ -1,6 +1,6 @@
 """structlog set-up shared by the API and the workers: JSON lines, or console output for people.
 
-Every line carries the ids bound in its context: the request id in the API (api/middleware.py);
+Every line carries the ids bound in its context: the request id in the API (api/http/middleware.py);
 the job id, model, queue and request id in a worker thread while it runs a job. With tracing on
 (llmq/tracing.py), lines written inside a recorded span carry its trace_id and span_id too, and
 a worker's lines about a job carry the job's (workers/job_trace.py). Lines from the

@@ -3,6 +3,8 @@ folder, the built-in model's (written on first use), or the hub's cache. The API
 count prompts and render chat templates; a remote model's worker, to encode scoring pairs."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from llmq.registry import ModelSpec
@@ -16,9 +18,9 @@ def model_file(spec: ModelSpec, data_dir: Path, name: str) -> Path:
 
         return Path(hf_hub_download(spec.files, name, revision=spec.revision))
     if spec.is_builtin and not (local / "tokenizer.json").exists():
-        from llmq.tiny_model import ensure_tiny_model  # first use only
-
-        ensure_tiny_model(local)
+        # Written on first use by a child process: building the model takes torch, which the
+        # API's own process never imports.
+        subprocess.run([sys.executable, "-m", "llmq.tiny_model", str(local)], check=True)
     return local / name
 
 

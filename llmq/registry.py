@@ -165,8 +165,13 @@ class Registry(BaseModel):
 
     @model_validator(mode="after")
     def prices_share_a_currency(self) -> "Registry":
-        one_currency(self.models)
+        one_currency((spec.id, spec.price) for spec in self.models)  # ValueError if they differ
         return self
+
+    @property
+    def currency(self) -> str | None:
+        """The currency the priced models share; None when none has a price."""
+        return one_currency((spec.id, spec.price) for spec in self.models)
 
     def get(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)

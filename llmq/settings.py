@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
-    # How many requests of one API process may use Postgres at once (api/limits.py). The rest
+    # How many requests of one API process may use Postgres at once (api/http/limits.py). The rest
     # of the pool is left to the background threads (reconciler, drivers, key look-ups). A
     # request waits at most db_wait_s for its turn, and only while fewer than db_waiting_max
     # wait; otherwise it is answered 503 with Retry-After at once.
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     flower_password: SecretStr | None = None
 
     # Worker identity: one worker process serves one model on one device.
-    worker_model: str = "tiny-llama"
+    worker_model: str = "stories260K"
     worker_device: Literal["auto", "cpu", "cuda", "mps", "remote"] = "auto"  # remote: source remote
     # Where each worker serves its Prometheus metrics; 0 turns the endpoint off. Workers that
     # share a host need a port each (`llmq worker --metrics-port`).
@@ -67,15 +67,15 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 600
     broker_visibility_timeout_s: int = 3600
 
-    # Delivery guarantees (api/reconciler.py): how often to sweep, when a queued job's message
-    # counts as lost, when a worker without heartbeats counts as lost (Celery's workers send
+    # Delivery guarantees (api/background/reconciler.py): how often to sweep, when a queued job's
+    # message counts as lost, when a worker without heartbeats counts as lost (Celery's workers send
     # one every 2 s), and how many lost workers a job may take down with it before it fails.
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     requeue_after_s: float = Field(default=60.0, gt=0)
     worker_lost_after_s: float = Field(default=5.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
     # How often the Batch API's driver moves batches along and refills its windows
-    # (api/batch_driver.py).
+    # (api/background/batch_driver.py).
     batch_interval_s: float = Field(default=0.25, gt=0)
 
     log_level: str = "INFO"
@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         default=2.0, description="How long /v1/models trusts a worker poll"
     )
 
-    # Evaluation runs (api/eval_driver.py): where local benchmark data lives (default
+    # Evaluation runs (api/background/eval_driver.py): where local benchmark data lives (default
     # <data_dir>/evals; runs may read local folders only under it), how often runs are advanced,
     # and how many jobs a run keeps queued or running at once (0: four batches of its model),
     # so that a long run never buries other jobs deep in the model's queue.
@@ -92,23 +92,24 @@ class Settings(BaseSettings):
     eval_interval_s: float = Field(default=0.25, gt=0)
     eval_jobs_in_flight: int = Field(default=0, ge=0)
 
-    # API keys (api/auth.py). Auth is on unless turned off explicitly (LLMQ_AUTH=off); then every
-    # caller acts as a local admin. The bootstrap key is made to exist, as an admin key, when the
-    # API starts. (The CLI's client commands send LLMQ_API_KEY.)
+    # API keys (api/http/auth.py). Auth is on unless turned off explicitly (LLMQ_AUTH=off); then
+    # every caller acts as a local admin. The bootstrap key is made to exist, as an admin key,
+    # when the API starts. (The CLI's client commands send LLMQ_API_KEY.)
     auth: bool = True
     bootstrap_admin_key: SecretStr | None = Field(default=None, min_length=16)
     # How long an API process trusts what it read about a key: another process's revocation or
     # new limits take effect within this many seconds (at once in the process that made them).
     auth_cache_s: float = Field(default=5.0, ge=0)
-    # Limits of a key that does not set its own (api/limits.py); 0 means no limit. The token
+    # Limits of a key that does not set its own (api/http/limits.py); 0 means no limit. The token
     # quota counts prompt and completion tokens computed for the key in the calendar month (UTC).
     rate_limit_per_minute: int = Field(default=600, ge=0)
     max_concurrent_jobs: int = Field(default=64, ge=0)
     monthly_token_quota: int = Field(default=0, ge=0)
 
-    # Completion cache (api/submit.py, db/queries/cache.py): deterministic requests are answered
-    # from an identical earlier one, and identical ones in flight share one run. LLMQ_CACHE=off
-    # turns both off; entries older than cache_ttl_s are computed anew (0: they never expire).
+    # Completion cache (api/intake/submit.py, db/queries/cache.py): deterministic requests are
+    # answered from an identical earlier one, and identical ones in flight share one run.
+    # LLMQ_CACHE=off turns both off; entries older than cache_ttl_s are computed anew (0: they
+    # never expire).
     cache: bool = True
     cache_ttl_s: float = Field(default=7 * 86_400, ge=0)
 

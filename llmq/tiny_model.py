@@ -112,3 +112,9 @@ def ensure_tiny_model(path: Path, seed: int = SEED, **shape) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+if __name__ == "__main__":  # python -m llmq.tiny_model <folder>: what model_files runs
+    import sys
+
+    ensure_tiny_model(Path(sys.argv[1]))

@@ -18,7 +18,7 @@ INSPECT_TIMEOUT_S = 1.0
 
 class QueueWatch:
     """Whether a worker consumes one of `queues`, asked with Celery's broadcast as the API's
-    live-queue poll asks it (api/live_workers.py)."""
+    live-queue poll asks it (api/fleet/live_workers.py)."""
 
     def __init__(self, broker_url: str, queues: set[str]) -> None:
         # An app of its own, whose connections close() can drop before Redis is stopped.

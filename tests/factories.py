@@ -91,7 +91,7 @@ def stop_worker(process: subprocess.Popen, timeout: float = 30) -> None:
 
 def wait_for_queue(queue: str, process: subprocess.Popen, timeout: float = 120) -> None:
     """Block until a worker answers Celery's broadcast as a consumer of `queue`."""
-    from api.enqueue import producer
+    from api.intake.enqueue import producer
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

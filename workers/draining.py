@@ -2,7 +2,7 @@
 
 Celery stops a worker's consumer first, its heartbeats and broadcast replies with it, and only
 then waits for the tasks it holds: a worker finishing long jobs after SIGTERM would look dead to
-the API's reconciler (api/worker_heartbeats.py), which would hand its jobs to another worker and
+the API's reconciler (api/fleet/heartbeats.py), which would hand its jobs to another worker and
 throw the finished work away. From the moment shutdown begins, Celery's own heartbeat service
 runs again on a timer thread of its own, until the process exits.
 """

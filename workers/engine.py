@@ -162,7 +162,11 @@ class GenerationEngine:
         self._thread = threading.Thread(target=self._run, name="llmq-engine", daemon=True)
         self.steps = 0
         # This process's Prometheus metrics, unless the observations go elsewhere.
-        self.metrics = observer if observer is not None else EngineMetrics(self)
+        self.metrics = (
+            observer
+            if observer is not None
+            else EngineMetrics(host.spec.id, host.spec.queue(host.device), self.active_job_ids)
+        )
         # Scoring jobs take turns with decode steps on this thread (workers/scoring.py): one
         # turn scores about max_score_tokens, so a turn stays short beside interactive jobs.
         self.max_score_tokens = max_score_tokens

@@ -106,7 +106,9 @@ class EngineProcess:
         self.on_tokens = on_tokens
         self.facts: ModelFacts | None = None  # what the engine process loaded, once it is ready
         self.steps = 0  # decode steps the engine has reported
-        self.metrics = EngineMetrics(self)
+        self.metrics = EngineMetrics(
+            host.spec.id, host.spec.queue(host.device), self.active_job_ids
+        )
         self._keys = itertools.count()
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()

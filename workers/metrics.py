@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -22,12 +23,11 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from llmq import metrics as outcomes
 from llmq.settings import Settings
+from workers.engine_jobs import GenerationOutput
 
 if TYPE_CHECKING:
     from db.tables import Job
     from llmq.registry import ModelSpec
-    from workers.engine import GenerationEngine, GenerationOutput
-    from workers.engine_process import EngineProcess
     from workers.host import ModelFacts
 
 log = structlog.get_logger(__name__)
@@ -136,13 +136,15 @@ class EngineMetrics:
     With the engine in a process of its own, the worker process's EngineProcess holds these and
     replays what the engine process observed (it reports each engine cycle's observations)."""
 
-    def __init__(self, engine: "GenerationEngine | EngineProcess") -> None:
-        labels = (engine.host.spec.id, engine.host.spec.queue(engine.host.device))
+    def __init__(
+        self, model: str, queue: str, active_job_ids: Callable[[], Collection[uuid.UUID]]
+    ) -> None:
+        labels = (model, queue)
         self._batch_size = BATCH_SIZE.labels(*labels)
         self._decode_steps = DECODE_STEPS.labels(*labels)
         self._passes = {kind: FORWARD_PASS.labels(*labels, kind) for kind in PASS_KINDS}
         # Read when scraped, so the decode loop pays nothing for it.
-        ACTIVE_SEQUENCES.labels(*labels).set_function(lambda: len(engine.active_job_ids()))
+        ACTIVE_SEQUENCES.labels(*labels).set_function(lambda: len(active_job_ids()))
 
     def decode_step(self, batch_size: int) -> None:
         self._batch_size.observe(batch_size)
@@ -196,7 +198,7 @@ def job_started(job: "Job") -> None:
     _claimed.add(job.id, _Claimed(job.model, job.queue, max(0.0, age_s), time.monotonic()))
 
 
-def job_succeeded(job_id: uuid.UUID, output: "GenerationOutput") -> None:
+def job_succeeded(job_id: uuid.UUID, output: GenerationOutput) -> None:
     """The job's result is stored."""
     claimed = _claimed.pop(job_id)
     if claimed is None:

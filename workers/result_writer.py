@@ -12,7 +12,7 @@ from sqlalchemy import Row
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.session import session_scope
-from llmq.pricing import get_price_book
+from llmq.price_book import get_price_book
 from workers.db_retry import db_retry
 from workers.group_commit import GroupCommit
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import ScoreResult
-from llmq.pricing import get_price_book
+from llmq.price_book import get_price_book
 from llmq.protocol import ErrorCategory, ScoreInput, ScoreParams
 from workers.db_retry import db_retry
 from workers.engine_jobs import JobFailed, ScoreOutput, ScoreRequest, ScoreTimeout

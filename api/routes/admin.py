@@ -7,9 +7,11 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, Depends, Query, Request, status
 
-from api.auth import require_admin
 from api.deps import AdminDep, SessionDep, SettingsDep
-from api.key_schemas import (
+from api.http.auth import require_admin
+from api.http.limits import limits_of
+from api.routes.me import EndDay, StartDay, period_bounds, usage_period
+from api.schemas.keys import (
     AdminJobPublic,
     AdminJobsPublic,
     ApiKeyCreate,
@@ -21,8 +23,6 @@ from api.key_schemas import (
     UsageByKeyPublic,
     UsageTotals,
 )
-from api.limits import limits_of
-from api.routes.me import EndDay, StartDay, period_bounds, usage_period
 from db.queries import jobs as job_queries
 from db.queries import keys as key_queries
 from db.queries import usage as usage_queries

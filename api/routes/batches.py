@@ -4,12 +4,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.auth import Caller
-from api.batch_driver import expires_at
-from api.batch_schemas import BatchCreate, BatchesPublic, BatchPublic, RequestCounts
+from api.background.batch_driver import expires_at
 from api.deps import ApiKeyDep, SessionDep
-from api.limits import admit
+from api.http.auth import Caller
+from api.http.limits import admit
 from api.routes.files import owned_file
+from api.schemas.batches import BatchCreate, BatchesPublic, BatchPublic, RequestCounts
 from db.queries import batches as batch_queries
 from db.queries.batches import BatchStatus
 from db.tables import Batch

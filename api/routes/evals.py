@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
-from api.auth import Caller
 from api.deps import ApiKeyDep, RegistryDep, SessionDep, SettingsDep
-from api.eval_schemas import (
+from api.http.auth import Caller
+from api.http.limits import admit
+from api.intake.submit import resolve_model
+from api.schemas.evals import (
     EvalItemPublic,
     EvalItemsPublic,
     EvalProgress,
@@ -17,8 +19,6 @@ from api.eval_schemas import (
     EvalRunsPublic,
     EvalScores,
 )
-from api.limits import admit
-from api.submit import resolve_model
 from db.queries import evals as eval_queries
 from db.tables import EvalItem, EvalRun
 from llmq.errors import EvalRunNotCancellable, EvalRunNotFound, InvalidRequest

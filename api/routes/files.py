@@ -5,10 +5,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from api.auth import Caller
-from api.batch_input import MAX_FILE_BYTES
-from api.batch_schemas import FileDeleted, FilePublic, FilesPublic
 from api.deps import ApiKeyDep, SessionDep
+from api.http.auth import Caller
+from api.intake.batch_input import MAX_FILE_BYTES
+from api.schemas.batches import FileDeleted, FilePublic, FilesPublic
 from db.queries import files as file_queries
 from llmq.errors import FileNotFound, InvalidRequest
 

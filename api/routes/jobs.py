@@ -6,7 +6,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import Caller
 from api.deps import (
     ApiKeyDep,
     LiveQueuesDep,
@@ -17,10 +16,11 @@ from api.deps import (
     SettingsDep,
     database_slots,
 )
-from api.limits import admit
-from api.output_formats import resolve_named_schema
-from api.schemas import JobCreate, JobPublic, JobsPublic
-from api.submit import resolve_model, submit_generation
+from api.http.auth import Caller
+from api.http.limits import admit
+from api.intake.submit import resolve_model, submit_generation
+from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
+from api.schemas.output_formats import resolve_named_schema
 from db.queries import jobs as job_queries
 from db.session import get_sessionmaker
 from db.tables import Job

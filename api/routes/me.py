@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BeforeValidator
 
 from api.deps import ApiKeyDep, SessionDep
-from api.key_schemas import (
+from api.schemas.keys import (
     DayUsage,
     LimitsPublic,
     ModelUsage,
@@ -20,7 +20,8 @@ from api.key_schemas import (
 from db.queries import usage as usage_queries
 from db.queries.usage import Totals
 from llmq.errors import InvalidPeriod
-from llmq.pricing import format_amount, get_price_book
+from llmq.price_book import get_price_book
+from llmq.pricing import format_amount
 
 router = APIRouter(prefix="/v1/me", tags=["usage"])
 

@@ -4,7 +4,7 @@ import anyio
 from fastapi import APIRouter, Request
 
 from api.deps import LiveQueuesDep, RegistryDep
-from api.schemas import ModelPublic, ModelsPublic
+from api.schemas.jobs import ModelPublic, ModelsPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -5,7 +5,7 @@ streams turn token events into OpenAI chunks. A streaming client that disconnect
 jobs, so abandoned requests leave the batch.
 
 Rendering and tokenizing run in worker threads, storing the jobs in the request's turn at the
-database (api/limits.py). A stream starts (headers, then comment pings every `sse_ping_s`) as
+database (api/http/limits.py). A stream starts (headers, then comment pings every `sse_ping_s`) as
 soon as its jobs are stored, so a client waiting through a broker outage sees the connection
 alive. A request whose wait for its jobs fails has its jobs cancelled before it is answered 503,
 so that retrying it never runs them twice.
@@ -24,20 +24,29 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.auth import Caller
 from api.deps import ApiKeyDep, database_slots
-from api.errors import RETRY_AFTER_S, error_body
-from api.events import (
+from api.http.auth import Caller
+from api.http.errors import RETRY_AFTER_S, error_body
+from api.http.limits import admit
+from api.http.middleware import request_id_of
+from api.intake.openai_requests import (
+    Choice,
+    PlannedRequest,
+    ResponseShape,
+    build_response,
+    plan_request,
+    submit_choices,
+)
+from api.results.events import (
     STREAM_INTERRUPTED,
     StreamedEvent,
     end_relay_span,
     final_event,
     relay_span,
 )
-from api.limits import admit
-from api.logprobs import chat_logprobs, completion_logprobs
-from api.middleware import request_id_of
-from api.openai_protocol import (
+from api.schemas.jobs import CostPublic
+from api.schemas.logprobs import chat_logprobs, completion_logprobs
+from api.schemas.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChunkFormat,
@@ -46,21 +55,12 @@ from api.openai_protocol import (
     UsageInfo,
     new_response_id,
 )
-from api.openai_requests import (
-    Choice,
-    PlannedRequest,
-    ResponseShape,
-    build_response,
-    plan_request,
-    submit_choices,
-)
-from api.output_formats import resolve_named_schema
-from api.schemas import CostPublic
+from api.schemas.output_formats import resolve_named_schema
 from db.queries import jobs as job_queries
 from db.queries import usage as usage_queries
 from db.session import get_sessionmaker, session_scope
 from llmq.metrics import job_finished
-from llmq.pricing import get_price_book
+from llmq.price_book import get_price_book
 from llmq.protocol import ErrorCategory, JobStatus
 
 log = structlog.get_logger(__name__)

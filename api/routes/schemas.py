@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import ApiKeyDep, SessionDep
-from api.output_formats import OutputFormatFields, SchemaCreate, SchemaPublic, SchemasPublic
+from api.schemas.output_formats import OutputFormatFields, SchemaCreate, SchemaPublic, SchemasPublic
 from db.queries import schemas as schema_queries
 from llmq.errors import SchemaNameTaken, SchemaNotFound
 

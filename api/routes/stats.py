@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import RegistryDep, SessionDep
-from api.schemas import (
+from api.schemas.jobs import (
     LatencyPublic,
     ModelStatsPublic,
     PercentilesPublic,

@@ -10,7 +10,7 @@ from pydantic import WithJsonSchema
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import ApiKeyDep, SessionDep
-from api.events import finished_job
+from api.results.events import finished_job
 from db.queries import jobs as job_queries
 from llmq.errors import InvalidRequest, JobNotFound
 

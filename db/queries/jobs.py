@@ -17,7 +17,7 @@ from llmq.protocol import BATCH_PRIORITY, ErrorCategory, JobStatus
 
 job_table = Job.__table__
 RUNNABLE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-# A model's price in force now (llmq.pricing.PriceBook.price); None: it has none.
+# A model's price in force now (llmq.price_book.PriceBook.price); None: it has none.
 PriceOf = Callable[[str], Price | None]
 
 

@@ -2,8 +2,8 @@
 
 import uuid
 
-from api.background import background_room
-from api.live_workers import LiveQueues
+from api.background.window import background_room
+from api.fleet.live_workers import LiveQueues
 from db.queries import jobs as job_queries
 from db.session import get_sessionmaker
 from llmq.protocol import BATCH_PRIORITY, JobStatus

@@ -13,7 +13,7 @@ import pytest
 from redis import Redis
 from sqlalchemy import select
 
-from api.reconciler import waiting_job_ids
+from api.background.reconciler import waiting_job_ids
 from db.session import session_scope
 from db.tables import Job, JobResult, Usage
 from tests.factories import start_worker, stop_worker, submit, wait_for_job, wait_for_queue

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from llmq.pricing import Price, PriceBook, format_amount
+from llmq.price_book import PriceBook
+from llmq.pricing import Price, format_amount
 from llmq.registry import load_registry
 from tests.factories import (
     api_client,

@@ -360,7 +360,7 @@ def sentencepiece_like_tokenizer():
 
 
 def test_token_texts_add_up_to_the_text_where_a_decoder_strips_the_first_space():
-    from api.logprobs import TokenTexts, completion_logprobs, text_after_prompt
+    from api.schemas.logprobs import TokenTexts, completion_logprobs, text_after_prompt
 
     texts = TokenTexts(sentencepiece_like_tokenizer())
     assert texts.texts([1, 3, 4, 5], starts_text=True) == ["<s>", "Once", " upon", " a"]

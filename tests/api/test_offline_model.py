@@ -10,7 +10,7 @@ def test_job_for_model_without_worker_waits_then_completes_and_cancelled_never_r
 ):
     from redis import Redis
 
-    from api.reconciler import waiting_job_ids
+    from api.background.reconciler import waiting_job_ids
 
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models["tiny-offline"]["live"] is False

@@ -87,7 +87,7 @@ def test_unhandled_error_answers_500_with_the_request_id():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from api.middleware import RequestContextMiddleware
+    from api.http.middleware import RequestContextMiddleware
 
     broken = FastAPI()
     broken.add_middleware(RequestContextMiddleware)

@@ -28,7 +28,7 @@ LIMIT_FIELDS = {
     ("POST /v1/jobs", "timeout_s"),  # over the server's LLMQ_JOB_TIME_LIMIT_S; the schema's: a day
     ("POST /v1/evals", "dataset"),  # no such data on this server
 }
-# Open disagreements of the evaluation API's schema (api/eval_schemas.py): its subjects are not
+# Open disagreements of the evaluation API's schema (api/schemas/evals.py): its subjects are not
 # enumerated, and its integers refuse 5.0. Its valid requests are not held to acceptance yet.
 UNSETTLED_OPERATIONS = {"POST /v1/evals"}
 

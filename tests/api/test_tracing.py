@@ -19,8 +19,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from redis import Redis
 
-from api.enqueue import priority_lists
-from api.reconciler import waiting_job_ids
+from api.background.reconciler import waiting_job_ids
+from api.fleet.queues import priority_lists
 from bench.otlp import OtlpReceiver
 from db.session import session_scope
 from db.tables import Job

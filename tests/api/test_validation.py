@@ -204,7 +204,7 @@ def test_single_string_stop_is_one_sequence_on_openai_endpoints(live_client, pat
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_single_string_stop_is_one_sequence_in_batch_lines(app, endpoint):
-    from api.batch_input import read_input
+    from api.intake.batch_input import read_input
 
     body = {"model": "tiny-llama", "stop": "Question:"} | (
         {"prompt": "hi"}

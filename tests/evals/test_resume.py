@@ -98,7 +98,7 @@ def kill_worker_mid_run(client, database_url, body: dict, total: int) -> None:
 def test_run_started_by_one_api_process_is_finished_by_another(app, client, eval_worker, eval_data):
     """The driver keeps nothing in memory: a new process's driver picks the run up from
     Postgres wherever the last one left it."""
-    from api.eval_driver import EvalDriver
+    from api.background.eval_driver import EvalDriver
 
     def fresh_driver() -> EvalDriver:
         return EvalDriver(

@@ -7,7 +7,7 @@ import uuid
 
 from sqlalchemy import select
 
-from api.enqueue import enqueue_job, enqueue_score_group
+from api.intake.enqueue import enqueue_job, enqueue_score_group
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import Job, ScoreResult

@@ -9,8 +9,8 @@ import pytest
 from httpx_sse import connect_sse
 from redis import Redis
 
-from api.enqueue import enqueue_job
-from api.reconciler import waiting_job_ids
+from api.background.reconciler import waiting_job_ids
+from api.intake.enqueue import enqueue_job
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from tests.factories import AUTH, api_client, start_api, stop_worker, submit, wait_for_job

@@ -20,7 +20,7 @@ import pytest
 from redis import Redis
 from sqlalchemy import select, update
 
-from api.enqueue import priority_lists
+from api.fleet.queues import priority_lists
 from db.session import session_scope
 from db.tables import Batch, EvalRun, Job, StoredFile
 from tests.factories import AUTH, start_api, stop_worker

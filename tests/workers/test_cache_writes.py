@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from sqlalchemy import select
 
-from api.enqueue import enqueue_job
+from api.intake.enqueue import enqueue_job
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import CompletionCache, Job

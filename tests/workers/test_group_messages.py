@@ -9,9 +9,10 @@ import uuid
 from redis import Redis
 from sqlalchemy import select
 
-from api.enqueue import MAX_JOBS_PER_MESSAGE, priority_lists, send_jobs
-from api.live_workers import task_job_ids
-from api.reconciler import waiting_job_ids
+from api.background.reconciler import waiting_job_ids
+from api.fleet.live_workers import task_job_ids
+from api.fleet.queues import priority_lists
+from api.intake.enqueue import MAX_JOBS_PER_MESSAGE, send_jobs
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import Job, JobResult

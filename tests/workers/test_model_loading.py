@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from api.enqueue import producer
+from api.intake.enqueue import producer
 from llmq.registry import load_registry
 from tests.factories import start_worker, stop_worker
 
-SHARED_STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K"
+STORIES = Path(__file__).resolve().parents[2] / "models" / "stories260K"  # ships with llmq
 
 
 def test_tiny_model_build_is_deterministic(tmp_path):
@@ -56,14 +56,13 @@ def test_registry_rejects_unknown_keys(tmp_path):
         load_registry(models_file)
 
 
-@pytest.mark.skipif(not SHARED_STORIES.is_dir(), reason="the shared stories260K model is absent")
 def test_pretrained_stories_model_serves_through_an_entry(tmp_path):
     from llmq.protocol import SamplingParams
     from llmq.registry import ModelSpec
     from workers.engine import GenerationEngine, GenerationRequest
     from workers.host import ModelHost
 
-    spec = ModelSpec(id="stories260K", source=str(SHARED_STORIES), context_length=512)
+    spec = ModelSpec(id="stories260K", source=str(STORIES), context_length=512)
     host = ModelHost.load(spec, "cpu", tmp_path)
     engine = GenerationEngine(host, max_batch_size=4, max_batch_tokens=4096, max_wait_ms=1)
     engine.start()

@@ -31,7 +31,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db.queries import usage as usage_queries
 from db.tables import ApiKey
 from llmq.errors import QuotaExceeded, ServerBusy, SpendLimitReached, TooManyConcurrentJobs
-from llmq.pricing import format_amount, get_price_book
+from llmq.price_book import get_price_book
+from llmq.pricing import format_amount
 from llmq.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -5,7 +5,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.http.errors import error_body
 
 
 class RequestSizeLimit:

@@ -21,18 +21,18 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from api.enqueue import route, send_soon
-from api.live_workers import LiveQueues
+from api.fleet.live_workers import LiveQueues
+from api.fleet.upstreams import check_remote_params
+from api.intake.enqueue import route, send_soon
+from api.intake.prompts import PromptCounter, check_prompt_size
 from api.metrics import job_submitted
-from api.prompts import PromptCounter, check_prompt_size
-from api.upstreams import check_remote_params
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.tables import Job
 from llmq.errors import IdempotencyKeyReused, ModelNotServed
 from llmq.fingerprint import Fingerprint, fingerprint, is_deterministic, model_revisions
 from llmq.metrics import CACHE_HITS, CACHE_MISSES, job_finished
-from llmq.pricing import get_price_book
+from llmq.price_book import get_price_book
 from llmq.protocol import (
     INTERACTIVE_PRIORITY,
     PROMPT_TOKEN_IDS_FIELD,

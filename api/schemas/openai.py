@@ -22,9 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from api.logprobs import ChatLogprobs, CompletionLogprobs
-from api.output_formats import ToolFields
-from api.schemas import (
+from api.schemas.jobs import (
     MAX_JSON_INT,
     TOKEN_IDS_SCHEMA,
     CostField,
@@ -37,6 +35,8 @@ from api.schemas import (
     reject_nul,
     some_prompts,
 )
+from api.schemas.logprobs import ChatLogprobs, CompletionLogprobs
+from api.schemas.output_formats import ToolFields
 from llmq.protocol import MAX_TOKENS_LIMIT, SamplingParams
 
 MAX_CHOICES = 16
@@ -87,7 +87,7 @@ class _SamplingFields(SamplingExtras):
 
     model_config = rules(STREAM_OPTIONS_RULE)
 
-    model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
+    model: str = Field(min_length=1, max_length=200, examples=["stories260K"])
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: JsonInt = Field(default=1, ge=1, le=MAX_CHOICES)

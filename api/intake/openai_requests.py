@@ -13,9 +13,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.events import FinishedJob, finished_job
-from api.logprobs import TokenTexts, chat_logprobs, completion_logprobs, text_after_prompt
-from api.openai_protocol import (
+from api.intake.prompts import PromptCounter, check_prompt_size
+from api.intake.submit import GenerationRequest, resolve_model, submit_generations
+from api.results.events import FinishedJob, finished_job
+from api.schemas.logprobs import TokenTexts, chat_logprobs, completion_logprobs, text_after_prompt
+from api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -27,8 +29,6 @@ from api.openai_protocol import (
     ToolCall,
     UsageInfo,
 )
-from api.prompts import PromptCounter, check_prompt_size
-from api.submit import GenerationRequest, resolve_model, submit_generations
 from db.tables import Job
 from llmq.protocol import INTERACTIVE_PRIORITY, MAX_TOKENS_LIMIT, PROMPT_TOKEN_IDS_FIELD
 from llmq.registry import ModelSpec

@@ -1,12 +1,12 @@
 """Which workers and queues are alive: the consumed queues polled from Celery's broadcast in the
-background, and each worker's liveness from its heartbeats (api/worker_heartbeats.py)."""
+background, and each worker's liveness from its heartbeats (api/fleet/heartbeats.py)."""
 
 import time
 from collections import Counter
 
 from celery import Celery
 
-from api.worker_heartbeats import WorkerHeartbeats
+from api.fleet.heartbeats import WorkerHeartbeats
 from llmq.periodic import PeriodicTask
 
 

@@ -3,7 +3,7 @@
 validating → in_progress: the input file is read and checked; its valid lines become jobs at
 batch priority (a line's jobs and its row are stored line by line, so a restart carries on
 where it stopped). Lines are released as the model's workers take them, within the model's
-background window (api/background.py), which evaluation runs share.
+background window (api/background/window.py), which evaluation runs share.
 in_progress → finalizing → completed once every job has ended; expired when the completion
 window passes first; cancelling → cancelled once no job of the batch is open. Finalizing
 writes the output file (lines that succeeded) and the error file (the rest). A batch is driven
@@ -18,17 +18,17 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from sqlalchemy.orm import Session
 
-from api.background import background_room
-from api.batch_input import REQUEST_TYPES, RequestLine, read_input
-from api.openai_protocol import UsageInfo
-from api.openai_requests import (
+from api.background.window import background_room
+from api.intake.batch_input import REQUEST_TYPES, RequestLine, read_input
+from api.intake.openai_requests import (
     ResponseShape,
     build_response,
     plan_request,
     stored_shape,
     submit_choices,
 )
-from api.output_formats import resolve_named_schema
+from api.schemas.openai import UsageInfo
+from api.schemas.output_formats import resolve_named_schema
 from db.queries import batches as batch_queries
 from db.queries import files as file_queries
 from db.queries.batches import BatchStatus

@@ -10,7 +10,7 @@ behind. The Batch driver and the evaluation driver share the window.
 
 from sqlalchemy.orm import Session
 
-from api.live_workers import LiveQueues
+from api.fleet.live_workers import LiveQueues
 from db.queries import jobs as job_queries
 from llmq.registry import Registry
 

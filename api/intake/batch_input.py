@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from api.errors import describe_validation_error
-from api.openai_protocol import ChatCompletionRequest, CompletionRequest
+from api.http.errors import describe_validation_error
+from api.schemas.openai import ChatCompletionRequest, CompletionRequest
 from llmq.registry import Registry
 
 MAX_LINES = 50_000

@@ -15,8 +15,8 @@ from pydantic import (
     field_validator,
 )
 
-from api.limits import KeyLimits
-from api.schemas import (
+from api.http.limits import KeyLimits
+from api.schemas.jobs import (
     MAX_JSON_INT,
     CostPublic,
     JobPublic,

@@ -8,14 +8,12 @@ from queue import Empty, SimpleQueue
 
 import structlog
 from celery import Celery
-from kombu.transport import redis as redis_transport
 
 from db.queries.jobs import Delivery
 from llmq.protocol import (
     GENERATE_GROUP_TASK,
     GENERATE_TASK,
     JOB_IDS_HEADER,
-    PRIORITY_STEPS,
     SCORE_GROUP_TASK,
     SCORE_TASK,
     JobGroupTask,
@@ -159,15 +157,3 @@ def _send(
         log.warning("enqueue failed; jobs stay queued", task_id=task_id, error=str(exc))
         return False
     return True
-
-
-def message_job_ids(headers: dict) -> list[str]:
-    """The jobs a broker message carries: a group message's job ids, else its task id."""
-    return headers.get(JOB_IDS_HEADER) or [headers["id"]]
-
-
-def priority_lists(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for one queue: the queue's name for priority 0, and one
-    more per further priority step."""
-    separator = redis_transport.Channel.sep
-    return [queue] + [f"{queue}{separator}{step}" for step in PRIORITY_STEPS[1:]]

@@ -17,7 +17,7 @@ class EvalRunCreate(BaseModel):
     model_config = STRICT_INPUT
 
     benchmark: Literal["gsm8k", "mmlu"]
-    model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
+    model: str = Field(min_length=1, max_length=200, examples=["stories260K"])
     num_fewshot: int | None = Field(
         default=None, ge=0, le=64, description="Default: 5 for gsm8k, 0 for mmlu (as lm-eval)."
     )

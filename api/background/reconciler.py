@@ -27,8 +27,9 @@ from redis import Redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.enqueue import message_job_ids, priority_lists, send_failed, send_jobs
-from api.live_workers import LiveQueues
+from api.fleet.live_workers import LiveQueues
+from api.fleet.queues import message_job_ids, priority_lists
+from api.intake.enqueue import send_failed, send_jobs
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq.metrics import job_failed

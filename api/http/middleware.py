@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
-from api.errors import error_body
+from api.http.errors import error_body
 from llmq.tracing import current_traceparent
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,7 @@ from opentelemetry.trace import Span
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from api.final_events import FinalEventListener
+from api.results.final_events import FinalEventListener
 from db.queries.jobs import read_job
 from db.session import session_scope
 from db.tables import Job

@@ -8,9 +8,9 @@ never redone. Two processes never feed one run at once: feeding locks the run's 
 
 Items are background jobs (BATCH_PRIORITY): in the workers they run in the background lane, so
 a run does not slow interactive jobs down, and they are released within the model's background
-window (api/background.py), shared with the Batch API, rather than all at once: an MMLU run is
-14,042 jobs; sent together they would hold every Celery thread of the model's workers, and a
-cancelled run would leave thousands of messages behind.
+window (api/background/window.py), shared with the Batch API, rather than all at once: an
+MMLU run is 14,042 jobs; sent together they would hold every Celery thread of the model's
+workers, and a cancelled run would leave thousands of messages behind.
 """
 
 import sys
@@ -19,11 +19,11 @@ import uuid
 
 import structlog
 
-from api.background import background_room
-from api.enqueue import enqueue_job, enqueue_score_group, route
-from api.limits import job_room, limits_of
-from api.live_workers import LiveQueues
-from api.prompts import PromptCounter
+from api.background.window import background_room
+from api.fleet.live_workers import LiveQueues
+from api.http.limits import job_room, limits_of
+from api.intake.enqueue import enqueue_job, enqueue_score_group, route
+from api.intake.prompts import PromptCounter
 from db.queries import evals as eval_queries
 from db.queries import jobs as job_queries
 from db.queries import keys as key_queries

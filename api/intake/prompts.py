@@ -17,7 +17,7 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from api.logprobs import TokenTexts
+from api.schemas.logprobs import TokenTexts
 from llmq.errors import InvalidRequest, PromptTooLarge, PromptTooLong, TokenOutOfVocabulary
 from llmq.model_files import model_file, special_token_text, tokenizer_config
 from llmq.registry import ModelSpec
@@ -56,7 +56,7 @@ class PromptCounter:
         self._lock = threading.Lock()
 
     def token_texts(self, spec: ModelSpec) -> TokenTexts:
-        """Token ids to text, for log-probabilities (api/logprobs.py)."""
+        """Token ids to text, for log-probabilities (api/schemas/logprobs.py)."""
         tokenizer = self.tokenizer(spec)
         with self._lock:
             if spec.id not in self._token_texts:

@@ -15,8 +15,8 @@ from pydantic import (
 )
 from sqlalchemy import inspect as sa_inspect
 
-from api.logprobs import JobLogprobs, TokenTexts, job_logprobs
-from api.output_formats import OutputFormatFields
+from api.schemas.logprobs import JobLogprobs, TokenTexts, job_logprobs
+from api.schemas.output_formats import OutputFormatFields
 from db.tables import Job
 from db.tables import Usage as UsageRow
 from llmq.pricing import format_amount
@@ -286,7 +286,7 @@ class JobCreate(SamplingExtras):
         },
     )
 
-    model: str = Field(min_length=1, max_length=200, examples=["tiny-llama"])
+    model: str = Field(min_length=1, max_length=200, examples=["stories260K"])
     # Capped at LLMQ_MAX_PROMPT_CHARS when submitted (a setting, so not a schema bound).
     prompt: Prompt
     # 0 only with prompt_logprobs: the prompt is scored, nothing is generated.

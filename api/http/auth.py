@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import OperationalError
 
-from api.limits import STATE_KEY, KeyLimits, limits_of
+from api.http.limits import STATE_KEY, KeyLimits, limits_of
 from db.queries import keys as key_queries
 from db.queries.keys import Role
 from db.session import session_scope

@@ -1,0 +1,1 @@
+"""Request and response bodies, one module per resource; OpenAI's wire shapes in openai.py."""
