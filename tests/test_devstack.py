@@ -198,7 +198,7 @@ def test_banner_gives_a_keys_command_that_runs_without_llmq_on_path(
 def test_banner_says_the_worker_is_still_loading_when_no_queue_is_consumed(
     database_url, redis_url, capsys
 ):
-    settings = Settings(database_url=database_url, redis_url=redis_url)
+    settings = Settings(database_url=database_url, redis_url=redis_url, worker_model="tiny-llama")
     out = banner(settings, Services(database_url, redis_url, []), None, capsys)
     assert "but its worker is still loading tiny-llama" in out
     assert "no worker consumes llmq.tiny-llama.cpu yet" in out
