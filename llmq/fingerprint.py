@@ -15,9 +15,12 @@ The revision comes from the API's view of the model, without loading it (no torc
 - else, for a local folder (built-in models included), a hash of the name, size and
   modification time of every file in it: config, tokenizer, chat template and weights;
 - else, for a hub id, the commit of the snapshot in the local Hugging Face cache;
+- else, for an object-store model (s3://, gs://), a hash of every object's name, size and
+  version (ETag, MD5 or generation) as the store lists them now;
 - a remote model (another server's weights, which may change without notice) has a revision
   only when models.yaml gives one: the operator's word that the upstream's weights are those.
-A model whose revision cannot be told (a hub id never downloaded here) is not cached.
+A model whose revision cannot be told (a hub id never downloaded here, an object store that
+cannot be listed right now) is not cached.
 """
 
 import hashlib
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from llmq.object_store import store_revision
 from llmq.protocol import SamplingParams
 from llmq.registry import ModelSpec
 
@@ -144,6 +148,8 @@ class ModelRevisions:
             return f"rev:{spec.revision}"
         if spec.is_remote:
             return None  # another server's weights may change unseen: only a revision vouches
+        if spec.is_object_store:
+            return store_revision(spec.files, spec.storage_options)
         local = spec.local_path(self.data_dir)
         if local is not None:
             return folder_revision(local)
