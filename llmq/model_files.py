@@ -9,7 +9,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from llmq.object_store import local_copy
+from llmq.model_copies import local_copy
 from llmq.registry import ModelSpec
 
 # What is read here of an object-store model: its weights stay in the store.

@@ -13,7 +13,7 @@ import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from llmq.object_store import local_copy
+from llmq.model_copies import local_copy
 from llmq.registry import Device, ModelSpec
 from llmq.tiny_model import ensure_tiny_model
 from workers.ragged import enable_ragged_attention

@@ -10,14 +10,13 @@ import time
 
 import pytest
 
+from llmq.model_copies import MANIFEST, cache_dir, local_copy
 from llmq.object_store import (
     ATTEMPTS,
-    MANIFEST,
     ChecksumMismatch,
     NoObjects,
     ObjectStoreFolder,
     UnsafeObjectName,
-    local_copy,
     store_revision,
 )
 from tests.conftest import STORIES
@@ -26,7 +25,7 @@ from tests.s3_server import Fault, s3_client, upload_folder
 MODEL_FILES = sorted(p.name for p in STORIES.iterdir() if p.is_file())
 # One download in a process of its own: the URL, the data directory, the storage options.
 FETCH = (
-    "import json, sys; from pathlib import Path; from llmq.object_store import local_copy; "
+    "import json, sys; from pathlib import Path; from llmq.model_copies import local_copy; "
     "print(local_copy(sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])), flush=True)"
 )
 
@@ -49,6 +48,10 @@ def through(proxy, **options) -> dict:
 UNCHECKED = {"config_kwargs": {"response_checksum_validation": "when_required"}}
 
 
+def copies_of(url: str, options: dict, data_dir):
+    return cache_dir(ObjectStoreFolder(url, options), data_dir)
+
+
 def entries(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
@@ -58,7 +61,7 @@ def test_fetch_downloads_each_object_once_then_reuses_the_copy(s3_model, s3_prox
     again = local_copy(s3_model, tmp_path, through(s3_proxy))
 
     assert again == first
-    assert first.parent == ObjectStoreFolder(s3_model, through(s3_proxy)).cache_dir(tmp_path)
+    assert first.parent == copies_of(s3_model, through(s3_proxy), tmp_path)
     assert entries(first) == sorted([*MODEL_FILES, MANIFEST])
     assert {name: s3_proxy.gets(name) for name in MODEL_FILES} == dict.fromkeys(MODEL_FILES, 1)
     manifest = json.loads((first / MANIFEST).read_text())
@@ -97,8 +100,8 @@ def test_a_download_killed_midway_leaves_nothing_complete(s3_model, s3_proxy, tm
     finally:
         process.kill()
         process.wait()
-    cache_dir = ObjectStoreFolder(s3_model, through(s3_proxy)).cache_dir(tmp_path)
-    left = entries(cache_dir)
+    copies = copies_of(s3_model, through(s3_proxy), tmp_path)
+    left = entries(copies)
     assert [name for name in left if not name.startswith(".")] == [], "no copy passes as complete"
     assert any(name.startswith(".partial-") for name in left), left
 
@@ -106,7 +109,7 @@ def test_a_download_killed_midway_leaves_nothing_complete(s3_model, s3_proxy, tm
 
     assert s3_proxy.gets("model.safetensors") == 2
     assert (path / "model.safetensors").read_bytes() == (STORIES / "model.safetensors").read_bytes()
-    assert entries(cache_dir) == [".lock", path.name], "the dead download's folder is removed"
+    assert entries(copies) == [".lock", path.name], "the dead download's folder is removed"
 
 
 def test_an_object_that_arrives_corrupted_is_downloaded_again(s3_model, s3_proxy, tmp_path):
@@ -127,8 +130,8 @@ def test_an_object_that_always_arrives_corrupted_fails_and_leaves_no_copy(
         local_copy(s3_model, tmp_path, through(s3_proxy, **UNCHECKED))
 
     assert s3_proxy.gets("tokenizer.json") == ATTEMPTS
-    cache_dir = ObjectStoreFolder(s3_model, through(s3_proxy, **UNCHECKED)).cache_dir(tmp_path)
-    assert [name for name in entries(cache_dir) if not name.startswith(".")] == []
+    copies = copies_of(s3_model, through(s3_proxy, **UNCHECKED), tmp_path)
+    assert [name for name in entries(copies) if not name.startswith(".")] == []
 
 
 def test_transient_failures_are_retried(s3_model, s3_proxy, tmp_path):
@@ -203,7 +206,7 @@ def test_an_empty_prefix_or_missing_bucket_says_so(s3_model, s3_endpoint, tmp_pa
 def test_a_missing_backend_names_the_extra_to_install(tmp_path):
     script = (
         "import sys; from pathlib import Path; sys.modules['s3fs'] = None; "
-        "from llmq.object_store import local_copy; local_copy('s3://b/m', Path(sys.argv[1]))"
+        "from llmq.model_copies import local_copy; local_copy('s3://b/m', Path(sys.argv[1]))"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
