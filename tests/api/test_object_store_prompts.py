@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from api.intake.prompts import PromptCounter
+from llmq.errors import ServiceUnavailable
 from llmq.registry import ModelSpec
 from tests.conftest import ROOT, STORIES
 
@@ -47,3 +50,19 @@ def test_the_api_counts_an_s3_models_prompts_without_torch_or_weights(s3_model, 
     fetched = {name: s3_proxy.gets(name) for name in ("tokenizer.json", "tokenizer_config.json")}
     assert fetched == {"tokenizer.json": 1, "tokenizer_config.json": 1}
     assert s3_proxy.gets("model.safetensors") == 0, "the weights stay in the store"
+
+
+def test_a_model_whose_store_cannot_give_its_tokenizer_is_unavailable(s3_endpoint, tmp_path):
+    spec = ModelSpec(
+        id="stories-gone",
+        source="s3://no-such-bucket/m",
+        storage_options={"endpoint_url": s3_endpoint},
+    )
+
+    with pytest.raises(ServiceUnavailable) as raised:
+        PromptCounter(tmp_path).count(spec, PROMPT)
+
+    assert raised.value.status_code == 503
+    assert raised.value.message.startswith(
+        "stories-gone's tokenizer files cannot be read from s3://no-such-bucket/m now: "
+    )

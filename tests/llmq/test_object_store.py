@@ -182,6 +182,17 @@ def test_new_objects_land_in_a_new_copy_with_a_new_revision(s3_model, s3_endpoin
     assert store_revision(s3_model, options) not in (None, old_revision)
 
 
+def test_hidden_objects_are_not_part_of_the_model(s3_model, s3_endpoint, tmp_path):
+    bucket = s3_model.removeprefix("s3://").split("/")[0]
+    s3_client(s3_endpoint).put_object(
+        Bucket=bucket, Key="stories260K/.cache/huggingface/download.lock", Body=b""
+    )
+
+    path = local_copy(s3_model, tmp_path, {"endpoint_url": s3_endpoint})
+
+    assert entries(path) == sorted([*MODEL_FILES, MANIFEST])
+
+
 def test_an_object_named_outside_the_folder_is_refused(s3_endpoint, tmp_path):
     bucket = "models-unsafe-names"
     upload_folder(s3_endpoint, bucket, "m", STORIES)
