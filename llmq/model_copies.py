@@ -63,21 +63,26 @@ def local_copy(
     folder = ObjectStoreFolder(url, storage_options)
     copies = cache_dir(folder, data_dir)
     full = folder.snapshot()
-    snapshot = full if names is None else full.only(names)
-    candidates = [copies / full.digest[:16], copies / snapshot.digest[:16]]
-    for path, listed in zip(candidates, (full, snapshot), strict=True):
-        if _verified(path, listed):
-            return path
-    target = candidates[1]
+    wanted = full if names is None else full.only(names)
+    if (held := _held_copy(copies, full, wanted)) is not None:
+        return held
     copies.mkdir(parents=True, exist_ok=True)
     with _download_lock(copies / ".lock", url):
         # Another process may have finished one while this one waited.
-        for path, listed in zip(candidates, (full, snapshot), strict=True):
-            if _verified(path, listed):
-                log.info("using another process's download", url=url, path=str(path))
-                return path
-        _download(folder, snapshot, target)
+        if (held := _held_copy(copies, full, wanted)) is not None:
+            log.info("using another process's download", url=url, path=str(held))
+            return held
+        target = copies / wanted.digest[:16]
+        _download(folder, wanted, target)
     return target
+
+
+def _held_copy(copies: Path, *snapshots: Snapshot) -> Path | None:
+    """This host's checked copy of the first of the snapshots it holds; None if none."""
+    for snapshot in snapshots:
+        if _verified(copy := copies / snapshot.digest[:16], snapshot):
+            return copy
+    return None
 
 
 @contextmanager
