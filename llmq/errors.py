@@ -24,7 +24,7 @@ LlmqError
 │   ├── TooManyConcurrentJobs 429  the key has its most jobs queued or running
 │   └── QuotaExceeded       429  the key's monthly token quota is spent
 │       └── SpendLimitReached 429  the key's monthly spend limit is reached
-└── ServiceUnavailable      503  Postgres or Redis cannot be reached right now
+└── ServiceUnavailable      503  Postgres, Redis or a model's object store cannot be reached now
     └── ServerBusy          503  too many requests wait for the database in this process
 """
 

@@ -15,19 +15,25 @@ The revision comes from the API's view of the model, without loading it (no torc
 - else, for a local folder (built-in models included), a hash of the name, size and
   modification time of every file in it: config, tokenizer, chat template and weights;
 - else, for a hub id, the commit of the snapshot in the local Hugging Face cache;
+- else, for an object-store model (s3://, gs://), a hash of every object's name, size and
+  version (ETag, MD5 or generation) as the store lists them now;
 - a remote model (another server's weights, which may change without notice) has a revision
   only when models.yaml gives one: the operator's word that the upstream's weights are those.
-A model whose revision cannot be told (a hub id never downloaded here) is not cached.
+A model whose revision cannot be told (a hub id never downloaded here, an object store that
+cannot be listed right now) is not cached.
 """
 
 import hashlib
 import json
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from llmq.object_store import store_revision
 from llmq.protocol import SamplingParams
 from llmq.registry import ModelSpec
 
@@ -38,6 +44,9 @@ FINGERPRINT_VERSION = 1
 UNUSED_WHEN_GREEDY = ("seed", "top_p", "top_k")
 # How long a model's revision is trusted before its folder is looked at again.
 REVISION_REFRESH_S = 5.0
+# How long a request waits for an object store's listing: it runs in a thread of its own, so a
+# store that is slow or away costs a request this much at most (and its completion the cache).
+STORE_WAIT_S = 1.0
 
 
 def _sha256(text: str) -> str:
@@ -122,10 +131,17 @@ class ModelRevisions:
     """Each model's revision, re-read at most every REVISION_REFRESH_S: the submit path must not
     walk a model folder on every request, yet new weights must be noticed."""
 
-    def __init__(self, data_dir: Path, refresh_s: float = REVISION_REFRESH_S) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        refresh_s: float = REVISION_REFRESH_S,
+        store_wait_s: float = STORE_WAIT_S,
+    ) -> None:
         self.data_dir = data_dir
         self.refresh_s = refresh_s
+        self.store_wait_s = store_wait_s
         self._known: dict[str, tuple[float, str | None]] = {}
+        self._listings: dict[str, Future[str | None]] = {}
         self._lock = threading.Lock()
 
     def revision(self, spec: ModelSpec) -> str | None:
@@ -144,10 +160,31 @@ class ModelRevisions:
             return f"rev:{spec.revision}"
         if spec.is_remote:
             return None  # another server's weights may change unseen: only a revision vouches
+        if spec.is_object_store:
+            return self._listed_revision(spec)
         local = spec.local_path(self.data_dir)
         if local is not None:
             return folder_revision(local)
         return hub_revision(spec.source)
+
+    def _listed_revision(self, spec: ModelSpec) -> str | None:
+        """From a listing in a daemon thread, one at a time per model; None when it takes
+        longer than store_wait_s (or fails)."""
+        with self._lock:
+            listing = self._listings.get(spec.id)
+            if listing is None or listing.done():
+                listing = self._listings[spec.id] = Future()
+                threading.Thread(
+                    target=_list_into, args=(listing, spec), name=f"list-{spec.id}", daemon=True
+                ).start()
+        try:
+            return listing.result(timeout=self.store_wait_s)
+        except FutureTimeout:
+            return None
+
+
+def _list_into(listing: Future, spec: ModelSpec) -> None:
+    listing.set_result(store_revision(spec.files, spec.storage_options))  # never raises
 
 
 @lru_cache

@@ -2,11 +2,12 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmq.object_store import check_url, is_object_store_url, url_scheme
 from llmq.pricing import Price, one_currency
 from llmq.settings import get_settings
 
@@ -14,6 +15,13 @@ from llmq.settings import get_settings
 Device = Literal["cpu", "cuda", "mps", "remote"]
 BUILTIN_PREFIX = "builtin:"
 REMOTE_SOURCE = "remote"
+# fsspec options that carry credentials (s3fs's, and botocore's in client_kwargs): models.yaml is
+# checked in, so they come from the environment or credentials files instead. gcsfs's `token`
+# names a method or a file (`anon`, a service account's JSON), not a secret.
+SECRET_STORAGE_OPTIONS = frozenset({"key", "secret", "token", "password", "session_token"})
+SECRET_CLIENT_KWARGS = frozenset(
+    {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+)
 
 
 class GenerationDefaults(BaseModel):
@@ -62,8 +70,12 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    # A hub id, a local folder, `builtin:tiny-llama`, or `remote` (see `remote`).
+    # A hub id, a local folder, an object-store URL (s3://, gs://: llmq/object_store.py),
+    # `builtin:tiny-llama`, or `remote` (see `remote`).
     source: str
+    # fsspec options for an object-store URL (endpoint_url, anon, client_kwargs, ...), never
+    # credentials; unset: the store's usual places (AWS_* variables, ~/.aws, ...).
+    storage_options: dict[str, Any] | None = None
     remote: RemoteUpstream | None = None
     # Where the tokenizer files come from, when not from `source` (a remote model's): the API
     # counts prompts and renders chat templates with them, as for a model served here.
@@ -98,6 +110,27 @@ class ModelSpec(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0)
     # What its tokens cost (llmq/pricing.py); None: nothing is charged.
     price: Price | None = None
+
+    @model_validator(mode="after")
+    def urls_are_object_stores(self) -> "ModelSpec":
+        for field in ("source", "tokenizer"):
+            value = getattr(self, field)
+            if value is not None and url_scheme(value) is not None:
+                try:
+                    check_url(value)
+                except ValueError as error:
+                    raise ValueError(f"{self.id}: {field} {error}") from None
+        if self.storage_options is not None:
+            if not self.is_object_store:
+                raise ValueError(f"{self.id}: storage_options is for s3:// and gs:// sources")
+            secrets = _credential_options(url_scheme(self.files), self.storage_options)
+            if secrets:
+                raise ValueError(
+                    f"{self.id}: storage_options may not hold credentials ({', '.join(secrets)}): "
+                    "set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "GOOGLE_APPLICATION_CREDENTIALS) or the store's credentials files"
+                )
+        return self
 
     @model_validator(mode="after")
     def remote_settings_match_source(self) -> "ModelSpec":
@@ -149,8 +182,16 @@ class ModelSpec(BaseModel):
     def is_builtin(self) -> bool:
         return self.files.startswith(BUILTIN_PREFIX)
 
+    @property
+    def is_object_store(self) -> bool:
+        """The model's files are in an object store (llmq/object_store.py copies them here)."""
+        return is_object_store_url(self.files)
+
     def local_path(self, data_dir: Path) -> Path | None:
-        """Where the model's files lie on disk, or None for a hub id (from_pretrained's)."""
+        """Where the model's files lie on disk, or None for a hub id (from_pretrained's) or an
+        object-store URL (whose copy's folder depends on the objects: llmq/object_store.py)."""
+        if self.is_object_store:
+            return None
         if self.is_builtin:
             return data_dir / "models" / self.files.removeprefix(BUILTIN_PREFIX)
         path = Path(self.files)
@@ -181,6 +222,18 @@ class Registry(BaseModel):
         return [m.id for m in self.models]
 
 
+def _credential_options(scheme: str | None, options: dict[str, Any]) -> list[str]:
+    """The names of the credentials among an object store's fsspec options."""
+    secret = SECRET_STORAGE_OPTIONS - {"token"} if scheme == "gs" else SECRET_STORAGE_OPTIONS
+    found = sorted(secret & options.keys())
+    client_kwargs = options.get("client_kwargs")
+    if isinstance(client_kwargs, dict):
+        found += sorted(
+            f"client_kwargs.{name}" for name in SECRET_CLIENT_KWARGS & client_kwargs.keys()
+        )
+    return found
+
+
 def load_registry(path: Path) -> Registry:
     raw = yaml.safe_load(path.read_text()) or {}
     registry = Registry.model_validate(raw)
@@ -193,7 +246,12 @@ def load_registry(path: Path) -> Registry:
 
 def _resolved(source: str, base: Path) -> str:
     """A folder named relative to models.yaml, made absolute; other sources as they are."""
-    if source.startswith(BUILTIN_PREFIX) or source == REMOTE_SOURCE or Path(source).is_absolute():
+    if (
+        source.startswith(BUILTIN_PREFIX)
+        or source == REMOTE_SOURCE
+        or url_scheme(source) is not None
+        or Path(source).is_absolute()
+    ):
         return source
     candidate = (base / source).resolve()
     return str(candidate) if candidate.exists() else source

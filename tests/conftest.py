@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from sqlalchemy.engine import make_url
 from tests.factories import ADMIN_KEY, free_port  # reads no settings
 
 ROOT = Path(__file__).resolve().parent.parent
+STORIES = ROOT / "models" / "stories260K"  # the pretrained model shipped with llmq
 TEST_DATA_DIR = Path(tempfile.mkdtemp(prefix="llmq-test-"))
 
 
@@ -155,3 +157,43 @@ def live_client(client, worker, app):
         assert time.monotonic() < deadline, "the API never saw the worker's queue"
         time.sleep(0.2)
     return client
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible server (moto, a subprocess) for object-store models, with the AWS_*
+    variables set to its test credentials for this process and the ones it starts."""
+    from tests.s3_server import CREDENTIALS, start_moto
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in CREDENTIALS.items():
+            patch.setenv(name, value)
+        for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            patch.setenv(name, str(TEST_DATA_DIR / "no-aws-config"))
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+            patch.delenv(name, raising=False)
+        process, endpoint = start_moto(TEST_DATA_DIR / "moto.log")
+        try:
+            yield endpoint
+        finally:
+            stop_worker(process)
+
+
+@pytest.fixture
+def s3_model(s3_endpoint) -> str:
+    """stories260K uploaded to a bucket of its own; its URL."""
+    from tests.s3_server import upload_folder
+
+    bucket = f"models-{uuid.uuid4().hex[:12]}"
+    upload_folder(s3_endpoint, bucket, "stories260K", STORIES)
+    return f"s3://{bucket}/stories260K"
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint):
+    """A proxy in front of the S3 server that records requests and injects faults."""
+    from tests.s3_server import RecordingProxy
+
+    proxy = RecordingProxy(s3_endpoint)
+    yield proxy
+    proxy.close()

@@ -13,6 +13,7 @@ import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from llmq.model_copies import local_copy
 from llmq.registry import Device, ModelSpec
 from llmq.tiny_model import ensure_tiny_model
 from workers.ragged import enable_ragged_attention
@@ -32,7 +33,10 @@ def detect_device(requested: str) -> Device:
 
 
 def resolve_source(spec: ModelSpec, data_dir: Path) -> str:
-    """A local directory or hub id for from_pretrained; builds the built-in model if needed."""
+    """A local directory or hub id for from_pretrained; builds the built-in model, or copies an
+    object-store model to this host, if needed."""
+    if spec.is_object_store:
+        return str(local_copy(spec.files, data_dir, spec.storage_options))
     local = spec.local_path(data_dir)
     if spec.is_builtin and local is not None:
         ensure_tiny_model(local)

@@ -2,6 +2,7 @@
 nothing else does."""
 
 import os
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ from llmq.fingerprint import (
 )
 from llmq.protocol import SamplingParams
 from llmq.registry import ModelSpec
+from tests.factories import free_port
 
 SPEC = ModelSpec(id="tiny", source="builtin:tiny-llama")
 QUEUE = "llmq.tiny.cpu"
@@ -113,3 +115,29 @@ def test_revision_in_models_yaml_names_the_weights(tmp_path):
 def test_hub_model_never_downloaded_has_no_revision(tmp_path):
     hub = ModelSpec(id="hub", source="nobody/never-downloaded")
     assert ModelRevisions(tmp_path, refresh_s=0).revision(hub) is None
+
+
+def test_object_store_model_revision_follows_its_objects(s3_model, s3_endpoint, tmp_path):
+    from tests.s3_server import s3_client
+
+    stored = ModelSpec(id="s3", source=s3_model, storage_options={"endpoint_url": s3_endpoint})
+    revisions = ModelRevisions(tmp_path, refresh_s=0, store_wait_s=30)
+    first = revisions.revision(stored)
+    assert first.startswith("objects:") and revisions.revision(stored) == first
+
+    bucket = s3_model.removeprefix("s3://").split("/")[0]
+    s3_client(s3_endpoint).put_object(
+        Bucket=bucket, Key="stories260K/model.safetensors", Body=b"other weights"
+    )
+    assert revisions.revision(stored) not in (None, first)
+    assert revisions.revision(stored.model_copy(update={"revision": "v2"})) == "rev:v2"
+
+
+def test_an_object_store_out_of_reach_holds_up_a_request_briefly(tmp_path):
+    away = {"endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    stored = ModelSpec(id="s3-away", source="s3://weights/m", storage_options=away)
+    revisions = ModelRevisions(tmp_path, refresh_s=0, store_wait_s=0.5)
+
+    started = time.monotonic()
+    assert revisions.revision(stored) is None, "not cached: its weights cannot be told"
+    assert time.monotonic() - started < 2
