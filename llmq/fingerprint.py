@@ -139,15 +139,26 @@ class ModelRevisions:
             self._known[spec.id] = (now, revision)
         return revision
 
+    def forget(self, model: str) -> None:
+        """Read the model's revision anew at its next request (its weights were reloaded)."""
+        with self._lock:
+            self._known.pop(model, None)
+
     def _read(self, spec: ModelSpec) -> str | None:
-        if spec.revision is not None:
-            return f"rev:{spec.revision}"
-        if spec.is_remote:
-            return None  # another server's weights may change unseen: only a revision vouches
-        local = spec.local_path(self.data_dir)
-        if local is not None:
-            return folder_revision(local)
-        return hub_revision(spec.source)
+        return read_revision(spec, self.data_dir)
+
+
+def read_revision(spec: ModelSpec, data_dir: Path) -> str | None:
+    """The model's revision as it is on disk now (None: it cannot be told, so not cached). A
+    worker reads it when it loads the model, and keeps only cache entries of that revision."""
+    if spec.revision is not None:
+        return f"rev:{spec.revision}"
+    if spec.is_remote:
+        return None  # another server's weights may change unseen: only a revision vouches
+    local = spec.local_path(data_dir)
+    if local is not None:
+        return folder_revision(local)
+    return hub_revision(spec.source)
 
 
 @lru_cache
