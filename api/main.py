@@ -37,6 +37,7 @@ from api.routes import (
     schemas,
     stats,
     streams,
+    workers,
 )
 from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
@@ -111,7 +112,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instrument_app(app)  # wraps even that: the request's span is current in every middleware
     for module in (health, metrics):  # probes and Prometheus stay open, as do the docs
         app.include_router(module.router, responses=ERROR_RESPONSES)
-    keyed = (jobs, streams, models, openai, schemas, files, batches, stats, evals, me, admin)
+    keyed = (
+        jobs,
+        streams,
+        models,
+        openai,
+        schemas,
+        files,
+        batches,
+        stats,
+        evals,
+        me,
+        admin,
+        workers,
+    )
     for module in keyed:  # every route of these needs an API key
         app.include_router(
             module.router, responses=ERROR_RESPONSES, dependencies=[Depends(authenticate)]

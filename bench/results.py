@@ -21,6 +21,7 @@ from bench.stack import bench_urls
 from db.admin import create_database, migrate
 from db.queries import jobs as job_queries
 from db.session import session_scope
+from llmq.price_book import get_price_book
 from workers.result_writer import ResultWriter, store_results
 
 WORKER = "bench-results@host"
@@ -68,7 +69,7 @@ def main() -> None:
     writer.start()
     systems = {
         "each thread, own transaction": lambda job_id: store_results(
-            database_url, WORKER, [(job_id, OUTCOME)]
+            database_url, WORKER, get_price_book().price, None, [(job_id, OUTCOME)]
         ),
         "result writer": lambda job_id: writer.store(job_id, OUTCOME),
     }

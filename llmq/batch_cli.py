@@ -10,20 +10,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from llmq.api_client import DEFAULT_URL, ApiKey, BaseUrl, api_client, checked
+
 batch_app = typer.Typer(help="The OpenAI-style Batch API of a running llmq.", no_args_is_help=True)
 console = Console()
 ENDED = ("completed", "failed", "expired", "cancelled")
-
-
-def _client(base_url: str, api_key: str | None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=300)
-
-
-def _checked(response: httpx.Response) -> dict:
-    if response.is_error:
-        raise typer.BadParameter(f"{response.status_code}: {response.text}")
-    return response.json()
 
 
 @batch_app.command("submit")
@@ -36,18 +27,18 @@ def submit(
     output: Annotated[
         Path | None, typer.Option(help="Where to write the output (default: <input>.out.jsonl)")
     ] = None,
-    base_url: Annotated[str, typer.Option(envvar="LLMQ_API_URL")] = "http://127.0.0.1:8000",
-    api_key: Annotated[str | None, typer.Option(envvar="LLMQ_API_KEY")] = None,
+    base_url: BaseUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Upload REQUESTS, start a batch, and with --wait follow it and download its results."""
-    with _client(base_url, api_key) as http:
+    with api_client(base_url, api_key) as http:
         with requests.open("rb") as handle:
-            uploaded = _checked(
+            uploaded = checked(
                 http.post(
                     "/v1/files", files={"file": (requests.name, handle)}, data={"purpose": "batch"}
                 )
             )
-        batch = _checked(
+        batch = checked(
             http.post(
                 "/v1/batches",
                 json={
@@ -86,7 +77,7 @@ def _follow(http: httpx.Client, batch_id: str) -> dict:
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("validating", total=None)
         while True:
-            batch = _checked(http.get(f"/v1/batches/{batch_id}"))
+            batch = checked(http.get(f"/v1/batches/{batch_id}"))
             counts = batch["request_counts"]
             progress.update(
                 task,

@@ -15,10 +15,12 @@ LlmqError
 ├── ApiKeyNotFound          404
 ├── ModelNotServed          404  the model is not in the registry
 ├── SchemaNotFound          404  no named schema of that name for this key
+├── WorkerNotFound          404  no live worker of that name answers
 ├── JobNotCancellable       409  the job already finished
 │   └── EvalRunNotCancellable 409  the evaluation run already ended
 ├── IdempotencyKeyReused    409  the key stored a request with other choices
 ├── SchemaNameTaken         409  the key has a named schema of that name already
+├── WorkerRefused           409  a worker refused a model command (a model it does not serve)
 ├── TooManyRequests         429  with Retry-After
 │   ├── RateLimited         429  the key's requests per minute are spent
 │   ├── TooManyConcurrentJobs 429  the key has its most jobs queued or running
@@ -137,6 +139,25 @@ class SchemaNameTaken(LlmqError):
     status_code = 409
     error_type = "conflict_error"
     code = "schema_name_taken"
+
+
+class WorkerNotFound(LlmqError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "worker_not_found"
+
+    def __init__(self, worker: str, live: list[str]) -> None:
+        names = ", ".join(live) or "none"
+        super().__init__(
+            f"no live worker named {worker!r} answered; live workers: {names} "
+            "(GET /v1/admin/workers lists them)"
+        )
+
+
+class WorkerRefused(LlmqError):
+    status_code = 409
+    error_type = "conflict_error"
+    code = "worker_refused"
 
 
 class EvalRunNotFound(LlmqError):

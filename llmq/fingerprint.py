@@ -155,17 +155,15 @@ class ModelRevisions:
             self._known[spec.id] = (now, revision)
         return revision
 
+    def forget(self, model: str) -> None:
+        """Read the model's revision anew at its next request (its weights were reloaded)."""
+        with self._lock:
+            self._known.pop(model, None)
+
     def _read(self, spec: ModelSpec) -> str | None:
-        if spec.revision is not None:
-            return f"rev:{spec.revision}"
-        if spec.is_remote:
-            return None  # another server's weights may change unseen: only a revision vouches
-        if spec.is_object_store:
-            return self._listed_revision(spec)
-        local = spec.local_path(self.data_dir)
-        if local is not None:
-            return folder_revision(local)
-        return hub_revision(spec.source)
+        if spec.revision is None and spec.is_object_store:
+            return self._listed_revision(spec)  # off the request's thread: see STORE_WAIT_S
+        return read_revision(spec, self.data_dir)
 
     def _listed_revision(self, spec: ModelSpec) -> str | None:
         """From a listing in a daemon thread, one at a time per model; None when it takes
@@ -185,6 +183,21 @@ class ModelRevisions:
 
 def _list_into(listing: Future, spec: ModelSpec) -> None:
     listing.set_result(store_revision(spec.files, spec.storage_options))  # never raises
+
+
+def read_revision(spec: ModelSpec, data_dir: Path) -> str | None:
+    """The model's revision as it is now (None: it cannot be told, so not cached). A worker
+    reads it when it loads the model, and keeps only cache entries of that revision."""
+    if spec.revision is not None:
+        return f"rev:{spec.revision}"
+    if spec.is_remote:
+        return None  # another server's weights may change unseen: only a revision vouches
+    if spec.is_object_store:
+        return store_revision(spec.files, spec.storage_options)
+    local = spec.local_path(data_dir)
+    if local is not None:
+        return folder_revision(local)
+    return hub_revision(spec.source)
 
 
 @lru_cache

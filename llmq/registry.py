@@ -201,6 +201,13 @@ class ModelSpec(BaseModel):
         return f"llmq.{self.id}.{device}"
 
 
+def queue_model(queue: str) -> str | None:
+    """The model id of a queue named by ModelSpec.queue; None for any other name."""
+    if not queue.startswith("llmq.") or queue.count(".") < 2:
+        return None
+    return queue.removeprefix("llmq.").rsplit(".", 1)[0]
+
+
 class Registry(BaseModel):
     models: list[ModelSpec]
 

@@ -46,8 +46,15 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
-    # Worker identity: one worker process serves one model on one device.
+    # Worker identity: the model a worker serves on its device, or several (a JSON list in
+    # LLMQ_WORKER_MODELS: `llmq worker --model a --model b`), of which at most
+    # worker_max_loaded_models are loaded at once (0: all), the least recently used evicted.
+    # A message for a model that cannot be loaded within worker_model_wait_s goes back to the
+    # queue for another worker.
     worker_model: str = "stories260K"
+    worker_models: list[str] = Field(default_factory=list)
+    worker_max_loaded_models: int = Field(default=0, ge=0)
+    worker_model_wait_s: float = Field(default=2.0, ge=0)
     worker_device: Literal["auto", "cpu", "cuda", "mps", "remote"] = "auto"  # remote: source remote
     # Where each worker serves its Prometheus metrics; 0 turns the endpoint off. Workers that
     # share a host need a port each (`llmq worker --metrics-port`).

@@ -1,39 +1,44 @@
-"""The Celery app of the workers. The model is loaded once per worker process, at start-up."""
+"""The Celery app of the workers. The models a worker serves are set at start-up; which of them
+are loaded changes as jobs come (workers/model_pool.py) and as the operator asks
+(workers/control.py)."""
 
 import os
 import sys
+import time
 
 import structlog
 from celery import Celery
 from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from llmq.logs import configure_logging
-from llmq.registry import get_registry
-from llmq.settings import get_settings
+from llmq.registry import ModelSpec, get_registry
+from llmq.settings import Settings, get_settings
 from llmq.tracing import configure_tracing
 from workers import broker_transport
 from workers.draining import DrainingHeart
+from workers.model_pool import ModelPool, ModelUnavailable
 
 log = structlog.get_logger(__name__)
 
 broker_transport.install()
-app = Celery("llmq", include=["workers.tasks"])
+app = Celery("llmq", include=["workers.tasks", "workers.control"])
 app.config_from_object("celeryconfig")
 
-_runtime = None
+_pool: ModelPool | None = None
 _draining: DrainingHeart | None = None
+STARTED_AT = time.time()
 
 
-def get_runtime():  # -> workers.runtime.WorkerRuntime
-    if _runtime is None:
-        raise RuntimeError("this worker process has no model loaded")
-    return _runtime
+def get_pool() -> ModelPool:
+    if _pool is None:
+        raise RuntimeError("this worker process serves no models")
+    return _pool
 
 
 @worker_init.connect
-def load_model(sender=None, **_kwargs) -> None:
+def load_models(sender=None, **_kwargs) -> None:
     """Runs before the worker consumes: with the threads pool this is the one process."""
-    global _runtime
+    global _pool
     from workers.metrics import serve_metrics  # kept out of Flower, which imports this app
 
     settings = get_settings()
@@ -44,15 +49,21 @@ def load_model(sender=None, **_kwargs) -> None:
     worker_name = getattr(sender, "hostname", "worker")
     try:
         serve_metrics(settings)
-        spec = get_registry().get(settings.worker_model)
-        if spec is not None and spec.is_remote:
-            from workers.remote.runtime import RemoteRuntime  # no torch: no weights here
-
-            _runtime = RemoteRuntime.start(settings, spec, worker_name)
-        else:
-            from workers.runtime import WorkerRuntime  # torch is imported by model workers only
-
-            _runtime = WorkerRuntime.start(settings, worker_name)
+        specs = served_specs(settings)
+        _pool = ModelPool(
+            specs,
+            max_loaded=settings.worker_max_loaded_models or len(specs),
+            start_runtime=_runtime_starter(settings, specs, worker_name),
+            wait_s=settings.worker_model_wait_s,
+        )
+        # The first models are loaded before the worker consumes, so the first jobs do not wait.
+        for model in list(specs)[: _pool.max_loaded]:
+            try:
+                _pool.load(model)
+            except ModelUnavailable:
+                if len(specs) == 1:
+                    raise
+                log.error("model not loaded at start; its jobs will try again", model=model)
     except Exception:
         # Celery logs a failing signal handler and consumes all the same: every job taken would
         # then fail. Exit before the first message instead, so a supervisor restarts the worker
@@ -63,10 +74,37 @@ def load_model(sender=None, **_kwargs) -> None:
         os._exit(3)
 
 
+def served_specs(settings: Settings) -> dict[str, ModelSpec]:
+    """The models this worker serves (LLMQ_WORKER_MODELS, else LLMQ_WORKER_MODEL), checked."""
+    registry = get_registry()
+    specs: dict[str, ModelSpec] = {}
+    for model in settings.worker_models or [settings.worker_model]:
+        spec = registry.get(model)
+        if spec is None:
+            raise RuntimeError(f"model {model!r} is not in {settings.models_file}")
+        specs[spec.id] = spec
+    if len(specs) > 1 and any(spec.is_remote for spec in specs.values()):
+        raise RuntimeError("a remote model's worker serves that model alone")
+    return specs
+
+
+def _runtime_starter(settings: Settings, specs: dict[str, ModelSpec], worker_name: str):
+    """How this worker starts a model's runtime: a remote model's (no torch) or a local one's."""
+    if any(spec.is_remote for spec in specs.values()):
+        from workers.remote.runtime import RemoteRuntime  # no torch: no weights here
+
+        return lambda spec: RemoteRuntime.start(settings, spec, worker_name)
+    from workers.host import detect_device  # torch is imported by model workers only
+    from workers.runtime import WorkerRuntime
+
+    device = detect_device(settings.worker_device)
+    return lambda spec: WorkerRuntime.start(settings, spec, device, worker_name)
+
+
 @worker_shutdown.connect
-def release_model(**_kwargs) -> None:
-    if _runtime is not None:
-        _runtime.stop()
+def release_models(**_kwargs) -> None:
+    if _pool is not None:
+        _pool.stop()
 
 
 @worker_shutting_down.connect

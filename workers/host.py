@@ -66,6 +66,7 @@ class ModelFacts:
     dtype: str  # "float32"
     revision: str  # the hub commit of a hub model; "local" for a local folder
     load_seconds: float
+    memory_bytes: int = 0  # the weights' (parameters and buffers) on the model's device
 
 
 @dataclass
@@ -133,6 +134,10 @@ class ModelHost:
             # The hub commit for a hub model; a local folder has none.
             revision=getattr(self.model.config, "_commit_hash", None) or "local",
             load_seconds=self.load_seconds,
+            memory_bytes=sum(
+                tensor.numel() * tensor.element_size()
+                for tensor in (*self.model.parameters(), *self.model.buffers())
+            ),
         )
 
     def encode(self, prompt: str) -> list[int]:

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -89,9 +90,23 @@ MODEL_LOAD = Gauge(
 )
 MODEL_INFO = Gauge(
     "llmq_model_info",
-    "The model this worker serves (always 1)",
+    "A model this worker has loaded (always 1)",
     ["model", "queue", "device", "dtype", "revision"],
 )
+MODEL_MEMORY = Gauge(
+    "llmq_model_memory_bytes",
+    "Bytes of a loaded model's weights on its device",
+    ["model", "device"],
+)
+MODEL_LOADS = Counter("llmq_model_loads_total", "Models this worker loaded", ["model"])
+MODEL_EVICTIONS = Counter(
+    "llmq_model_evictions_total",
+    "Models this worker unloaded to make room for another (least recently used first)",
+    ["model"],
+)
+MODELS_LOADED = Gauge("llmq_models_loaded", "Models this worker holds loaded now")
+# The llmq_model_info labels of each loaded (model, device), to remove them when it unloads.
+_model_info: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def serve_metrics(settings: Settings) -> None:
@@ -118,7 +133,30 @@ def serve_metrics(settings: Settings) -> None:
 def model_loaded(spec: "ModelSpec", device: str, facts: "ModelFacts") -> None:
     """The facts come from the process that loaded the model: this one, or its engine process."""
     MODEL_LOAD.labels(spec.id, device).set(facts.load_seconds)
-    MODEL_INFO.labels(spec.id, spec.queue(device), device, facts.dtype, facts.revision).set(1)
+    info = (spec.id, spec.queue(device), device, facts.dtype, facts.revision)
+    MODEL_INFO.labels(*info).set(1)
+    _model_info[(spec.id, device)] = info
+    MODEL_MEMORY.labels(spec.id, device).set(facts.memory_bytes)
+    MODEL_LOADS.labels(spec.id).inc()
+
+
+def model_unloaded(spec: "ModelSpec", device: str, engine: "EngineMetrics") -> None:
+    """A model's gauges leave with it; its counters and histograms stay, as Prometheus wants."""
+    for gauge, labels in ((MODEL_LOAD, (spec.id, device)), (MODEL_MEMORY, (spec.id, device))):
+        with suppress(KeyError):
+            gauge.remove(*labels)
+    info = _model_info.pop((spec.id, device), None)
+    if info is not None:
+        MODEL_INFO.remove(*info)
+    engine.close()
+
+
+def model_evicted(model: str) -> None:
+    MODEL_EVICTIONS.labels(model).inc()
+
+
+def models_loaded(count: int) -> None:
+    MODELS_LOADED.set(count)
 
 
 class EngineObserver(Protocol):
@@ -139,12 +177,17 @@ class EngineMetrics:
     def __init__(
         self, model: str, queue: str, active_job_ids: Callable[[], Collection[uuid.UUID]]
     ) -> None:
-        labels = (model, queue)
+        labels = self._labels = (model, queue)
         self._batch_size = BATCH_SIZE.labels(*labels)
         self._decode_steps = DECODE_STEPS.labels(*labels)
         self._passes = {kind: FORWARD_PASS.labels(*labels, kind) for kind in PASS_KINDS}
         # Read when scraped, so the decode loop pays nothing for it.
         ACTIVE_SEQUENCES.labels(*labels).set_function(lambda: len(active_job_ids()))
+
+    def close(self) -> None:
+        """The engine is gone: its sequences gauge must not read it any more."""
+        with suppress(KeyError):
+            ACTIVE_SEQUENCES.remove(*self._labels)
 
     def decode_step(self, batch_size: int) -> None:
         self._batch_size.observe(batch_size)

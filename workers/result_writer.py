@@ -27,10 +27,14 @@ class Stored:
 
 class ResultWriter(GroupCommit[Result, "Stored | None"]):
     def __init__(
-        self, database_url: str, worker_name: str, price_of: job_queries.PriceOf | None = None
+        self,
+        database_url: str,
+        worker_name: str,
+        price_of: job_queries.PriceOf | None = None,
+        revision: str | None = None,  # of the loaded weights: cache entries of others are not kept
     ) -> None:
         price_of = price_of or get_price_book().price
-        write = partial(store_results, database_url, worker_name, price_of)
+        write = partial(store_results, database_url, worker_name, price_of, revision)
         super().__init__("llmq-results", write)
 
     def store(self, job_id: uuid.UUID, outcome: job_queries.Outcome) -> Stored | None:
@@ -48,7 +52,11 @@ class ResultWriter(GroupCommit[Result, "Stored | None"]):
 
 @db_retry
 def store_results(
-    database_url: str, worker_name: str, price_of: job_queries.PriceOf, results: list[Result]
+    database_url: str,
+    worker_name: str,
+    price_of: job_queries.PriceOf,
+    revision: str | None,
+    results: list[Result],
 ) -> list[Stored | None]:
     """The jobs' results, cache entries and followers' results in one transaction; None for a
     job that was not this worker's to complete."""
@@ -62,7 +70,7 @@ def store_results(
             elif job.cache_key is None:  # only a job with a cache key can have followers
                 stored.append(Stored(job, []))
             else:
-                cache_queries.store_entry(session, job, outcome)
+                cache_queries.store_entry(session, job, outcome, produced_by=revision)
                 followers = cache_queries.complete_followers(
                     session, job, outcome, price_of=price_of
                 )

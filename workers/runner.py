@@ -31,6 +31,7 @@ from workers import metrics as worker_metrics
 from workers.claimer import JobClaimer
 from workers.db_retry import db_retry
 from workers.engine_jobs import (
+    EngineStopped,
     GenerationOutput,
     GenerationRequest,
     JobFailed,
@@ -69,13 +70,14 @@ class JobRunner:
         self.claims.stop()
         self.results.stop()
 
-    def run(self, job_id: uuid.UUID) -> None:
-        self.run_group([job_id])
+    def run(self, job_id: uuid.UUID) -> int:
+        return self.run_group([job_id])
 
-    def run_group(self, job_ids: list[uuid.UUID]) -> None:
+    def run_group(self, job_ids: list[uuid.UUID]) -> int:
         """Run jobs delivered in one message: claimed together, handed to the engine together,
-        each stored and announced as soon as it finishes. Every job has ended (stored, failed
-        or skipped) when this returns and the message is acknowledged."""
+        each stored and announced as soon as it finishes. Every job has ended (stored, failed,
+        skipped, or handed back to the queue when its model was unloaded under it) when this
+        returns; returns how many were handed back (their message must go back to the queue)."""
         traced = tracing.enabled()
         claim_started_ns = time.time_ns() if traced else 0
         claimed = self.claims.claim_all(job_ids)
@@ -86,6 +88,7 @@ class JobRunner:
             filter(None, (self._start(job, claim_started_ns, claimed_ns) for job in claimed))
         )
         storing: dict[Future, tuple[_Running, GenerationOutput]] = {}
+        handed_back: list[uuid.UUID] = []
         while running or storing:
             deadline = min((r.wait_until for r in running.values()), default=None)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -93,6 +96,11 @@ class JobRunner:
             for future in done:
                 if future in running:
                     job = running.pop(future)
+                    if isinstance(future.exception(), EngineStopped):
+                        handed_back.append(job.job_id)
+                        if job.trace is not None:
+                            job.trace.end("handed back: its model was unloaded")
+                        continue
                     output = self._ended(job, future)
                     if job.trace is not None:
                         job.trace.ended(output, future)
@@ -107,6 +115,19 @@ class JobRunner:
                 if time.monotonic() >= job.wait_until:  # the engine stopped stepping
                     del running[future]
                     self._stalled(job)
+        return len(self._hand_back(handed_back))
+
+    @db_retry
+    def _hand_back(self, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+        """Jobs whose engine stopped under them (their model was unloaded) go back to queued,
+        untouched: not failed, so another run (here or on another worker) gives their result."""
+        if not job_ids:
+            return []
+        with session_scope(self.database_url) as session:
+            released = job_queries.hand_back(session, job_ids, self.worker_name)
+        for job_id in released:
+            log.info("job handed back to the queue: its model was unloaded", job_id=str(job_id))
+        return released
 
     def _start(
         self, job, claim_started_ns: int = 0, claimed_ns: int = 0

@@ -1,5 +1,6 @@
-"""What a worker process holds for its life: the engine (in its own process, or in a thread of
-this one: LLMQ_ENGINE_PROCESS), the tokenizer or model host, and the engine's helpers."""
+"""What a worker process holds for each model it has loaded: the engine (in its own process, or
+in a thread of this one: LLMQ_ENGINE_PROCESS), the tokenizer or model host, and the engine's
+helpers. workers/model_pool.py decides which models are loaded."""
 
 import time
 import uuid
@@ -8,15 +9,16 @@ from typing import Any
 
 import structlog
 
+from llmq.fingerprint import read_revision
 from llmq.protocol import SamplingParams
 from llmq.publisher import TokenPublisher
-from llmq.registry import Device, ModelSpec, get_registry
+from llmq.registry import Device, ModelSpec
 from llmq.settings import Settings
 from workers import metrics as worker_metrics
 from workers.cancellation import CancellationWatcher
 from workers.engine import GenerationEngine, GenerationRequest
 from workers.engine_process import EngineConfig, EngineProcess
-from workers.host import ModelHost, TokenizerHost, detect_device
+from workers.host import ModelFacts, ModelHost, TokenizerHost
 from workers.result_writer import ResultWriter
 from workers.runner import JobRunner
 from workers.score_runner import ScoreRunner
@@ -31,21 +33,20 @@ class WorkerRuntime:
     watcher: CancellationWatcher
     runner: JobRunner
     score_runner: ScoreRunner
+    facts: ModelFacts
 
     @classmethod
-    def start(cls, settings: Settings, worker_name: str) -> "WorkerRuntime":
-        spec = get_registry().get(settings.worker_model)
-        if spec is None:
-            raise RuntimeError(
-                f"LLMQ_WORKER_MODEL={settings.worker_model!r} is not in {settings.models_file}"
-            )
-        device = detect_device(settings.worker_device)
+    def start(
+        cls, settings: Settings, spec: ModelSpec, device: Device, worker_name: str
+    ) -> "WorkerRuntime":
         publisher = TokenPublisher(settings.redis_url)
-        host, engine = _start_engine(settings, spec, device, publisher)
+        host, engine, facts = _start_engine(settings, spec, device, publisher)
         _warm_up(engine, host)
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
-        results = ResultWriter(settings.database_url, worker_name)
+        # Cache entries are kept only for the weights loaded here (llmq/fingerprint.py).
+        revision = read_revision(spec, settings.data_dir)
+        results = ResultWriter(settings.database_url, worker_name, revision=revision)
         results.start()
         # Both take either engine and either host: they use the surface the two share.
         runner = JobRunner(
@@ -60,18 +61,27 @@ class WorkerRuntime:
         score_runner = ScoreRunner(
             engine, host, settings.database_url, worker_name, settings.job_time_limit_s
         )
-        return cls(host, engine, watcher, runner, score_runner)
+        return cls(host, engine, watcher, runner, score_runner, facts)
 
     def stop(self) -> None:
         self.watcher.stop()
         self.engine.stop()
         self.runner.stop()
         self.runner.publisher.close()
+        worker_metrics.model_unloaded(self.host.spec, self.host.device, self.engine.metrics)
+
+    def hand_back(self) -> None:
+        """Stop the engine under its running jobs: their runners put them back to queued and
+        their messages back on the queue (a forced unload)."""
+        self.engine.stop()
+
+    def memory_bytes(self) -> int:
+        return self.facts.memory_bytes
 
 
 def _start_engine(
     settings: Settings, spec: ModelSpec, device: Device, publisher: TokenPublisher
-) -> tuple[ModelHost | TokenizerHost, GenerationEngine | EngineProcess]:
+) -> tuple[ModelHost | TokenizerHost, GenerationEngine | EngineProcess, ModelFacts]:
     """The engine, in its own process (which loads the model before this worker consumes
     anything) or in a thread of this one; and what this process needs of the model."""
     if settings.engine_process:
@@ -94,7 +104,7 @@ def _start_engine(
         engine = GenerationEngine(host, **engine_options(spec), on_tokens=publisher.publish_tokens)
         engine.start()
     worker_metrics.model_loaded(spec, device, facts)
-    return host, engine
+    return host, engine, facts
 
 
 def engine_options(spec: ModelSpec) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from db.tables import ScoreResult
 from llmq.price_book import get_price_book
 from llmq.protocol import ErrorCategory, ScoreInput, ScoreParams
 from workers.db_retry import db_retry
-from workers.engine_jobs import JobFailed, ScoreOutput, ScoreRequest, ScoreTimeout
+from workers.engine_jobs import EngineStopped, JobFailed, ScoreOutput, ScoreRequest, ScoreTimeout
 from workers.pairs import PairEncoder
 from workers.runner import STALL_GRACE_S
 
@@ -54,12 +54,13 @@ class ScoreRunner:
     def __post_init__(self) -> None:
         self.encoder = PairEncoder(self.host.tokenizer)
 
-    def run(self, job_id: uuid.UUID) -> None:
-        self.run_group([job_id])
+    def run(self, job_id: uuid.UUID) -> int:
+        return self.run_group([job_id])
 
-    def run_group(self, job_ids: list[uuid.UUID]) -> None:
-        """Every job of the group ends stored, failed or skipped before this returns (and the
-        message is acknowledged)."""
+    def run_group(self, job_ids: list[uuid.UUID]) -> int:
+        """Every job of the group ends stored, failed, skipped or handed back to the queue (its
+        model was unloaded under it) before this returns; returns how many were handed back
+        (their message must go back to the queue)."""
         claimed = self._claim(job_ids)
         skipped = set(job_ids) - {job.id for job in claimed}
         for job_id in skipped:
@@ -71,6 +72,13 @@ class ScoreRunner:
         outputs = [(s, output) for s in scoring if (output := self._wait(s)) is not None]
         if outputs:
             self._store(outputs)
+        stopped = [s.job_id for s in scoring if _engine_stopped(s.future)]
+        return len(self._hand_back(stopped)) if stopped else 0
+
+    @db_retry
+    def _hand_back(self, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+        with session_scope(self.database_url) as session:
+            return job_queries.hand_back(session, job_ids, self.worker_name)
 
     def _submit(self, job) -> _Scoring | None:  # job: db.tables.Job
         timeout_s = job.timeout_s or self.job_timeout_s
@@ -91,6 +99,8 @@ class ScoreRunner:
         """The job's output, or None once its failure is stored."""
         try:
             return scoring.future.result(timeout=max(0.0, scoring.wait_until - time.monotonic()))
+        except EngineStopped:
+            return None  # its model was unloaded under it: handed back (run_group)
         except (ScoreTimeout, FutureTimeout) as exc:
             message = str(exc) or "no result within the deadline"
             self._fail(scoring.job_id, ErrorCategory.TIMEOUT, message)
@@ -159,3 +169,7 @@ class ScoreRunner:
     def _fail(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:
         with session_scope(self.database_url) as session:
             job_queries.fail_job(session, job_id, self.worker_name, category.value, message)
+
+
+def _engine_stopped(future: Future) -> bool:
+    return future.done() and isinstance(future.exception(), EngineStopped)

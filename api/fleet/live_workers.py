@@ -1,11 +1,13 @@
-"""Which workers and queues are alive: the consumed queues polled from Celery's broadcast in the
-background, and each worker's liveness from its heartbeats (api/fleet/heartbeats.py)."""
+"""Which workers and queues are alive: the consumed queues and each worker's loaded models polled
+from Celery's broadcasts in the background, and each worker's liveness from its heartbeats
+(api/fleet/heartbeats.py)."""
 
 import time
 from collections import Counter
 
 from celery import Celery
 
+from api.fleet.control import worker_reports
 from api.fleet.heartbeats import WorkerHeartbeats
 from llmq.periodic import PeriodicTask
 
@@ -20,6 +22,9 @@ class LiveQueues:
         self.queues: set[str] = set()
         # How many workers consume each queue, for the live-workers gauge.
         self.consumers: Counter[str] = Counter()
+        self.worker_queues: dict[str, set[str]] = {}
+        # The models each worker has loaded now (a worker may serve more than it holds).
+        self.loaded: dict[str, set[str]] = {}
         self.updated_at = 0.0
         self.heartbeats = WorkerHeartbeats(app)
         self._poller = PeriodicTask("llmq-live-queues", interval_s, self.refresh, at_start=True)
@@ -36,7 +41,13 @@ class LiveQueues:
         replies = self.app.control.inspect(timeout=self.reply_timeout_s).active_queues() or {}
         self.queues = {q["name"] for queues in replies.values() for q in queues}
         self.consumers = Counter(q["name"] for queues in replies.values() for q in queues)
+        self.worker_queues = {w: {q["name"] for q in queues} for w, queues in replies.items()}
         self.heartbeats.heard(set(replies))
+        reports = worker_reports(self.app, self.reply_timeout_s, len(replies)) if replies else {}
+        self.loaded = {
+            worker: {m["model"] for m in report["models"] if m["state"] == "loaded"}
+            for worker, report in reports.items()
+        }
         self.updated_at = time.time()
         return self.queues
 

@@ -483,6 +483,14 @@ class ModelPublic(BaseModel):
     max_batch_size: int
     live: bool = Field(description="True when at least one worker consumes one of its queues")
     live_queues: list[str]
+    workers: list[str] = Field(
+        default_factory=list, description="The live workers that consume one of its queues"
+    )
+    loaded_on: list[str] = Field(
+        default_factory=list,
+        description="Those of them that have it loaded now (a worker of several models loads "
+        "them as their jobs come)",
+    )
     circuit_breaker: str | None = Field(
         default=None,
         description="A remote model's upstream breaker: closed, half-open or open (None: local)",

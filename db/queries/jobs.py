@@ -317,6 +317,26 @@ def release_jobs(session: Session, job_ids: set[str]) -> int:
     return len(released)
 
 
+def hand_back(session: Session, job_ids: list[uuid.UUID], worker: str) -> list[uuid.UUID]:
+    """Put this worker's running jobs back to queued: its model was unloaded under them (a
+    forced unload), and their message goes back to the queue at once, so they count as sent
+    now (the reconciler re-sends them only if that message is lost)."""
+    if not job_ids:
+        return []
+    return list(
+        session.scalars(
+            update(Job)
+            .where(
+                Job.id.in_(job_ids),
+                Job.status == JobStatus.RUNNING.value,
+                Job.worker == worker,
+            )
+            .values(status=JobStatus.QUEUED.value, worker=None, enqueued_at=func.now())
+            .returning(Job.id)
+        )
+    )
+
+
 def release_jobs_of(
     session: Session, workers: set[str], max_attempts: int
 ) -> tuple[int, list[str]]:

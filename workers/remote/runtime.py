@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import structlog
 from redis import Redis
 
+from llmq.fingerprint import read_revision
 from llmq.protocol import ErrorCategory, SamplingParams
 from llmq.publisher import TokenPublisher
 from llmq.registry import Device, ModelSpec
@@ -92,8 +93,9 @@ class ScoreRefusal:
     def run(self, job_id: uuid.UUID) -> None:
         self.runner.refuse_group([job_id])
 
-    def run_group(self, job_ids: list[uuid.UUID]) -> None:
+    def run_group(self, job_ids: list[uuid.UUID]) -> int:
         self.runner.refuse_group(job_ids)
+        return 0
 
 
 @dataclass
@@ -112,7 +114,8 @@ class RemoteRuntime:
         engine.start()
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
-        results = ResultWriter(settings.database_url, worker_name)
+        revision = read_revision(spec, settings.data_dir)  # only a `revision:` vouches upstream
+        results = ResultWriter(settings.database_url, worker_name, revision=revision)
         results.start()
         runner = RemoteJobRunner(
             engine,  # type: ignore[arg-type]
@@ -140,3 +143,10 @@ class RemoteRuntime:
         self.engine.stop()
         self.runner.stop()
         self.runner.publisher.close()
+
+    def hand_back(self) -> None:
+        """Nothing to free in a hurry: a remote model holds no weights, so even a forced unload
+        lets its requests in flight finish."""
+
+    def memory_bytes(self) -> int:
+        return 0  # the weights live upstream
