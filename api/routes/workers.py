@@ -29,6 +29,9 @@ Wait = Annotated[
 ]
 Action = Literal["load", "unload", "reload"]
 POLL_S = 0.25
+# A worker loading a model on a busy host may take more than a second to answer; each poll
+# returns as soon as every worker asked has answered.
+REPORT_TIMEOUT_S = 2.0
 
 
 @router.get("/workers", response_model=WorkersPublic)
@@ -171,7 +174,9 @@ def _outcome(
 
 async def _reports(live, workers: list[str] | None = None) -> dict[str, dict]:
     expected = len(workers) if workers else len(live.worker_queues) or None
-    return await anyio.to_thread.run_sync(lambda: worker_reports(live.app, 1.0, expected, workers))
+    return await anyio.to_thread.run_sync(
+        lambda: worker_reports(live.app, REPORT_TIMEOUT_S, expected, workers)
+    )
 
 
 def _model_of(report: dict, model: str) -> dict | None:

@@ -137,9 +137,15 @@ def wait_all(api, ids: list[str], timeout: float = 240) -> dict[str, dict]:
     return done
 
 
-def worker_report(api, name: str) -> dict:
-    workers = {w["name"]: w for w in api.get("/v1/admin/workers").json()["data"]}
-    return workers[name]
+def worker_report(api, name: str, timeout: float = 15) -> dict:
+    """The worker's report; a busy worker (one loading a model on a loaded machine) may miss
+    a broadcast's second."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = {w["name"]: w for w in api.get("/v1/admin/workers").json()["data"]}
+        if name in workers:
+            return workers[name]
+        assert time.monotonic() < deadline, f"{name} did not answer; live: {sorted(workers)}"
 
 
 def worker_name(api, process: subprocess.Popen) -> str:
