@@ -10,20 +10,22 @@ STORIES = ROOT / "models" / "stories260K"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def ensure_llama_25m(path: Path) -> Path:
+LLAMA_25M_SHAPE = {
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "initializer_range": 0.02,
+}
+
+
+def ensure_llama_25m(path: Path, seed: int = 25) -> Path:
     """A seeded random Llama of about 25M parameters (compute-bound on a CPU) with the tiny
     byte-level tokenizer, written with save_pretrained like any real model."""
     from llmq.tiny_model import ensure_tiny_model
 
-    shape = {
-        "hidden_size": 512,
-        "intermediate_size": 1376,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-        "initializer_range": 0.02,
-    }
-    return ensure_tiny_model(path, seed=25, **shape)
+    return ensure_tiny_model(path, seed=seed, **LLAMA_25M_SHAPE)
 
 
 def benchmark_models(

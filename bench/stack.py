@@ -39,9 +39,13 @@ def stack_env(workdir: Path, models: list[dict], database_url: str, redis_url: s
     }
 
 
-def start_worker(model: str, env: dict, workdir: Path) -> subprocess.Popen:
+def start_worker(models: str | list[str], env: dict, workdir: Path) -> subprocess.Popen:
+    """A worker of one model, or of several (a list, optionally ending in worker options such
+    as "--max-loaded-models=1")."""
     log = open(workdir / "workers.log", "ab")  # noqa: SIM115
-    command = [sys.executable, "-m", "llmq.cli", "worker", "--model", model, "--device", "cpu"]
+    command = [sys.executable, "-m", "llmq.cli", "worker", "--device", "cpu"]
+    for model in [models] if isinstance(models, str) else models:
+        command += [model] if model.startswith("--") else ["--model", model]
     return subprocess.Popen(
         [*command, "--loglevel", "WARNING"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
@@ -51,7 +55,7 @@ def start_worker(model: str, env: dict, workdir: Path) -> subprocess.Popen:
 def llmq_stack(
     models: list[dict],
     workdir: Path,
-    worker_models: list[str],
+    worker_models: list[str | list[str]],
     port: int = 8765,
     redis_url: str | None = None,
     database: str = "llmq_bench",
@@ -59,7 +63,8 @@ def llmq_stack(
     api_log: Path | None = None,
     **settings: str,
 ):
-    """Yields the API base URL and the processes once every named worker consumes its queue.
+    """Yields the API base URL and the processes once every named worker consumes its queue
+    (an entry of `worker_models` that is a list: one worker of those models, see start_worker).
 
     `redis_url` replaces the benchmark's Redis database and `database` its Postgres database
     (both are emptied first), so that two benchmarks can run at once; `database_url` names a
@@ -88,7 +93,9 @@ def llmq_stack(
     processes += [start_worker(model, env, workdir) for model in worker_models]
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_workers(base, worker_models, processes, env.get("LLMQ_BOOTSTRAP_ADMIN_KEY"))
+        served = [m for w in worker_models for m in ([w] if isinstance(w, str) else w)]
+        served = [m for m in served if not m.startswith("--")]
+        _wait_for_workers(base, served, processes, env.get("LLMQ_BOOTSTRAP_ADMIN_KEY"))
         yield base, processes
     finally:
         for process in processes:

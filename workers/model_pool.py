@@ -110,7 +110,7 @@ class ModelPool:
 
     def _wait_until_loaded(self, slot: _Slot, deadline: float) -> bool:
         """Load the model (making room) or wait while it loads or drains; False at the
-        deadline. Called with the lock held."""
+        deadline (unless it is loading). Called with the lock held."""
         self._waiting += 1
         try:
             while True:
@@ -126,9 +126,10 @@ class ModelPool:
                     continue
                 self._evict_idle_drained()
                 remaining = deadline - self.clock()
-                if remaining <= 0:
+                # A model that is loading will serve soon: its jobs wait for it.
+                if remaining <= 0 and slot.state is not ModelState.LOADING:
                     return False
-                self._cond.wait(min(remaining, 0.5))
+                self._cond.wait(min(max(remaining, 0.05), 0.5))
         finally:
             self._waiting -= 1
             if self._waiting == 0:

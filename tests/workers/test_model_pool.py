@@ -176,3 +176,15 @@ def test_a_model_the_worker_does_not_serve_is_refused():
     with pytest.raises(ModelUnavailable, match="does not serve 'z'"):
         with pool.lease("z"):
             pass
+
+
+def test_a_lease_waits_past_its_wait_for_a_model_that_is_loading():
+    starter = Starter(delay_s=0.6)
+    pool = pool_of("a", 1, starter, wait_s=0.1)
+    loading = threading.Thread(target=pool.load, args=("a",))
+    loading.start()
+    time.sleep(0.1)
+    with pool.lease("a") as runtime:  # its model loads: it waits for it, not for wait_s only
+        assert runtime is not None
+    loading.join(5)
+    assert starter.loads == ["a"]
