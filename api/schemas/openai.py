@@ -314,7 +314,11 @@ class ChatCompletionRequest(ToolFields, _SamplingFields):
         STREAM_OPTIONS_RULE,
         requires("top_logprobs", {"type": "integer"}, needs_true("logprobs")),
         # llmq generates a forced tool's call; it cannot let the model decide ("auto").
-        requires("tools", {"type": "array", "minItems": 1}, {"required": ["tool_choice"]}),
+        requires(
+            "tools",
+            {"type": "array", "minItems": 1},
+            {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"type": "null"}}}},
+        ),
         requires(
             "tool_choice",
             {"not": {"const": "none"}},
