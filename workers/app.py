@@ -50,10 +50,11 @@ def load_models(sender=None, **_kwargs) -> None:
     try:
         serve_metrics(settings)
         specs = served_specs(settings)
+        max_loaded = min(settings.worker_max_loaded_models or len(specs), len(specs))
         _pool = ModelPool(
             specs,
-            max_loaded=settings.worker_max_loaded_models or len(specs),
-            start_runtime=_runtime_starter(settings, specs, worker_name),
+            max_loaded=max_loaded,
+            start_runtime=_runtime_starter(settings, specs, worker_name, max_loaded < len(specs)),
             wait_s=settings.worker_model_wait_s,
         )
         # The first models are loaded before the worker consumes, so the first jobs do not wait.
@@ -88,8 +89,11 @@ def served_specs(settings: Settings) -> dict[str, ModelSpec]:
     return specs
 
 
-def _runtime_starter(settings: Settings, specs: dict[str, ModelSpec], worker_name: str):
-    """How this worker starts a model's runtime: a remote model's (no torch) or a local one's."""
+def _runtime_starter(
+    settings: Settings, specs: dict[str, ModelSpec], worker_name: str, switches: bool
+):
+    """How this worker starts a model's runtime: a remote model's (no torch) or a local one's;
+    a worker that switches models keeps a spare engine process for its next load."""
     if any(spec.is_remote for spec in specs.values()):
         from workers.remote.runtime import RemoteRuntime  # no torch: no weights here
 
@@ -98,7 +102,12 @@ def _runtime_starter(settings: Settings, specs: dict[str, ModelSpec], worker_nam
     from workers.runtime import WorkerRuntime
 
     device = detect_device(settings.worker_device)
-    return lambda spec: WorkerRuntime.start(settings, spec, device, worker_name)
+    spare = switches and settings.engine_process
+    if spare:
+        from workers.spare_engines import keep_a_spare
+
+        keep_a_spare()
+    return lambda spec: WorkerRuntime.start(settings, spec, device, worker_name, spare)
 
 
 @worker_shutdown.connect

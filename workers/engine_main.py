@@ -143,10 +143,11 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def run_engine_process(
-    config: EngineConfig, conn: Connection, worker_pid: int, die_with_worker: bool
+    config: EngineConfig | None, conn: Connection, worker_pid: int, die_with_worker: bool
 ) -> None:
     """The engine process's main: load the model, start the engine, serve the worker's commands
-    until it says stop or is gone."""
+    until it says stop or is gone. Without a config (a spare, workers/spare_engines.py), wait
+    for it as the first message."""
     # Signals to the whole group are the worker's to handle; it stops this process last.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -154,6 +155,11 @@ def run_engine_process(
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != worker_pid:  # the worker died before the line above
         os._exit(0)
+    if config is None:
+        try:
+            config = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # a spare whose worker is gone, or that it never needed
     configure_logging(config.log_level, config.log_json)
     threads = pass_threads()
     if threads is not None:

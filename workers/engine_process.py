@@ -73,6 +73,7 @@ from workers.engine_messages import (
 from workers.host import ModelFacts, TokenizerHost
 from workers.metrics import EngineMetrics
 from workers.scoring import ScoreRequest
+from workers.spare_engines import take_spare
 
 log = structlog.get_logger(__name__)
 
@@ -122,21 +123,27 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self, timeout: float | None = None) -> ModelFacts:
+    def start(self, timeout: float | None = None, spare: bool = False) -> ModelFacts:
         """Start the engine process and wait until its model is loaded (as long as it lives,
-        unless `timeout`); returns what it loaded. RuntimeError if it could not load it."""
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        # The kernel's parent-death signal follows the thread that started the child: only the
-        # main thread is sure to live as long as this process.
-        die_with_us = threading.current_thread() is threading.main_thread()
-        process = context.Process(
-            target=run_engine_process,
-            args=(self.config, theirs, os.getpid(), die_with_us),
-            name=f"llmq-engine-{self.host.spec.id}",
-        )
-        process.start()
-        theirs.close()  # so that the engine process's death reads as end of file here
+        unless `timeout`); returns what it loaded. RuntimeError if it could not load it. With
+        `spare`, a spare engine process loads it when one waits (workers/spare_engines.py)."""
+        taken = take_spare() if spare else None
+        if taken is not None:
+            process, ours = taken
+            ours.send(self.config)
+        else:
+            context = multiprocessing.get_context("spawn")
+            ours, theirs = context.Pipe()
+            # The kernel's parent-death signal follows the thread that started the child: only
+            # the main thread is sure to live as long as this process.
+            die_with_us = threading.current_thread() is threading.main_thread()
+            process = context.Process(
+                target=run_engine_process,
+                args=(self.config, theirs, os.getpid(), die_with_us),
+                name=f"llmq-engine-{self.host.spec.id}",
+            )
+            process.start()
+            theirs.close()  # so that the engine process's death reads as end of file here
         self._process, self._conn = process, ours
         # A worker that exits without stop() must not wait for (or leave behind) its engine.
         atexit.register(self._kill_at_exit)

@@ -55,6 +55,7 @@ class _Slot:
     leases: int = 0
     last_used: float = 0.0  # time.monotonic() of its last lease
     loaded_at: float = 0.0
+    load_seconds: float = 0.0  # how long its last load took
     loads: int = 0
     unloads: int = 0
     # Why it drains: "evict" (another model needs its place), "unload" or "reload".
@@ -73,8 +74,9 @@ class ModelPool:
     max_loaded: int
     start_runtime: Callable[[ModelSpec], Runtime]
     wait_s: float = 2.0  # how long a lease waits for its model before its message goes back
-    # A model loaded this recently is not evicted for another: switching back and forth under
-    # an even mix would otherwise spend the worker's time loading.
+    # A busy model is not drained for another before it has served this long, nor before twice
+    # as long as its load took: under an even mix, the worker then spends at most a third of
+    # its time loading.
     min_residency_s: float = 2.0
     load_retry_s: float = 30.0  # after a failed load, before a lease tries again
     clock: Callable[[], float] = time.monotonic
@@ -261,12 +263,15 @@ class ModelPool:
             self._unload_locked(min(idle, key=lambda s: s.last_used), evicted=True)
             return self._occupied() < self.max_loaded
         if not any(s.draining_for == "evict" for s in self._slots.values()):
-            settled = [s for s in loaded if self.clock() - s.loaded_at >= self.min_residency_s]
+            settled = [s for s in loaded if self.clock() - s.loaded_at >= self._residency(s)]
             if settled:
                 victim = min(settled, key=lambda s: s.last_used)
                 victim.state, victim.draining_for = ModelState.DRAINING, "evict"
                 log.info("model draining for eviction", model=victim.spec.id, leases=victim.leases)
         return False
+
+    def _residency(self, slot: _Slot) -> float:
+        return max(self.min_residency_s, 2 * slot.load_seconds)
 
     def _evict_idle_drained(self) -> None:
         for slot in self._slots.values():
@@ -285,6 +290,7 @@ class ModelPool:
         """Load the model with the lock released, so the loaded models go on serving."""
         slot.state, slot.error = ModelState.LOADING, None
         self._cond.release()
+        started = time.monotonic()
         try:
             runtime = self.start_runtime(slot.spec)
         except Exception as exc:
@@ -298,13 +304,16 @@ class ModelPool:
         self._cond.acquire()
         slot.runtime, slot.state, slot.draining_for = runtime, ModelState.LOADED, None
         slot.loaded_at = slot.last_used = self.clock()
+        slot.load_seconds = time.monotonic() - started
         slot.loads += 1
+        log.info("model ready", model=slot.spec.id, seconds=round(slot.load_seconds, 2))
         self._report_loaded()
         self._cond.notify_all()
 
     def _unload_locked(self, slot: _Slot, evicted: bool) -> None:
         runtime, slot.state = slot.runtime, ModelState.UNLOADING
         self._cond.release()
+        started = time.monotonic()
         try:
             if runtime is not None:
                 runtime.stop()
@@ -314,7 +323,8 @@ class ModelPool:
             slot.unloads += 1
             if evicted:
                 worker_metrics.model_evicted(slot.spec.id)
-            log.info("model unloaded", model=slot.spec.id, evicted=evicted)
+            seconds = round(time.monotonic() - started, 2)
+            log.info("model unloaded", model=slot.spec.id, evicted=evicted, seconds=seconds)
             self._report_loaded()
             self._cond.notify_all()
 

@@ -37,10 +37,17 @@ class WorkerRuntime:
 
     @classmethod
     def start(
-        cls, settings: Settings, spec: ModelSpec, device: Device, worker_name: str
+        cls,
+        settings: Settings,
+        spec: ModelSpec,
+        device: Device,
+        worker_name: str,
+        spare: bool = False,
     ) -> "WorkerRuntime":
+        """Load the model; `spare`: in a spare engine process if one waits (a worker that
+        switches models keeps one: workers/spare_engines.py)."""
         publisher = TokenPublisher(settings.redis_url)
-        host, engine, facts = _start_engine(settings, spec, device, publisher)
+        host, engine, facts = _start_engine(settings, spec, device, publisher, spare)
         _warm_up(engine, host)
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
@@ -80,7 +87,11 @@ class WorkerRuntime:
 
 
 def _start_engine(
-    settings: Settings, spec: ModelSpec, device: Device, publisher: TokenPublisher
+    settings: Settings,
+    spec: ModelSpec,
+    device: Device,
+    publisher: TokenPublisher,
+    spare: bool = False,
 ) -> tuple[ModelHost | TokenizerHost, GenerationEngine | EngineProcess, ModelFacts]:
     """The engine, in its own process (which loads the model before this worker consumes
     anything) or in a thread of this one; and what this process needs of the model."""
@@ -97,7 +108,7 @@ def _start_engine(
         engine: GenerationEngine | EngineProcess = EngineProcess(
             host, config, on_tokens=publisher.publish_tokens
         )
-        facts = engine.start()
+        facts = engine.start(spare=spare)
     else:
         host = ModelHost.load(spec, device, settings.data_dir)
         facts = host.facts()

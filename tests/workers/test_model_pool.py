@@ -188,3 +188,21 @@ def test_a_lease_waits_past_its_wait_for_a_model_that_is_loading():
         assert runtime is not None
     loading.join(5)
     assert starter.loads == ["a"]
+
+
+def test_a_busy_model_serves_twice_its_load_time_before_it_drains_for_another():
+    starter = Starter(delay_s=0.4)
+    pool = pool_of("a,b", 1, starter, wait_s=0.3, min_residency_s=0.0)
+
+    def state_of_a_while_b_waits() -> str:
+        waiter = threading.Thread(target=lambda: pool.lease("b").__enter__())
+        waiter.start()
+        time.sleep(0.15)
+        state = {m["model"]: m["state"] for m in pool.describe()}["a"]
+        waiter.join(5)
+        return state
+
+    with pool.lease("a"):
+        assert state_of_a_while_b_waits() == "loaded"  # 0.4 s load: a keeps its place 0.8 s
+        time.sleep(0.6)
+        assert state_of_a_while_b_waits() == "draining"
