@@ -81,7 +81,7 @@ def test_a_busy_model_is_evicted_only_after_its_last_lease_ends():
 
         waiter = threading.Thread(target=lease_b)
         waiter.start()
-        time.sleep(0.3)
+        time.sleep(0.8)  # past a's residency (twice its load), and the waiter's next look
         assert not starter.live["a"].stopped.is_set()  # a's job is never cut
         assert not got_b.is_set()
         # While b waits, a takes no new lease: it drains for eviction.
