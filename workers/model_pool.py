@@ -229,10 +229,6 @@ class ModelPool:
         with self._cond:
             return [m for m, s in self._slots.items() if s.state is ModelState.LOADED]
 
-    def runtimes(self) -> list[Runtime]:
-        with self._cond:
-            return [s.runtime for s in self._slots.values() if s.runtime is not None]
-
     def stop(self) -> None:
         """Stop every loaded model (the worker is shutting down)."""
         with self._cond:
@@ -290,7 +286,7 @@ class ModelPool:
         """Load the model with the lock released, so the loaded models go on serving."""
         slot.state, slot.error = ModelState.LOADING, None
         self._cond.release()
-        started = time.monotonic()
+        started = self.clock()
         try:
             runtime = self.start_runtime(slot.spec)
         except Exception as exc:
@@ -304,7 +300,7 @@ class ModelPool:
         self._cond.acquire()
         slot.runtime, slot.state, slot.draining_for = runtime, ModelState.LOADED, None
         slot.loaded_at = slot.last_used = self.clock()
-        slot.load_seconds = time.monotonic() - started
+        slot.load_seconds = self.clock() - started
         slot.loads += 1
         log.info("model ready", model=slot.spec.id, seconds=round(slot.load_seconds, 2))
         self._report_loaded()
@@ -313,7 +309,7 @@ class ModelPool:
     def _unload_locked(self, slot: _Slot, evicted: bool) -> None:
         runtime, slot.state = slot.runtime, ModelState.UNLOADING
         self._cond.release()
-        started = time.monotonic()
+        started = self.clock()
         try:
             if runtime is not None:
                 runtime.stop()
@@ -323,7 +319,7 @@ class ModelPool:
             slot.unloads += 1
             if evicted:
                 worker_metrics.model_evicted(slot.spec.id)
-            seconds = round(time.monotonic() - started, 2)
+            seconds = round(self.clock() - started, 2)
             log.info("model unloaded", model=slot.spec.id, evicted=evicted, seconds=seconds)
             self._report_loaded()
             self._cond.notify_all()
