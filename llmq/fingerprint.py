@@ -187,7 +187,8 @@ def _list_into(listing: Future, spec: ModelSpec) -> None:
 
 def read_revision(spec: ModelSpec, data_dir: Path) -> str | None:
     """The model's revision as it is now (None: it cannot be told, so not cached). A worker
-    reads it when it loads the model, and keeps only cache entries of that revision."""
+    reads it when it loads the model, and keeps no cache entry while its files say otherwise
+    (new weights waiting for a reload)."""
     if spec.revision is not None:
         return f"rev:{spec.revision}"
     if spec.is_remote:

@@ -3,6 +3,7 @@ workers/group_commit.py), in a fixed number of statements per group. Their usage
 priced as they are written: at the price in force when the job finished."""
 
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -31,10 +32,13 @@ class ResultWriter(GroupCommit[Result, "Stored | None"]):
         database_url: str,
         worker_name: str,
         price_of: job_queries.PriceOf | None = None,
-        revision: str | None = None,  # of the loaded weights: cache entries of others are not kept
+        weights_current: Callable[[], bool] | None = None,
     ) -> None:
+        """`weights_current`: whether the weights that produced the results are still the
+        model's (not new files waiting for a reload); when not, no cache entry is kept."""
         price_of = price_of or get_price_book().price
-        write = partial(store_results, database_url, worker_name, price_of, revision)
+        current = weights_current or (lambda: True)
+        write = partial(store_results, database_url, worker_name, price_of, current)
         super().__init__("llmq-results", write)
 
     def store(self, job_id: uuid.UUID, outcome: job_queries.Outcome) -> Stored | None:
@@ -55,11 +59,12 @@ def store_results(
     database_url: str,
     worker_name: str,
     price_of: job_queries.PriceOf,
-    revision: str | None,
+    weights_current: Callable[[], bool],
     results: list[Result],
 ) -> list[Stored | None]:
     """The jobs' results, cache entries and followers' results in one transaction; None for a
     job that was not this worker's to complete."""
+    keep_entries = weights_current()  # once a transaction: it may look at the model's files
     with session_scope(database_url) as session:
         done = job_queries.complete_jobs(session, worker_name, dict(results), price_of=price_of)
         stored: list[Stored | None] = []
@@ -70,7 +75,8 @@ def store_results(
             elif job.cache_key is None:  # only a job with a cache key can have followers
                 stored.append(Stored(job, []))
             else:
-                cache_queries.store_entry(session, job, outcome, produced_by=revision)
+                if keep_entries:
+                    cache_queries.store_entry(session, job, outcome)
                 followers = cache_queries.complete_followers(
                     session, job, outcome, price_of=price_of
                 )

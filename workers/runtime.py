@@ -4,12 +4,13 @@ helpers. workers/model_pool.py decides which models are loaded."""
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from llmq.fingerprint import read_revision
+from llmq.fingerprint import model_revisions, read_revision
 from llmq.protocol import SamplingParams
 from llmq.publisher import TokenPublisher
 from llmq.registry import Device, ModelSpec
@@ -51,9 +52,9 @@ class WorkerRuntime:
         _warm_up(engine, host)
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
-        # Cache entries are kept only for the weights loaded here (llmq/fingerprint.py).
-        revision = read_revision(spec, settings.data_dir)
-        results = ResultWriter(settings.database_url, worker_name, revision=revision)
+        results = ResultWriter(
+            settings.database_url, worker_name, weights_current=_weights_current(settings, spec)
+        )
         results.start()
         # Both take either engine and either host: they use the surface the two share.
         runner = JobRunner(
@@ -116,6 +117,17 @@ def _start_engine(
         engine.start()
     worker_metrics.model_loaded(spec, device, facts)
     return host, engine, facts
+
+
+def _weights_current(settings: Settings, spec: ModelSpec) -> Callable[[], bool]:
+    """Whether the model's weights on disk (or in its store) are still those loaded here: new
+    files waiting for a reload make this worker keep no cache entry, since the API keys new
+    requests by the new files already. Each host compares its own views, so hosts whose copies
+    differ in file times keep their entries."""
+    revisions = model_revisions(settings.data_dir)  # re-read at most every few seconds
+    revisions.forget(spec.id)  # a reload's new files, not what was seen before it
+    loaded = read_revision(spec, settings.data_dir)
+    return lambda: revisions.revision(spec) == loaded
 
 
 def engine_options(spec: ModelSpec) -> dict[str, Any]:

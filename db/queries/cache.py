@@ -206,17 +206,11 @@ def find_leader(session: Session, cache_key: str, priority: int) -> uuid.UUID | 
     )
 
 
-def store_entry(
-    session: Session, job: Job, outcome: Outcome, produced_by: str | None = None
-) -> bool:
+def store_entry(session: Session, job: Job, outcome: Outcome) -> bool:
     """Keep a deterministic job's result; a newer result of the same key replaces an older one
-    (an expired entry, or two runs that raced). `produced_by`: the revision of the weights that
-    produced it; an entry keyed by another revision is not kept (the job was submitted after
-    new weights arrived, and ran on the old ones before its worker reloaded them)."""
+    (an expired entry, or two runs that raced)."""
     pieces = job.input.get(FINGERPRINT_FIELD)
     if job.cache_key is None or pieces is None:
-        return False
-    if produced_by is not None and pieces["model_revision"] != produced_by:
         return False
     if outcome.finish_reason not in CACHEABLE_FINISH_REASONS:
         return False

@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import event, select, update
 
 from db.queries import jobs as job_queries
 from db.session import get_engine, session_scope
@@ -144,3 +144,40 @@ def test_a_result_postgres_refuses_fails_alone(database_url):
             assert answers[job_id].job.id == job_id
             assert session.get(JobResult, job_id).text == texts[job_id]
         session.execute(update(Job).where(Job.id == bad).values(status="failed"))
+
+
+def cacheable_job(database_url) -> uuid.UUID:
+    pieces = {
+        "model_revision": "files:test",
+        "prompt_hash": uuid.uuid4().hex,
+        "params_fingerprint": uuid.uuid4().hex,
+    }
+    job_id = running_job(database_url, cache_key=f"key-{uuid.uuid4()}")
+    with session_scope(database_url) as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(input={"prompt": "x", "fingerprint": pieces})
+        )
+    return job_id
+
+
+def test_no_cache_entry_is_kept_while_new_weights_wait_for_a_reload(database_url):
+    from db.tables import CompletionCache
+
+    fresh, stale = cacheable_job(database_url), cacheable_job(database_url)
+    store_all(ResultWriter(database_url, WORKER, weights_current=lambda: True), {fresh: "new"})
+    store_all(ResultWriter(database_url, WORKER, weights_current=lambda: False), {stale: "old"})
+    with session_scope(database_url) as session:
+        texts = {
+            job_id: session.scalars(
+                select(CompletionCache.text).where(
+                    CompletionCache.prompt_hash
+                    == session.get(Job, job_id).input["fingerprint"]["prompt_hash"]
+                )
+            ).one_or_none()
+            for job_id in (fresh, stale)
+        }
+        results = session.scalars(
+            select(JobResult.text).where(JobResult.job_id.in_([fresh, stale]))
+        ).all()
+    assert texts == {fresh: "new", stale: None}
+    assert sorted(results) == ["new", "old"]  # the results are stored all the same

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import structlog
 from redis import Redis
 
-from llmq.fingerprint import read_revision
 from llmq.protocol import ErrorCategory, SamplingParams
 from llmq.publisher import TokenPublisher
 from llmq.registry import Device, ModelSpec
@@ -114,8 +113,7 @@ class RemoteRuntime:
         engine.start()
         watcher = CancellationWatcher(engine, settings.database_url)
         watcher.start()
-        revision = read_revision(spec, settings.data_dir)  # only a `revision:` vouches upstream
-        results = ResultWriter(settings.database_url, worker_name, revision=revision)
+        results = ResultWriter(settings.database_url, worker_name)
         results.start()
         runner = RemoteJobRunner(
             engine,  # type: ignore[arg-type]
