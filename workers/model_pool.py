@@ -58,6 +58,7 @@ class _Slot:
     load_seconds: float = 0.0  # how long its last load took
     loads: int = 0
     unloads: int = 0
+    failures: int = 0  # loads that failed
     # Why it drains: "evict" (another model needs its place), "unload" or "reload".
     draining_for: str | None = None
     error: str | None = None  # why its last load failed
@@ -219,6 +220,7 @@ class ModelPool:
                     "memory_bytes": slot.runtime.memory_bytes() if slot.runtime else 0,
                     "loads": slot.loads,
                     "unloads": slot.unloads,
+                    "failures": slot.failures,
                     "revision": slot.spec.revision,
                     "error": slot.error,
                 }
@@ -294,6 +296,7 @@ class ModelPool:
             with_error = f"{type(exc).__name__}: {exc}"
             self._cond.acquire()
             slot.state, slot.error = ModelState.UNLOADED, with_error
+            slot.failures += 1
             slot.retry_at = self.clock() + self.load_retry_s
             self._cond.notify_all()
             raise ModelUnavailable(f"{slot.spec.id} could not be loaded: {with_error}") from exc

@@ -157,16 +157,19 @@ def _outcome(
             worker=worker, model=model, action=action, done=False, state=None,
             error="the worker did not answer",
         )  # fmt: skip
-    state, error = now["state"], now["error"]
-    failed = state == "unloaded" and error is not None
-    was_loaded = before is not None and before["state"] != "unloaded"
-    if action == "unload":  # its jobs may have loaded it again since: count unloads
-        done = not was_loaded or (before is not None and now["unloads"] > before["unloads"])
+    # Counted, not read from the state alone: a model's jobs may load it again right after an
+    # unload, and an error shown may be an earlier load's.
+    state = now["state"]
+    counts = before or {"state": "unloaded", "loads": 0, "unloads": 0, "failures": 0}
+    failed = now["failures"] > counts["failures"]
+    if action == "unload":
+        done = counts["state"] == "unloaded" or now["unloads"] > counts["unloads"]
     elif action == "load":
         done = state == "loaded" or failed
     else:  # reload: loaded anew, or (unloaded) the new entry kept for its next load
-        reloaded = before is not None and now["loads"] > before["loads"] and state == "loaded"
-        done = reloaded or not was_loaded or failed
+        reloaded = now["loads"] > counts["loads"] and state == "loaded"
+        done = reloaded or counts["state"] == "unloaded" or failed
+    error = now["error"] if failed else None  # this command's failure, not an earlier one's
     return ModelCommandPublic(
         worker=worker, model=model, action=action, done=done, state=state, error=error
     )

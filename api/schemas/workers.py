@@ -15,6 +15,7 @@ class WorkerModelPublic(BaseModel):
     memory_bytes: int = Field(description="Its weights' bytes on the worker's device; 0 unloaded")
     loads: int = Field(description="How often this worker has loaded it")
     unloads: int = Field(description="How often this worker has unloaded it (evictions too)")
+    failures: int = Field(description="How often loading it failed here")
     revision: str | None = Field(description="The revision its loaded entry names, if any")
     error: str | None = Field(description="Why its last load failed, if it did")
 

@@ -135,7 +135,8 @@ def test_a_failed_load_raises_and_is_not_tried_again_at_once():
             pass
     with pool.lease("b") as runtime:  # within load_retry_s: the message goes back at once
         assert runtime is None
-    assert {m["model"]: m for m in pool.describe()}["b"]["error"].endswith("weights unreadable")
+    described = {m["model"]: m for m in pool.describe()}["b"]
+    assert described["error"].endswith("weights unreadable") and described["failures"] == 1
 
 
 def test_unload_waits_for_leases_and_force_hands_their_jobs_back():
