@@ -1,8 +1,8 @@
 """An engine process started ahead of need, for a worker of several models: a new engine process
-spends most of a model switch starting Python and importing torch and Transformers (4.2 s of a
-4.6 s switch on 2 cores, measured with bench.lifecycle), so a worker that may load another model
-keeps one spare process with those imports done, waiting for the model it will load. Its cost
-is that process's memory while it waits (the libraries, no weights).
+spends most of a model switch starting Python and importing torch and Transformers
+(bench.lifecycle measures a switch), so a worker that may load another model keeps one spare
+process with those imports done, waiting for the model it will load. Its cost is that process's
+memory while it waits (the libraries, no weights).
 
 The spare learns its model as the first message on its pipe (workers/engine_main.py). It is
 started from a background thread, so the kernel's parent-death signal cannot follow the worker;
