@@ -83,6 +83,9 @@ class ScoreRequest:
     # Also each continuation token's log-probability with this many alternatives (a job's
     # prompt log-probabilities, echo in the OpenAI API); None: the sums only.
     top_logprobs: int | None = None
+    # The job's span (a W3C traceparent) when it is traced: a remote model's upstream request
+    # for it joins its trace.
+    trace_context: str | None = None
 
     @cached_property
     def tokens(self) -> int:

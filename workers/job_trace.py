@@ -6,8 +6,10 @@
       llmq.engine.admission   submitted to the engine → its prefill began (waiting for a slot)
       llmq.engine.prefill
       llmq.engine.decode      one span for its time in the batch: steps and batch sizes
+      llmq.engine.score       a scoring job's (workers/score_runner.py) instead of the three
       llmq.result.write
       llmq.stream.publish
+      POST                    a remote model's upstream requests (the httpx instrumentation)
 
 queue_wait + job cover the job's life from its row's creation to its end. The engine spans are
 made from timestamps the engine recorded (workers/engine_jobs.EngineTimings) once the job has
@@ -53,6 +55,11 @@ class JobTrace:
         if tracing.context_of(job.trace_context) is None:
             return None
         return cls(job, claim_started_ns, claimed_ns)
+
+    def traceparent(self) -> str | None:
+        """The job's span as a W3C traceparent: work done for the job elsewhere (a remote
+        model's upstream request) joins the trace under it."""
+        return tracing.traceparent_of(self.span)
 
     def log_ids(self) -> dict[str, str]:
         """The ids for the job's log lines."""

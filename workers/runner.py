@@ -150,7 +150,7 @@ class JobRunner:
         timeout_s = job.timeout_s or self.job_timeout_s
         try:
             params = SamplingParams.model_validate(job.params)
-            future = self._submit(job, params, time.monotonic() + timeout_s, trace is not None)
+            future = self._submit(job, params, time.monotonic() + timeout_s, trace)
         except (ValueError, KeyError, TypeError) as exc:
             bound.warning("job input rejected", error=str(exc))
             self._fail(job.id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
@@ -168,14 +168,16 @@ class JobRunner:
             return [int(token) for token in token_ids]
         return self.host.encode(given["prompt"])
 
-    def _submit(self, job, params: SamplingParams, deadline: float, timed: bool) -> Future:
+    def _submit(
+        self, job, params: SamplingParams, deadline: float, trace: JobTrace | None
+    ) -> Future:
         """Hand the job to the engine: its generation, and with prompt_logprobs a scoring
         pass over its prompt, batched with other scoring work (max_tokens 0: that alone)."""
         prompt_ids = params.truncate_prompt(self._prompt_ids(job.input))
         generation = None
         if params.max_tokens > 0:
             request = GenerationRequest(
-                job.id, prompt_ids, params, deadline, job.priority, timed=timed
+                job.id, prompt_ids, params, deadline, job.priority, timed=trace is not None
             )
             generation = self.engine.submit(request)
         if params.prompt_logprobs is None:

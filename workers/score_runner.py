@@ -17,10 +17,12 @@ from pydantic import ValidationError
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import ScoreResult
+from llmq import tracing
 from llmq.price_book import get_price_book
 from llmq.protocol import ErrorCategory, ScoreInput, ScoreParams
 from workers.db_retry import db_retry
 from workers.engine_jobs import EngineStopped, JobFailed, ScoreOutput, ScoreRequest, ScoreTimeout
+from workers.job_trace import JobTrace
 from workers.pairs import PairEncoder
 from workers.runner import STALL_GRACE_S
 
@@ -39,6 +41,8 @@ class _Scoring:
     given: ScoreInput
     future: Future
     wait_until: float  # time.monotonic(): its deadline plus a grace for a stalled engine
+    trace: JobTrace | None = None  # its spans, when it is traced
+    error: str | None = None  # why it failed, for its trace
 
 
 @dataclass
@@ -61,18 +65,28 @@ class ScoreRunner:
         """Every job of the group ends stored, failed, skipped or handed back to the queue (its
         model was unloaded under it) before this returns; returns how many were handed back
         (their message must go back to the queue)."""
+        traced = tracing.enabled()
+        claim_started_ns = time.time_ns() if traced else 0
         claimed = self._claim(job_ids)
+        claimed_ns = time.time_ns() if traced else 0
         skipped = set(job_ids) - {job.id for job in claimed}
         for job_id in skipped:
             log.info(
                 "job skipped: cancelled, finished or held by another worker", job_id=str(job_id)
             )
         # All go to the engine before any is waited on, so they share its scoring passes.
-        scoring = [s for s in map(self._submit, claimed) if s is not None]
+        scoring = [s for job in claimed if (s := self._submit(job, claim_started_ns, claimed_ns))]
         outputs = [(s, output) for s in scoring if (output := self._wait(s)) is not None]
         if outputs:
+            store_started_ns = time.time_ns() if traced else 0
             self._store(outputs)
+            for s, _ in outputs:
+                if s.trace is not None:
+                    s.trace.child("llmq.result.write", store_started_ns, time.time_ns())
         stopped = [s.job_id for s in scoring if _engine_stopped(s.future)]
+        for s in scoring:
+            if s.trace is not None:
+                s.trace.end("handed back: its model was unloaded" if s in stopped else s.error)
         return len(self._hand_back(stopped)) if stopped else 0
 
     @db_retry
@@ -80,7 +94,9 @@ class ScoreRunner:
         with session_scope(self.database_url) as session:
             return job_queries.hand_back(session, job_ids, self.worker_name)
 
-    def _submit(self, job) -> _Scoring | None:  # job: db.tables.Job
+    def _submit(self, job, claim_started_ns: int, claimed_ns: int) -> _Scoring | None:
+        """Hand a claimed job (db.tables.Job) to the engine."""
+        trace = JobTrace.begin(job, claim_started_ns, claimed_ns) if claimed_ns else None
         timeout_s = job.timeout_s or self.job_timeout_s
         try:
             given = ScoreInput.model_validate(job.input)
@@ -89,11 +105,27 @@ class ScoreRunner:
         except (ValidationError, ValueError, KeyError, TypeError) as exc:
             log.warning("job input rejected", job_id=str(job.id), error=str(exc))
             self._fail(job.id, ErrorCategory.INVALID_INPUT, f"{type(exc).__name__}: {exc}")
+            if trace is not None:
+                trace.end(ErrorCategory.INVALID_INPUT.value)
             return None
         deadline = time.monotonic() + timeout_s
-        request = ScoreRequest(job.id, pairs, params.max_length, deadline, job.priority)
+        request = ScoreRequest(
+            job.id,
+            pairs,
+            params.max_length,
+            deadline,
+            job.priority,
+            trace_context=trace.traceparent() if trace is not None else None,
+        )
+        submitted_ns = time.time_ns()
         future = self.engine.submit_score(request)
-        return _Scoring(job.id, given, future, deadline + STALL_GRACE_S)
+        if trace is not None:  # the engine's time on it: submitted until its future is done
+            future.add_done_callback(
+                lambda _: trace.child(
+                    "llmq.engine.score", submitted_ns, time.time_ns(), **{"llmq.pairs": len(pairs)}
+                )
+            )
+        return _Scoring(job.id, given, future, deadline + STALL_GRACE_S, trace)
 
     def _wait(self, scoring: _Scoring) -> ScoreOutput | None:
         """The job's output, or None once its failure is stored."""
@@ -103,17 +135,17 @@ class ScoreRunner:
             return None  # its model was unloaded under it: handed back (run_group)
         except (ScoreTimeout, FutureTimeout) as exc:
             message = str(exc) or "no result within the deadline"
-            self._fail(scoring.job_id, ErrorCategory.TIMEOUT, message)
+            self._failed(scoring, ErrorCategory.TIMEOUT, message)
         except JobFailed as exc:  # a remote model's upstream failure, with its category
             log.warning("job failed", job_id=str(scoring.job_id), error=str(exc))
-            self._fail(scoring.job_id, exc.category, str(exc))
+            self._failed(scoring, exc.category, str(exc))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("job input rejected", job_id=str(scoring.job_id), error=str(exc))
             message = f"{type(exc).__name__}: {exc}"
-            self._fail(scoring.job_id, ErrorCategory.INVALID_INPUT, message)
+            self._failed(scoring, ErrorCategory.INVALID_INPUT, message)
         except Exception as exc:
             log.exception("job failed in the model", job_id=str(scoring.job_id))
-            self._fail(scoring.job_id, ErrorCategory.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
+            self._failed(scoring, ErrorCategory.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
         return None
 
     def _store(self, outputs: list[tuple[_Scoring, ScoreOutput]]) -> None:
@@ -126,7 +158,7 @@ class ScoreRunner:
             if len(outputs) == 1:
                 scoring = outputs[0][0]
                 log.exception("result could not be stored", job_id=str(scoring.job_id))
-                self._fail(scoring.job_id, ErrorCategory.INTERNAL, f"result not stored: {exc}")
+                self._failed(scoring, ErrorCategory.INTERNAL, f"result not stored: {exc}")
                 return
             log.exception("results could not be stored together; storing each alone")
         for pair in outputs:
@@ -164,6 +196,10 @@ class ScoreRunner:
                 session.add(
                     ScoreResult(job_id=scoring.job_id, loglikelihoods=scores, greedy=output.greedy)
                 )
+
+    def _failed(self, scoring: _Scoring, category: ErrorCategory, message: str) -> None:
+        scoring.error = message
+        self._fail(scoring.job_id, category, message)
 
     @db_retry
     def _fail(self, job_id: uuid.UUID, category: ErrorCategory, message: str) -> None:

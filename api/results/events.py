@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -384,13 +384,15 @@ class JobEventReader:
             )
 
 
-def relay_span(jobs: int) -> Span | None:
-    """A span for relaying jobs' events to one client's stream, under the request's span;
-    None with tracing off. Started, not made current: the relay is an async generator that
-    the server resumes in contexts of its own."""
+def relay_span(jobs: int, job_traces: Sequence[str | None] = ()) -> Span | None:
+    """A span for relaying jobs' events to one client's stream, under the request's span and
+    linked to the jobs' own traces where they began in other requests (`job_traces`, their
+    rows' trace contexts); None with tracing off. Started, not made current: the relay is an
+    async generator that the server resumes in contexts of its own."""
     if not tracing.enabled():
         return None
-    span = tracing.tracer().start_span("llmq.stream.relay")
+    links = [link for context in job_traces for link in tracing.link_to(context)]
+    span = tracing.tracer().start_span("llmq.stream.relay", links=links)
     span.set_attribute("llmq.jobs", jobs)
     return span
 

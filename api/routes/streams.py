@@ -10,7 +10,7 @@ from pydantic import WithJsonSchema
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import ApiKeyDep, SessionDep
-from api.results.events import finished_job
+from api.results.events import end_relay_span, finished_job, relay_span
 from db.queries import jobs as job_queries
 from llmq.errors import InvalidRequest, JobNotFound
 
@@ -62,11 +62,20 @@ async def stream_job_events(
     if job is None or not caller.can_see(job.owner):  # another key's job does not exist here
         raise JobNotFound(job_id)
     finished = finished_job(job)  # a job that has finished is not waited for
+    trace_context = job.trace_context  # the job's own trace, begun by its submission
     session.close()  # the stream may be long; give the connection back now
     reader = request.app.state.event_reader
 
     async def publish():
-        async for event in reader.events(job_id, after, finished):
-            yield ServerSentEvent(data=event.data, event=event.type, id=event.id)
+        relay = relay_span(1, [trace_context])
+        events, completed = 0, False
+        try:
+            async for event in reader.events(job_id, after, finished):
+                events += 1
+                yield ServerSentEvent(data=event.data, event=event.type, id=event.id)
+            completed = True
+        finally:
+            if relay is not None:
+                end_relay_span(relay, events, completed)
 
     return EventSourceResponse(publish(), ping=request.app.state.settings.sse_ping_s)

@@ -3,29 +3,32 @@ receiver in this process. One job is one trace from the API's request span throu
 worker's claim, engine and result spans, a re-send by the reconciler continues it, and a
 streamed OpenAI request's trace includes the relay.
 
+An evaluation run and a Batch file are one trace each, their jobs' traces linked to it; scoring
+jobs (evaluation items) have worker spans like generation jobs; a client reading a job's event
+stream gets a relay span linked to the job's trace.
+
 The workers serve `tiny-observed` (whose other test module runs its own worker before or after
 this one) and `tiny-faults` (started here only once its job's message has been lost)."""
 
 import json
 import os
-import threading
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from redis import Redis
 
 from api.background.reconciler import waiting_job_ids
 from api.fleet.queues import priority_lists
-from bench.otlp import OtlpReceiver
 from db.session import session_scope
 from db.tables import Job
 from llmq.tracing import requested
+from tests.evals.conftest import EVAL_DATA_ROOT, write_benchmarks
 from tests.factories import (
+    ADMIN_KEY,
     AUTH,
     start_api,
     start_worker,
@@ -33,6 +36,7 @@ from tests.factories import (
     wait_for_job,
     wait_for_queue,
 )
+from tests.traces import Receiver, only, trace_id_of, traced_env
 
 MODEL = "tiny-observed"
 RESENT_MODEL = "tiny-faults"
@@ -44,68 +48,6 @@ WORKER_SPANS = (
     "llmq.result.write",
     "llmq.stream.publish",
 )
-
-
-class Receiver:
-    """An OTLP/HTTP trace receiver: every exported span, by trace id."""
-
-    def __init__(self) -> None:
-        self.spans: dict[str, list[dict]] = defaultdict(list)
-        self.lock = threading.Lock()
-        self.otlp = OtlpReceiver(self.add)
-        self.port = self.otlp.port
-
-    def add(self, request: ExportTraceServiceRequest) -> None:
-        for resource_spans in request.resource_spans:
-            service = next(
-                a.value.string_value
-                for a in resource_spans.resource.attributes
-                if a.key == "service.name"
-            )
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    attributes = {a.key: _value(a.value) for a in span.attributes}
-                    entry = {
-                        "name": span.name,
-                        "service": service,
-                        "span_id": span.span_id.hex(),
-                        "parent": span.parent_span_id.hex() or None,
-                        "start": span.start_time_unix_nano / 1e9,
-                        "end": span.end_time_unix_nano / 1e9,
-                        "attributes": attributes,
-                        "links": [link.trace_id.hex() for link in span.links],
-                    }
-                    with self.lock:
-                        self.spans[span.trace_id.hex()].append(entry)
-
-    def trace(self, trace_id: str, until, timeout: float = 30) -> dict[str, list[dict]]:
-        """The trace's spans by name, once `until(spans by name)` holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock:
-                by_name: dict[str, list[dict]] = defaultdict(list)
-                for span in self.spans.get(trace_id, []):
-                    by_name[span["name"]].append(span)
-            if until(by_name):
-                return by_name
-            assert time.monotonic() < deadline, f"trace incomplete: {sorted(by_name)}"
-            time.sleep(0.1)
-
-
-def _value(value):
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return [_value(v) for v in value.array_value.values]
-    return getattr(value, kind) if kind else None
-
-
-def traced_env(receiver: Receiver) -> dict[str, str]:
-    return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-        "OTEL_TRACES_SAMPLER_ARG": "1.0",  # the default sampler's ratio: every request
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "LLMQ_LOG_JSON": "true",
-    }
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +76,8 @@ def traced(receiver, database_url, redis_url, tiny_model_path):
         stop_worker(api)
 
 
-def trace_id_of(response: httpx.Response) -> str:
-    traceparent = response.headers["traceparent"]
-    version, trace_id, span_id, flags = traceparent.split("-")
-    assert (version, flags) == ("00", "01")
-    return trace_id
-
-
 def job_complete(spans: dict) -> bool:
     return all(name in spans for name in ("llmq.job", "llmq.queue_wait", *WORKER_SPANS))
-
-
-def only(spans: dict, name: str) -> dict:
-    assert len(spans[name]) == 1, f"{len(spans[name])} {name} spans"
-    return spans[name][0]
 
 
 def job_times(database_url: str, job_id: str) -> tuple[float, float]:
@@ -306,3 +236,122 @@ def test_a_streamed_openai_request_traces_its_relay(traced, receiver):
         and relay["end"] >= only(spans, "llmq.stream.publish")["start"]
     )
     assert server["end"] >= relay["end"]
+
+
+def test_reading_a_jobs_events_traces_the_relay_linked_to_the_job(traced, receiver):
+    client = httpx.Client(base_url=traced, headers=AUTH, timeout=30)
+    body = {"model": MODEL, "prompt": "read my events", "max_tokens": 3, "ignore_eos": True}
+    submitted = client.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job_trace, job_id = trace_id_of(submitted), submitted.json()["id"]
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        reader_trace = trace_id_of(response)
+        events = [line for line in response.iter_lines() if line.startswith("event:")]
+    assert events[-1] == "event: done"
+    assert reader_trace != job_trace  # the reader's request is a trace of its own...
+
+    spans = receiver.trace(reader_trace, lambda s: "llmq.stream.relay" in s)
+    server = only(spans, "GET /v1/jobs/{job_id}/events")
+    relay = only(spans, "llmq.stream.relay")
+    assert relay["parent"] == server["span_id"] and relay["service"] == "llmq-api"
+    assert relay["links"] == [job_trace]  # ...linked to the job's
+    assert relay["attributes"]["llmq.completed"] is True
+    assert relay["attributes"]["llmq.events"] == len(events)
+    receiver.trace(job_trace, job_complete)
+
+
+def traces_linked(receiver: Receiver, trace_id: str, count: int, until) -> dict[str, dict]:
+    """The `count` traces linked to `trace_id`, once `until(spans by name)` holds for each."""
+    deadline = time.monotonic() + 30
+    while True:
+        linked = receiver.linked_to(trace_id)
+        if len(linked) == count and all(map(until, linked.values())):
+            return linked
+        assert time.monotonic() < deadline, f"{len(linked)} linked traces: {linked}"
+        time.sleep(0.1)
+
+
+def test_an_evaluation_run_is_one_trace_its_items_linked_with_scoring_spans(traced, receiver):
+    write_benchmarks(EVAL_DATA_ROOT)
+    client = httpx.Client(base_url=traced, headers=AUTH, timeout=30)
+    body = {"benchmark": "mmlu", "model": MODEL, "num_fewshot": 0, "subjects": ["anatomy"]}
+    created = client.post("/v1/evals", json=body)
+    assert created.status_code == 202, created.text
+    run_id = created.json()["id"]
+    deadline = time.monotonic() + 120
+    while (run := client.get(f"/v1/evals/{run_id}").json())["status"] != "succeeded":
+        assert run["status"] in ("queued", "running"), run
+        assert time.monotonic() < deadline, run
+        time.sleep(0.2)
+    items = client.get(f"/v1/evals/{run_id}/items").json()["data"]
+    assert len(items) == 2
+
+    run_trace = uuid.UUID(run_id).hex  # the run's trace id is its own id
+    feeds = receiver.trace(run_trace, lambda s: "llmq.eval.feed" in s)["llmq.eval.feed"]
+    for feed in feeds:  # a span for each sweep that queued items
+        assert feed["attributes"]["llmq.run_id"] == run_id and feed["parent"] is None
+
+    scored = ("llmq.claim", "llmq.engine.score", "llmq.result.write")
+    linked = traces_linked(
+        receiver, run_trace, 2, lambda s: all(n in s for n in ("llmq.job", *scored))
+    )
+    jobs = set()
+    for spans in linked.values():
+        item = only(spans, "llmq.eval.item")
+        assert item["parent"] is None and item["links"] == [run_trace]
+        wait, run_span = only(spans, "llmq.queue_wait"), only(spans, "llmq.job")
+        assert wait["parent"] == run_span["parent"] == item["span_id"]
+        assert run_span["service"] == "llmq-worker"
+        for name in scored:
+            span = only(spans, name)
+            assert span["parent"] == run_span["span_id"], name
+            assert run_span["start"] - 0.001 <= span["start"] <= span["end"] <= run_span["end"]
+        assert only(spans, "llmq.engine.score")["attributes"]["llmq.pairs"] == 4  # 4 choices
+        jobs.add(run_span["attributes"]["llmq.job_id"])
+    assert jobs == {item["job_id"] for item in items}
+
+
+def test_a_batch_is_one_trace_its_lines_linked(traced, receiver, database_url):
+    oai = openai.OpenAI(base_url=f"{traced}/v1", api_key=ADMIN_KEY)
+    lines = [
+        {
+            "custom_id": f"t{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"line {i}"}],
+                "max_tokens": 2,
+                "ignore_eos": True,
+            },
+        }
+        for i in range(2)
+    ]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = oai.files.create(file=("traced.jsonl", content), purpose="batch")
+    batch = oai.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while (batch := oai.batches.retrieve(batch.id)).status != "completed":
+        assert batch.status in ("validating", "in_progress", "finalizing"), batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    with session_scope(database_url) as session:
+        job_ids = {str(j.id) for j in session.query(Job).filter(Job.batch_id == batch.id)}
+    assert len(job_ids) == 2
+
+    batch_trace = uuid.uuid5(uuid.NAMESPACE_URL, f"llmq:{batch.id}").hex
+    queued = receiver.trace(batch_trace, lambda s: "llmq.batch.queue" in s)
+    assert all(s["attributes"]["llmq.batch_id"] == batch.id for s in queued["llmq.batch.queue"])
+    linked = traces_linked(receiver, batch_trace, 2, job_complete)
+    jobs = set()
+    for spans in linked.values():
+        line = only(spans, "llmq.batch.line")
+        assert line["parent"] is None and line["links"] == [batch_trace]
+        submit = only(spans, "llmq.submit")
+        assert submit["parent"] == line["span_id"]
+        assert_worker_spans(spans, submit, max_tokens=2)
+        jobs.add(only(spans, "llmq.job")["attributes"]["llmq.job_id"])
+    assert jobs == job_ids

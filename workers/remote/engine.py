@@ -25,6 +25,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
+from llmq import tracing
 from llmq.circuit_breakers import circuit_breaker
 from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, ErrorCategory, FinishReason, SamplingParams
@@ -69,6 +70,7 @@ class UpstreamRequest:
     params: SamplingParams
     deadline: float  # time.monotonic() value
     priority: int = 0
+    trace_context: str | None = None  # the job's span, when it is traced
 
 
 @dataclass
@@ -198,9 +200,12 @@ class RemoteEngine:
             reraise=True,
         )
         try:
-            for attempt in retrying:
-                with attempt:
-                    return self._attempt(call, send)
+            # The job's span is current: each attempt's request (the httpx instrumentation's
+            # client span) is its child.
+            with tracing.attached(call.request.trace_context):
+                for attempt in retrying:
+                    with attempt:
+                        return self._attempt(call, send)
         except (UpstreamTransient, pybreaker.CircuitBreakerError) as exc:
             raise UpstreamUnavailable(
                 f"the upstream did not answer before the job's deadline; last: {exc}"

@@ -15,6 +15,7 @@ from llmq.publisher import TokenPublisher
 from llmq.registry import Device, ModelSpec
 from llmq.settings import Settings
 from workers.cancellation import CancellationWatcher
+from workers.job_trace import JobTrace
 from workers.remote.engine import RemoteEngine, UpstreamRequest
 from workers.remote.tokenizer import FilesTokenizer
 from workers.result_writer import ResultWriter
@@ -57,8 +58,9 @@ class RemoteJobRunner(JobRunner):
         while not self.engine.may_send() and time.monotonic() < until:
             time.sleep(OPEN_BREAKER_POLL_S)
 
-    def _submit(self, job, params: SamplingParams, deadline: float, timed: bool) -> Future:
-        # A traced job's spans are the job path's; the upstream's own work is its trace's.
+    def _submit(
+        self, job, params: SamplingParams, deadline: float, trace: JobTrace | None
+    ) -> Future:
         if params.wants_logprobs:
             raise ValueError(
                 f"{self.host.spec.id} is a remote model: llmq does not relay its upstream's "
@@ -69,7 +71,12 @@ class RemoteJobRunner(JobRunner):
                 f"{self.host.spec.id} is a remote model: llmq does not relay structured output "
                 "to its upstream"
             )
-        request = UpstreamRequest(job.id, job.input, params, deadline, job.priority)
+        # A traced job's upstream requests are children of its span (and an upstream that
+        # traces, another llmq, continues the trace from their traceparent header).
+        trace_context = trace.traceparent() if trace is not None else None
+        request = UpstreamRequest(
+            job.id, job.input, params, deadline, job.priority, trace_context=trace_context
+        )
         return self.engine.submit(request)
 
     def refuse_group(self, job_ids: list[uuid.UUID]) -> None:
