@@ -19,11 +19,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from rich.console import Console
 from rich.table import Table
 
-from bench.jobpath import http_clients, post_one
+from bench.jobpath import http_clients, own_seconds, post_one, tree_seconds
 from bench.models import benchmark_models
 from bench.otlp import OtlpReceiver
 from bench.run import percentile
@@ -54,6 +55,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds of each stack")
     parser.add_argument("--jobs", type=int, default=500, help="jobs in each round")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument(
+        "--sampler",
+        default="parentbased_always_on",
+        help="the traced stack's OTEL_TRACES_SAMPLER (always_off: the instrumentation alone)",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmq-tracing-"))
     model, model_dir = next(benchmark_models("stories260K", workdir, console.print), (None, None))
@@ -64,15 +70,16 @@ def main() -> None:
     sink = SpanSink()
     traced = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
-        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "OTEL_TRACES_SAMPLER": args.sampler,
     }
     results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    cpu: dict[str, list[tuple[float, ...]]] = {"off": [], "on": []}  # ms/job by process
     for name in STACKS:
         (workdir / name).mkdir()
     spans_per_job: list[float] = []
     extra = {"off": {}, "on": traced}
     with ExitStack() as stacks:
-        bases = {
+        started = {
             name: stacks.enter_context(
                 llmq_stack(
                     [spec],
@@ -84,8 +91,20 @@ def main() -> None:
                     LLMQ_CACHE="off",
                     **extra[name],
                 )
-            )[0]
+            )
             for name in STACKS
+        }
+        bases = {name: base for name, (base, _) in started.items()}
+        # CPU seconds of each stack's API and worker, their children included.
+        # CPU seconds of each stack's API (its children included), its worker's Celery
+        # process, and the worker's children (the engine process).
+        processes = {
+            name: [
+                tree_seconds(psutil.Process(procs[0].pid)),
+                _own(psutil.Process(procs[1].pid)),
+                _children(psutil.Process(procs[1].pid)),
+            ]
+            for name, (_, procs) in started.items()
         }
         prepares = {
             name: http_clients(base, args.clients, post_one("/v1/jobs", model, "submit"))
@@ -100,9 +119,15 @@ def main() -> None:
                 spans_before = sink.spans
                 run = prepares[name](range(number, number + args.jobs))
                 number += args.jobs
-                started = time.perf_counter()
+                before = [sum(seconds().values()) for seconds in processes[name]]
+                began = time.perf_counter()
                 latencies = run()
-                wall_s = time.perf_counter() - started
+                wall_s = time.perf_counter() - began
+                after = [sum(seconds().values()) for seconds in processes[name]]
+                api_ms, worker_ms, engine_ms = (
+                    1000 * (a - b) / args.jobs for a, b in zip(after, before, strict=True)
+                )
+                cpu[name].append((api_ms, worker_ms, engine_ms))
                 results[name].append((args.jobs / wall_s, percentile(latencies, 50)))
                 if name == "on":
                     time.sleep(1.0)  # the batch processor's schedule: its spans arrive
@@ -111,17 +136,34 @@ def main() -> None:
                     f"round {round_ + 1}/{args.rounds} tracing {name}: "
                     f"{args.jobs / wall_s:,.1f} jobs/s"
                 )
-    report(results, spans_per_job, args)
+    report(results, cpu, spans_per_job, args)
     console.print(f"logs in {workdir}")
+
+
+def _own(process: psutil.Process):
+    return lambda: {process.pid: own_seconds(process)}
+
+
+def _children(process: psutil.Process):
+    def seconds() -> dict[int, float]:
+        return {
+            child.pid: own_seconds(child)
+            for child in process.children(recursive=True)
+            if child.is_running()
+        }
+
+    return seconds
 
 
 def _redis_url(name: str) -> str:
     return f"{bench_urls(STACKS[name][0])[1].rsplit('/', 1)[0]}/{STACKS[name][1]}"
 
 
-def report(results: dict[str, list[tuple[float, float]]], spans_per_job, args) -> None:
+def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, args) -> None:
     table = Table(title=f"tracing cost: {args.rounds} rounds of {args.jobs} one-token jobs")
-    for column in ("tracing", "jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "spans/job"):
+    columns = ("jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "spans/job")
+    processes = ("API", "worker", "engine")
+    for column in ("tracing", *columns, *(f"{p} CPU ms/job" for p in processes)):
         table.add_column(column, justify="right")
     off = statistics.median(rate for rate, _ in results["off"])
     for name, runs in results.items():
@@ -135,6 +177,7 @@ def report(results: dict[str, list[tuple[float, float]]], spans_per_job, args) -
             f"{p50 * 1000:,.1f}",
             f"{rate / off:.3f}",
             spans,
+            *(f"{statistics.median(run[i] for run in cpu[name]):.2f}" for i in range(3)),
         )
     console.print(table)
 

@@ -38,8 +38,16 @@ log = structlog.get_logger(__name__)
 DEFAULT_RATIO = 0.1
 TRACER_NAME = "llmq"
 EXPORTERS = ("otlp", "otlp_proto_http", "console")
+# The libraries each process instruments. The API's database and Redis calls are made for one
+# request each, and a worker's task runs and HTTP calls (a remote model's upstream requests) for
+# its jobs. A worker's Postgres and Redis calls serve many jobs at once (claims, group commits,
+# batched events) outside any trace, so they would start no span and only cost time: its own
+# spans (llmq.claim, llmq.result.write, llmq.stream.publish) time them for each job.
+API_LIBRARIES = ("celery", "httpx", "redis", "sqlalchemy")
+WORKER_LIBRARIES = ("celery", "httpx")
 
 _enabled = False
+_tracer: trace.Tracer | None = None
 _lock = threading.Lock()
 _propagator = TraceContextTextMapPropagator()
 # A trace id chosen by the caller for the next root span (an evaluation run's, a batch's).
@@ -66,9 +74,9 @@ def requested(environ: dict[str, str] | None = None) -> bool:
     )
 
 
-def configure_tracing(service_name: str) -> bool:
-    """Install the tracer provider, its exporters and the library instrumentations, once per
-    process, when the OTEL_* variables ask for traces; returns whether this process traces.
+def configure_tracing(service_name: str, libraries: Sequence[str] = API_LIBRARIES) -> bool:
+    """Install the tracer provider, its exporters and the instrumentations of `libraries`, once
+    per process, when the OTEL_* variables ask for traces; returns whether this process traces.
     `service_name` is used when OTEL_SERVICE_NAME is not set."""
     global _enabled
     with _lock:
@@ -87,7 +95,7 @@ def configure_tracing(service_name: str) -> bool:
         for exporter in _exporters():
             provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
-        _instrument_libraries()
+        _instrument_libraries(libraries)
         _enabled = True
     log.info("tracing on", service=service_name)
     return True
@@ -122,17 +130,29 @@ def _exporters() -> list:
     return exporters
 
 
-def _instrument_libraries() -> None:
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-    from opentelemetry.instrumentation.redis import RedisInstrumentor
-    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+def _instrument_libraries(libraries: Sequence[str]) -> None:
+    if "celery" in libraries:
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
-    CeleryInstrumentor().instrument()
-    HTTPXClientInstrumentor().instrument()
-    RedisInstrumentor().instrument()
-    # Its declared range stops below SQLAlchemy 2.1, whose engine events it uses unchanged.
-    SQLAlchemyInstrumentor().instrument(skip_dep_check=True)
+        CeleryInstrumentor().instrument()
+    if "httpx" in libraries:
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        HTTPXClientInstrumentor().instrument()
+    if "redis" in libraries:
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+        RedisInstrumentor().instrument()
+    if "sqlalchemy" in libraries:
+        import sqlalchemy.engine.base
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+        from opentelemetry.instrumentation.utils import unwrap
+
+        # Its declared range stops below SQLAlchemy 2.1, whose engine events it uses unchanged.
+        SQLAlchemyInstrumentor().instrument(skip_dep_check=True)
+        # Statements keep their spans; a "connect" span for each session's pool checkout (two
+        # per job) would say only that a pooled connection was lent.
+        unwrap(sqlalchemy.engine.base.Engine, "connect")
 
 
 def instrument_app(app: Any) -> None:
@@ -148,7 +168,12 @@ def instrument_app(app: Any) -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """llmq's tracer, got once: the SDK builds a new one on each get_tracer call (a third of
+    what a worker's spans for a job cost)."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(TRACER_NAME)
+    return _tracer
 
 
 # -- trace context ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 from llmq.logs import configure_logging
 from llmq.registry import ModelSpec, get_registry
 from llmq.settings import Settings, get_settings
-from llmq.tracing import configure_tracing
+from llmq.tracing import WORKER_LIBRARIES, configure_tracing
 from workers import broker_transport
 from workers.draining import DrainingHeart
 from workers.model_pool import ModelPool, ModelUnavailable
@@ -44,7 +44,7 @@ def load_models(sender=None, **_kwargs) -> None:
     settings = get_settings()
     # Here, in the one process of the threads pool, before any task: the Celery
     # instrumentation hooks the task signals of this process.
-    configure_tracing("llmq-worker")
+    configure_tracing("llmq-worker", WORKER_LIBRARIES)
     configure_logging(settings.log_level, settings.log_json)
     worker_name = getattr(sender, "hostname", "worker")
     try:

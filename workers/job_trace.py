@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
 from llmq import tracing
@@ -28,8 +29,7 @@ from workers.engine_jobs import EngineTimings
 
 
 class JobTrace:
-    def __init__(self, job: Any, claim_started_ns: int, claimed_ns: int) -> None:
-        parent = tracing.context_of(job.trace_context)
+    def __init__(self, job: Any, parent: Context, claim_started_ns: int, claimed_ns: int) -> None:
         tracer = tracing.tracer()
         attributes = {"llmq.job_id": str(job.id), "llmq.attempt": job.attempts}
         wait = tracer.start_span(
@@ -52,9 +52,10 @@ class JobTrace:
         """The job's trace, when tracing is on and the job was traced from its request."""
         if not tracing.enabled() or not job.trace_context:
             return None
-        if tracing.context_of(job.trace_context) is None:
+        parent = tracing.context_of(job.trace_context)
+        if parent is None:
             return None
-        return cls(job, claim_started_ns, claimed_ns)
+        return cls(job, parent, claim_started_ns, claimed_ns)
 
     def traceparent(self) -> str | None:
         """The job's span as a W3C traceparent: work done for the job elsewhere (a remote
