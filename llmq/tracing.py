@@ -92,10 +92,10 @@ def configure_tracing(service_name: str, libraries: Sequence[str] = API_LIBRARIE
         provider = TracerProvider(
             resource=resource, sampler=QuietBackground(_sampler()), id_generator=_IdGenerator()
         )
-        for exporter in _exporters():
+        for exporter in _exporters(resource):
             provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
-        _instrument_libraries(libraries)
+        _instrument_libraries([name for name in libraries if name not in _disabled()])
         _enabled = True
     log.info("tracing on", service=service_name)
     return True
@@ -113,21 +113,29 @@ def _sampler() -> sampling.Sampler:
     return sampling.ParentBasedTraceIdRatio(min(max(rate, 0.0), 1.0))
 
 
-def _exporters() -> list:
+def _exporters(resource) -> list:
     names = [e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
     exporters = []
     for name in names:
         if name in ("otlp", "otlp_proto_http"):
-            # OTLP over HTTP (protobuf), the protocol the specification defaults to; it reads
+            # OTLP over HTTP (protobuf), the protocol the specification defaults to, sent by the
+            # SDK's exporter in a child process (llmq/span_export.py), which reads
             # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _HEADERS and _TIMEOUT itself.
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from llmq.span_export import ChildProcessExporter
 
-            exporters.append(OTLPSpanExporter())
+            exporters.append(ChildProcessExporter(resource))
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
             exporters.append(ConsoleSpanExporter())
     return exporters
+
+
+def _disabled() -> set[str]:
+    """The instrumentations an operator turned off, by the variable the SDK's auto-instrumentation
+    reads (e.g. "redis,sqlalchemy")."""
+    names = os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "")
+    return {name.strip() for name in names.split(",") if name.strip()}
 
 
 def _instrument_libraries(libraries: Sequence[str]) -> None:
@@ -158,7 +166,7 @@ def _instrument_libraries(libraries: Sequence[str]) -> None:
 def instrument_app(app: Any) -> None:
     """Trace a FastAPI app's requests (one server span each); a no-op with tracing off. The
     per-message receive/send spans are left out: a stream would get one per token event."""
-    if not _enabled:
+    if not _enabled or "fastapi" in _disabled():
         return
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 

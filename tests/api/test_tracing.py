@@ -25,7 +25,7 @@ from api.background.reconciler import waiting_job_ids
 from api.fleet.queues import priority_lists
 from db.session import session_scope
 from db.tables import Job
-from llmq.tracing import requested
+from llmq.tracing import _disabled, requested
 from tests.evals.conftest import EVAL_DATA_ROOT, write_benchmarks
 from tests.factories import (
     ADMIN_KEY,
@@ -114,6 +114,13 @@ def test_tracing_is_off_unless_an_exporter_is_configured():
     assert not requested(
         {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
     )
+
+
+def test_an_operator_can_turn_instrumentations_off(monkeypatch):
+    monkeypatch.setenv("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", " redis, sqlalchemy ,")
+    assert _disabled() == {"redis", "sqlalchemy"}
+    monkeypatch.delenv("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS")
+    assert _disabled() == set()
 
 
 def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, database_url):
