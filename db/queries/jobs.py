@@ -107,12 +107,8 @@ def insert_job(session: Session, new: NewJob) -> Job:
 
 
 def insert_jobs(session: Session, new_jobs: list[NewJob]) -> list[Job]:
-    """insert_job for many jobs in one statement, in order. The rows of one statement may read
-    the same microsecond from the clock: each is set its place later, so they keep their order
-    as separate inserts would."""
-    rows = [job_values(new) for new in new_jobs]
-    for place, row in enumerate(rows):
-        row["created_at"] = func.clock_timestamp() + timedelta(microseconds=place)
+    """insert_job for many jobs in one statement, in order."""
+    rows = _ordered_rows(new_jobs)
     returned = session.execute(insert(job_table).values(rows).returning(*job_table.c))
     by_id = {row.id: row for row in returned}
     jobs = []
@@ -121,6 +117,25 @@ def insert_jobs(session: Session, new_jobs: list[NewJob]) -> list[Job]:
         job.result = None
         jobs.append(job)
     return jobs
+
+
+def insert_job_ids(session: Session, new_jobs: list[NewJob]) -> list[uuid.UUID]:
+    """Many jobs in one statement; their ids, in order."""
+    if not new_jobs:
+        return []
+    rows = _ordered_rows(new_jobs)
+    session.execute(insert(job_table).values(rows))
+    return [row["id"] for row in rows]
+
+
+def _ordered_rows(new_jobs: list[NewJob]) -> list[dict[str, Any]]:
+    """The rows of new jobs stored by one statement. Its rows may read the same microsecond
+    from the clock: each is set its place later, so they keep their order as separate inserts
+    would."""
+    rows = [job_values(new) for new in new_jobs]
+    for place, row in enumerate(rows):
+        row["created_at"] = func.clock_timestamp() + timedelta(microseconds=place)
+    return rows
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
