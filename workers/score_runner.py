@@ -16,7 +16,6 @@ from pydantic import ValidationError
 
 from db.queries import jobs as job_queries
 from db.session import session_scope
-from db.tables import ScoreResult
 from llmq import tracing
 from llmq.price_book import get_price_book
 from llmq.protocol import ErrorCategory, ScoreInput, ScoreParams
@@ -86,7 +85,8 @@ class ScoreRunner:
         stopped = [s.job_id for s in scoring if _engine_stopped(s.future)]
         for s in scoring:
             if s.trace is not None:
-                s.trace.end("handed back: its model was unloaded" if s in stopped else s.error)
+                handed_back = s.job_id in stopped
+                s.trace.end("handed back: its model was unloaded" if handed_back else s.error)
         return len(self._hand_back(stopped)) if stopped else 0
 
     @db_retry
@@ -171,31 +171,38 @@ class ScoreRunner:
 
     @db_retry
     def _complete(self, outputs: list[tuple[_Scoring, ScoreOutput]]) -> None:
+        """The group's results, usage and scores in one transaction of four statements."""
+        outcomes = {}
+        for scoring, output in outputs:
+            scores = output.loglikelihoods
+            best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+            outcomes[scoring.job_id] = job_queries.Outcome(
+                text=scoring.given.continuations[best],  # the likeliest, shown as the result
+                finish_reason="stop",
+                prompt_tokens=output.input_tokens,
+                completion_tokens=0,
+                time_to_first_token_ms=None,
+                duration_ms=output.duration_ms,
+            )
+        price_of = get_price_book().price  # the price in force as the jobs finish
         with session_scope(self.database_url) as session:
+            done = job_queries.complete_jobs(session, self.worker_name, outcomes, price_of=price_of)
+            scores = []
             for scoring, output in outputs:
-                scores = output.loglikelihoods
-                best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-                outcome = job_queries.Outcome(
-                    text=scoring.given.continuations[best],  # the likeliest, shown as the result
-                    finish_reason="stop",
-                    prompt_tokens=output.input_tokens,
-                    completion_tokens=0,
-                    time_to_first_token_ms=None,
-                    duration_ms=output.duration_ms,
-                )
-                price_of = get_price_book().price  # the price in force as the job finishes
-                stored = job_queries.complete_job(
-                    session, scoring.job_id, self.worker_name, outcome, price_of=price_of
-                )
-                if not stored:
+                if scoring.job_id not in done:
                     log.warning(
                         "result dropped: the job was cancelled or handed to another worker",
                         job_id=str(scoring.job_id),
                     )
                     continue
-                session.add(
-                    ScoreResult(job_id=scoring.job_id, loglikelihoods=scores, greedy=output.greedy)
+                scores.append(
+                    {
+                        "job_id": scoring.job_id,
+                        "loglikelihoods": output.loglikelihoods,
+                        "greedy": output.greedy,
+                    }
                 )
+            job_queries.store_score_results(session, scores)
 
     def _failed(self, scoring: _Scoring, category: ErrorCategory, message: str) -> None:
         scoring.error = message

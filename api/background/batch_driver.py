@@ -1,9 +1,10 @@
 """Moves batches through their states, from what Postgres holds, in any API process:
 
 validating → in_progress: the input file is read and checked; its valid lines become jobs at
-batch priority (a line's jobs and its row are stored line by line, so a restart carries on
-where it stopped). Lines are released as the model's workers take them, within the model's
-background window (api/background/window.py), which evaluation runs share.
+batch priority (the lines a sweep queues are stored in one transaction, each line's jobs with
+its row, so a restart carries on where it stopped). Lines are released as the model's workers
+take them, within the model's background window (api/background/window.py), which evaluation
+runs share.
 in_progress → finalizing → completed once every job has ended; expired when the completion
 window passes first; cancelling → cancelled once no job of the batch is open. Finalizing
 writes the output file (lines that succeeded) and the error file (the rest). A batch is driven
@@ -23,10 +24,11 @@ from api.intake.batch_input import REQUEST_TYPES, RequestLine, read_input
 from api.intake.openai_requests import (
     ResponseShape,
     build_response,
+    choice_requests,
     plan_request,
     stored_shape,
-    submit_choices,
 )
+from api.intake.submit import PreparedJob, announce, prepare_generations, store_prepared
 from api.schemas.openai import UsageInfo
 from api.schemas.output_formats import resolve_named_schema
 from db.queries import batches as batch_queries
@@ -143,41 +145,46 @@ class BatchDriver:
             left -= 1
             if not left:
                 break
-        # Its own session: submitting commits each job, which must not end the lock's transaction.
-        # The batch is one trace; each line's jobs get their own, linked to it.
+        # Its own session: its commit must not end the lock's transaction. The lines of one
+        # sweep are stored in one transaction, each line's jobs with its row, then sent
+        # together. The batch is one trace; each line's jobs get their own, linked to it.
         with (
             get_sessionmaker(self.database_url)() as submitting,
             collection_trace("llmq.batch.queue", batch.id, **{"llmq.batch_id": batch.id}) as queued,
         ):
+            checked = []
             for line in todo:
                 with linked_trace("llmq.batch.line", queued):
-                    job_ids, refusal = self._submit_line(submitting, batch, line)
+                    checked.append((line, *self._prepare_line(submitting, batch, line)))
+            prepared = [job for _, jobs, _ in checked for job in jobs]
+            stored = store_prepared(submitting, prepared)
+            job_ids = iter(job.id for job, _ in stored)
+            rows = []
+            for line, jobs, refusal in checked:
                 body = line.body if refusal is None else {**line.body, "_error": refusal}
-                batch_queries.add_line(
-                    submitting, batch.id, line.line, line.custom_id, line.url, body, job_ids
-                )
-                submitting.commit()
+                ids = [next(job_ids) for _ in jobs]
+                rows.append((line.line, line.custom_id, line.url, body, ids))
+            batch_queries.add_lines(submitting, batch.id, rows)
+            submitting.commit()
+        announce(stored, prepared)
         if todo:
             log.debug("batch lines queued", batch_id=batch.id, lines=len(todo))
 
-    def _submit_line(
+    def _prepare_line(
         self, session: Session, batch: Batch, line: RequestLine
-    ) -> tuple[list[uuid.UUID], dict | None]:
-        """The line's job ids, or no jobs and why the line was refused."""
+    ) -> tuple[list[PreparedJob], dict | None]:
+        """The line's jobs, checked and ready to store, or no jobs and why the line was
+        refused."""
         try:
             request = resolve_named_schema(session, batch.owner, line.request)
             planned = plan_request(self.state, request)
-            choices = submit_choices(
-                session,
-                self.state,
-                planned,
-                owner=batch.owner,
-                priority=BATCH_PRIORITY,
-                batch_id=batch.id,
+            requests = choice_requests(
+                planned, owner=batch.owner, priority=BATCH_PRIORITY, batch_id=batch.id
             )
+            state = self.state
+            return prepare_generations(requests, state.prompt_counter, state.live_queues), None
         except LlmqError as exc:  # e.g. the prompt does not fit the model's context
             return [], {"code": exc.code or exc.error_type, "message": exc.message}
-        return [choice.job_id for choice in choices], None
 
     def _shape(self, line: BatchLine, jobs: list[Job]) -> ResponseShape:
         request = REQUEST_TYPES[line.url].model_validate(line.body)

@@ -128,7 +128,6 @@ class EvalDriver:
 
     def feed(self, run_id: uuid.UUID) -> int:
         """Top the run's jobs in flight up to its window; returns how many were sent."""
-        created: list[tuple[uuid.UUID, str, str | None]] = []  # (id, kind, trace), one queue
         with session_scope(self.settings.database_url) as session:
             run = eval_queries.lock_run(session, run_id, eval_queries.RunStatus.RUNNING)
             if run is None:
@@ -146,12 +145,14 @@ class EvalDriver:
             if room <= 0:
                 return 0
             queue = route(spec, self.live.queues)
-            # The run is one trace; each of its jobs gets its own, linked to it.
+            # The run is one trace; each of its jobs gets its own, linked to it. The jobs go
+            # in one statement, and their items are assigned in another.
+            items = eval_queries.next_requests(session, run_id, room)
+            new_jobs = []
             with collection_trace("llmq.eval.feed", run_id, **{"llmq.run_id": str(run_id)}) as feed:
-                for item in eval_queries.next_requests(session, run_id, room):
+                for item in items:
                     with linked_trace("llmq.eval.item", feed) as trace_context:
-                        job = job_queries.create_job(
-                            session,
+                        new_jobs.append(
                             job_queries.NewJob(
                                 kind=item.kind,
                                 model=spec.id,
@@ -162,10 +163,21 @@ class EvalDriver:
                                 timeout_s=spec.timeout_s,
                                 priority=BATCH_PRIORITY,
                                 trace_context=trace_context,
-                            ),
+                            )
                         )
-                    eval_queries.assign_job(session, run_id, item.request_key, job.id)
-                    created.append((job.id, item.kind, trace_context))
+                job_ids = job_queries.insert_job_ids(session, new_jobs)
+                eval_queries.assign_jobs(
+                    session,
+                    run_id,
+                    [
+                        (item.request_key, job_id)
+                        for item, job_id in zip(items, job_ids, strict=True)
+                    ],
+                )
+            created = [  # (id, kind, trace), one queue
+                (job_id, new.kind, new.trace_context)
+                for job_id, new in zip(job_ids, new_jobs, strict=True)
+            ]
         # After the commit, as for every job; a lost send is resent by the reconciler, job by job.
         scoring = [job_id for job_id, kind, _ in created if kind == JobKind.SCORE.value]
         for start in range(0, len(scoring), SCORE_GROUP_SIZE):

@@ -168,6 +168,36 @@ def submit_choices(
     """One job per prompt × n, all committed in one transaction, then queued. A seed gives
     choice j the seed + j. With an idempotency key, choice i is stored under `<key>:<i>`, and
     a request repeated with the key gets the jobs the first one stored."""
+    requests = choice_requests(
+        planned,
+        owner=owner,
+        request_id=request_id,
+        priority=priority,
+        batch_id=batch_id,
+        idempotency_key=idempotency_key,
+    )
+    submissions = submit_generations(session, requests, state.prompt_counter, state.live_queues)
+    return choices_of(planned, [submission.job for submission in submissions])
+
+
+def choices_of(planned: PlannedRequest, jobs: list[Job]) -> list[Choice]:
+    """The request's choices, from its stored jobs (in choice order)."""
+    return [
+        Choice(index, job.id, index % planned.body.n == 0, finished_job(job))
+        for index, job in enumerate(jobs)
+    ]
+
+
+def choice_requests(
+    planned: PlannedRequest,
+    *,
+    owner: str | None = None,
+    request_id: str | None = None,
+    priority: int = INTERACTIVE_PRIORITY,
+    batch_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> list[GenerationRequest]:
+    """The job of each choice (prompt × n), as submit_choices stores them."""
     body, requests = planned.body, []
     counted = planned.prompt_tokens or [None] * len(planned.prompts)
     token_ids = planned.prompt_token_ids or [None] * len(planned.prompts)
@@ -194,11 +224,7 @@ def submit_choices(
                     prompt_token_ids=token_ids[p],
                 )
             )
-    submissions = submit_generations(session, requests, state.prompt_counter, state.live_queues)
-    return [
-        Choice(index, submission.job.id, index % body.n == 0, finished_job(submission.job))
-        for index, submission in enumerate(submissions)
-    ]
+    return requests
 
 
 def stored_shape(

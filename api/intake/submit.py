@@ -168,9 +168,33 @@ def _submit_generations(
         if earlier is None:
             raise
         return earlier
-    for (job, placement), new in zip(stored, new_jobs, strict=True):
-        _after_commit(job, placement, counted=new[1] is not None)
+    announce(stored, new_jobs)
     return [Submission(job, created=True, placement=placement) for job, placement in stored]
+
+
+# A job checked and ready to store: its row and its completion-cache key.
+PreparedJob = tuple[job_queries.NewJob, Fingerprint | None]
+
+
+def prepare_generations(
+    requests: list[GenerationRequest], counter: PromptCounter, live: LiveQueues
+) -> list[PreparedJob]:
+    """The requests' jobs once every prompt is known to fit (an LlmqError if not), stored by
+    `store_prepared`: a caller that stores many requests' jobs together (the Batch driver)
+    checks each request on its own first."""
+    return _new_jobs(requests, counter, live)
+
+
+def store_prepared(session: Session, prepared: list[PreparedJob]) -> list[tuple[Job, Placement]]:
+    """Store prepared jobs in the session's transaction; the caller commits, then calls
+    `announce` (no idempotency keys here: the submit functions handle those)."""
+    return _store_all(session, prepared)
+
+
+def announce(stored: list[tuple[Job, Placement]], prepared: list[PreparedJob]) -> None:
+    """After the commit: send, count and log the stored jobs; never raises."""
+    for (job, placement), new in zip(stored, prepared, strict=True):
+        _after_commit(job, placement, counted=new[1] is not None)
 
 
 def _earlier(session: Session, requests: list[GenerationRequest]) -> list[Submission] | None:
@@ -195,7 +219,7 @@ def _earlier(session: Session, requests: list[GenerationRequest]) -> list[Submis
 
 def _new_jobs(
     requests: list[GenerationRequest], counter: PromptCounter, live: LiveQueues
-) -> list[tuple[job_queries.NewJob, Fingerprint | None]]:
+) -> list[PreparedJob]:
     """Each request's job row and cache key, once every prompt is known to fit (400 if not)."""
     limit = get_settings().max_prompt_chars
     trace_context = current_traceparent()
@@ -242,16 +266,23 @@ def _new_jobs(
     return new_jobs
 
 
-def _store_all(
-    session: Session, new_jobs: list[tuple[job_queries.NewJob, Fingerprint | None]]
-) -> list[tuple[Job, Placement]]:
+def _store_all(session: Session, new_jobs: list[PreparedJob]) -> list[tuple[Job, Placement]]:
     # Several keys are locked in one order, so that two requests that share some never wait
     # for each other in a cycle. (A lock already held is taken again at no cost.)
     keys = sorted({key.cache_key for _, key in new_jobs if key is not None})
     if len(keys) > 1:
         for cache_key in keys:
             cache_queries.lock_key(session, cache_key)
-    return [_store(session, new, key) for new, key in new_jobs]
+    # Jobs that cannot meet the cache go in one statement (a request's choices, a sweep's
+    # Batch API lines); the others one by one, each after its look at the cache.
+    plain = [new for new, key in new_jobs if key is None]
+    inserted = iter(job_queries.insert_jobs(session, plain) if len(plain) > 1 else [])
+    return [
+        (next(inserted), Placement.QUEUED)
+        if key is None and len(plain) > 1
+        else _store(session, new, key)
+        for new, key in new_jobs
+    ]
 
 
 def _commit(session: Session, job_ids: list[uuid.UUID]) -> None:

@@ -136,7 +136,7 @@ async def create_job(
     long-polling read); the status code stays 202 for a new job either way."""
     spec = resolve_model(registry, body.model)
 
-    def store() -> tuple[JobPublic, bool]:
+    def store() -> tuple[JobPublic | None, uuid.UUID, bool]:
         counter.check_token_ids(spec, body.token_ids_used())
         given = resolve_named_schema(session, caller.owner, body)
         token_ids = body.prompt if isinstance(body.prompt, list) else None
@@ -156,17 +156,20 @@ async def create_job(
             timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
             use_cache=body.cache,
         )
-        public = public_job(request, submission.job)
+        job = submission.job
+        # A job to wait for is answered as read after the wait: nothing to build now.
+        waits = wait > 0 and not JobStatus(job.status).is_final
+        public = None if waits else public_job(request, job)
         session.close()  # gives the request's database slot back before any wait
-        return public, submission.created
+        return public, job.id, submission.created
 
-    job, created = await run_in_threadpool(store)
+    public, job_id, created = await run_in_threadpool(store)
     if not created:
         response.status_code = status.HTTP_200_OK
-    if wait > 0 and not job.status.is_final:
-        await request.app.state.event_reader.wait_final(job.id, wait)
-        job = public_job(request, await _read_job(request, caller, job.id))
-    return job
+    if public is None:
+        await request.app.state.event_reader.wait_final(job_id, wait)
+        public = public_job(request, await _read_job(request, caller, job_id))
+    return public
 
 
 @router.get("/{job_id}", response_model=JobPublic)

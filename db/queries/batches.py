@@ -4,7 +4,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.queries.jobs import release_followers
@@ -95,17 +95,23 @@ def submitted_lines(session: Session, batch_id: str) -> set[int]:
     return set(session.scalars(select(BatchLine.line).where(BatchLine.batch_id == batch_id)))
 
 
-def add_line(session: Session, batch_id: str, line: int, custom_id: str, url: str, body, job_ids):
-    session.add(
-        BatchLine(
-            batch_id=batch_id,
-            line=line,
-            custom_id=custom_id,
-            url=url,
-            body=body,
-            job_ids=[str(job_id) for job_id in job_ids],
+def add_lines(session: Session, batch_id: str, rows: list[tuple]) -> None:
+    """Many lines in one statement: (line, custom_id, url, body, job_ids) each."""
+    if rows:
+        session.execute(
+            insert(BatchLine.__table__),
+            [
+                {
+                    "batch_id": batch_id,
+                    "line": line,
+                    "custom_id": custom_id,
+                    "url": url,
+                    "body": body,
+                    "job_ids": [str(job_id) for job_id in job_ids],
+                }
+                for line, custom_id, url, body, job_ids in rows
+            ],
         )
-    )
 
 
 def lines(session: Session, batch_id: str) -> list[BatchLine]:

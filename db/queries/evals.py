@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Session
 
@@ -179,15 +179,17 @@ def in_flight_jobs(session: Session, run_id: uuid.UUID) -> int:
     )
 
 
-def next_requests(session: Session, run_id: uuid.UUID, count: int) -> list[EvalItem]:
-    """The first `count` distinct requests of the run that have no job yet, in item order."""
-    rows = session.scalars(
-        select(EvalItem)
-        .where(EvalItem.run_id == run_id, EvalItem.job_id.is_(None), EvalItem.graded_at.is_(None))
-        .order_by(EvalItem.position)
+def next_requests(session: Session, run_id: uuid.UUID, count: int) -> list[Row]:
+    """The first `count` distinct requests of the run that have no job yet, in item order:
+    rows of position, request_key, kind, input and params."""
+    items = EvalItem.__table__.c
+    rows = session.execute(
+        select(items.position, items.request_key, items.kind, items.input, items.params)
+        .where(items.run_id == run_id, items.job_id.is_(None), items.graded_at.is_(None))
+        .order_by(items.position)
         .limit(count * 4)  # duplicates of a request are rare; a short page is taken next sweep
     )
-    first: dict[str, EvalItem] = {}
+    first: dict[str, Row] = {}
     for item in rows:
         if len(first) == count:
             break
@@ -195,16 +197,24 @@ def next_requests(session: Session, run_id: uuid.UUID, count: int) -> list[EvalI
     return list(first.values())
 
 
-def assign_job(session: Session, run_id: uuid.UUID, request_key: str, job_id: uuid.UUID) -> None:
-    session.execute(
-        update(EvalItem)
-        .where(
-            EvalItem.run_id == run_id,
-            EvalItem.request_key == request_key,
-            EvalItem.job_id.is_(None),
-        )
-        .values(job_id=job_id)
+_items = EvalItem.__table__.c
+_ASSIGN_JOB = (
+    update(EvalItem.__table__)
+    .where(
+        _items.run_id == bindparam("run"),
+        _items.request_key == bindparam("key"),
+        _items.job_id.is_(None),
     )
+    .values(job_id=bindparam("job"))
+)
+
+
+def assign_jobs(session: Session, run_id: uuid.UUID, assigned: list[tuple[str, uuid.UUID]]) -> None:
+    """Give each request (request_key, job id) its job: every item of the run with that key."""
+    if assigned:
+        session.execute(
+            _ASSIGN_JOB, [{"run": run_id, "key": key, "job": job_id} for key, job_id in assigned]
+        )
 
 
 def finished_items(session: Session, run_id: uuid.UUID, limit: int) -> list[Finished]:

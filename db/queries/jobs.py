@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from db.queries.usage import insert_usage
-from db.tables import Job, JobResult, Usage
+from db.tables import Job, JobResult, ScoreResult, Usage
 from llmq.pricing import Price
 from llmq.protocol import BATCH_PRIORITY, ErrorCategory, JobStatus
 
@@ -104,6 +104,38 @@ def insert_job(session: Session, new: NewJob) -> Job:
     job = Job(**row._mapping)
     job.result = None
     return job
+
+
+def insert_jobs(session: Session, new_jobs: list[NewJob]) -> list[Job]:
+    """insert_job for many jobs in one statement, in order."""
+    rows = _ordered_rows(new_jobs)
+    returned = session.execute(insert(job_table).values(rows).returning(*job_table.c))
+    by_id = {row.id: row for row in returned}
+    jobs = []
+    for row in rows:
+        job = Job(**by_id[row["id"]]._mapping)
+        job.result = None
+        jobs.append(job)
+    return jobs
+
+
+def insert_job_ids(session: Session, new_jobs: list[NewJob]) -> list[uuid.UUID]:
+    """Many jobs in one statement; their ids, in order."""
+    if not new_jobs:
+        return []
+    rows = _ordered_rows(new_jobs)
+    session.execute(insert(job_table).values(rows))
+    return [row["id"] for row in rows]
+
+
+def _ordered_rows(new_jobs: list[NewJob]) -> list[dict[str, Any]]:
+    """The rows of new jobs stored by one statement. Its rows may read the same microsecond
+    from the clock: each is set its place later, so they keep their order as separate inserts
+    would."""
+    rows = [job_values(new) for new in new_jobs]
+    for place, row in enumerate(rows):
+        row["created_at"] = func.clock_timestamp() + timedelta(microseconds=place)
+    return rows
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
@@ -426,16 +458,24 @@ def complete_jobs(
     ).all()
     if not done:
         return {}
-    session.execute(
-        pg_insert(JobResult)
-        .values([_result_values(row.id, outcomes[row.id]) for row in done])
-        .on_conflict_do_nothing()
-    )
+    # One statement compiled once, whatever the number of rows (SQLAlchemy's insertmanyvalues
+    # sends them together); a multi-row VALUES built per call was compiled anew each time.
+    session.execute(_INSERT_RESULTS, [_result_values(row.id, outcomes[row.id]) for row in done])
     insert_usage(
         session,
         [usage_values(row, outcomes[row.id], price_of(row.model), cached=False) for row in done],
     )
     return {row.id: row for row in done}
+
+
+_INSERT_RESULTS = pg_insert(_result_table).on_conflict_do_nothing()
+_INSERT_SCORES = pg_insert(ScoreResult.__table__).on_conflict_do_nothing()
+
+
+def store_score_results(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Scoring jobs' outputs ({"job_id", "loglikelihoods", "greedy"} each) in one statement."""
+    if rows:
+        session.execute(_INSERT_SCORES, rows)
 
 
 def _result_values(job_id: uuid.UUID, outcome: Outcome) -> dict:

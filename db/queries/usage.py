@@ -58,17 +58,20 @@ class Totals:
             self.cost[currency] = self.cost.get(currency, Decimal(0)) + amount
 
 
+# Many rows in one statement compiled once (insertmanyvalues), whatever their number.
+_INSERT_USAGE = (
+    pg_insert(Usage.__table__)
+    .on_conflict_do_nothing()
+    .returning(Usage.__table__.c.model, Usage.__table__.c.currency, Usage.__table__.c.cost)
+)
+
+
 def insert_usage(session: Session, rows: list[dict[str, Any]]) -> None:
     """Store finished jobs' usage rows (a job's second row is ignored); their cost is counted
     in the metrics when the session commits."""
     if not rows:
         return
-    inserted = session.execute(
-        pg_insert(Usage)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(Usage.model, Usage.currency, Usage.cost)
-    ).all()
+    inserted = session.execute(_INSERT_USAGE, rows).all()
     for model, currency, cost in inserted:
         if cost is not None:
             charged(session, model, currency, cost)

@@ -41,7 +41,7 @@ def test_sweep_queries_follow_items_from_plan_to_grade(database_url):
                 kind=item.kind, model=MODEL, queue=f"llmq.{MODEL}.cpu", input={}, params={}
             )
             jobs[item.position] = job_queries.create_job(session, new)
-            eval_queries.assign_job(session, run.id, item.request_key, jobs[item.position].id)
+            eval_queries.assign_jobs(session, run.id, [(item.request_key, jobs[item.position].id)])
         session.flush()
         # Item 2 still waits for a job; 0 and 1 have one in flight, so none is finished.
         assert [i.position for i in eval_queries.next_requests(session, run.id, 5)] == [2]
