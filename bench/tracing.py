@@ -60,6 +60,9 @@ def main() -> None:
         default="parentbased_always_on",
         help="the traced stack's OTEL_TRACES_SAMPLER (always_off: the instrumentation alone)",
     )
+    parser.add_argument(
+        "--sampler-arg", default="", help="its OTEL_TRACES_SAMPLER_ARG (a ratio: 0.1)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmq-tracing-"))
     model, model_dir = next(benchmark_models("stories260K", workdir, console.print), (None, None))
@@ -71,6 +74,7 @@ def main() -> None:
     traced = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
         "OTEL_TRACES_SAMPLER": args.sampler,
+        **({"OTEL_TRACES_SAMPLER_ARG": args.sampler_arg} if args.sampler_arg else {}),
     }
     results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     cpu: dict[str, list[tuple[float, ...]]] = {"off": [], "on": []}  # ms/job by process
@@ -96,13 +100,15 @@ def main() -> None:
         }
         bases = {name: base for name, (base, _) in started.items()}
         # CPU seconds of each stack's API and worker, their children included.
-        # CPU seconds of each stack's API (its children included), its worker's Celery
-        # process, and the worker's children (the engine process).
+        # CPU seconds of each stack's API (its children included: the span export process), its
+        # worker's Celery process, the worker's children (the engine and span export processes),
+        # and this process (the load clients and the receiver).
         processes = {
             name: [
                 tree_seconds(psutil.Process(procs[0].pid)),
                 _own(psutil.Process(procs[1].pid)),
                 _children(psutil.Process(procs[1].pid)),
+                _own(psutil.Process()),
             ]
             for name, (_, procs) in started.items()
         }
@@ -124,10 +130,10 @@ def main() -> None:
                 latencies = run()
                 wall_s = time.perf_counter() - began
                 after = [sum(seconds().values()) for seconds in processes[name]]
-                api_ms, worker_ms, engine_ms = (
+                api_ms, worker_ms, engine_ms, bench_ms = (
                     1000 * (a - b) / args.jobs for a, b in zip(after, before, strict=True)
                 )
-                cpu[name].append((api_ms, worker_ms, engine_ms))
+                cpu[name].append((api_ms, worker_ms, engine_ms, bench_ms))
                 results[name].append((args.jobs / wall_s, percentile(latencies, 50)))
                 if name == "on":
                     time.sleep(1.0)  # the batch processor's schedule: its spans arrive
@@ -162,7 +168,7 @@ def _redis_url(name: str) -> str:
 def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, args) -> None:
     table = Table(title=f"tracing cost: {args.rounds} rounds of {args.jobs} one-token jobs")
     columns = ("jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "spans/job")
-    processes = ("API", "worker", "engine")
+    processes = ("API", "worker", "worker's children", "clients + receiver")
     for column in ("tracing", *columns, *(f"{p} CPU ms/job" for p in processes)):
         table.add_column(column, justify="right")
     off = statistics.median(rate for rate, _ in results["off"])
@@ -171,13 +177,13 @@ def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, ar
         p50 = statistics.median(p for _, p in runs)
         spans = f"{statistics.median(spans_per_job):.1f}" if name == "on" else "0"
         table.add_row(
-            "on (100%)" if name == "on" else "off",
+            f"on ({args.sampler} {args.sampler_arg})".replace(" )", ")") if name == "on" else "off",
             f"{rate:,.1f}",
             " ".join(f"{r:,.0f}" for r, _ in runs),
             f"{p50 * 1000:,.1f}",
             f"{rate / off:.3f}",
             spans,
-            *(f"{statistics.median(run[i] for run in cpu[name]):.2f}" for i in range(3)),
+            *(f"{statistics.median(run[i] for run in cpu[name]):.2f}" for i in range(4)),
         )
     console.print(table)
 
