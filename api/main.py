@@ -43,7 +43,7 @@ from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
 from llmq.settings import Settings, get_settings
-from llmq.tracing import configure_tracing, instrument_app
+from llmq.tracing import app_telemetry, configure_tracing
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Queue-backed LLM inference: submit jobs, poll or stream their results.",
         lifespan=lifespan,
         dependencies=[Depends(single_query_values)],
+        telemetry=app_telemetry(),
     )
     configure_tracing("llmq-api")  # before logging: traced lines carry their trace ids
     configure_logging(settings.log_level, settings.log_json)
@@ -108,8 +109,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Batch input files are large by design; the upload route enforces their own limit.
         larger_limits={"/v1/files": MAX_FILE_BYTES + 1024 * 1024},
     )
-    app.add_middleware(RequestContextMiddleware)  # outermost: every answer gets an id
-    instrument_app(app)  # wraps even that: the request's span is current in every middleware
+    # Outermost of these: every answer gets an id. FastAPI's telemetry wraps even that, so the
+    # request's span is current in every middleware.
+    app.add_middleware(RequestContextMiddleware)
     for module in (health, metrics):  # probes and Prometheus stay open, as do the docs
         app.include_router(module.router, responses=ERROR_RESPONSES)
     keyed = (

@@ -166,7 +166,9 @@ def _redis_url(name: str) -> str:
 
 
 def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, args) -> None:
-    table = Table(title=f"tracing cost: {args.rounds} rounds of {args.jobs} one-token jobs")
+    sampler = f"{args.sampler} {args.sampler_arg}".strip()
+    title = f"tracing cost: {args.rounds} rounds of {args.jobs} one-token jobs; on: {sampler}"
+    table = Table(title=title)
     columns = ("jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "spans/job")
     processes = ("API", "worker", "worker's children", "clients + receiver")
     for column in ("tracing", *columns, *(f"{p} CPU ms/job" for p in processes)):
@@ -177,7 +179,7 @@ def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, ar
         p50 = statistics.median(p for _, p in runs)
         spans = f"{statistics.median(spans_per_job):.1f}" if name == "on" else "0"
         table.add_row(
-            f"on ({args.sampler} {args.sampler_arg})".replace(" )", ")") if name == "on" else "off",
+            "on" if name == "on" else "off",
             f"{rate:,.1f}",
             " ".join(f"{r:,.0f}" for r, _ in runs),
             f"{p50 * 1000:,.1f}",

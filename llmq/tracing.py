@@ -163,16 +163,22 @@ def _instrument_libraries(libraries: Sequence[str]) -> None:
         unwrap(sqlalchemy.engine.base.Engine, "connect")
 
 
-def instrument_app(app: Any) -> None:
-    """Trace a FastAPI app's requests (one server span each); a no-op with tracing off. The
-    per-message receive/send spans are left out: a stream would get one per token event."""
-    if not _enabled or "fastapi" in _disabled():
-        return
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+UNTRACED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
-    FastAPIInstrumentor.instrument_app(
-        app, excluded_urls="/metrics,/healthz,/readyz", exclude_spans=["receive", "send"]
-    )
+
+def app_telemetry() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry settings (`FastAPI(telemetry=...)`): a server span for each
+    request, named by its route once it is routed, current in every middleware. It starts no
+    span while no tracer provider is installed (tracing off). No spans for dependencies,
+    endpoints and serialization (llmq.submit covers a job's acceptance), no OpenTelemetry
+    metrics or logs (Prometheus and structlog have those), nothing for probes and scrapes."""
+    return {
+        "tracing": "fastapi" not in _disabled(),
+        "operation_spans": False,
+        "metrics": False,
+        "logs": False,
+        "exclude": lambda scope: scope.get("path") in UNTRACED_PATHS,
+    }
 
 
 def tracer() -> trace.Tracer:
