@@ -98,3 +98,18 @@ def trace_id_of(response: httpx.Response) -> str:
 def only(spans: dict, name: str) -> dict:
     assert len(spans[name]) == 1, f"{len(spans[name])} {name} spans"
     return spans[name][0]
+
+
+def finished_mmlu_run(client: httpx.Client, model: str) -> tuple[str, list[dict]]:
+    """The id and items of a 0-shot MMLU run on `model` (the two anatomy questions of the
+    evaluation fixtures' data, which the caller writes), once it has succeeded."""
+    body = {"benchmark": "mmlu", "model": model, "num_fewshot": 0, "subjects": ["anatomy"]}
+    created = client.post("/v1/evals", json=body)
+    assert created.status_code == 202, created.text
+    run_id = created.json()["id"]
+    deadline = time.monotonic() + 120
+    while (run := client.get(f"/v1/evals/{run_id}").json())["status"] != "succeeded":
+        assert run["status"] in ("queued", "running"), run
+        assert time.monotonic() < deadline, run
+        time.sleep(0.2)
+    return run_id, client.get(f"/v1/evals/{run_id}/items").json()["data"]

@@ -36,7 +36,7 @@ from tests.factories import (
     wait_for_job,
     wait_for_queue,
 )
-from tests.traces import Receiver, only, trace_id_of, traced_env
+from tests.traces import Receiver, finished_mmlu_run, only, trace_id_of, traced_env
 
 MODEL = "tiny-observed"
 RESENT_MODEL = "tiny-faults"
@@ -282,16 +282,7 @@ def traces_linked(receiver: Receiver, trace_id: str, count: int, until) -> dict[
 def test_an_evaluation_run_is_one_trace_its_items_linked_with_scoring_spans(traced, receiver):
     write_benchmarks(EVAL_DATA_ROOT)
     client = httpx.Client(base_url=traced, headers=AUTH, timeout=30)
-    body = {"benchmark": "mmlu", "model": MODEL, "num_fewshot": 0, "subjects": ["anatomy"]}
-    created = client.post("/v1/evals", json=body)
-    assert created.status_code == 202, created.text
-    run_id = created.json()["id"]
-    deadline = time.monotonic() + 120
-    while (run := client.get(f"/v1/evals/{run_id}").json())["status"] != "succeeded":
-        assert run["status"] in ("queued", "running"), run
-        assert time.monotonic() < deadline, run
-        time.sleep(0.2)
-    items = client.get(f"/v1/evals/{run_id}/items").json()["data"]
+    run_id, items = finished_mmlu_run(client, MODEL)
     assert len(items) == 2
 
     run_trace = uuid.UUID(run_id).hex  # the run's trace id is its own id

@@ -10,7 +10,7 @@ import pytest
 
 from tests.evals.conftest import EVAL_DATA_ROOT, write_benchmarks
 from tests.factories import AUTH, start_api, start_worker, stop_worker, wait_for_job, wait_for_queue
-from tests.traces import Receiver, only, trace_id_of, traced_env
+from tests.traces import Receiver, finished_mmlu_run, only, trace_id_of, traced_env
 
 MODEL = "tiny-remote-traced"
 QUEUE = "llmq.tiny-remote-traced.remote"
@@ -64,15 +64,7 @@ def test_a_remote_jobs_upstream_request_is_a_child_of_its_job_span(traced_front,
 
 def test_a_remote_scoring_jobs_upstream_request_is_in_its_trace(traced_front, receiver):
     write_benchmarks(EVAL_DATA_ROOT)
-    body = {"benchmark": "mmlu", "model": MODEL, "num_fewshot": 0, "subjects": ["anatomy"]}
-    created = traced_front.post("/v1/evals", json=body)
-    assert created.status_code == 202, created.text
-    run_id = created.json()["id"]
-    deadline = time.monotonic() + 120
-    while (run := traced_front.get(f"/v1/evals/{run_id}").json())["status"] != "succeeded":
-        assert run["status"] in ("queued", "running"), run
-        assert time.monotonic() < deadline, run
-        time.sleep(0.2)
+    run_id, _ = finished_mmlu_run(traced_front, MODEL)
 
     run_trace = uuid.UUID(run_id).hex
     deadline = time.monotonic() + 30
