@@ -49,8 +49,9 @@ from workers.sampling import (
     TokenHistory,
     TokenLogprob,
     choose_tokens,
+    logprob_entries,
     make_generator,
-    token_logprobs,
+    model_logprobs,
 )
 from workers.scoring import PendingScore, Scorer, ScoreRequest
 
@@ -557,7 +558,7 @@ class GenerationEngine:
         the chosen token's log-probability and alternatives, from the model's raw logits."""
         params = [s.request.params for s in batch.seqs]
         asking = [row for row, p in enumerate(params) if p.logprobs is not None]
-        raw_logits = batch.logits[asking] if asking else None  # a copy, before any masking
+        logprobs = model_logprobs(batch.logits, asking) if asking else None  # before any mask
         self._mask_early_stops(batch)
         constrained = [row for row, s in enumerate(batch.seqs) if s.matcher is not None]
         if constrained:
@@ -576,10 +577,10 @@ class GenerationEngine:
                     history.add(token)
         for row in constrained:
             batch.seqs[row].matcher.consume_token(tokens[row])
-        if raw_logits is not None:
+        if logprobs is not None:
             chosen = [tokens[row] for row in asking]
             tops = [params[row].logprobs for row in asking]
-            for row, entry in zip(asking, token_logprobs(raw_logits, chosen, tops), strict=True):
+            for row, entry in zip(asking, logprob_entries(logprobs, chosen, tops), strict=True):
                 batch.seqs[row].logprobs.append(entry)
         return tokens
 

@@ -123,6 +123,14 @@ def choose_tokens(
 LOWEST_LOGPROB = -9999.0
 
 
+def model_logprobs(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The log-probabilities of these rows as the model gives them (log_softmax of the raw
+    logits), in a new tensor: masks and penalties applied to `logits` later leave them be."""
+    if len(rows) < logits.shape[0]:
+        logits = logits[rows]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
     """Each row's chosen token's log-probability and its `tops[row]` likeliest tokens, best
     first, from the rows' raw logits (one log_softmax and one topk for all of them)."""
@@ -132,18 +140,22 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> 
 def logprob_entries(
     logprobs: torch.Tensor, tokens: list[int], tops: list[int]
 ) -> list[TokenLogprob]:
-    """token_logprobs from rows of log-probabilities (a decode step's, or a scoring pass's)."""
-    logprobs = logprobs.clamp(min=LOWEST_LOGPROB)
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(-1))
-    most = max(tops, default=0)
-    best_values: list[list[float]] = [[] for _ in tokens]
-    best_ids: list[list[int]] = [[] for _ in tokens]
+    """token_logprobs from rows of log-probabilities (a decode step's, or a scoring pass's).
+    A decode step pays for this on every step, so the work stays in few calls: one gather and
+    one topk for all rows, the chosen value beside the best ones, and two lists out of torch."""
+    most = min(max(tops, default=0), logprobs.shape[-1])
+    index = torch.tensor(tokens, device=logprobs.device).unsqueeze(-1)
+    chosen = logprobs.gather(1, index)
     if most:
-        best = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1)
-        best_values, best_ids = best.values.tolist(), best.indices.tolist()
+        best = logprobs.topk(most, dim=-1)
+        # The chosen token's value last: a row's values then zip with its ids as they are.
+        values = torch.cat((best.values, chosen), dim=1)
+        best_ids = best.indices.tolist()
+    else:
+        values, best_ids = chosen, [[]] * len(tokens)
+    # Clamped after the topk: the same values, on a few columns instead of the vocabulary.
+    rows = values.clamp_(min=LOWEST_LOGPROB).tolist()
     return [
-        (token, logprob, tuple(zip(ids[:top], values[:top], strict=True)))
-        for token, logprob, ids, values, top in zip(
-            tokens, chosen.squeeze(-1).tolist(), best_ids, best_values, tops, strict=True
-        )
+        (token, row[-1], tuple(zip(ids if top == most else ids[:top], row, strict=False)))
+        for token, row, ids, top in zip(tokens, rows, best_ids, tops, strict=True)
     ]
