@@ -97,11 +97,17 @@ def choose_tokens(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     histories: list[TokenHistory | None] | None = None,
+    known: dict[int, int] | None = None,
 ) -> list[int]:
     """One next token per row: plain greedy rows in one argmax; rows that adjust their logits
-    (their histories needed then) adjusted together; rows that sample each on their own."""
-    chosen = logits.argmax(dim=-1).tolist()
+    (their histories needed then) adjusted together; rows that sample each on their own.
+    `known` holds rows' argmax found already (RowLogprobs.best_tokens, on logits nothing
+    changed since): when it covers every plain greedy row, no argmax runs."""
     own_rows = [row for row, p in enumerate(params) if not p.greedy or p.adjusts_logits]
+    if known and len(known.keys() - own_rows) == len(params) - len(own_rows):
+        chosen = [known.get(row, 0) for row in range(len(params))]
+    else:
+        chosen = logits.argmax(dim=-1).tolist()
     if not own_rows:
         return chosen
     cpu_logits = logits[own_rows].float().cpu()
@@ -131,6 +137,63 @@ def model_logprobs(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+class RowLogprobs:
+    """Rows of log-probabilities with each row's likeliest tokens, best first, made into
+    TokenLogprob entries once the rows' tokens are chosen. A decode step pays for this on
+    every step, so the work stays in few calls: one topk and two lists out of torch for all
+    rows; a chosen token among a row's likeliest takes its value from there, so only the
+    others are gathered."""
+
+    def __init__(self, logprobs: torch.Tensor, tops: list[int]) -> None:
+        self.logprobs, self.tops = logprobs, tops
+        most = max(tops, default=0)
+        # At least two, so that a row's best token can be seen to stand alone (best_tokens).
+        self.k = min(max(most, 2), logprobs.shape[-1]) if most else 0
+        self.ids: list[list[int]] = [[] for _ in tops]
+        self.values: list[list[float]] = [[] for _ in tops]
+        if self.k:
+            best = logprobs.topk(self.k, dim=-1)
+            # Clamped after the topk: the same values, on k columns instead of the vocabulary.
+            self.values = best.values.clamp_(min=LOWEST_LOGPROB).tolist()
+            self.ids = best.indices.tolist()
+
+    def best_tokens(self) -> dict[int, int]:
+        """Row -> its likeliest token, for the rows where it is strictly likelier than any
+        other: the argmax of the row's logits (the log-softmax keeps their order), found
+        without running one. Rows with a tie are left out: argmax picks the first of them."""
+        return {
+            row: ids[0]
+            for row, (ids, values) in enumerate(zip(self.ids, self.values, strict=True))
+            if len(values) > 1 and values[0] > values[1]
+        }
+
+    def entries(self, tokens: list[int]) -> list[TokenLogprob]:
+        """Each row's entry for its chosen token: its log-probability and the row's `tops`
+        likeliest tokens."""
+        chosen: list[float] = []
+        missing: list[int] = []
+        for slot, (token, ids) in enumerate(zip(tokens, self.ids, strict=True)):
+            if token in ids:
+                chosen.append(self.values[slot][ids.index(token)])
+            else:
+                chosen.append(LOWEST_LOGPROB)
+                missing.append(slot)
+        if missing:
+            device = self.logprobs.device
+            slots = torch.tensor(missing, dtype=torch.long, device=device)
+            wanted = torch.tensor([tokens[s] for s in missing], dtype=torch.long, device=device)
+            found = self.logprobs[slots, wanted].clamp_(min=LOWEST_LOGPROB).tolist()
+            for slot, value in zip(missing, found, strict=True):
+                chosen[slot] = value
+        k = self.k
+        return [
+            (token, logprob, tuple(zip(ids if top == k else ids[:top], values, strict=False)))
+            for token, logprob, ids, values, top in zip(
+                tokens, chosen, self.ids, self.values, self.tops, strict=True
+            )
+        ]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
     """Each row's chosen token's log-probability and its `tops[row]` likeliest tokens, best
     first, from the rows' raw logits (one log_softmax and one topk for all of them)."""
@@ -140,22 +203,5 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> 
 def logprob_entries(
     logprobs: torch.Tensor, tokens: list[int], tops: list[int]
 ) -> list[TokenLogprob]:
-    """token_logprobs from rows of log-probabilities (a decode step's, or a scoring pass's).
-    A decode step pays for this on every step, so the work stays in few calls: one gather and
-    one topk for all rows, the chosen value beside the best ones, and two lists out of torch."""
-    most = min(max(tops, default=0), logprobs.shape[-1])
-    index = torch.tensor(tokens, device=logprobs.device).unsqueeze(-1)
-    chosen = logprobs.gather(1, index)
-    if most:
-        best = logprobs.topk(most, dim=-1)
-        # The chosen token's value last: a row's values then zip with its ids as they are.
-        values = torch.cat((best.values, chosen), dim=1)
-        best_ids = best.indices.tolist()
-    else:
-        values, best_ids = chosen, [[]] * len(tokens)
-    # Clamped after the topk: the same values, on a few columns instead of the vocabulary.
-    rows = values.clamp_(min=LOWEST_LOGPROB).tolist()
-    return [
-        (token, row[-1], tuple(zip(ids if top == most else ids[:top], row, strict=False)))
-        for token, row, ids, top in zip(tokens, rows, best_ids, tops, strict=True)
-    ]
+    """token_logprobs from rows of log-probabilities (a decode step's, or a scoring pass's)."""
+    return RowLogprobs(logprobs, tops).entries(tokens)
