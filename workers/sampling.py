@@ -149,13 +149,13 @@ class RowLogprobs:
         most = max(tops, default=0)
         # At least two, so that a row's best token can be seen to stand alone (best_tokens).
         self.k = min(max(most, 2), logprobs.shape[-1]) if most else 0
-        self.ids: list[list[int]] = [[] for _ in tops]
-        self.values: list[list[float]] = [[] for _ in tops]
         if self.k:
             best = logprobs.topk(self.k, dim=-1)
             # Clamped after the topk: the same values, on k columns instead of the vocabulary.
-            self.values = best.values.clamp_(min=LOWEST_LOGPROB).tolist()
-            self.ids = best.indices.tolist()
+            self.values: list[list[float]] = best.values.clamp_(min=LOWEST_LOGPROB).tolist()
+            self.ids: list[list[int]] = best.indices.tolist()
+        else:
+            self.values, self.ids = [[] for _ in tops], [[] for _ in tops]
 
     def best_tokens(self) -> dict[int, int]:
         """Row -> its likeliest token, for the rows where it is strictly likelier than any
@@ -170,28 +170,25 @@ class RowLogprobs:
     def entries(self, tokens: list[int]) -> list[TokenLogprob]:
         """Each row's entry for its chosen token: its log-probability and the row's `tops`
         likeliest tokens."""
-        chosen: list[float] = []
-        missing: list[int] = []
-        for slot, (token, ids) in enumerate(zip(tokens, self.ids, strict=True)):
+        entries: list[TokenLogprob] = []
+        missing: list[int] = []  # rows whose token is not among their likeliest
+        k = self.k
+        for token, ids, values, top in zip(tokens, self.ids, self.values, self.tops, strict=True):
+            alternatives = tuple(zip(ids if top == k else ids[:top], values, strict=False))
             if token in ids:
-                chosen.append(self.values[slot][ids.index(token)])
+                entries.append((token, values[ids.index(token)], alternatives))
             else:
-                chosen.append(LOWEST_LOGPROB)
-                missing.append(slot)
+                missing.append(len(entries))
+                entries.append((token, LOWEST_LOGPROB, alternatives))
         if missing:
             device = self.logprobs.device
-            slots = torch.tensor(missing, dtype=torch.long, device=device)
-            wanted = torch.tensor([tokens[s] for s in missing], dtype=torch.long, device=device)
-            found = self.logprobs[slots, wanted].clamp_(min=LOWEST_LOGPROB).tolist()
-            for slot, value in zip(missing, found, strict=True):
-                chosen[slot] = value
-        k = self.k
-        return [
-            (token, logprob, tuple(zip(ids if top == k else ids[:top], values, strict=False)))
-            for token, logprob, ids, values, top in zip(
-                tokens, chosen, self.ids, self.values, self.tops, strict=True
-            )
-        ]
+            rows = torch.tensor(missing, dtype=torch.long, device=device)
+            wanted = torch.tensor([tokens[r] for r in missing], dtype=torch.long, device=device)
+            found = self.logprobs[rows, wanted].clamp_(min=LOWEST_LOGPROB).tolist()
+            for row, value in zip(missing, found, strict=True):
+                token, _, alternatives = entries[row]
+                entries[row] = (token, value, alternatives)
+        return entries
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
