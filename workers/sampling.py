@@ -9,6 +9,8 @@ with plain settings pay nothing for the rest.
 
 Log-probabilities are those of the model itself (log_softmax of its raw logits, before any of
 the above), as vLLM reports them by default: what the model thinks, whatever the job did with it.
+The top-k taken for them also gives the greedy rows' tokens, so a step whose greedy rows all
+ask for log-probabilities runs no argmax.
 """
 
 import random
