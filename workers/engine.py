@@ -46,11 +46,12 @@ from workers.host import ModelHost
 from workers.memory import release_free_memory
 from workers.metrics import EngineMetrics, EngineObserver
 from workers.sampling import (
+    RowLogprobs,
     TokenHistory,
     TokenLogprob,
     choose_tokens,
     make_generator,
-    token_logprobs,
+    model_logprobs,
 )
 from workers.scoring import PendingScore, Scorer, ScoreRequest
 
@@ -557,8 +558,11 @@ class GenerationEngine:
         the chosen token's log-probability and alternatives, from the model's raw logits."""
         params = [s.request.params for s in batch.seqs]
         asking = [row for row, p in enumerate(params) if p.logprobs is not None]
-        raw_logits = batch.logits[asking] if asking else None  # a copy, before any masking
-        self._mask_early_stops(batch)
+        step = None
+        if asking:  # before any mask
+            tops = [params[row].logprobs for row in asking]
+            step = RowLogprobs(model_logprobs(batch.logits, asking), tops)
+        masked = self._mask_early_stops(batch)
         constrained = [row for row, s in enumerate(batch.seqs) if s.matcher is not None]
         if constrained:
             mask_rows(batch.logits, constrained, [batch.seqs[row].matcher for row in constrained])
@@ -569,17 +573,24 @@ class GenerationEngine:
                 if p.adjusts_logits and seq.history is None:
                     seq.history = TokenHistory(seq.request.prompt_ids, vocab)
             histories = [s.history for s in batch.seqs]
-        tokens = choose_tokens(batch.logits, params, [s.generator for s in batch.seqs], histories)
+        known = None
+        if step is not None:  # the argmax of rows whose logits no mask changed
+            changed = {*masked, *constrained}
+            best = step.best_tokens()
+            known = {
+                asking[slot]: token for slot, token in best.items() if asking[slot] not in changed
+            }
+        generators = [s.generator for s in batch.seqs]
+        tokens = choose_tokens(batch.logits, params, generators, histories, known)
         if histories is not None:
             for history, token in zip(histories, tokens, strict=True):
                 if history is not None:
                     history.add(token)
         for row in constrained:
             batch.seqs[row].matcher.consume_token(tokens[row])
-        if raw_logits is not None:
-            chosen = [tokens[row] for row in asking]
-            tops = [params[row].logprobs for row in asking]
-            for row, entry in zip(asking, token_logprobs(raw_logits, chosen, tops), strict=True):
+        if step is not None:
+            entries = step.entries([tokens[row] for row in asking])
+            for row, entry in zip(asking, entries, strict=True):
                 batch.seqs[row].logprobs.append(entry)
         return tokens
 
@@ -599,14 +610,18 @@ class GenerationEngine:
         self.metrics.forward_pass("decode", time.perf_counter() - started)
         return Batch(batch.seqs, batch.groups, out.logits[:, -1, :])
 
-    def _mask_early_stops(self, batch: Batch[_Sequence]) -> None:
-        """Rows that have not reached their min_tokens may not pick EOS or a stop token."""
+    def _mask_early_stops(self, batch: Batch[_Sequence]) -> list[int]:
+        """Rows that have not reached their min_tokens may not pick EOS or a stop token.
+        Returns the rows masked."""
         eos = self.host.eos_token_id
+        masked = []
         for row, seq in enumerate(batch.seqs):
             params = seq.request.params
             if len(seq.generated) < params.min_tokens:
                 stops = [*params.stop_token_ids, *([eos] if eos is not None else [])]
                 batch.logits[row, stops] = float("-inf")
+                masked.append(row)
+        return masked
 
     def _advance(self, seq: _Sequence, token: int, cancelled: bool, now: float):
         """Append `token`; return why the sequence is done, _FAILED, or None to go on."""

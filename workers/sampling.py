@@ -9,6 +9,8 @@ with plain settings pay nothing for the rest.
 
 Log-probabilities are those of the model itself (log_softmax of its raw logits, before any of
 the above), as vLLM reports them by default: what the model thinks, whatever the job did with it.
+The top-k taken for them also gives the greedy rows' tokens, so a step whose greedy rows all
+ask for log-probabilities runs no argmax.
 """
 
 import random
@@ -97,11 +99,17 @@ def choose_tokens(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     histories: list[TokenHistory | None] | None = None,
+    known: dict[int, int] | None = None,
 ) -> list[int]:
     """One next token per row: plain greedy rows in one argmax; rows that adjust their logits
-    (their histories needed then) adjusted together; rows that sample each on their own."""
-    chosen = logits.argmax(dim=-1).tolist()
+    (their histories needed then) adjusted together; rows that sample each on their own.
+    `known` holds rows' argmax found already (RowLogprobs.best_tokens, on logits nothing
+    changed since): when it covers every plain greedy row, no argmax runs."""
     own_rows = [row for row, p in enumerate(params) if not p.greedy or p.adjusts_logits]
+    if known and len(known.keys() - own_rows) == len(params) - len(own_rows):
+        chosen = [known.get(row, 0) for row in range(len(params))]
+    else:
+        chosen = logits.argmax(dim=-1).tolist()
     if not own_rows:
         return chosen
     cpu_logits = logits[own_rows].float().cpu()
@@ -123,6 +131,68 @@ def choose_tokens(
 LOWEST_LOGPROB = -9999.0
 
 
+def model_logprobs(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The log-probabilities of these rows as the model gives them (log_softmax of the raw
+    logits), in a new tensor: masks and penalties applied to `logits` later leave them be."""
+    if len(rows) < logits.shape[0]:
+        logits = logits[rows]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+class RowLogprobs:
+    """Rows of log-probabilities with each row's likeliest tokens, best first, made into
+    TokenLogprob entries once the rows' tokens are chosen. A decode step pays for this on
+    every step, so the work stays in few calls: one topk and two lists out of torch for all
+    rows; a chosen token among a row's likeliest takes its value from there, so only the
+    others are gathered."""
+
+    def __init__(self, logprobs: torch.Tensor, tops: list[int]) -> None:
+        self.logprobs, self.tops = logprobs, tops
+        most = max(tops, default=0)
+        # At least two, so that a row's best token can be seen to stand alone (best_tokens).
+        self.k = min(max(most, 2), logprobs.shape[-1]) if most else 0
+        if self.k:
+            best = logprobs.topk(self.k, dim=-1)
+            # Clamped after the topk: the same values, on k columns instead of the vocabulary.
+            self.values: list[list[float]] = best.values.clamp_(min=LOWEST_LOGPROB).tolist()
+            self.ids: list[list[int]] = best.indices.tolist()
+        else:
+            self.values, self.ids = [[] for _ in tops], [[] for _ in tops]
+
+    def best_tokens(self) -> dict[int, int]:
+        """Row -> its likeliest token, for the rows where it is strictly likelier than any
+        other: the argmax of the row's logits (the log-softmax keeps their order), found
+        without running one. Rows with a tie are left out: argmax picks the first of them."""
+        return {
+            row: ids[0]
+            for row, (ids, values) in enumerate(zip(self.ids, self.values, strict=True))
+            if len(values) > 1 and values[0] > values[1]
+        }
+
+    def entries(self, tokens: list[int]) -> list[TokenLogprob]:
+        """Each row's entry for its chosen token: its log-probability and the row's `tops`
+        likeliest tokens."""
+        entries: list[TokenLogprob] = []
+        missing: list[int] = []  # rows whose token is not among their likeliest
+        k = self.k
+        for token, ids, values, top in zip(tokens, self.ids, self.values, self.tops, strict=True):
+            alternatives = tuple(zip(ids if top == k else ids[:top], values, strict=False))
+            if token in ids:
+                entries.append((token, values[ids.index(token)], alternatives))
+            else:
+                missing.append(len(entries))
+                entries.append((token, LOWEST_LOGPROB, alternatives))
+        if missing:
+            device = self.logprobs.device
+            rows = torch.tensor(missing, dtype=torch.long, device=device)
+            wanted = torch.tensor([tokens[r] for r in missing], dtype=torch.long, device=device)
+            found = self.logprobs[rows, wanted].clamp_(min=LOWEST_LOGPROB).tolist()
+            for row, value in zip(missing, found, strict=True):
+                token, _, alternatives = entries[row]
+                entries[row] = (token, value, alternatives)
+        return entries
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
     """Each row's chosen token's log-probability and its `tops[row]` likeliest tokens, best
     first, from the rows' raw logits (one log_softmax and one topk for all of them)."""
@@ -133,17 +203,4 @@ def logprob_entries(
     logprobs: torch.Tensor, tokens: list[int], tops: list[int]
 ) -> list[TokenLogprob]:
     """token_logprobs from rows of log-probabilities (a decode step's, or a scoring pass's)."""
-    logprobs = logprobs.clamp(min=LOWEST_LOGPROB)
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(-1))
-    most = max(tops, default=0)
-    best_values: list[list[float]] = [[] for _ in tokens]
-    best_ids: list[list[int]] = [[] for _ in tokens]
-    if most:
-        best = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1)
-        best_values, best_ids = best.values.tolist(), best.indices.tolist()
-    return [
-        (token, logprob, tuple(zip(ids[:top], values[:top], strict=True)))
-        for token, logprob, ids, values, top in zip(
-            tokens, chosen.squeeze(-1).tolist(), best_ids, best_values, tops, strict=True
-        )
-    ]
+    return RowLogprobs(logprobs, tops).entries(tokens)

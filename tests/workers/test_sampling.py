@@ -15,7 +15,14 @@ from transformers import (
 
 from llmq.protocol import SamplingParams
 from tests.api.test_logprobs import CLOSE, model_logprobs
-from workers.sampling import TokenHistory, adjust_logits, sample_token, token_logprobs
+from workers.sampling import (
+    RowLogprobs,
+    TokenHistory,
+    adjust_logits,
+    choose_tokens,
+    sample_token,
+    token_logprobs,
+)
 
 VOCAB = 512
 
@@ -103,6 +110,39 @@ def test_token_logprobs_are_log_softmax_with_the_true_top_k():
     assert [len(e[2]) for e in entries] == [0, 3, 20]
 
 
+def test_best_tokens_are_the_argmax_and_leave_out_ties():
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(3))
+    logits[1, [10, 20]] = logits[1].max() + 1.0  # two best tokens alike: argmax takes the first
+    rows = RowLogprobs(torch.log_softmax(logits, -1), [5, 1, 0, 5])
+    assert rows.best_tokens() == {row: int(logits[row].argmax()) for row in (0, 2, 3)}
+
+
+def test_choose_tokens_takes_known_tokens_only_when_they_cover_every_greedy_row():
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(4))
+    greedy, sampled = SamplingParams(max_tokens=1), SamplingParams(max_tokens=1, temperature=1)
+    params = [greedy, sampled, greedy]
+    generators = [torch.Generator().manual_seed(0) for _ in params]
+    argmax = logits.argmax(-1).tolist()
+    # Known tokens stand in for the argmax (here made different from it to tell them apart).
+    known = {0: argmax[0] + 1, 2: argmax[2] + 1}
+    chosen = choose_tokens(logits, params, generators, known=known)
+    assert [chosen[0], chosen[2]] == [argmax[0] + 1, argmax[2] + 1]
+    # A greedy row left out: the argmax runs for every row, as without any.
+    chosen = choose_tokens(logits, params, generators, known={0: argmax[0] + 1})
+    assert [chosen[0], chosen[2]] == [argmax[0], argmax[2]]
+
+
+def test_entries_take_a_token_outside_the_top_from_the_log_probabilities():
+    logprobs = torch.log_softmax(
+        torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(5)), -1
+    )
+    worst = logprobs.argmin(-1).tolist()
+    best = logprobs.argmax(-1).tolist()
+    entries = RowLogprobs(logprobs, [2, 2]).entries([worst[0], best[1]])
+    assert [e[1] for e in entries] == [logprobs[0, worst[0]].item(), logprobs[1, best[1]].item()]
+    assert [[a for a, _ in e[2]] for e in entries] == logprobs.topk(2).indices.tolist()
+
+
 # -- in the engine, on the real tiny model --------------------------------------------------
 
 
@@ -172,6 +212,31 @@ def test_logprobs_in_a_batch_are_the_models_own(engine, host):
             row = expected[len(prompt_ids) - 1 + step]
             assert logprob == pytest.approx(row[token].item(), **CLOSE)
             assert [a for a, _ in alternatives] == row.topk(2).indices.tolist()
+
+
+def test_logprobs_leave_each_rows_tokens_as_they_are(engine, host):
+    """Greedy rows take their tokens from the log-probabilities' best ones: the same tokens
+    as without log-probabilities, a row whose EOS min_tokens masks and penalties included."""
+    from workers.engine import GenerationRequest
+
+    # Greedy, "The dog" ends at its 27th token (EOS) and "0 1 2 3" at its 35th.
+    jobs = [(PROMPTS[0], {}), (PROMPTS[1], {"min_tokens": 30}), (PROMPTS[2], {})]
+    jobs += [(PROMPTS[3], {}), (PROMPTS[0], {"repetition_penalty": 1.5})]
+
+    def texts(logprobs: int | None) -> list[str]:
+        futures = [
+            engine.submit(
+                GenerationRequest(
+                    uuid.uuid4(),
+                    host.encode(prompt),
+                    SamplingParams(max_tokens=40, logprobs=logprobs, **settings),
+                )
+            )
+            for prompt, settings in jobs
+        ]
+        return [future.result(timeout=60).text for future in futures]
+
+    assert texts(3) == texts(None)
 
 
 def test_a_row_with_every_token_masked_samples_without_failing_the_step():
