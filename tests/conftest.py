@@ -43,6 +43,7 @@ MODELS_FILE.write_text(
     (ROOT / "tests" / "models.test.yaml").read_text()
     + (ROOT / "tests" / "models.remote.yaml").read_text().format(port=UPSTREAM_LINK_PORT)
     + (ROOT / "tests" / "models.lifecycle.yaml").read_text().format(data_dir=TEST_DATA_DIR)
+    + (ROOT / "tests" / "models.pretrained.yaml").read_text().format(stories=STORIES)
 )
 # Set before any llmq module reads settings (celeryconfig reads them at import).
 os.environ.update(
