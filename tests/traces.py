@@ -4,11 +4,15 @@ spans by trace id, and the helpers that read them."""
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from sqlalchemy.engine import make_url
 
 from bench.otlp import OtlpReceiver
+from db.admin import create_database, drop_database, migrate
 
 
 class Receiver:
@@ -113,3 +117,18 @@ def finished_mmlu_run(client: httpx.Client, model: str) -> tuple[str, list[dict]
         assert time.monotonic() < deadline, run
         time.sleep(0.2)
     return run_id, client.get(f"/v1/evals/{run_id}/items").json()["data"]
+
+
+@contextmanager
+def own_database(database_url: str, suffix: str) -> Iterator[str]:
+    """A database of its own beside the session's, migrated, dropped afterwards. An API on it is
+    the only one whose background drivers take its batches and evaluation runs (the session's
+    API processes would otherwise share them, untraced)."""
+    url = make_url(database_url)
+    url = url.set(database=f"{url.database}_{suffix}").render_as_string(False)
+    create_database(url, replace=True)
+    migrate(url)
+    try:
+        yield url
+    finally:
+        drop_database(url)

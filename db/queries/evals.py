@@ -348,15 +348,21 @@ def cancel_run(session: Session, run_id: uuid.UUID) -> bool:
 def list_items(
     session: Session, run_id: uuid.UUID, *, task: str | None, limit: int, offset: int
 ) -> tuple[list[tuple[EvalItem, str | None]], int]:
-    """A page of the run's items in order, each with its job's status."""
-    stmt = select(EvalItem, Job.status).outerjoin(Job, Job.id == EvalItem.job_id)
+    """A page of the run's items in order, each with its job's status, and how many items the
+    run has. The page and its total come from one statement, so that they agree while the
+    run's driver adds items."""
+    total = func.count().over().label("total")
+    stmt = select(EvalItem, Job.status, total).outerjoin(Job, Job.id == EvalItem.job_id)
     stmt = stmt.where(EvalItem.run_id == run_id)
     count = select(func.count()).select_from(EvalItem).where(EvalItem.run_id == run_id)
     if task is not None:
         stmt = stmt.where(EvalItem.task == task)
         count = count.where(EvalItem.task == task)
     rows = session.execute(stmt.order_by(EvalItem.position).limit(limit).offset(offset)).all()
-    return [(row[0], row[1]) for row in rows], session.scalar(count) or 0
+    if rows:
+        return [(row[0], row[1]) for row in rows], rows[0][2]
+    # An empty first page means no items; past the end, only a count says how many there are.
+    return [], (session.scalar(count) or 0) if offset else 0
 
 
 def item_state(job_status: str | None, item: EvalItem) -> str:

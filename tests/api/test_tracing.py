@@ -36,7 +36,14 @@ from tests.factories import (
     wait_for_job,
     wait_for_queue,
 )
-from tests.traces import Receiver, finished_mmlu_run, only, trace_id_of, traced_env
+from tests.traces import (
+    Receiver,
+    finished_mmlu_run,
+    only,
+    own_database,
+    trace_id_of,
+    traced_env,
+)
 
 MODEL = "tiny-observed"
 RESENT_MODEL = "tiny-faults"
@@ -58,9 +65,15 @@ def receiver() -> Receiver:
 
 
 @pytest.fixture(scope="module")
-def traced(receiver, database_url, redis_url, tiny_model_path):
-    """(API base URL, worker log path) of a traced API server and a traced worker."""
-    env = traced_env(receiver)
+def traced_database(database_url):
+    with own_database(database_url, "traced") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def traced(receiver, traced_database, redis_url, tiny_model_path):
+    """The base URL of a traced API server, beside a traced worker, on a database of their own."""
+    env = traced_env(receiver) | {"LLMQ_DATABASE_URL": traced_database}
     api, base_url = start_api(
         log_name="api-traced",
         LLMQ_REQUEUE_AFTER_S="1",
@@ -123,7 +136,7 @@ def test_an_operator_can_turn_instrumentations_off(monkeypatch):
     assert _disabled() == set()
 
 
-def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, database_url):
+def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, traced_database):
     body = {"model": MODEL, "prompt": "trace me", "max_tokens": 4, "ignore_eos": True}
     response = httpx.post(f"{traced}/v1/jobs", json=body, headers=AUTH, timeout=30)
     assert response.status_code == 202, response.text
@@ -149,7 +162,7 @@ def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, database_u
     parts = assert_worker_spans(spans, submit, max_tokens=4)
 
     # Queue wait plus run is the job's whole life, as Postgres recorded it.
-    created, finished = job_times(database_url, job["id"])
+    created, finished = job_times(traced_database, job["id"])
     wait, run = parts["wait"], parts["run"]
     assert wait["start"] == pytest.approx(created, abs=0.002)
     total = (wait["end"] - wait["start"]) + (run["end"] - run["start"])
@@ -173,7 +186,7 @@ def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, database_u
 
 
 def test_a_job_sent_again_by_the_reconciler_continues_its_trace(
-    traced, receiver, database_url, redis_url
+    traced, receiver, traced_database, redis_url
 ):
     redis = Redis.from_url(redis_url)
     queue = f"llmq.{RESENT_MODEL}.cpu"
@@ -191,7 +204,8 @@ def test_a_job_sent_again_by_the_reconciler_continues_its_trace(
         assert time.monotonic() < deadline, "the reconciler did not send the job again"
         time.sleep(0.1)
 
-    worker = start_worker(RESENT_MODEL, log_name="worker-traced-resent", **traced_env(receiver))
+    env = traced_env(receiver) | {"LLMQ_DATABASE_URL": traced_database}
+    worker = start_worker(RESENT_MODEL, log_name="worker-traced-resent", **env)
     try:
         wait_for_queue(queue, worker)
         job = wait_for_job(httpx.Client(base_url=traced, headers=AUTH), job_id)
@@ -310,7 +324,7 @@ def test_an_evaluation_run_is_one_trace_its_items_linked_with_scoring_spans(trac
     assert jobs == {item["job_id"] for item in items}
 
 
-def test_a_batch_is_one_trace_its_lines_linked(traced, receiver, database_url):
+def test_a_batch_is_one_trace_its_lines_linked(traced, receiver, traced_database):
     oai = openai.OpenAI(base_url=f"{traced}/v1", api_key=ADMIN_KEY)
     lines = [
         {
@@ -336,7 +350,7 @@ def test_a_batch_is_one_trace_its_lines_linked(traced, receiver, database_url):
         assert batch.status in ("validating", "in_progress", "finalizing"), batch
         assert time.monotonic() < deadline, batch
         time.sleep(0.2)
-    with session_scope(database_url) as session:
+    with session_scope(traced_database) as session:
         job_ids = {str(j.id) for j in session.query(Job).filter(Job.batch_id == batch.id)}
     assert len(job_ids) == 2
 

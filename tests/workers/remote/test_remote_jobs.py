@@ -200,7 +200,8 @@ def test_models_readyz_and_metrics_show_the_breaker(client, healthy_upstream):
     assert models[MODEL]["queues"] == ["llmq.tiny-remote.remote"]
     assert models["tiny-llama"]["circuit_breaker"] is None
     ready = client.get("/readyz").json()
-    assert ready["upstream_circuit_breakers"] == {MODEL: "closed", "tiny-remote-plain": "closed"}
+    remote = {MODEL, "tiny-remote-plain", "tiny-remote-traced"}  # models.remote.yaml's
+    assert ready["upstream_circuit_breakers"] == dict.fromkeys(remote, "closed")
     samples = read_samples(client.get("/metrics").text)
     assert sample(samples, "llmq_upstream_circuit_breaker_state", model=MODEL) == 0
 

@@ -10,7 +10,14 @@ import pytest
 
 from tests.evals.conftest import EVAL_DATA_ROOT, write_benchmarks
 from tests.factories import AUTH, start_api, start_worker, stop_worker, wait_for_job, wait_for_queue
-from tests.traces import Receiver, finished_mmlu_run, only, trace_id_of, traced_env
+from tests.traces import (
+    Receiver,
+    finished_mmlu_run,
+    only,
+    own_database,
+    trace_id_of,
+    traced_env,
+)
 
 MODEL = "tiny-remote-traced"
 QUEUE = "llmq.tiny-remote-traced.remote"
@@ -25,16 +32,18 @@ def receiver() -> Receiver:
 
 @pytest.fixture(scope="module")
 def traced_front(receiver, upstream, database_url, redis_url):
-    """A traced API and a traced worker of a remote model, in front of the upstream."""
-    env = traced_env(receiver)
-    api, base_url = start_api(log_name="api-remote-traced", **env)
-    worker = start_worker(MODEL, log_name="worker-remote-traced", **env)
-    try:
-        wait_for_queue(QUEUE, worker)
-        yield httpx.Client(base_url=base_url, headers=AUTH, timeout=60)
-    finally:
-        stop_worker(worker)
-        stop_worker(api)
+    """A traced API and a traced worker of a remote model, in front of the upstream, on a
+    database of their own."""
+    with own_database(database_url, "remote_traced") as url:
+        env = traced_env(receiver) | {"LLMQ_DATABASE_URL": url}
+        api, base_url = start_api(log_name="api-remote-traced", **env)
+        worker = start_worker(MODEL, log_name="worker-remote-traced", **env)
+        try:
+            wait_for_queue(QUEUE, worker)
+            yield httpx.Client(base_url=base_url, headers=AUTH, timeout=60)
+        finally:
+            stop_worker(worker)
+            stop_worker(api)
 
 
 def upstream_requests(spans: dict) -> list[dict]:
