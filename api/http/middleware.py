@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.http.errors import error_body
-from llmq.tracing import current_traceparent
+from llmq.tracing import current_traceparent, quiet_unless_traced
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +80,7 @@ class RequestContextMiddleware:
                     headers.append(TRACEPARENT_HEADER, traceparent)
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        with structlog.contextvars.bound_contextvars(request_id=request_id), quiet_unless_traced():
             try:
                 await self.app(scope, receive, send_with_request_id)
             except Exception:

@@ -20,7 +20,7 @@ from llmq.protocol import (
     JobKind,
 )
 from llmq.registry import ModelSpec
-from llmq.tracing import attached
+from llmq.tracing import attached, quiet_unless_traced
 
 log = structlog.get_logger(__name__)
 
@@ -135,7 +135,8 @@ def _send_group(kind: str, job_ids: list[uuid.UUID], queue: str, priority: int) 
     payload = JobGroupTask(job_ids=job_ids).model_dump(mode="json")
     headers = {JOB_IDS_HEADER: payload["job_ids"]}
     task_id = str(uuid.uuid4())
-    return _send(GROUP_TASK_FOR_KIND[kind], payload, task_id, queue, priority, headers)
+    with quiet_unless_traced():  # its jobs' traces are in their rows, not in the message
+        return _send(GROUP_TASK_FOR_KIND[kind], payload, task_id, queue, priority, headers)
 
 
 def _send(

@@ -12,6 +12,8 @@ this one) and `tiny-faults` (started here only once its job's message has been l
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -365,3 +367,29 @@ def test_a_batch_is_one_trace_its_lines_linked(traced, receiver, traced_database
         assert_worker_spans(spans, line, max_tokens=2)  # the line's jobs are its children
         jobs.add(only(spans, "llmq.job")["attributes"]["llmq.job_id"])
     assert jobs == job_ids
+
+
+QUIET_CHECK = """
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from llmq import tracing
+assert tracing.configure_tracing("llmq-test", ())
+with tracing.quiet_unless_traced():
+    assert not is_instrumentation_enabled(), "unsampled work left the instrumentations on"
+with tracing.tracer().start_as_current_span("sampled") as span:
+    assert span.is_recording()
+    with tracing.quiet_unless_traced():
+        assert is_instrumentation_enabled(), "a recorded trace lost its library spans"
+with tracing.attached(None):
+    assert not is_instrumentation_enabled(), "an untraced job's send was instrumented"
+print("ok")
+"""
+
+
+def test_work_outside_a_recorded_trace_runs_the_instrumentations_quiet(receiver):
+    """The library instrumentations build a span's name and attributes before the sampler
+    decides; outside a recorded trace they are switched off instead."""
+    env = os.environ | traced_env(receiver) | {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    done = subprocess.run(
+        [sys.executable, "-c", QUIET_CHECK], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
