@@ -244,8 +244,10 @@ def test_a_streamed_openai_request_traces_its_relay(traced, receiver):
         lines = [line for line in response.iter_lines() if line.startswith("data:")]
     assert lines[-1] == "data: [DONE]"
 
-    spans = receiver.trace(trace_id, lambda s: job_complete(s) and "llmq.stream.relay" in s)
-    server = only(spans, "POST /v1/chat/completions")
+    # Each process exports its spans in the order they ended: the request's span ends last.
+    server_name = "POST /v1/chat/completions"
+    spans = receiver.trace(trace_id, lambda s: job_complete(s) and server_name in s)
+    server = only(spans, server_name)
     relay = only(spans, "llmq.stream.relay")
     assert relay["parent"] == server["span_id"] and relay["service"] == "llmq-api"
     assert relay["attributes"]["llmq.completed"] is True
@@ -274,8 +276,9 @@ def test_reading_a_jobs_events_traces_the_relay_linked_to_the_job(traced, receiv
     assert events[-1] == "event: done"
     assert reader_trace != job_trace  # the reader's request is a trace of its own...
 
-    spans = receiver.trace(reader_trace, lambda s: "llmq.stream.relay" in s)
-    server = only(spans, "GET /v1/jobs/{job_id}/events")
+    server_name = "GET /v1/jobs/{job_id}/events"  # it ends after the relay: exported after it
+    spans = receiver.trace(reader_trace, lambda s: server_name in s)
+    server = only(spans, server_name)
     relay = only(spans, "llmq.stream.relay")
     assert relay["parent"] == server["span_id"] and relay["service"] == "llmq-api"
     assert relay["links"] == [job_trace]  # ...linked to the job's
