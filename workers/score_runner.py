@@ -42,6 +42,8 @@ class _Scoring:
     wait_until: float  # time.monotonic(): its deadline plus a grace for a stalled engine
     trace: JobTrace | None = None  # its spans, when it is traced
     error: str | None = None  # why it failed, for its trace
+    submitted_ns: int = 0  # traced: when it went to the engine, and when the engine was done
+    scored_ns: int = 0
 
 
 @dataclass
@@ -85,6 +87,9 @@ class ScoreRunner:
         stopped = [s.job_id for s in scoring if _engine_stopped(s.future)]
         for s in scoring:
             if s.trace is not None:
+                if s.scored_ns:
+                    pairs = {"llmq.pairs": len(s.given.continuations)}
+                    s.trace.child("llmq.engine.score", s.submitted_ns, s.scored_ns, **pairs)
                 handed_back = s.job_id in stopped
                 s.trace.end("handed back: its model was unloaded" if handed_back else s.error)
         return len(self._hand_back(stopped)) if stopped else 0
@@ -117,15 +122,13 @@ class ScoreRunner:
             job.priority,
             trace_context=trace.traceparent() if trace is not None else None,
         )
-        submitted_ns = time.time_ns()
+        submitted_ns = time.time_ns() if trace is not None else 0
         future = self.engine.submit_score(request)
-        if trace is not None:  # the engine's time on it: submitted until its future is done
-            future.add_done_callback(
-                lambda _: trace.child(
-                    "llmq.engine.score", submitted_ns, time.time_ns(), **{"llmq.pairs": len(pairs)}
-                )
-            )
-        return _Scoring(job.id, given, future, deadline + STALL_GRACE_S, trace)
+        wait_until = deadline + STALL_GRACE_S
+        scoring = _Scoring(job.id, given, future, wait_until, trace, submitted_ns=submitted_ns)
+        if trace is not None:  # only the time here: run_group makes the span, off this thread
+            future.add_done_callback(lambda _: setattr(scoring, "scored_ns", time.time_ns()))
+        return scoring
 
     def _wait(self, scoring: _Scoring) -> ScoreOutput | None:
         """The job's output, or None once its failure is stored."""
