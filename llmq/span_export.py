@@ -1,8 +1,8 @@
 """Span export in a child process, so that encoding spans never holds the GIL the job path needs.
 
-The SDK's OTLP exporter builds each span's protobuf attribute by attribute in Python: measured
-under the one-token job benchmark with every job traced, that encoding took about a quarter of
-the extra GIL time tracing costs the API and two fifths of the worker's. ChildProcessExporter
+The SDK's OTLP exporter builds each span's protobuf attribute by attribute in Python: profiled
+under the one-token job benchmark with every job traced, that encoding was a large share of the
+extra GIL time tracing costs the API and the worker. ChildProcessExporter
 stands where the OTLP exporter would (behind the SDK's BatchSpanProcessor): it flattens each
 batch to plain tuples, pickles it and writes it to a child process (`python -m
 llmq.span_export`), which rebuilds the spans and exports them with the SDK's own OTLP exporter,
