@@ -28,9 +28,11 @@ from typing import Any
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace import sampling
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, sampling
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,12 @@ WORKER_LIBRARIES = ("celery", "httpx")
 
 _enabled = False
 _tracer: trace.Tracer | None = None
+# What spans recorded after the fact (see `finished_span`) need: the provider's processors,
+# resource and sampler, kept as configure_tracing made them.
+_processors: list[SpanProcessor] = []
+_resource: Resource | None = None
+_sampler_in_use: sampling.Sampler | None = None
+_scope = InstrumentationScope(TRACER_NAME)
 _lock = threading.Lock()
 _propagator = TraceContextTextMapPropagator()
 # A trace id chosen by the caller for the next root span (an evaluation run's, a batch's).
@@ -89,11 +97,14 @@ def configure_tracing(service_name: str, libraries: Sequence[str] = API_LIBRARIE
         resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+        global _resource, _sampler_in_use
+        _resource, _sampler_in_use = resource, QuietBackground(_sampler())
         provider = TracerProvider(
-            resource=resource, sampler=QuietBackground(_sampler()), id_generator=_IdGenerator()
+            resource=resource, sampler=_sampler_in_use, id_generator=_IdGenerator()
         )
         for exporter in _exporters(resource):
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+            _processors.append(BatchSpanProcessor(exporter))
+            provider.add_span_processor(_processors[-1])
         trace.set_tracer_provider(provider)
         _instrument_libraries([name for name in libraries if name not in _disabled()])
         _enabled = True
@@ -257,6 +268,61 @@ def _quiet():
     return suppress_instrumentation()
 
 
+# -- spans recorded after the fact ------------------------------------------------------------
+
+
+def sampled_child(parent: SpanContext, name: str) -> SpanContext | None:
+    """A new span's context under `parent` when the sampler records it (for a parent-based
+    sampler: when the parent was sampled), else None; for spans made with `finished_span`."""
+    if not _enabled or _sampler_in_use is None:
+        return None
+    decision = _sampler_in_use.should_sample(
+        trace.set_span_in_context(trace.NonRecordingSpan(parent)), parent.trace_id, name
+    ).decision
+    if not decision.is_sampled():
+        return None
+    return SpanContext(
+        parent.trace_id, _ids.generate_span_id(), False, parent.trace_flags, parent.trace_state
+    )
+
+
+def child_context(parent: SpanContext) -> SpanContext:
+    """A new span's context under a span that `sampled_child` made."""
+    return SpanContext(
+        parent.trace_id, _ids.generate_span_id(), False, parent.trace_flags, parent.trace_state
+    )
+
+
+def finished_span(
+    name: str,
+    context: SpanContext,
+    parent: SpanContext,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    """Hand a finished span, made from times recorded as the work went on, straight to the
+    export processors. A worker's spans for a job are all made this way once the job has ended
+    (workers/job_trace.py): the SDK's live spans, with their locks, sampler call and attribute
+    checks, cost several times as much, and nothing runs inside these spans that would need them
+    current."""
+    status = Status(StatusCode.ERROR, error) if error is not None else Status(StatusCode.UNSET)
+    span = ReadableSpan(
+        name,
+        context,
+        parent,
+        _resource,
+        attributes,
+        status=status,
+        start_time=start_ns,
+        end_time=max(end_ns, start_ns),
+        instrumentation_scope=_scope,
+    )
+    for processor in _processors:
+        processor.on_end(span)
+
+
 def link_to(traceparent: str | None) -> list[Link]:
     ctx = context_of(traceparent)
     return [] if ctx is None else [Link(trace.get_current_span(ctx).get_span_context())]
@@ -329,6 +395,9 @@ class _IdGenerator(IdGenerator):
     def generate_trace_id(self) -> int:
         forced = _forced_trace_id.get()
         return forced if forced is not None else self._random.generate_trace_id()
+
+
+_ids = RandomIdGenerator()
 
 
 class QuietBackground(sampling.Sampler):

@@ -11,9 +11,10 @@
       llmq.stream.publish
       POST                    a remote model's upstream requests (the httpx instrumentation)
 
-queue_wait + job cover the job's life from its row's creation to its end. The engine spans are
-made from timestamps the engine recorded (workers/engine_jobs.EngineTimings) once the job has
-ended, so the engine, in its own process or thread, builds no span and steps no slower.
+queue_wait + job cover the job's life from its row's creation to its end. Every span is made
+once the work it times is done, from timestamps recorded as it went on (the engine's in
+workers/engine_jobs.EngineTimings, so the engine, in its own process or thread, builds no span
+and steps no slower), and handed straight to the export processors (tracing.finished_span).
 """
 
 import time
@@ -21,57 +22,74 @@ from concurrent.futures import Future
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import SpanContext
 
 from llmq import tracing
 from workers.engine_jobs import EngineTimings
 
 
 class JobTrace:
-    def __init__(self, job: Any, parent: Context, claim_started_ns: int, claimed_ns: int) -> None:
-        tracer = tracing.tracer()
-        attributes = {"llmq.job_id": str(job.id), "llmq.attempt": job.attempts}
-        wait = tracer.start_span(
+    def __init__(
+        self,
+        job: Any,
+        parent: SpanContext,
+        context: SpanContext,
+        claim_started_ns: int,
+        claimed_ns: int,
+    ) -> None:
+        """`parent` is the context stored with the job's row, `context` the job's own span's."""
+        self.parent, self.context = parent, context
+        self.attributes: dict[str, Any] = {"llmq.job_id": str(job.id), "llmq.attempt": job.attempts}
+        tracing.finished_span(
             "llmq.queue_wait",
-            context=parent,
-            start_time=int(job.created_at.timestamp() * 1e9),
-            attributes=attributes,
+            tracing.child_context(parent),
+            parent,
+            int(job.created_at.timestamp() * 1e9),
+            claim_started_ns,
+            dict(self.attributes),
         )
-        wait.end(end_time=claim_started_ns)
-        attributes |= {"llmq.model": job.model, "llmq.queue": job.queue}
-        self.span: Span = tracer.start_span(
-            "llmq.job", context=parent, start_time=claim_started_ns, attributes=attributes
-        )
-        self._context = trace.set_span_in_context(self.span)
+        self.attributes |= {"llmq.model": job.model, "llmq.queue": job.queue}
+        self.started_ns = claim_started_ns
         self.child("llmq.claim", claim_started_ns, claimed_ns)
         self.store_started_ns = 0
+        self.ended_already = False
 
     @classmethod
     def begin(cls, job: Any, claim_started_ns: int, claimed_ns: int) -> "JobTrace | None":
-        """The job's trace, when tracing is on and the job was traced from its request."""
+        """The job's trace, when tracing is on, the job was traced from its request, and this
+        process's sampler records it."""
         if not tracing.enabled() or not job.trace_context:
             return None
-        parent = tracing.context_of(job.trace_context)
-        if parent is None:
+        parent_context = tracing.context_of(job.trace_context)
+        if parent_context is None:
             return None
-        return cls(job, parent, claim_started_ns, claimed_ns)
+        parent = trace.get_current_span(parent_context).get_span_context()
+        context = tracing.sampled_child(parent, "llmq.job")
+        if context is None:
+            return None
+        return cls(job, parent, context, claim_started_ns, claimed_ns)
 
     def traceparent(self) -> str | None:
         """The job's span as a W3C traceparent: work done for the job elsewhere (a remote
         model's upstream request) joins the trace under it."""
-        return tracing.traceparent_of(self.span)
+        return tracing.traceparent_of(trace.NonRecordingSpan(self.context))
 
     def log_ids(self) -> dict[str, str]:
         """The ids for the job's log lines."""
-        ctx = self.span.get_span_context()
-        return {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"}
+        return {
+            "trace_id": f"{self.context.trace_id:032x}",
+            "span_id": f"{self.context.span_id:016x}",
+        }
 
     def child(self, name: str, start_ns: int, end_ns: int, **attributes: Any) -> None:
-        span = tracing.tracer().start_span(
-            name, context=self._context, start_time=start_ns, attributes=attributes or None
+        tracing.finished_span(
+            name,
+            tracing.child_context(self.context),
+            self.context,
+            start_ns,
+            end_ns,
+            attributes or None,
         )
-        span.end(end_time=max(end_ns, start_ns))
 
     def engine(self, timings: EngineTimings | None) -> None:
         """The engine's spans, from what it recorded (nothing for an engine that records none,
@@ -111,9 +129,19 @@ class JobTrace:
 
     def stored(self, completion_tokens: int) -> None:
         self.child("llmq.result.write", self.store_started_ns, time.time_ns())
-        self.span.set_attribute("llmq.completion_tokens", completion_tokens)
+        self.attributes["llmq.completion_tokens"] = completion_tokens
 
     def end(self, error: str | None = None) -> None:
-        if error is not None:
-            self.span.set_status(Status(StatusCode.ERROR, error))
-        self.span.end()
+        """The job's own span, once: the first end wins."""
+        if self.ended_already:
+            return
+        self.ended_already = True
+        tracing.finished_span(
+            "llmq.job",
+            self.context,
+            self.parent,
+            self.started_ns,
+            time.time_ns(),
+            self.attributes,
+            error,
+        )
