@@ -39,6 +39,7 @@ from api.routes import (
     streams,
     workers,
 )
+from llmq.heap import settle
 from llmq.logs import configure_logging
 from llmq.publisher import TokenPublisher
 from llmq.registry import load_registry
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await finals.wait_listening(timeout=1.0)  # Redis may be away: requests then poll
         loader = postgres_loader(settings.database_url)
         app.state.event_reader = JobEventReader(redis, loader, finals)
+        settle(settings.gc_young_threshold)  # start-up is done: see llmq/heap.py
         yield
         await finals.stop()
         app.state.live_queues.stop()

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         description="Run the worker's engine in its own process (false: a thread of the worker)",
     )
 
+    # Once a process has started, what it holds is frozen out of the garbage collector's full
+    # collections and its young generation is collected every gc_young_threshold allocations
+    # rather than CPython's 700 (llmq/heap.py); 0 leaves the collector as CPython sets it.
+    gc_young_threshold: int = Field(default=10_000, ge=0)
+
     # The longest a job may run; the broker redelivers unacknowledged messages after
     # visibility_timeout, so it must stay well above this.
     job_time_limit_s: int = 600

@@ -8,8 +8,9 @@ import time
 
 import structlog
 from celery import Celery
-from celery.signals import worker_init, worker_shutdown, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
+from llmq.heap import settle
 from llmq.logs import configure_logging
 from llmq.registry import ModelSpec, get_registry
 from llmq.settings import Settings, get_settings
@@ -108,6 +109,12 @@ def _runtime_starter(
 
         keep_a_spare()
     return lambda spec: WorkerRuntime.start(settings, spec, device, worker_name, spare)
+
+
+@worker_ready.connect
+def settle_heap(**_kwargs) -> None:
+    """Models loaded and the consumer started: see llmq/heap.py."""
+    settle(get_settings().gc_young_threshold)
 
 
 @worker_shutdown.connect

@@ -15,8 +15,10 @@ from typing import Any, NoReturn
 import structlog
 import torch
 
+from llmq.heap import settle
 from llmq.logs import configure_logging
 from llmq.publisher import TokenEmission
+from llmq.settings import get_settings
 from workers.engine import GenerationEngine
 from workers.engine_messages import (
     Cancel,
@@ -179,6 +181,7 @@ def run_engine_process(
         observer=reporter,
         on_cycle=reporter.send,
     )
+    settle(get_settings().gc_young_threshold)  # the model is loaded: see llmq/heap.py
     reporter.send_message(Ready(host.facts()))
     engine.start()
     log.info("engine process serving", pid=os.getpid(), torch_threads=threads)
