@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
@@ -111,6 +111,22 @@ class Connection:
         return cls(reader, writer, url.netloc)
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        status, length, chunked = await self._exchange(method, path, body)
+        if not chunked:
+            return status, await self.reader.readexactly(length)
+        return status, b"".join([part async for part in self._chunks()])
+
+    async def stream(
+        self, method: str, path: str, body: bytes = b""
+    ) -> tuple[int, AsyncIterator[bytes]]:
+        """The status, then the body as it comes: a chunked answer (a Server-Sent Events
+        stream) chunk by chunk, which the body must be read to the end of before the next
+        request."""
+        status, length, chunked = await self._exchange(method, path, body)
+        return status, self._chunks() if chunked else self._whole(length)
+
+    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, int, bool]:
+        """Send a request; its answer's status, Content-Length, and whether it is chunked."""
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
         if body:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -124,16 +140,17 @@ class Connection:
                 length = int(value)
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
-        return status, await (self._chunks() if chunked else self.reader.readexactly(length))
+        return status, length, chunked
 
-    async def _chunks(self) -> bytes:
-        parts = []
+    async def _whole(self, length: int) -> AsyncIterator[bytes]:
+        yield await self.reader.readexactly(length)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
         while size := int((await self.reader.readline()).split(b";")[0], 16):
-            parts.append(await self.reader.readexactly(size))
+            yield await self.reader.readexactly(size)
             await self.reader.readline()
         while (await self.reader.readline()) not in (b"\r\n", b""):
             pass  # trailers
-        return b"".join(parts)
 
     def close(self) -> None:
         self.writer.close()

@@ -1,69 +1,144 @@
 """Relaying overhead of a remote model: the same streamed completions asked of an upstream llmq
 directly, and through a front llmq whose `source: remote` model sends them to it.
 
-    python -m bench.remote [--clients 64] [--tokens 64] [--requests 256] [--rounds 3]
+    python -m bench.remote [--clients 64] [--tokens 64] [--requests 256] [--rounds 3] [--pin]
 
 Two stacks on this machine, each with its own Postgres database and Redis database: the upstream
 (API and a worker holding stories260K, the model that ships with llmq), and the front (API and a
 remote worker, which loads no model). Rounds alternate direct and through the front; each round
 sends `--requests` streamed completions of `--tokens` tokens from `--clients` concurrent clients,
 distinct prompts (so never a cache hit; the upstream stores cache entries for both paths alike).
-Figures are medians over the rounds: completion tokens per second over the round's wall time, and
-the p50 time to the first streamed text. The front's own processes share this machine's cores with
-the upstream's model, so its ratio here includes that contention; on separate machines only the
-added latency remains.
+Figures are medians over the rounds: completion tokens per second over the round's wall time,
+the p50 time to the first streamed text, and CPU ms per request from /proc: each stack's API and
+worker with their threads and children (the upstream worker's engine process), Postgres (the
+server's own processes and both stacks' backends), Redis (the whole server, which both stacks
+share) and the load client (this process).
+
+Without --pin the stacks share the cores, so once they are busy the front's ratio is about the
+upstream's share of the CPU, whatever the front costs. --pin shows what two machines would: the
+upstream's API and worker (their threads and children inherit it) run on one core and the
+front's on the other, in the direct rounds and the front rounds alike, so the upstream has the
+same core whichever path is measured. The load client, which is neither machine, runs on the
+upstream's core: it reads the same requests' streams in both kinds of round, so it takes about
+the same share of the upstream's core in both (its CPU per request is in the table to show how
+alike), and the front's core is the front's alone, as its own machine would be. On the front's
+core it would take the front's CPU only in the front rounds and count against the relay.
+Postgres and Redis are services of the machine that both stacks (and anything else running)
+share: they stay on every core, where the scheduler puts them, and a stack's work in them can
+land on the other stack's core. That is the one way a pinned run differs from two machines.
 """
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
-import subprocess
 import tempfile
 import time
-from contextlib import suppress
 from pathlib import Path
 
-import httpx
 import psutil
 from rich.console import Console
 from rich.table import Table
 
+from bench.jobpath import Connection, Probes, Run, Seconds, measure, tree_seconds
 from bench.models import STORIES
-from bench.run import percentile, stream_completion
+from bench.run import percentile
 from bench.stack import bench_urls, llmq_stack
 
-console = Console(width=150)
+console = Console(width=170)
 UPSTREAM_PORT, FRONT_PORT = 8771, 8772
+UPSTREAM_DATABASE, FRONT_DATABASE = "llmq_bench_upstream", "llmq_bench_front"
+DIRECT, FRONT = "upstream, directly", "through the front"
+# CPU groups, as the table shows them.
+GROUPS = {
+    "upstream API": ("upstream api",),
+    "upstream worker": ("upstream worker",),
+    "front API": ("front api",),
+    "front worker": ("front worker",),
+    "postgres": ("postgres",),
+    "redis": ("redis",),
+    "client": ("client",),
+}
 
 
-async def one_round(base: str, model: str, args, round_number: int) -> tuple[float, list[float]]:
-    """Tokens per second and each request's time to first text."""
-    firsts: list[float] = []
-    tokens = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for number in range(args.requests):
-        queue.put_nowait(number)
+def one_round(base: str, model: str, args, round_number: int, requests: int):
+    """A Timed for bench.jobpath.measure: the round's requests, each one's time to first text
+    (a request that brought no text has none). Each client holds one keep-alive connection of
+    bench.jobpath's hand-written HTTP/1.1 client, so that the load costs little beside the
+    servers it measures."""
 
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens
-        while not queue.empty():
-            number = queue.get_nowait()
-            body = {
-                "model": model,
-                "prompt": f"Once upon a time, {model} round {round_number} story {number}",
-                "max_tokens": args.tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-            }
-            first, used = await stream_completion(http, base, body)
-            tokens += used
-            if first is not None:  # a request that brought no text has no first text
-                firsts.append(first)
+    async def run() -> list[float]:
+        firsts: list[float] = []
+        pending = iter(range(requests))
 
+        async def client() -> None:
+            connection = await Connection.open(base)
+            try:
+                for number in pending:
+                    body = {
+                        "model": model,
+                        "prompt": f"Once upon a time, {model} round {round_number} story {number}",
+                        "max_tokens": args.tokens,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    }
+                    first, used = await read_completion(connection, json.dumps(body).encode())
+                    if used != args.tokens:
+                        raise RuntimeError(f"a request brought {used} tokens, not {args.tokens}")
+                    if first is not None:
+                        firsts.append(first)
+            finally:
+                connection.close()
+
+        await asyncio.gather(*(client() for _ in range(args.clients)))
+        return firsts
+
+    return lambda: asyncio.run(run())
+
+
+async def read_completion(connection: Connection, body: bytes) -> tuple[float | None, int]:
+    """A streamed /v1/completions request: seconds to its first text, and its completion tokens
+    (the usage chunk's). Only chunks that may hold them are decoded: until the first text, and
+    the usage chunk."""
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600) as http:
-        await asyncio.gather(*(client(http) for _ in range(args.clients)))
-    return tokens / (time.perf_counter() - started), firsts
+    first, tokens = None, 0
+    status, chunks = await connection.stream("POST", "/v1/completions", body)
+    async for chunk in chunks:
+        if status != 200:
+            raise RuntimeError(f"answered {status}: {chunk[:400]!r}")
+        for line in chunk.splitlines():
+            if not line.startswith(b"data: {"):
+                continue
+            if first is None:
+                choices = json.loads(line[6:]).get("choices") or []
+                if any(choice.get("text") for choice in choices):
+                    first = time.perf_counter() - started
+            if b'"completion_tokens"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return first, tokens
+
+
+def pin_this_process(cpus: set[int]) -> None:
+    """Every thread of this process on `cpus` (threads it starts later inherit it)."""
+    for thread in psutil.Process().threads():
+        os.sched_setaffinity(thread.id, cpus)
+
+
+def cores_of(processes) -> set[int]:
+    """The cores every thread of these processes and their descendants may run on."""
+    cores: set[int] = set()
+    for root in (psutil.Process(p.pid) for p in processes):
+        for process in [root, *root.children(recursive=True)]:
+            for thread in process.threads():
+                cores |= os.sched_getaffinity(thread.id)
+    return cores
+
+
+def shown(cores: set[int]) -> str:
+    return ",".join(str(core) for core in sorted(cores))
 
 
 def main() -> None:
@@ -72,7 +147,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the upstream (and the load client) on one core, the front on another",
+    )
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cores) < 2:
+        parser.error(f"--pin needs two cores; this process may use {len(cores)}")
+    upstream_cpus, front_cpus = ({cores[0]}, {cores[1]}) if args.pin else (None, None)
 
     with tempfile.TemporaryDirectory(prefix="llmq-bench-remote-") as tmp:
         workdir = Path(tmp)
@@ -96,8 +180,8 @@ def main() -> None:
                 "max_concurrency": args.clients,
             },
         }
-        upstream_redis = bench_urls()[1].rsplit("/", 1)[0] + "/11"
-        front_redis = bench_urls()[1].rsplit("/", 1)[0] + "/12"
+        redis_server = bench_urls()[1].rsplit("/", 1)[0]
+        upstream_redis, front_redis = f"{redis_server}/11", f"{redis_server}/12"
         (workdir / "upstream").mkdir()
         (workdir / "front").mkdir()
         console.print(f"model {model_id}; starting the upstream and the front stacks")
@@ -108,7 +192,8 @@ def main() -> None:
                 [model_id],
                 port=UPSTREAM_PORT,
                 redis_url=upstream_redis,
-                database="llmq_bench_upstream",
+                database=UPSTREAM_DATABASE,
+                cpus=upstream_cpus,
             ) as (upstream, upstream_processes),
             llmq_stack(
                 [front_model],
@@ -116,67 +201,86 @@ def main() -> None:
                 [front_model["id"]],
                 port=FRONT_PORT,
                 redis_url=front_redis,
-                database="llmq_bench_front",
+                database=FRONT_DATABASE,
+                cpus=front_cpus,
             ) as (front, front_processes),
         ):
-            stacks = {"upstream": upstream_processes, "front": front_processes}
-            paths = {
-                "upstream, directly": (upstream, model_id),
-                "through the front": (front, front_model["id"]),
+            if upstream_cpus is not None:
+                pin_this_process(upstream_cpus)
+            probes = Probes(bench_urls(UPSTREAM_DATABASE)[0], upstream_redis)
+            front_probes = Probes(bench_urls(FRONT_DATABASE)[0], front_redis)
+            placement = {
+                "upstream": shown(cores_of(upstream_processes)),
+                "front": shown(cores_of(front_processes)),
+                "client": shown(os.sched_getaffinity(0)),
+                "postgres": shown(os.sched_getaffinity(probes.postmaster.pid)),
+                "redis": shown(os.sched_getaffinity(probes.redis_server.pid)),
             }
+            console.print("cores: " + ", ".join(f"{k} {v}" for k, v in placement.items()))
+            groups: dict[str, Seconds] = {
+                "upstream api": tree_seconds(psutil.Process(upstream_processes[0].pid)),
+                "upstream worker": tree_seconds(psutil.Process(upstream_processes[1].pid)),
+                "front api": tree_seconds(psutil.Process(front_processes[0].pid)),
+                "front worker": tree_seconds(psutil.Process(front_processes[1].pid)),
+                **probes.groups(),
+                # Both databases' backends; the server's own processes count once (by pid).
+                "postgres": lambda: probes.postgres_seconds() | front_probes.postgres_seconds(),
+            }
+            paths = {DIRECT: (upstream, model_id), FRONT: (front, front_model["id"])}
             for base, model in paths.values():  # warm both
-                asyncio.run(
-                    one_round(base, model, argparse.Namespace(**{**vars(args), "requests": 8}), -1)
-                )
-            figures: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
-            cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+                one_round(base, model, args, -1, 8)()
+            runs: dict[str, list[Run]] = {name: [] for name in paths}
             for round_number in range(args.rounds):
                 for name, (base, model) in paths.items():
-                    before = {stack: cpu_seconds(p) for stack, p in stacks.items()}
-                    rate, firsts = asyncio.run(one_round(base, model, args, round_number))
-                    used = {s: cpu_seconds(p) - before[s] for s, p in stacks.items()}
-                    cpu[name].append({s: 1000 * v / args.requests for s, v in used.items()})
-                    ttft_ms = percentile(firsts, 50) * 1000
-                    figures[name].append((rate, ttft_ms))
+                    timed = one_round(base, model, args, round_number, args.requests)
+                    run = measure(probes, groups, args.requests, timed)
+                    runs[name].append(run)
+                    rate = run.jobs * args.tokens / run.wall_s
+                    ttft_ms = percentile(run.latencies, 50) * 1000
                     say = f"round {round_number + 1} {name}: {rate:,.0f} tok/s, TTFT p50"
                     console.print(f"{say} {ttft_ms:.1f} ms")
-        report(figures, cpu, args, model_id)
+        report(runs, args, model_id, placement)
 
 
-def cpu_seconds(processes: list[subprocess.Popen]) -> float:
-    """CPU seconds the stack's API and workers have used so far (their threads included)."""
-    total = 0.0
-    for process in processes:
-        with suppress(psutil.Error):
-            times = psutil.Process(process.pid).cpu_times()
-            total += times.user + times.system
-    return total
+def report(runs: dict[str, list[Run]], args, model_id: str, placement: dict[str, str]) -> None:
+    def median(name: str, figure) -> float:
+        return statistics.median(figure(run) for run in runs[name])
 
+    def rate(run: Run) -> float:
+        return run.jobs * args.tokens / run.wall_s
 
-def report(figures, cpu, args, model_id: str) -> None:
-    medians = {
-        name: (statistics.median(r for r, _ in runs), statistics.median(t for _, t in runs))
-        for name, runs in figures.items()
-    }
-    base_rate, base_ttft = medians["upstream, directly"]
+    def ttft_ms(run: Run) -> float:
+        return percentile(run.latencies, 50) * 1000
+
+    base_rate, base_ttft = median(DIRECT, rate), median(DIRECT, ttft_ms)
+    where = (
+        f"upstream and load client on core {placement['upstream']}, front on core "
+        f"{placement['front']}"
+        if args.pin
+        else "nothing pinned"
+    )
+    services = f"Postgres and Redis unpinned (cores {placement['postgres']}), shared by both"
     table = Table(
         title=f"Remote relaying: {model_id}, {args.clients} clients × {args.tokens} tokens, "
-        f"{args.requests} requests, median of {args.rounds} rounds"
+        f"{args.requests} requests, median of {args.rounds} rounds; {where}; {services}"
     )
     columns = ["path", "tokens/s", "ratio", "TTFT p50 (ms)", "added TTFT (ms)"]
-    columns += ["upstream CPU ms/request", "front CPU ms/request"]
+    columns += [f"{group} CPU ms/req" for group in GROUPS] + ["Redis cmds/req"]
     for column in columns:
         table.add_column(column, justify="right" if column != "path" else "left")
-    for name, (rate, ttft) in medians.items():
-        spent = {s: statistics.median(r[s] for r in cpu[name]) for s in ("upstream", "front")}
+    for name in runs:
+        cpu = [
+            median(name, lambda r, g=g: sum(r.cpu_ms[part] for part in g) / r.jobs)
+            for g in GROUPS.values()
+        ]
         table.add_row(
             name,
-            f"{rate:,.0f}",
-            f"{rate / base_rate:.2f}×",
-            f"{ttft:.1f}",
-            f"{ttft - base_ttft:+.1f}",
-            f"{spent['upstream']:.1f}",
-            f"{spent['front']:.1f}",
+            f"{median(name, rate):,.0f}",
+            f"{median(name, rate) / base_rate:.2f}×",
+            f"{median(name, ttft_ms):.1f}",
+            f"{median(name, ttft_ms) - base_ttft:+.1f}",
+            *(f"{ms:.1f}" for ms in cpu),
+            f"{median(name, lambda r: r.redis_commands / r.jobs):.0f}",
         )
     console.print(table)
 

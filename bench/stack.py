@@ -39,15 +39,28 @@ def stack_env(workdir: Path, models: list[dict], database_url: str, redis_url: s
     }
 
 
-def start_worker(models: str | list[str], env: dict, workdir: Path) -> subprocess.Popen:
+def pinned_to(cpus: set[int] | None):
+    """A Popen preexec_fn that runs the process on `cpus` only (its threads and children
+    inherit it); None leaves it where the scheduler puts it."""
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+
+def start_worker(
+    models: str | list[str], env: dict, workdir: Path, cpus: set[int] | None = None
+) -> subprocess.Popen:
     """A worker of one model, or of several (a list, optionally ending in worker options such
-    as "--max-loaded-models=1")."""
+    as "--max-loaded-models=1"), on `cpus` if given."""
     log = open(workdir / "workers.log", "ab")  # noqa: SIM115
     command = [sys.executable, "-m", "llmq.cli", "worker", "--device", "cpu"]
     for model in [models] if isinstance(models, str) else models:
         command += [model] if model.startswith("--") else ["--model", model]
     return subprocess.Popen(
-        [*command, "--loglevel", "WARNING"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        [*command, "--loglevel", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=pinned_to(cpus),
     )
 
 
@@ -61,6 +74,7 @@ def llmq_stack(
     database: str = "llmq_bench",
     database_url: str | None = None,
     api_log: Path | None = None,
+    cpus: set[int] | None = None,
     **settings: str,
 ):
     """Yields the API base URL and the processes once every named worker consumes its queue
@@ -69,7 +83,8 @@ def llmq_stack(
     `redis_url` replaces the benchmark's Redis database and `database` its Postgres database
     (both are emptied first), so that two benchmarks can run at once; `database_url` names a
     database on another server instead (a private one the benchmark stops and starts).
-    `api_log` takes the API's output instead of the console; `settings` are extra LLMQ_*
+    `api_log` takes the API's output instead of the console; `cpus` pins the API and the
+    workers (their threads and children too) to those cores; `settings` are extra LLMQ_*
     variables.
     """
     bench_database_url, default_redis_url = bench_urls(database)
@@ -88,9 +103,10 @@ def llmq_stack(
             env=env,
             stdout=api_output,
             stderr=subprocess.STDOUT if api_output is not None else None,
+            preexec_fn=pinned_to(cpus),
         )
     ]
-    processes += [start_worker(model, env, workdir) for model in worker_models]
+    processes += [start_worker(model, env, workdir, cpus) for model in worker_models]
     base = f"http://127.0.0.1:{port}"
     try:
         served = [m for w in worker_models for m in ([w] if isinstance(w, str) else w)]
