@@ -23,6 +23,7 @@ from api.intake.prompts import PromptCounter
 from api.metrics import scrape_registry
 from api.results.events import JobEventReader, postgres_loader
 from api.results.final_events import FinalEventListener
+from api.results.job_channels import JobChannels
 from api.routes import (
     admin,
     batches,
@@ -62,12 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = aioredis.Redis.from_url(settings.redis_url, max_connections=1000)
         finals = FinalEventListener(redis)
         finals.start()
+        channels = JobChannels(settings.redis_url)
+        channels.start()
         await finals.wait_listening(timeout=1.0)  # Redis may be away: requests then poll
+        await channels.wait_listening(timeout=1.0)  # or stream from Postgres
         loader = postgres_loader(settings.database_url)
-        app.state.event_reader = JobEventReader(redis, loader, finals)
+        app.state.event_reader = JobEventReader(redis, loader, finals, channels)
         settle(settings.gc_young_threshold)  # start-up is done: see llmq/heap.py
         yield
         await finals.stop()
+        await channels.stop()
         app.state.live_queues.stop()
         reconciler.stop()
         app.state.eval_driver.stop()

@@ -1,8 +1,9 @@
 """Reads a job's events for streaming: the replay buffer first, then the live channel.
 
-The reader subscribes before it reads the buffer, so nothing published in between is missed;
-ids already passed are dropped, so nothing is sent twice. When the buffer has expired (or Redis
-lost it) and the job has finished, the events are rebuilt from the row in Postgres.
+The reader subscribes (api/results/job_channels.py) before it reads the buffer, so nothing
+published in between is missed; ids already passed are dropped, so nothing is sent twice. When
+the buffer has expired (or Redis lost it) and the job has finished, the events are rebuilt from
+the row in Postgres.
 """
 
 import asyncio
@@ -19,6 +20,7 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.results.final_events import FinalEventListener
+from api.results.job_channels import JobChannels
 from db.queries.jobs import read_job
 from db.session import session_scope
 from db.tables import Job
@@ -43,6 +45,9 @@ DATABASE_OUTAGE_LIMIT_S = 60.0
 # Postgres is the safety net for a final event Redis lost; ask it soon, then ever less often.
 FIRST_IDLE_S = 0.25
 MAX_IDLE_S = 8.0
+# A job its caller has just submitted cannot have lost its buffer yet: the first look at
+# Postgres can wait this long, and stays off the threads the submit path needs.
+JUST_SUBMITTED_CHECK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -160,52 +165,40 @@ class StreamProgress:
         return token_event_id(number + 1)
 
 
-async def _next_message(pubsub, timeout: float) -> dict | None:
-    """The next published message, or None after `timeout` of quiet. (get_message returns None
-    early when it reads a subscribe confirmation; that is not quiet.)"""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (remaining := deadline - loop.time()) > 0:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=remaining)
-        if message is not None:
-            return message
-    return None
-
-
-async def _close(pubsub) -> None:
-    try:
-        await pubsub.unsubscribe()
-    except RedisError:
-        pass  # the connection is gone, and its subscriptions with it
-    await pubsub.aclose()
-
-
 class JobEventReader:
     def __init__(
         self,
         redis: aioredis.Redis,
         load_finished: LoadFinished,
         finals: FinalEventListener,
+        channels: JobChannels,
         idle_s: float = 1.0,
     ):
         self.redis = redis
         self.load_finished = load_finished
         self.finals = finals
+        self.channels = channels
         self.idle_s = idle_s
 
     async def events(
-        self, job_id: uuid.UUID, after: str | None = None, finished: FinishedJob | None = None
+        self,
+        job_id: uuid.UUID,
+        after: str | None = None,
+        finished: FinishedJob | None = None,
+        first_check_s: float = FIRST_IDLE_S,
     ) -> AsyncIterator[StreamedEvent]:
         """Every event of the job after `after` (a Last-Event-ID), in order, each once.
 
         `finished` is the job's end when the caller has just read it from Postgres: a finished
         job with nothing in Redis (a cache hit, an expired buffer) is then rebuilt at once.
+        Postgres is first asked after `first_check_s` without an event (JUST_SUBMITTED_CHECK_S
+        for a job the caller has just submitted).
         If Redis goes away mid-stream, the stream waits for the job's row in Postgres and sends
         the rest of the text and the final event from there, or ends with an error event when
         that cannot continue the text already sent."""
         progress = StreamProgress(after)
         try:
-            async for event in self._live_events(job_id, after, finished):
+            async for event in self._live_events(job_id, after, finished, first_check_s):
                 progress.record(event)
                 yield event
             return
@@ -248,12 +241,15 @@ class JobEventReader:
             idle_s = min(idle_s * 2, MAX_POLL_WITHOUT_REDIS_S)
 
     async def _live_events(
-        self, job_id: uuid.UUID, after: str | None, finished: FinishedJob | None
+        self,
+        job_id: uuid.UUID,
+        after: str | None,
+        finished: FinishedJob | None,
+        first_check_s: float,
     ) -> AsyncIterator[StreamedEvent]:
         key = events_key(job_id)
         last = parse_event_id(after) if after else (0, 0)
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(key)
+        subscription = await self.channels.subscribe(key)
         try:
             async for event in self._replay(key, after):
                 last = parse_event_id(event.id)
@@ -266,10 +262,10 @@ class JobEventReader:
                 return
             # Postgres is asked only when the feed is quiet: soon after connecting (the job may
             # have finished long ago, its buffer gone), then with a growing interval.
-            idle_s = FIRST_IDLE_S
+            idle_s = first_check_s
             waited_for_final = False
             while True:
-                message = await _next_message(pubsub, idle_s)
+                message = await subscription.next(idle_s)
                 if message is None:
                     idle_s = min(max(idle_s * 2, self.idle_s), MAX_IDLE_S)
                     finished = await self.load_finished(job_id)
@@ -288,7 +284,7 @@ class JobEventReader:
                     for event in rebuild_events(job_id, finished, since):
                         yield event
                     return
-                event_id, kind, data = message["data"].decode().split(" ", 2)
+                event_id, kind, data = message.decode().split(" ", 2)
                 if parse_event_id(event_id) <= last:
                     continue
                 event = StreamedEvent(event_id, kind, data)
@@ -297,14 +293,14 @@ class JobEventReader:
                 if event.final:
                     return
         finally:
-            await _close(pubsub)
+            subscription.close()
 
-    async def final(self, job_id: uuid.UUID, first_check_s: float = 2.0) -> StreamedEvent:
-        """Only the job's final event, without reading its tokens (for non-streamed responses).
-
-        Its callers have just submitted the job, so its buffer cannot have expired yet: the
-        Postgres safety check can wait, and stays off the threads the submit path needs.
-        Without Redis, the final event is read from the job's row once it has finished."""
+    async def final(
+        self, job_id: uuid.UUID, first_check_s: float = JUST_SUBMITTED_CHECK_S
+    ) -> StreamedEvent:
+        """Only the job's final event, without reading its tokens (for non-streamed responses,
+        whose callers have just submitted the job). Without Redis, the final event is read from
+        the job's row once it has finished."""
         try:
             return await self._final_from_redis(job_id, first_check_s)
         except RedisError as exc:

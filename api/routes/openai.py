@@ -15,6 +15,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated
 
 import anyio
@@ -38,6 +39,7 @@ from api.intake.openai_requests import (
     submit_choices,
 )
 from api.results.events import (
+    JUST_SUBMITTED_CHECK_S,
     STREAM_INTERRUPTED,
     StreamedEvent,
     end_relay_span,
@@ -155,13 +157,25 @@ async def _final_event(request: Request, choice: Choice) -> StreamedEvent:
     return await request.app.state.event_reader.final(choice.job_id)
 
 
+def _choice_events(request: Request, choice: Choice):
+    """A choice's events; its job was submitted by this very request."""
+    reader = request.app.state.event_reader
+    return reader.events(
+        choice.job_id, finished=choice.finished, first_check_s=JUST_SUBMITTED_CHECK_S
+    )
+
+
 async def _merged_events(request: Request, choices: list[Choice]):
     """(choice, event) pairs from all the choices' streams, as they come."""
+    if len(choices) == 1:  # nothing to merge: no task and queue between the reader and here
+        async with aclosing(_choice_events(request, choices[0])) as events:
+            async for event in events:
+                yield choices[0], event
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:
-        reader = request.app.state.event_reader
-        async for event in reader.events(choice.job_id, finished=choice.finished):
+        async for event in _choice_events(request, choice):
             await queue.put((choice, event))
 
     tasks = [asyncio.create_task(pump(choice)) for choice in choices]
@@ -270,7 +284,7 @@ def _stream(
     settings = request.app.state.settings
     database_url = settings.database_url
 
-    async def publish() -> AsyncIterator[ServerSentEvent]:
+    async def publish() -> AsyncIterator[bytes | ServerSentEvent]:
         completed = False
         usage = UsageInfo()
         logprobs = _StreamedLogprobs(fmt, shape)
@@ -319,8 +333,10 @@ def _stream(
     return EventSourceResponse(publish(), ping=settings.sse_ping_s)
 
 
-def _data(payload: dict) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
+def _data(payload: dict) -> bytes:
+    """An event of one JSON payload, encoded as sse-starlette encodes it (JSON has no line
+    breaks to split), without an event object and its encoder for every chunk."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\r\n\r\n"
 
 
 async def _serve(
