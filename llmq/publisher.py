@@ -4,6 +4,11 @@ Workers publish token deltas and final events; the API publishes the final event
 cancelled before it ran. Events go through one queue to one sender thread, so the decode loop
 never waits on Redis, every event of a job keeps its order (a job's final event always follows
 its tokens), and events that pile up while Redis answers go out together in one round trip.
+
+A job's replay buffer gets its time to live with its first event from this publisher, again
+with a token event once half of it has passed, and with its final event: not with every token
+event, where it would be a third of the commands each costs Redis and the sender. (A buffer
+deleted while its job streams, by hand or by a Redis restart, has none until its final event.)
 """
 
 import queue
@@ -30,6 +35,10 @@ from llmq.events import (
 log = structlog.get_logger(__name__)
 
 MAX_ITEMS_PER_ROUND_TRIP = 256
+REFRESH_TTL_S = REPLAY_TTL_S / 2
+# Jobs whose time to live this publisher tracks; past this many, those due a refresh anyway are
+# forgotten (a job whose final event another process published is never told here).
+MAX_TRACKED_JOBS = 10_000
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,9 @@ class TokenPublisher:
     def __init__(self, redis_url: str) -> None:
         self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._queue: queue.Queue = queue.Queue()
+        # When each job's buffer last had its time to live set (time.monotonic(); the sender
+        # thread's own).
+        self._expires_set: dict[uuid.UUID, float] = {}
         self._thread = threading.Thread(target=self._run, name="llmq-publisher", daemon=True)
         self._thread.start()
 
@@ -109,33 +121,54 @@ class TokenPublisher:
 
     def _send(self, items: list) -> None:
         pipe = self.redis.pipeline(transaction=False)
+        now = time.monotonic()
         for item in items:
             if isinstance(item, _Reset):
+                self._expires_set.pop(item.job_id, None)
                 pipe.delete(events_key(item.job_id))
             elif isinstance(item, _Final):
+                self._expires_set.pop(item.job_id, None)
                 event_id, data = final_event_id(), item.event.model_dump_json()
-                self._add(pipe, item.job_id, event_id, item.event.type, data)
+                self._add(pipe, item.job_id, event_id, item.event.type, data, expire=True)
                 # For waiters that need no tokens (non-streamed responses).
                 channel = final_channel(item.job_id)
                 pipe.publish(channel, live_message(event_id, item.event.type, data))
             else:
                 for emission in item:
+                    job_id = emission.event.job_id
                     self._add(
                         pipe,
-                        emission.event.job_id,
+                        job_id,
                         token_event_id(emission.number),
                         "token",
                         emission.event.model_dump_json(),
+                        expire=self._expire_due(job_id, now),
                     )
         try:
             pipe.execute(raise_on_error=False)
         except RedisError as exc:
+            self._expires_set.clear()  # whether they were set is unknown: set them again
             log.warning("event publish failed", error=str(exc), items=len(items))
 
+    def _expire_due(self, job_id: uuid.UUID, now: float) -> bool:
+        """Whether the job's buffer should have its time to live set with this event."""
+        last = self._expires_set.get(job_id)
+        if last is not None and now - last < REFRESH_TTL_S:
+            return False
+        if len(self._expires_set) >= MAX_TRACKED_JOBS:
+            self._expires_set = {
+                job: at for job, at in self._expires_set.items() if now - at < REFRESH_TTL_S
+            }
+        self._expires_set[job_id] = now
+        return True
+
     @staticmethod
-    def _add(pipe: Pipeline, job_id: uuid.UUID, event_id: str, kind: str, data: str) -> None:
+    def _add(
+        pipe: Pipeline, job_id: uuid.UUID, event_id: str, kind: str, data: str, expire: bool
+    ) -> None:
         key = events_key(job_id)
         fields = {"type": kind, "data": data}
         pipe.xadd(key, fields, id=event_id, maxlen=REPLAY_MAXLEN, approximate=True)
-        pipe.expire(key, REPLAY_TTL_S)
+        if expire:
+            pipe.expire(key, REPLAY_TTL_S)
         pipe.publish(key, live_message(event_id, kind, data))

@@ -1,12 +1,13 @@
 """The publisher's final events reach both channels: the job's stream and its final-only
-channel, which non-streamed responses wait on."""
+channel, which non-streamed responses wait on; a job's buffer gets its time to live with its
+first and final events."""
 
 import uuid
 
 from redis import Redis
 
-from llmq.events import DoneEvent, events_key, final_channel
-from llmq.publisher import TokenPublisher
+from llmq.events import REPLAY_TTL_S, DoneEvent, TokenEvent, events_key, final_channel
+from llmq.publisher import TokenEmission, TokenPublisher
 
 
 def test_final_event_is_published_on_the_final_channel_too(redis_url):
@@ -34,3 +35,33 @@ def test_final_event_is_published_on_the_final_channel_too(redis_url):
     assert received.keys() == {final_channel(job_id), events_key(job_id)}
     assert received[final_channel(job_id)] == received[events_key(job_id)]
     assert received[final_channel(job_id)].split(" ", 2)[1:] == ["done", done.model_dump_json()]
+
+
+def test_a_buffers_time_to_live_is_set_with_its_first_and_final_events_only(redis_url):
+    redis = Redis.from_url(redis_url)
+    job_id = uuid.uuid4()
+    key = events_key(job_id)
+    publisher = TokenPublisher(redis_url)
+
+    def token(number: int) -> list[TokenEmission]:
+        event = TokenEvent(job_id=job_id, token_index=number - 1, text=f" {number}")
+        return [TokenEmission(number, event)]
+
+    publisher.publish_tokens(token(1))
+    publisher.flush()
+    assert 0 < redis.ttl(key) <= REPLAY_TTL_S
+    redis.expire(key, 100)  # a later token event leaves it as it is
+    publisher.publish_tokens(token(2))
+    publisher.flush()
+    assert redis.xlen(key) == 2 and redis.ttl(key) <= 100
+    done = DoneEvent(
+        job_id=job_id,
+        status="succeeded",
+        finish_reason="length",
+        text=" 1 2",
+        prompt_tokens=1,
+        completion_tokens=2,
+    )
+    publisher.publish_final(job_id, done)
+    publisher.close()
+    assert redis.ttl(key) > REPLAY_TTL_S - 60
