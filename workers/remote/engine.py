@@ -5,7 +5,9 @@ A job's attempts, until one succeeds or the job's deadline passes:
 1. wait while the breaker is open (a job that waits is not sent, so an outage does not fail
    the jobs in a burst); when it may close again, one attempt of one worker is its probe;
 2. wait for one of the model's upstream slots (workers/remote/slots.py);
-3. stream the completion, relaying its text into the job's event stream as it comes.
+3. stream the completion, relaying its text into the job's event stream as it comes: a job's
+   first text at once, the rest at the next relay tick, where every job's new text since the
+   last tick goes to Redis together (one round trip for all of them, not one per delta).
 Transient failures are retried with exponential backoff and jitter (tenacity), no sooner than
 the upstream's Retry-After. A retried job's stream goes on where its text agrees with what was
 already relayed (a greedy or seeded job gets the same text again); where it does not, the stream
@@ -52,9 +54,10 @@ from workers.remote.upstream import (
 log = structlog.get_logger(__name__)
 
 BREAKER_POLL_S = 0.2
-# Text that arrives within this long of the last relayed delta waits to go with the next one: an
-# event costs the worker, Redis and every reader of the stream alike, and a reader sees no
-# difference below a few tens of milliseconds. The first text of a job goes at once.
+# Text waits at most this long for the relay tick that sends it with every other job's: an event
+# costs the worker, Redis and every reader of the stream alike, a round trip to Redis costs the
+# worker as much as the few events it carries, and a reader sees no difference below a few tens
+# of milliseconds. The first text of a job goes at once.
 RELAY_EVERY_S = 0.025
 _backoff = wait_exponential_jitter(initial=0.25, max=5.0, jitter=0.5)
 
@@ -83,7 +86,7 @@ class _Call:
     relayed: str = ""  # the text its stream has carried so far
     deltas: int = 0  # token events published
     first_text_at: float | None = None  # time.monotonic()
-    relayed_at: float = float("-inf")  # time.monotonic() of the last delta relayed
+    attempt_text: list[str] = field(default_factory=list)  # the attempt's deltas so far
 
     @property
     def background(self) -> bool:
@@ -124,6 +127,13 @@ class RemoteEngine:
         )
         self._calls: dict[uuid.UUID, _Call] = {}
         self._lock = threading.Lock()
+        # Jobs with text that waits for the next relay tick. The lock orders every publish of
+        # a job's events: a tick's, and its thread's first and last.
+        self._unrelayed: dict[uuid.UUID, _Call] = {}
+        self._relay_lock = threading.Lock()
+        self._relay_due = threading.Event()
+        self._stopped = False
+        threading.Thread(target=self._relay_ticks, name="llmq-relay", daemon=True).start()
 
     # -- the engine's surface -----------------------------------------------------------------
 
@@ -150,6 +160,8 @@ class RemoteEngine:
         flight here is left to the reconciler, as a local engine's is)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+        self._stopped = True
+        self._relay_due.set()
 
     def submit(self, request: UpstreamRequest) -> Future:
         """A generation job: its completion streamed from the upstream (GenerationOutput)."""
@@ -307,18 +319,25 @@ class RemoteEngine:
         if remaining <= 0:
             raise JobTimeout("the job reached its deadline before the upstream answered")
         sent = time.monotonic()
-        attempt_text: list[str] = []
         renewed = [sent]
+        with self._relay_lock:
+            call.attempt_text = attempt_text = []
 
         def on_text(delta: str) -> None:
             now = time.monotonic()
             if not attempt_text:
                 metrics.UPSTREAM_FIRST_TEXT.labels(self.spec.id).observe(now - sent)
                 call.first_text_at = call.first_text_at or now
-            attempt_text.append(delta)
-            if not call.background and now - call.relayed_at >= RELAY_EVERY_S:
-                call.relayed_at = now
-                self._relay(call, "".join(attempt_text), len(attempt_text) - 1)
+            with self._relay_lock:
+                attempt_text.append(delta)
+                if call.background:
+                    pass  # nobody reads its stream as it comes: its text goes at its end
+                elif call.deltas == 0:  # the job's first text
+                    text, index = "".join(attempt_text), len(attempt_text) - 1
+                    self._publish([self._emission(call, text, index)])
+                elif call.request.job_id not in self._unrelayed:
+                    self._unrelayed[call.request.job_id] = call
+                    self._relay_due.set()
             if now - renewed[0] > self.slots.lease_s / 3:
                 renewed[0] = now
                 self.slots.renew(member)
@@ -327,7 +346,14 @@ class RemoteEngine:
 
         body = request_body(self.upstream, request.job_input, request.params)
         read_timeout = min(self.upstream.read_timeout_s, remaining)
-        return self.client.complete(body, read_timeout, on_text, call.cancelled.is_set)
+        try:
+            return self.client.complete(body, read_timeout, on_text, call.cancelled.is_set)
+        finally:
+            # What still waits is left: a finished stream relays its whole text at its end
+            # (_output), a failed attempt's retry relays it again, and a cancelled job ends
+            # with what was relayed.
+            with self._relay_lock:
+                self._unrelayed.pop(call.request.job_id, None)
 
     def _score(self, call: _Call, member: str) -> ScoreOutput:
         """Each pair's continuation log-likelihood and whether greedy decoding gives it, from
@@ -378,34 +404,57 @@ class RemoteEngine:
             duration_ms=(time.monotonic() - call.started) * 1000,
         )
 
-    def _relay(self, call: _Call, text: str, token_index: int) -> None:
-        """Publish what `text` (the attempt's text so far, `token_index` + 1 upstream deltas,
-        about a token each) adds to the job's stream."""
+    def _relay_ticks(self) -> None:
+        """Every RELAY_EVERY_S while jobs have text waiting: each job's new text since the last
+        tick as one event, all of them in one publish."""
+        while True:
+            self._relay_due.wait()
+            if self._stopped:
+                return
+            time.sleep(RELAY_EVERY_S)
+            with self._relay_lock:
+                calls, self._unrelayed = self._unrelayed, {}
+                self._relay_due.clear()
+                self._publish(
+                    [
+                        self._emission(call, "".join(call.attempt_text), len(call.attempt_text) - 1)
+                        for call in calls.values()
+                    ]
+                )
+
+    def _publish(self, emissions: "list[TokenEmission | None]") -> None:
+        """Hand the events to the publisher, in one batch (under _relay_lock)."""
+        if found := [emission for emission in emissions if emission is not None]:
+            self.on_tokens(found)
+
+    def _emission(self, call: _Call, text: str, token_index: int) -> TokenEmission | None:
+        """The event of what `text` (the attempt's text so far, `token_index` + 1 upstream
+        deltas, about a token each) adds to the job's stream (under _relay_lock)."""
         if text.startswith(call.relayed):
             added = text[len(call.relayed) :]
         elif call.relayed.startswith(text):
-            return  # a retry still behind what was relayed
+            return None  # a retry still behind what was relayed
         else:  # a retry that took another turn: its stream starts over
             self.on_reset(call.request.job_id)
             call.relayed, call.deltas, added = "", 0, text
-        if added:
-            call.deltas += 1
-            call.relayed += added
-            event = TokenEvent(
-                job_id=call.request.job_id,
-                token_index=token_index,
-                text=added,
-                created=time.time(),
-            )
-            self.on_tokens([TokenEmission(call.deltas, event)])
+        if not added:
+            return None
+        call.deltas += 1
+        call.relayed += added
+        event = TokenEvent(
+            job_id=call.request.job_id, token_index=token_index, text=added, created=time.time()
+        )
+        return TokenEmission(call.deltas, event)
 
     def _output(self, call: _Call, streamed: Streamed) -> GenerationOutput:
-        if not streamed.text.startswith(call.relayed):  # a retry ended short of the stream
-            self.on_reset(call.request.job_id)
-            call.relayed, call.deltas = "", 0
         usage = streamed.usage
         last = (usage.completion_tokens if usage else streamed.deltas) - 1
-        self._relay(call, streamed.text, last)  # what waited to go with a next delta, if any
+        with self._relay_lock:
+            if not streamed.text.startswith(call.relayed):  # a retry ended short of the stream
+                self.on_reset(call.request.job_id)
+                call.relayed, call.deltas = "", 0
+            # What waited for a tick, if anything: before the job's final event.
+            self._publish([self._emission(call, streamed.text, last)])
         return GenerationOutput(
             text=streamed.text,
             finish_reason=streamed.finish_reason,
