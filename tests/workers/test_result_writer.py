@@ -15,6 +15,35 @@ from workers.result_writer import ResultWriter
 
 MODEL = "writer-model"
 WORKER = "writer-test@host"
+OTHER_WORKER = "another-worker@host"
+
+
+@pytest.fixture(autouse=True)
+def workers_seem_alive():
+    """Heartbeats in the names of the workers these jobs run on, as a worker sends them: an API
+    process the session runs would otherwise take them for lost after a few silent seconds
+    (its reconciler) and put their jobs back in the queue under the test's feet."""
+    from workers.app import app
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        with app.connection_for_write() as connection:
+            dispatchers = [
+                app.events.Dispatcher(connection, hostname=name, enabled=True)
+                for name in (WORKER, OTHER_WORKER)
+            ]
+            while True:
+                for dispatcher in dispatchers:
+                    dispatcher.send("worker-heartbeat", freq=1.0, active=0, processed=0)
+                if stop.wait(1.0):
+                    return
+
+    thread = threading.Thread(target=beat, name="test-heartbeats", daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(5)
 
 
 def running_job(
@@ -99,7 +128,7 @@ def test_results_waiting_together_commit_once_and_each_caller_gets_its_own(datab
     ours = [running_job(database_url, cache_key=f"key-{uuid.uuid4()}")]
     ours += [running_job(database_url) for _ in range(11)]
     follower = running_job(database_url, follows=ours[0])
-    theirs = running_job(database_url, worker="another-worker@host")
+    theirs = running_job(database_url, worker=OTHER_WORKER)
     texts = {job_id: f"text {i}" for i, job_id in enumerate([*ours, theirs])}
 
     answers = store_all(ResultWriter(database_url, WORKER), texts)
