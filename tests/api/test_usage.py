@@ -2,12 +2,14 @@
 everyone's by key (`/v1/admin/usage`)."""
 
 from datetime import UTC, date, datetime, time, timedelta
+from time import sleep
 
 import pytest
 
 from tests.factories import bearer, create_key, record_usage, submit, wait_for_job
 
-TODAY = datetime.now(UTC).date()
+# A test that counts by today's date starts no later than this before the day ends.
+DAY_END_MARGIN_S = 60.0
 
 
 def at(day: date, hour: int = 12, minute: int = 0) -> datetime:
@@ -26,11 +28,23 @@ def totals(jobs: int, prompt: int, completion: int, cached: int = 0) -> dict:
 
 
 @pytest.fixture
+def today() -> date:
+    """Today's UTC date, for a test that ends within it: the API dates what it counts by the
+    clock when it counts, so a test that would start in the day's last minute waits for the
+    next day first."""
+    now = datetime.now(UTC)
+    left_s = (datetime.combine(now.date() + timedelta(days=1), time(), UTC) - now).total_seconds()
+    if left_s < DAY_END_MARGIN_S:
+        sleep(left_s + 0.5)
+    return datetime.now(UTC).date()
+
+
+@pytest.fixture
 def user(client) -> dict:
     return create_key(client, "usage", monthly_token_quota=1000)
 
 
-def test_my_usage_counts_a_finished_job(live_client, user):
+def test_my_usage_counts_a_finished_job(live_client, user, today):
     key = bearer(user["key"])
     job = submit(live_client, key, prompt="count me", max_tokens=5, ignore_eos=True)
     used = wait_for_job(live_client, job["id"])["result"]["usage"]
@@ -38,11 +52,11 @@ def test_my_usage_counts_a_finished_job(live_client, user):
     usage = live_client.get("/v1/me/usage", headers=key).json()
     expected = totals(1, used["prompt_tokens"], used["completion_tokens"])
     assert usage["key_id"] == user["id"]
-    assert usage["start"] == TODAY.replace(day=1).isoformat()
-    assert usage["end"] == TODAY.isoformat()
+    assert usage["start"] == today.replace(day=1).isoformat()
+    assert usage["end"] == today.isoformat()
     assert usage["total"] == expected
     assert usage["by_model"] == [{"model": "tiny-llama", **expected}]
-    assert usage["by_day"] == [{"date": TODAY.isoformat(), **expected}]
+    assert usage["by_day"] == [{"date": today.isoformat(), **expected}]
     assert usage["quota"] == {
         "monthly_token_quota": 1000,
         "used_this_month": used["total_tokens"],
@@ -85,8 +99,8 @@ def test_my_usage_by_model_and_day_over_a_period(client, user, database_url):
     }
 
 
-def test_my_usage_defaults_to_this_month(client, user, database_url):
-    first = TODAY.replace(day=1)
+def test_my_usage_defaults_to_this_month(client, user, database_url, today):
+    first = today.replace(day=1)
     record_usage(database_url, user["id"], 100, 100, at=at(first - timedelta(days=1)))
     record_usage(database_url, user["id"], 1, 1, at=at(first, 0, 0))
     usage = client.get("/v1/me/usage", headers=bearer(user["key"])).json()
