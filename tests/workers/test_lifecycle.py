@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,9 @@ SHAPES = {
 SEEDS = {"life-a": 11, "life-b": 12, "life-c": 13}
 PROMPTS = ["Once upon a time", "The queue holds", "A little girl", "Workers run many"]
 MAX_TOKENS = 8
+# Jobs long enough that some are surely running when a forced unload comes, however loaded the
+# machine (with 8 tokens a fast worker could finish them all first).
+LONG_JOB = {"max_tokens": 48, "ignore_eos": True}
 
 
 def model_dir(model: str) -> Path:
@@ -55,7 +59,9 @@ def write_model(model: str, seed: int) -> None:
     staging.rename(target)
 
 
-def texts_alone(model: str) -> dict[str, str]:
+def texts_alone(
+    model: str, max_tokens: int = MAX_TOKENS, ignore_eos: bool = False
+) -> dict[str, str]:
     """Each prompt's greedy text from the model alone, in this process."""
     from llmq.protocol import SamplingParams
     from llmq.registry import get_registry
@@ -67,7 +73,7 @@ def texts_alone(model: str) -> dict[str, str]:
     engine = GenerationEngine(host, max_batch_size=4, max_batch_tokens=4096, max_wait_ms=1)
     engine.start()
     try:
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
         futures = {
             p: engine.submit(GenerationRequest(uuid.uuid4(), host.encode(p), params))
             for p in PROMPTS
@@ -115,13 +121,16 @@ def api(api_server):
         yield client
 
 
-def submit_all(api, bodies: list[dict]) -> list[str]:
-    ids = []
-    for body in bodies:
+def submit_all(api, bodies: list[dict], parallel: int = 1) -> list[str]:
+    """The jobs' ids, in the bodies' order; `parallel` requests at a time."""
+
+    def submit(body: dict) -> str:
         response = api.post("/v1/jobs", json={"max_tokens": MAX_TOKENS, **body})
         assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
-    return ids
+        return response.json()["id"]
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(submit, bodies))
 
 
 def wait_all(api, ids: list[str], timeout: float = 240) -> dict[str, dict]:
@@ -260,10 +269,12 @@ def test_load_unload_force_and_reload_under_load_lose_nothing(
     assert worker_report(api, name)["models_loaded"] == ["life-b"]
 
     # 200 jobs in flight, then a forced unload: their model goes, they come back and finish.
+    long_texts = texts_alone("life-b", **LONG_JOB)
     bodies = [
-        {"model": "life-b", "prompt": PROMPTS[i % len(PROMPTS)], "cache": False} for i in range(200)
+        {"model": "life-b", "prompt": PROMPTS[i % len(PROMPTS)], "cache": False, **LONG_JOB}
+        for i in range(200)
     ]
-    ids = submit_all(api, bodies)
+    ids = submit_all(api, bodies, parallel=16)
     deadline = time.monotonic() + 60
     while worker_report(api, name)["jobs_running"] == 0:
         assert time.monotonic() < deadline, "the jobs never started"
@@ -274,7 +285,7 @@ def test_load_unload_force_and_reload_under_load_lose_nothing(
     jobs = wait_all(api, ids)
     assert all(j["status"] == "succeeded" for j in jobs.values())
     for job_id, body in zip(ids, bodies, strict=True):
-        assert jobs[job_id]["result"]["text"] == expected["life-b"][body["prompt"]]
+        assert jobs[job_id]["result"]["text"] == long_texts[body["prompt"]]
     stored_once(ids)
     assert any(j["attempts"] > 1 for j in jobs.values()), "no job was handed back"
 
