@@ -10,6 +10,17 @@ from llmq.events import REPLAY_TTL_S, DoneEvent, TokenEvent, events_key, final_c
 from llmq.publisher import TokenEmission, TokenPublisher
 
 
+def finished(job_id: uuid.UUID, text: str, completion_tokens: int) -> DoneEvent:
+    return DoneEvent(
+        job_id=job_id,
+        status="succeeded",
+        finish_reason="length",
+        text=text,
+        prompt_tokens=1,
+        completion_tokens=completion_tokens,
+    )
+
+
 def test_final_event_is_published_on_the_final_channel_too(redis_url):
     job_id = uuid.uuid4()
     subscriber = Redis.from_url(redis_url).pubsub()
@@ -17,14 +28,7 @@ def test_final_event_is_published_on_the_final_channel_too(redis_url):
     for _ in range(2):
         subscriber.get_message(timeout=5)  # the subscribe confirmations
     publisher = TokenPublisher(redis_url)
-    done = DoneEvent(
-        job_id=job_id,
-        status="succeeded",
-        finish_reason="length",
-        text="Once",
-        prompt_tokens=1,
-        completion_tokens=1,
-    )
+    done = finished(job_id, "Once", completion_tokens=1)
 
     publisher.publish_final(job_id, done)
     publisher.close()
@@ -54,14 +58,6 @@ def test_a_buffers_time_to_live_is_set_with_its_first_and_final_events_only(redi
     publisher.publish_tokens(token(2))
     publisher.flush()
     assert redis.xlen(key) == 2 and redis.ttl(key) <= 100
-    done = DoneEvent(
-        job_id=job_id,
-        status="succeeded",
-        finish_reason="length",
-        text=" 1 2",
-        prompt_tokens=1,
-        completion_tokens=2,
-    )
-    publisher.publish_final(job_id, done)
+    publisher.publish_final(job_id, finished(job_id, " 1 2", completion_tokens=2))
     publisher.close()
     assert redis.ttl(key) > REPLAY_TTL_S - 60
