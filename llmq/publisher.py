@@ -36,8 +36,9 @@ log = structlog.get_logger(__name__)
 
 MAX_ITEMS_PER_ROUND_TRIP = 256
 REFRESH_TTL_S = REPLAY_TTL_S / 2
-# Jobs whose time to live this publisher tracks; past this many, those due a refresh anyway are
-# forgotten (a job whose final event another process published is never told here).
+# Jobs whose time to live this publisher tracks; past this many, the longest tracked is forgotten
+# (a job whose final event another process published is never told here), which costs it no
+# more than one more EXPIRE.
 MAX_TRACKED_JOBS = 10_000
 
 
@@ -155,11 +156,11 @@ class TokenPublisher:
         last = self._expires_set.get(job_id)
         if last is not None and now - last < REFRESH_TTL_S:
             return False
-        if len(self._expires_set) >= MAX_TRACKED_JOBS:
-            self._expires_set = {
-                job: at for job, at in self._expires_set.items() if now - at < REFRESH_TTL_S
-            }
+        # Oldest first (insertion order), so forgetting one costs the same however many are kept.
+        self._expires_set.pop(job_id, None)
         self._expires_set[job_id] = now
+        if len(self._expires_set) > MAX_TRACKED_JOBS:
+            del self._expires_set[next(iter(self._expires_set))]
         return True
 
     @staticmethod

@@ -61,3 +61,13 @@ def test_a_buffers_time_to_live_is_set_with_its_first_and_final_events_only(redi
     publisher.publish_final(job_id, finished(job_id, " 1 2", completion_tokens=2))
     publisher.close()
     assert redis.ttl(key) > REPLAY_TTL_S - 60
+
+
+def test_past_its_limit_the_publisher_forgets_the_job_it_tracked_longest(redis_url, monkeypatch):
+    monkeypatch.setattr("llmq.publisher.MAX_TRACKED_JOBS", 2)
+    publisher = TokenPublisher(redis_url)
+    first, second, third = (uuid.uuid4() for _ in range(3))
+    assert all(publisher._expire_due(job, now=0.0) for job in (first, second, third))
+    assert not publisher._expire_due(third, now=1.0)  # still tracked: nothing to send
+    assert publisher._expire_due(first, now=1.0)  # forgotten: its time to live is set again
+    publisher.close()
