@@ -139,8 +139,10 @@ class BothStacks:
         self.redis_servers = list({p.redis_server.pid: p for p in probes}.values())
 
     def counters(self) -> tuple[int, int]:
-        commits = sum(p.counters()[0] for p in self.probes)
-        return commits, sum(p.counters()[1] for p in self.redis_servers)
+        """Each stack's counters read once; a shared Redis server's commands counted once."""
+        read = {id(p): p.counters() for p in self.probes}
+        commits = sum(commits for commits, _ in read.values())
+        return commits, sum(read[id(p)][1] for p in self.redis_servers)
 
     def groups(self) -> dict[str, Seconds]:
         def postgres() -> dict[int, float]:  # the server's own processes count once (by pid)
@@ -149,8 +151,7 @@ class BothStacks:
         def redis() -> dict[int, float]:
             return {p.redis_server.pid: own_seconds(p.redis_server) for p in self.redis_servers}
 
-        me = psutil.Process()
-        return {"postgres": postgres, "redis": redis, "client": lambda: {me.pid: own_seconds(me)}}
+        return self.probes[0].groups() | {"postgres": postgres, "redis": redis}
 
 
 def own_services(services: ExitStack, workdir: Path, cpus: set[int], database: str):
