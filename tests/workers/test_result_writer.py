@@ -20,30 +20,27 @@ OTHER_WORKER = "another-worker@host"
 
 @pytest.fixture(autouse=True)
 def workers_seem_alive():
-    """Heartbeats in the names of the workers these jobs run on, as a worker sends them: an API
-    process the session runs would otherwise take them for lost after a few silent seconds
-    (its reconciler) and put their jobs back in the queue under the test's feet."""
+    """Heartbeats in the names of the workers these jobs run on, from Celery's own heartbeat
+    service as a worker runs it (workers/draining.py does the same): an API process the session
+    runs would otherwise take them for lost after a few silent seconds (its reconciler) and put
+    their jobs back in the queue under the test's feet."""
+    from celery.utils.timer2 import Timer
+    from celery.worker.heartbeat import Heart
+
     from workers.app import app
 
-    stop = threading.Event()
-
-    def beat() -> None:
-        with app.connection_for_write() as connection:
-            dispatchers = [
-                app.events.Dispatcher(connection, hostname=name, enabled=True)
-                for name in (WORKER, OTHER_WORKER)
-            ]
-            while True:
-                for dispatcher in dispatchers:
-                    dispatcher.send("worker-heartbeat", freq=1.0, active=0, processed=0)
-                if stop.wait(1.0):
-                    return
-
-    thread = threading.Thread(target=beat, name="test-heartbeats", daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join(5)
+    timer = Timer()
+    with app.connection_for_write() as connection:
+        hearts = [
+            Heart(timer, app.events.Dispatcher(connection, hostname=name, enabled=True), 1.0)
+            for name in (WORKER, OTHER_WORKER)
+        ]
+        for heart in hearts:
+            heart.start()
+        yield
+        for heart in hearts:
+            heart.stop()
+    timer.stop()
 
 
 def running_job(
