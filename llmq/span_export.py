@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import structlog
 from opentelemetry.sdk.resources import Resource
@@ -125,28 +125,55 @@ def _span_context(flat: tuple | None) -> SpanContext | None:
     return SpanContext(trace_id, span_id, is_remote, TraceFlags(flags), TraceState(list(state)))
 
 
+class ExportedContext(NamedTuple):
+    """A span context as the OTLP encoder reads it."""
+
+    trace_id: int
+    span_id: int
+    is_remote: bool
+    trace_state: TraceState | None
+
+
+def _exported_context(flat: tuple | None) -> ExportedContext | None:
+    if flat is None:
+        return None
+    trace_id, span_id, is_remote, _flags, state = flat
+    return ExportedContext(trace_id, span_id, is_remote, TraceState(list(state)) if state else None)
+
+
+class ExportedSpan:
+    """A span rebuilt for the SDK's OTLP encoder (`encode_spans`), with what it reads and no
+    more: a ReadableSpan would copy and check every attribute again, which the span passed
+    already in the process that made it, at half the child's cost per span."""
+
+    __slots__ = (
+        "name", "context", "parent", "resource", "attributes", "events", "links", "kind",
+        "status", "start_time", "end_time", "instrumentation_scope",
+    )  # fmt: skip
+    dropped_attributes = dropped_events = dropped_links = 0  # the making process's checks
+
+    def __init__(self, flat: Flat, resource: Resource, scope: InstrumentationScope | None):
+        (self.name, context, parent, kind, self.start_time, self.end_time, self.attributes,
+         events, links, code, description, _) = flat  # fmt: skip
+        self.context, self.parent = _exported_context(context), _exported_context(parent)
+        self.resource, self.instrumentation_scope = resource, scope
+        self.kind = SpanKind(kind)
+        self.status = Status(StatusCode(code), description)
+        self.events = [Event(n, a, t) for n, a, t in events]
+        self.links = [Link(_span_context(c), a) for c, a in links]
+
+    def get_span_context(self) -> ExportedContext | None:
+        return self.context
+
+
 def rebuild(
     flat: Flat, resource: Resource, scopes: dict[tuple, InstrumentationScope]
-) -> ReadableSpan:
-    """The span `_flat` made, for the SDK's exporter."""
-    (name, context, parent, kind, start, end, attributes, events, links, code, description,
-     scope) = flat  # fmt: skip
+) -> ExportedSpan:
+    """The span `_flat` made, for the SDK's OTLP encoder."""
+    scope = flat[-1]
     if scope is not None and scope not in scopes:
         scopes[scope] = InstrumentationScope(*scope)
-    return ReadableSpan(
-        name=name,
-        context=_span_context(context),
-        parent=_span_context(parent),
-        resource=resource,
-        attributes=attributes,
-        events=[Event(n, a, t) for n, a, t in events],
-        links=[Link(_span_context(c), a) for c, a in links],
-        kind=SpanKind(kind),
-        status=Status(StatusCode(code), description),
-        start_time=start,
-        end_time=end,
-        instrumentation_scope=None if scope is None else scopes[scope],
-    )
+    return ExportedSpan(flat, resource, None if scope is None else scopes[scope])
 
 
 def _read(stream: IO[bytes]) -> Any | None:
