@@ -92,6 +92,7 @@ class Choice:
     job_id: uuid.UUID
     counts_prompt: bool  # prompt tokens are counted once per prompt, not once per choice
     finished: FinishedJob | None = None  # known at once: answered from the completion cache
+    new: bool = False  # stored by this request (not an earlier one's, by its idempotency key)
 
 
 def plan_request(state: Any, body: CompletionRequest | ChatCompletionRequest) -> PlannedRequest:
@@ -177,13 +178,16 @@ def submit_choices(
         idempotency_key=idempotency_key,
     )
     submissions = submit_generations(session, requests, state.prompt_counter, state.live_queues)
-    return choices_of(planned, [submission.job for submission in submissions])
+    return choices_of(
+        planned, [submission.job for submission in submissions], new=submissions[0].created
+    )
 
 
-def choices_of(planned: PlannedRequest, jobs: list[Job]) -> list[Choice]:
-    """The request's choices, from its stored jobs (in choice order)."""
+def choices_of(planned: PlannedRequest, jobs: list[Job], new: bool = False) -> list[Choice]:
+    """The request's choices, from its stored jobs (in choice order); `new` when the request
+    stored them itself."""
     return [
-        Choice(index, job.id, index % planned.body.n == 0, finished_job(job))
+        Choice(index, job.id, index % planned.body.n == 0, finished_job(job), new)
         for index, job in enumerate(jobs)
     ]
 

@@ -19,7 +19,7 @@ from opentelemetry.trace import Span
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from api.results.final_events import FinalEventListener
+from api.results.final_events import FinalEventListener, Mark
 from api.results.job_channels import JobChannels
 from db.queries.jobs import read_job
 from db.session import session_scope
@@ -295,14 +295,24 @@ class JobEventReader:
         finally:
             subscription.close()
 
+    def mark(self) -> Mark | None:
+        """Take before submitting jobs to wait for, and pass to `final` or `wait_final` as
+        `since` for the jobs the submission created: their final events cannot have been
+        published before it, and while the final-event subscription stands from the mark to the
+        wait, their replay buffers need no look."""
+        return self.finals.mark()
+
     async def final(
-        self, job_id: uuid.UUID, first_check_s: float = JUST_SUBMITTED_CHECK_S
+        self,
+        job_id: uuid.UUID,
+        first_check_s: float = JUST_SUBMITTED_CHECK_S,
+        since: Mark | None = None,
     ) -> StreamedEvent:
         """Only the job's final event, without reading its tokens (for non-streamed responses,
         whose callers have just submitted the job). Without Redis, the final event is read from
         the job's row once it has finished."""
         try:
-            return await self._final_from_redis(job_id, first_check_s)
+            return await self._final_from_redis(job_id, first_check_s, since)
         except RedisError as exc:
             log.warning("event store lost while waiting", job_id=str(job_id), error=str(exc))
         finished = await self._wait_finished(job_id)
@@ -310,7 +320,9 @@ class JobEventReader:
             return interrupted_event(job_id, "the event store and the job database are away")
         return final_event(job_id, finished)
 
-    async def wait_final(self, job_id: uuid.UUID, timeout_s: float) -> None:
+    async def wait_final(
+        self, job_id: uuid.UUID, timeout_s: float, since: Mark | None = None
+    ) -> None:
         """Return once the job has ended, or after `timeout_s` (long polling). Its final event
         is the signal; Postgres is asked each second in case the event was lost, and each
         quarter second while Redis is away."""
@@ -319,9 +331,10 @@ class JobEventReader:
         published = self.finals.watch(job_id)
         try:
             try:
-                newest = await self._newest_event(events_key(job_id))
-                if newest is not None and newest.final:
-                    return
+                if self.finals.may_have_missed(job_id, since):
+                    newest = await self._newest_event(events_key(job_id))
+                    if newest is not None and newest.final:
+                        return
             except RedisError:
                 pass
             while (remaining := deadline - loop.time()) > 0:
@@ -335,17 +348,23 @@ class JobEventReader:
         finally:
             self.finals.unwatch(job_id, published)
 
-    async def _final_from_redis(self, job_id: uuid.UUID, first_check_s: float) -> StreamedEvent:
+    async def _final_from_redis(
+        self, job_id: uuid.UUID, first_check_s: float, since: Mark | None
+    ) -> StreamedEvent:
         if not self.finals.listening:
             raise RedisError("the final-event listener is not subscribed")
         key = events_key(job_id)
         published = self.finals.watch(job_id)
         try:
             idle_s = first_check_s
+            look = self.finals.may_have_missed(job_id, since)
+            newest = None
             while True:
-                newest = await self._newest_event(key)
-                if newest is not None and newest.final:
-                    return newest
+                if look:
+                    newest = await self._newest_event(key)
+                    if newest is not None and newest.final:
+                        return newest
+                look = True  # after a quiet while, the event may have been lost on its way
                 try:
                     message = await asyncio.wait_for(asyncio.shield(published), idle_s)
                 except TimeoutError:

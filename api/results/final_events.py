@@ -5,11 +5,19 @@ each request a Redis connection and three commands; one listener per process han
 event to whoever waits for that job, and costs a request nothing but a dictionary entry.
 Every process receives every final event, which for a handful of API processes is cheaper
 than a subscription per request.
+
+A request that waits for jobs it has just submitted need not look in their replay buffers for a
+final event published before it began to watch: a `Mark` taken before the jobs could be sent
+says whether the subscription has stood ever since (`may_have_missed`). The listener remembers
+which jobs' final events came while nobody watched them, by id only: the newest UNWATCHED_KEPT
+of them. A mark is spent once the subscription broke, or once an id remembered after it was
+forgotten.
 """
 
 import asyncio
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
@@ -20,6 +28,18 @@ from llmq.events import FINAL_PREFIX
 log = structlog.get_logger(__name__)
 
 RECONNECT_S = 0.5
+# Final events of jobs nobody watched, remembered by id: enough for the moments between a job's
+# send and its submitter's watch, at thousands of jobs a second across all API processes.
+UNWATCHED_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class Mark:
+    """The listener at one moment: which subscription stood, how many unwatched ids it had
+    remembered until then."""
+
+    subscription: int
+    remembered: int
 
 
 class FinalEventListener:
@@ -28,6 +48,12 @@ class FinalEventListener:
         self._waiters: dict[str, list[asyncio.Future[str]]] = defaultdict(list)
         self._listening = asyncio.Event()  # set while the subscription stands
         self._task: asyncio.Task | None = None
+        self._subscriptions = 0  # subscriptions made so far: a new one may have missed events
+        # Job ids whose final event came unwatched, oldest first, each with its number in the
+        # order they came; the number of the newest one dropped to stay within UNWATCHED_KEPT.
+        self._unwatched: OrderedDict[str, int] = OrderedDict()
+        self._remembered = 0
+        self._forgotten_through = -1
 
     @property
     def listening(self) -> bool:
@@ -55,6 +81,23 @@ class FinalEventListener:
         self._waiters[str(job_id)].append(future)
         return future
 
+    def mark(self) -> Mark | None:
+        """Take before jobs are sent (None while not subscribed), for `may_have_missed`."""
+        if not self.listening:
+            return None
+        return Mark(self._subscriptions, self._remembered)
+
+    def may_have_missed(self, job_id: uuid.UUID, since: Mark | None) -> bool:
+        """Whether the job's final event may have been published before `watch(job_id)` (call
+        it after the watch) without reaching the watcher: False only when the subscription has
+        stood since the mark, which was taken before the job could be sent, and no event of the
+        job came unwatched. Either way a final event published later reaches the watcher."""
+        if since is None or not self.listening or since.subscription != self._subscriptions:
+            return True
+        if self._forgotten_through >= since.remembered:  # ids that came after it are gone
+            return True
+        return str(job_id) in self._unwatched
+
     def unwatch(self, job_id: uuid.UUID, future: asyncio.Future[str]) -> None:
         waiters = self._waiters.get(str(job_id))
         if waiters is None:
@@ -69,6 +112,7 @@ class FinalEventListener:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(f"{FINAL_PREFIX}*")
+                self._subscriptions += 1
                 self._listening.set()
                 async for message in pubsub.listen():
                     self._deliver(message)
@@ -84,9 +128,19 @@ class FinalEventListener:
         if message.get("type") != "pmessage":
             return
         job_id = message["channel"].decode().removeprefix(FINAL_PREFIX)
-        for future in self._waiters.pop(job_id, []):
+        waiters = self._waiters.pop(job_id, None)
+        if not waiters:
+            self._remember_unwatched(job_id)
+            return
+        for future in waiters:
             if not future.done():
                 future.set_result(message["data"].decode())
+
+    def _remember_unwatched(self, job_id: str) -> None:
+        self._unwatched[job_id] = self._remembered
+        self._remembered += 1
+        if len(self._unwatched) > UNWATCHED_KEPT:
+            _, self._forgotten_through = self._unwatched.popitem(last=False)
 
 
 async def _close(pubsub) -> None:

@@ -163,11 +163,13 @@ async def create_job(
         session.close()  # gives the request's database slot back before any wait
         return public, job.id, submission.created
 
+    event_reader = request.app.state.event_reader
+    since = event_reader.mark()
     public, job_id, created = await run_in_threadpool(store)
     if not created:
         response.status_code = status.HTTP_200_OK
     if public is None:
-        await request.app.state.event_reader.wait_final(job_id, wait)
+        await event_reader.wait_final(job_id, wait, since=since if created else None)
         public = public_job(request, await _read_job(request, caller, job_id))
     return public
 

@@ -46,6 +46,7 @@ from api.results.events import (
     final_event,
     relay_span,
 )
+from api.results.final_events import Mark
 from api.schemas.jobs import CostPublic
 from api.schemas.logprobs import chat_logprobs, completion_logprobs
 from api.schemas.openai import (
@@ -151,10 +152,12 @@ async def _add_cost(request: Request, choices: list[Choice], model: str, usage: 
         usage.cost = CostPublic.of(amount, currency)
 
 
-async def _final_event(request: Request, choice: Choice) -> StreamedEvent:
+async def _final_event(request: Request, choice: Choice, since: Mark | None) -> StreamedEvent:
     if choice.finished is not None:  # answered from the cache: nothing to wait for
         return final_event(choice.job_id, choice.finished)
-    return await request.app.state.event_reader.final(choice.job_id)
+    return await request.app.state.event_reader.final(
+        choice.job_id, since=since if choice.new else None
+    )
 
 
 def _choice_events(request: Request, choice: Choice):
@@ -233,8 +236,12 @@ def _job_failed(event: StreamedEvent) -> JSONResponse:
     return JSONResponse(error_body(message, "server_error", code=data["category"]), status)
 
 
-async def _respond(request: Request, choices: list[Choice], model: str, build) -> object:
-    events = await asyncio.gather(*(_final_event(request, c) for c in choices))
+async def _respond(
+    request: Request, choices: list[Choice], model: str, build, since: Mark | None
+) -> object:
+    """The response once every choice's job has ended (`since`: the event reader's mark, taken
+    before they were stored)."""
+    events = await asyncio.gather(*(_final_event(request, c, since) for c in choices))
     usage = UsageInfo()
     finished = []
     for choice, event in zip(choices, events, strict=True):
@@ -353,6 +360,7 @@ async def _serve(
     # before the request takes its turn at the database.
     planned = await anyio.to_thread.run_sync(plan_request, state, body)
     slot = await database_slots(request).acquire()
+    since = state.event_reader.mark()
     try:
         choices = await anyio.to_thread.run_sync(
             _submit_choices, request, planned, caller, idempotency_key
@@ -369,7 +377,7 @@ async def _serve(
     def build(finished, usage):
         return build_response(shape, response_id, created, finished, usage)
 
-    return await _respond(request, choices, planned.spec.id, build)
+    return await _respond(request, choices, planned.spec.id, build, since)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=STREAMED)
