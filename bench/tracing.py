@@ -10,8 +10,8 @@ process's, as a collector's would be another's); the other has no OTEL_* variabl
 a stack does by default (--sampler sets the traced one's OTEL_TRACES_SAMPLER: always_off
 measures the instrumentation alone). The table shows each stack's median jobs/s and p50
 latency over the rounds, the traced stack's jobs/s as a share of the untraced one's, and CPU ms
-per job of the API (with its span export process), the worker's Celery process, its children
-(engine and span export processes) and this process (load clients and receiver).
+per job of the API, the worker's Celery process, its engine process, the span export processes
+of both (llmq/span_export.py) and this process (load clients and receiver).
 """
 
 import argparse
@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import psutil
@@ -105,15 +105,16 @@ def main() -> None:
             for name in STACKS
         }
         bases = {name: base for name, (base, _) in started.items()}
-        # CPU seconds of each stack's API and worker, their children included.
-        # CPU seconds of each stack's API (its children included: the span export process), its
-        # worker's Celery process, the worker's children (the engine and span export processes),
-        # and this process (the load clients and the receiver).
+        # CPU seconds of each stack's API (its children included), its span export process,
+        # the worker's Celery process, its children (the engine and span export processes), its
+        # span export process, and this process (the load clients and the receiver).
         processes = {
             name: [
                 tree_seconds(psutil.Process(procs[0].pid)),
+                _span_export(psutil.Process(procs[0].pid)),
                 _own(psutil.Process(procs[1].pid)),
                 tree_seconds(psutil.Process(procs[1].pid)),
+                _span_export(psutil.Process(procs[1].pid)),
                 _own(psutil.Process()),
             ]
             for name, (_, procs) in started.items()
@@ -136,11 +137,12 @@ def main() -> None:
                 latencies = run()
                 wall_s = time.perf_counter() - began
                 after = [sum(seconds().values()) for seconds in processes[name]]
-                api_ms, worker_ms, worker_tree_ms, bench_ms = (
+                api_tree, api_export, worker, worker_tree, worker_export, bench = (
                     1000 * (a - b) / args.jobs for a, b in zip(after, before, strict=True)
                 )
-                children_ms = worker_tree_ms - worker_ms  # the engine and span export processes
-                cpu[name].append((api_ms, worker_ms, children_ms, bench_ms))
+                engine = worker_tree - worker - worker_export
+                export = api_export + worker_export
+                cpu[name].append((api_tree - api_export, worker, engine, export, bench))
                 results[name].append((args.jobs / wall_s, percentile(latencies, 50)))
                 if name == "on":
                     time.sleep(1.0)  # the batch processor's schedule: its spans arrive
@@ -157,6 +159,21 @@ def _own(process: psutil.Process):
     return lambda: {process.pid: own_seconds(process)}
 
 
+def _span_export(root: psutil.Process):
+    """The CPU seconds of the span export process a stack's process runs (llmq/span_export.py),
+    while it lives."""
+
+    def seconds() -> dict[int, float]:
+        found = {}
+        for process in root.children():
+            with suppress(psutil.Error):
+                if "llmq.span_export" in process.cmdline():
+                    found[process.pid] = own_seconds(process)
+        return found
+
+    return seconds
+
+
 def _redis_url(name: str) -> str:
     return f"{bench_urls(STACKS[name][0])[1].rsplit('/', 1)[0]}/{STACKS[name][1]}"
 
@@ -166,7 +183,7 @@ def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, ar
     title = f"tracing cost: {args.rounds} rounds of {args.jobs} one-token jobs; on: {sampler}"
     table = Table(title=title)
     columns = ("jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "spans/job")
-    processes = ("API", "worker", "worker's children", "clients + receiver")
+    processes = ("API", "worker", "engine", "span export", "clients + receiver")
     for column in ("tracing", *columns, *(f"{p} CPU ms/job" for p in processes)):
         table.add_column(column, justify="right")
     off = statistics.median(rate for rate, _ in results["off"])
@@ -181,7 +198,7 @@ def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, ar
             f"{p50 * 1000:,.1f}",
             f"{rate / off:.3f}",
             spans,
-            *(f"{statistics.median(run[i] for run in cpu[name]):.2f}" for i in range(4)),
+            *(f"{statistics.median(run[i] for run in cpu[name]):.2f}" for i in range(5)),
         )
     console.print(table)
 
