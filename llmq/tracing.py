@@ -62,6 +62,14 @@ _propagator = TraceContextTextMapPropagator()
 _forced_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "llmq_forced_trace_id", default=None
 )
+# A request's sampling, decided as it arrives (`_head_sampled`): the trace id drawn for it, taken
+# by its server span, or that it is not traced at all.
+_head_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "llmq_head_trace_id", default=None
+)
+_request_dropped: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "llmq_request_dropped", default=False
+)
 
 
 def enabled() -> bool:
@@ -182,14 +190,51 @@ def app_telemetry() -> dict[str, Any]:
     request, named by its route once it is routed, current in every middleware. It starts no
     span while no tracer provider is installed (tracing off). No spans for dependencies,
     endpoints and serialization (llmq.submit covers a job's acceptance), no OpenTelemetry
-    metrics or logs (Prometheus and structlog have those), nothing for probes and scrapes."""
+    metrics or logs (Prometheus and structlog have those), nothing for probes and scrapes, and
+    nothing at all for a request the sampler drops (see `_head_sampled`)."""
     return {
         "tracing": "fastapi" not in _disabled(),
         "operation_spans": False,
         "metrics": False,
         "logs": False,
-        "exclude": lambda scope: scope.get("path") in UNTRACED_PATHS,
+        "exclude": lambda scope: scope.get("path") in UNTRACED_PATHS or not _head_sampled(scope),
     }
+
+
+def _head_sampled(scope: dict) -> bool:
+    """Whether a request is traced, decided as it arrives, before FastAPI's telemetry builds its
+    server span's attributes, context and wrappers, which a dropped request would pay for all
+    the same (with the default ratio, nine requests in ten). The sampler decides as it would
+    for the server span: by the sampled flag of an incoming traceparent, or for a new trace on a
+    trace id drawn here, which the server span then takes (`_IdGenerator`), so that a ratio
+    sampler's verdict stands. A dropped request starts none of llmq's spans either
+    (`request_traced`)."""
+    if _sampler_in_use is None:
+        return True  # tracing off: FastAPI's telemetry starts nothing
+    parent_context, trace_id = None, None
+    for name, value in scope.get("headers", ()):
+        if name == b"traceparent":
+            parent_context = _propagator.extract({"traceparent": value.decode("latin-1")})
+            parent = trace.get_current_span(parent_context).get_span_context()
+            trace_id = parent.trace_id if parent.is_valid else None
+            break
+    if trace_id is None:  # a new trace: decided with no parent, whatever is current here
+        parent_context, trace_id = otel_context.Context(), _ids.generate_trace_id()
+    decision = _sampler_in_use.should_sample(
+        parent_context, trace_id, "request", SpanKind.SERVER
+    ).decision
+    if not decision.is_sampled():
+        _request_dropped.set(True)
+        return False
+    if not trace.get_current_span(parent_context).get_span_context().is_valid:
+        _head_trace_id.set(trace_id)
+    return True
+
+
+def request_traced() -> bool:
+    """Whether llmq's own spans may start in this request: tracing is on and the request was not
+    dropped as it arrived."""
+    return _enabled and not _request_dropped.get()
 
 
 def tracer() -> trace.Tracer:
@@ -384,7 +429,8 @@ def _trace_id_for(collection_id: uuid.UUID | str) -> int:
 
 
 class _IdGenerator(IdGenerator):
-    """The SDK's random ids, except a trace id chosen for a collection's span."""
+    """The SDK's random ids, except a trace id chosen for a collection's span or drawn for a
+    request as it arrived."""
 
     def __init__(self) -> None:
         self._random = RandomIdGenerator()
@@ -394,7 +440,13 @@ class _IdGenerator(IdGenerator):
 
     def generate_trace_id(self) -> int:
         forced = _forced_trace_id.get()
-        return forced if forced is not None else self._random.generate_trace_id()
+        if forced is not None:
+            return forced
+        head = _head_trace_id.get()
+        if head is not None:  # a request's, drawn as it arrived: its server span's, once
+            _head_trace_id.set(None)
+            return head
+        return self._random.generate_trace_id()
 
 
 _ids = RandomIdGenerator()

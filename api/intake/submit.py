@@ -42,7 +42,7 @@ from llmq.protocol import (
 )
 from llmq.registry import ModelSpec, Registry
 from llmq.settings import get_settings
-from llmq.tracing import current_traceparent, enabled, tracer
+from llmq.tracing import current_traceparent, request_traced, tracer
 
 log = structlog.get_logger(__name__)
 
@@ -137,7 +137,7 @@ def submit_generations(
 ) -> list[Submission]:
     """Check every prompt, store all the jobs in one transaction, then enqueue them. An error
     before the commit stores none of them; once the commit has returned, none fails."""
-    if not enabled():
+    if not request_traced():
         return _submit_generations(session, requests, counter, live)
     # The jobs' rows keep this span's context: the worker's spans for them are its children.
     with tracer().start_as_current_span("llmq.submit") as span:

@@ -404,7 +404,7 @@ def relay_span(jobs: int, job_traces: Sequence[str | None] = ()) -> Span | None:
     linked to the jobs' own traces where they began in other requests (`job_traces`, their
     rows' trace contexts); None with tracing off. Started, not made current: the relay is an
     async generator that the server resumes in contexts of its own."""
-    if not tracing.enabled():
+    if not tracing.request_traced():
         return None
     links = [link for context in job_traces for link in tracing.link_to(context)]
     span = tracing.tracer().start_span("llmq.stream.relay", links=links)

@@ -3,6 +3,8 @@
 import time
 import uuid
 
+from redis import Redis
+
 from tests.factories import submit, wait_for_job
 
 
@@ -153,6 +155,34 @@ def test_submit_with_wait_answers_with_the_finished_job(live_client):
     assert job["status"] == "succeeded", job
     assert job["result"]["usage"]["completion_tokens"] == 10
     assert live_client.get(f"/v1/jobs/{job['id']}").json() == job
+
+
+def replay_buffer_reads(redis_url: str) -> int:
+    """XREVRANGE calls on the Redis server so far: the API's look for a job's newest event."""
+    stats = Redis.from_url(redis_url).info("commandstats")
+    return stats.get("cmdstat_xrevrange", {}).get("calls", 0)
+
+
+def test_a_request_waiting_for_jobs_it_just_stored_reads_no_replay_buffer(live_client, redis_url):
+    """Their final events cannot come before the request watches for them, while the API's
+    final-event subscription stands (api/results/final_events.py); a wait for a job stored
+    earlier looks in its buffer first."""
+    before = replay_buffer_reads(redis_url)
+    body = {"model": "tiny-llama", "prompt": "Mine alone", "max_tokens": 4, "ignore_eos": True}
+    job = live_client.post("/v1/jobs", params={"wait": 30}, json=body).json()
+    assert job["status"] == "succeeded", job
+    completion = live_client.post(
+        "/v1/completions", json={"model": "tiny-llama", "prompt": "Mine too", "max_tokens": 4}
+    )
+    assert completion.status_code == 200, completion.text
+    assert replay_buffer_reads(redis_url) == before
+    body = {"model": "tiny-offline", "prompt": "nobody serves me", "max_tokens": 2}
+    queued = live_client.post("/v1/jobs", json=body).json()
+    try:
+        assert live_client.get(f"/v1/jobs/{queued['id']}", params={"wait": 0.3}).status_code == 200
+        assert replay_buffer_reads(redis_url) > before
+    finally:
+        live_client.post(f"/v1/jobs/{queued['id']}/cancel")
 
 
 def test_submit_with_wait_gives_up_after_wait_seconds_and_the_job_stays_queued(client):

@@ -394,3 +394,86 @@ def test_work_outside_a_recorded_trace_runs_the_instrumentations_quiet(receiver)
         [sys.executable, "-c", QUIET_CHECK], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
+
+
+HEAD_SAMPLING_CHECK = """
+import contextvars
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from llmq import tracing
+assert tracing.configure_tracing("llmq-test", ())
+
+def arrives(headers=()):
+    context = contextvars.copy_context()  # each request runs in a context of its own
+    def request():
+        traced = tracing._head_sampled({"type": "http", "headers": list(headers)})
+        span = tracing.tracer().start_span("POST /v1/jobs", kind=SpanKind.SERVER)
+        return traced, span, tracing.request_traced()
+    return context.run(request)
+
+kept = 0
+for _ in range(600):
+    traced, span, own_spans = arrives()
+    assert own_spans == traced
+    if traced:  # the server span takes the trace id the decision was made on, and so is kept
+        kept += 1
+        assert span.is_recording(), "a request sampled as it arrived lost its server span"
+        again = tracing.tracer().start_span("another root", kind=SpanKind.SERVER)
+        assert again.get_span_context().trace_id != span.get_span_context().trace_id
+assert 220 < kept < 380, kept  # a ratio of one half, decided once per request
+
+parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-"
+traced, span, own_spans = arrives([(b"traceparent", (parent + "01").encode())])
+assert traced and own_spans
+traced, span, own_spans = arrives([(b"traceparent", (parent + "00").encode())])
+assert not traced and not own_spans  # the caller's decision stands
+print("ok")
+"""
+
+
+def test_a_request_is_sampled_as_it_arrives_and_its_server_span_keeps_the_verdict(receiver):
+    """A dropped request pays for none of FastAPI's telemetry: the sampler decides before it,
+    on the trace id the server span then takes, so that a ratio holds for whole requests."""
+    env = os.environ | traced_env(receiver)
+    env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
+    done = subprocess.run(
+        [sys.executable, "-c", HEAD_SAMPLING_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
+
+
+def test_a_dropped_request_makes_no_spans_and_a_callers_sampled_trace_is_continued(
+    receiver, traced_database
+):
+    env = traced_env(receiver) | {"LLMQ_DATABASE_URL": traced_database}
+    env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    api, base_url = start_api(log_name="api-sampled-out", **env)
+    body = {"model": MODEL, "prompt": "sampled out", "max_tokens": 1}
+    try:
+        dropped = httpx.post(f"{base_url}/v1/jobs", json=body, headers=AUTH, timeout=30)
+        assert dropped.status_code == 202 and "traceparent" not in dropped.headers
+        caller = "0af7651916cd43dd8448eb211c80319c"
+        headers = AUTH | {"traceparent": f"00-{caller}-b7ad6b7169203331-01"}
+        continued = httpx.post(f"{base_url}/v1/jobs", json=body, headers=headers, timeout=30)
+        assert continued.status_code == 202 and trace_id_of(continued) == caller
+    finally:
+        stop_worker(api)
+    spans = receiver.trace(caller, lambda s: "llmq.submit" in s and "POST /v1/jobs" in s)
+    assert only(spans, "llmq.submit")["parent"] == only(spans, "POST /v1/jobs")["span_id"]
+    with session_scope(traced_database) as session:
+        stored = session.get(Job, uuid.UUID(dropped.json()["id"]))
+        assert stored.trace_context is None  # its worker makes no spans for it
+    dropped_id = dropped.json()["id"]
+    time.sleep(0.5)  # two export schedules: anything made for the dropped request has arrived
+    with receiver.lock:
+        made = [
+            span
+            for spans in receiver.spans.values()
+            for span in spans
+            if dropped_id in str(span["attributes"])
+        ]
+    assert made == []
