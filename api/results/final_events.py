@@ -16,7 +16,7 @@ forgotten.
 
 import asyncio
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -49,11 +49,10 @@ class FinalEventListener:
         self._listening = asyncio.Event()  # set while the subscription stands
         self._task: asyncio.Task | None = None
         self._subscriptions = 0  # subscriptions made so far: a new one may have missed events
-        # Job ids whose final event came unwatched, oldest first, each with its number in the
-        # order they came; the number of the newest one dropped to stay within UNWATCHED_KEPT.
-        self._unwatched: OrderedDict[str, int] = OrderedDict()
+        # Job ids whose final event came unwatched, oldest first (a dict keeps insertion order),
+        # and how many ever came: those not kept any more were forgotten, oldest first.
+        self._unwatched: dict[str, None] = {}
         self._remembered = 0
-        self._forgotten_through = -1
 
     @property
     def listening(self) -> bool:
@@ -94,7 +93,8 @@ class FinalEventListener:
         job came unwatched. Either way a final event published later reaches the watcher."""
         if since is None or not self.listening or since.subscription != self._subscriptions:
             return True
-        if self._forgotten_through >= since.remembered:  # ids that came after it are gone
+        forgotten = self._remembered - len(self._unwatched)
+        if forgotten > since.remembered:  # more than all it had: ids that came after it are gone
             return True
         return str(job_id) in self._unwatched
 
@@ -137,10 +137,11 @@ class FinalEventListener:
                 future.set_result(message["data"].decode())
 
     def _remember_unwatched(self, job_id: str) -> None:
-        self._unwatched[job_id] = self._remembered
+        # An id that came twice counts as one forgotten: marks are spent a little early, never late.
+        self._unwatched[job_id] = None
         self._remembered += 1
         if len(self._unwatched) > UNWATCHED_KEPT:
-            _, self._forgotten_through = self._unwatched.popitem(last=False)
+            del self._unwatched[next(iter(self._unwatched))]
 
 
 async def _close(pubsub) -> None:
