@@ -209,24 +209,22 @@ def _head_sampled(scope: dict) -> bool:
     trace id drawn here, which the server span then takes (`_IdGenerator`), so that a ratio
     sampler's verdict stands. A dropped request starts none of llmq's spans either
     (`request_traced`)."""
-    if _sampler_in_use is None:
+    if not _enabled:
         return True  # tracing off: FastAPI's telemetry starts nothing
-    parent_context, trace_id = None, None
-    for name, value in scope.get("headers", ()):
-        if name == b"traceparent":
-            parent_context = _propagator.extract({"traceparent": value.decode("latin-1")})
-            parent = trace.get_current_span(parent_context).get_span_context()
-            trace_id = parent.trace_id if parent.is_valid else None
-            break
-    if trace_id is None:  # a new trace: decided with no parent, whatever is current here
+    headers = dict(scope.get("headers", ()))
+    parent_context = context_of(headers.get(b"traceparent", b"").decode("latin-1"))
+    new_trace = parent_context is None
+    if new_trace:  # decided with no parent, whatever is current here
         parent_context, trace_id = otel_context.Context(), _ids.generate_trace_id()
+    else:
+        trace_id = trace.get_current_span(parent_context).get_span_context().trace_id
     decision = _sampler_in_use.should_sample(
         parent_context, trace_id, "request", SpanKind.SERVER
     ).decision
     if not decision.is_sampled():
         _request_dropped.set(True)
         return False
-    if not trace.get_current_span(parent_context).get_span_context().is_valid:
+    if new_trace:
         _head_trace_id.set(trace_id)
     return True
 
