@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import TraceState
 
 log = structlog.get_logger(__name__)
@@ -118,13 +118,6 @@ def _flat(span: ReadableSpan) -> Flat:
 # -- the child process --------------------------------------------------------------------------
 
 
-def _span_context(flat: tuple | None) -> SpanContext | None:
-    if flat is None:
-        return None
-    trace_id, span_id, is_remote, flags, state = flat
-    return SpanContext(trace_id, span_id, is_remote, TraceFlags(flags), TraceState(list(state)))
-
-
 class ExportedContext(NamedTuple):
     """A span context as the OTLP encoder reads it."""
 
@@ -160,7 +153,7 @@ class ExportedSpan:
         self.kind = SpanKind(kind)
         self.status = Status(StatusCode(code), description)
         self.events = [Event(n, a, t) for n, a, t in events]
-        self.links = [Link(_span_context(c), a) for c, a in links]
+        self.links = [Link(_exported_context(c), a) for c, a in links]
 
     def get_span_context(self) -> ExportedContext | None:
         return self.context
