@@ -9,7 +9,8 @@ OTLP/HTTP to a receiver in this process that parses and counts the spans (its CP
 process's, as a collector's would be another's); the other has no OTEL_* variables at all, as
 a stack does by default (--sampler sets the traced one's OTEL_TRACES_SAMPLER: always_off
 measures the instrumentation alone). The table shows each stack's median jobs/s and p50
-latency over the rounds, the traced stack's jobs/s as a share of the untraced one's, and CPU ms
+latency over the rounds, the traced stack's jobs/s as a share of the untraced one's (of the
+medians, and the median of each round's share: the machine's speed drifts), and CPU ms
 per job of the API, the worker's Celery process, its engine process, the span export processes
 of both (llmq/span_export.py) and this process (load clients and receiver).
 """
@@ -182,11 +183,17 @@ def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, ar
     sampler = f"{args.sampler} {args.sampler_arg}".strip()
     title = f"tracing cost: {args.rounds} rounds of {args.jobs} one-token jobs; on: {sampler}"
     table = Table(title=title)
-    columns = ("jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "spans/job")
+    columns = ("jobs/s (median)", "jobs/s (rounds)", "p50 ms", "÷ off", "÷ off by round")
+    columns += ("spans/job",)
     processes = ("API", "worker", "engine", "span export", "clients + receiver")
     for column in ("tracing", *columns, *(f"{p} CPU ms/job" for p in processes)):
         table.add_column(column, justify="right")
     off = statistics.median(rate for rate, _ in results["off"])
+    # Each round's traced rate over its untraced one, the two measured one after the other: the
+    # machine's speed drifts between rounds more than within one.
+    by_round = statistics.median(
+        on / untraced for (on, _), (untraced, _) in zip(results["on"], results["off"], strict=True)
+    )
     for name, runs in results.items():
         rate = statistics.median(r for r, _ in runs)
         p50 = statistics.median(p for _, p in runs)
@@ -197,6 +204,7 @@ def report(results: dict[str, list[tuple[float, float]]], cpu, spans_per_job, ar
             " ".join(f"{r:,.0f}" for r, _ in runs),
             f"{p50 * 1000:,.1f}",
             f"{rate / off:.3f}",
+            f"{by_round:.3f}" if name == "on" else "1",
             spans,
             *(f"{statistics.median(run[i] for run in cpu[name]):.2f}" for i in range(5)),
         )

@@ -1,54 +1,54 @@
-"""Span export in a child process, so that encoding spans never holds the GIL the job path needs.
+"""Span export in a child process, so that sending spans never holds the GIL the job path needs.
 
-The SDK's OTLP exporter builds each span's protobuf attribute by attribute in Python: profiled
-under the one-token job benchmark with every job traced, that encoding was a large share of the
-extra GIL time tracing costs the API and the worker. ChildProcessExporter
-stands where the OTLP exporter would (behind the SDK's BatchSpanProcessor): it flattens each
-batch to plain tuples, pickles it and writes it to a child process (`python -m
-llmq.span_export`), which rebuilds the spans and exports them with the SDK's own OTLP exporter,
-configured by the same OTEL_EXPORTER_OTLP_* variables it inherits.
+ChildProcessExporter stands where the OTLP exporter would (behind the SDK's BatchSpanProcessor):
+it encodes each batch as an OTLP/protobuf export request (llmq/otlp_wire.py, a fraction of what
+the SDK's encoder costs) and writes it to a child process (`python -m llmq.span_export`), which
+sends it with the SDK's own OTLP/HTTP exporter, configured by the same OTEL_EXPORTER_OTLP_*
+variables it inherits (endpoint, headers, timeout, compression, certificates), with its retries.
 
 Tracing never fails the job path: a batch the child cannot take (it exited) is dropped with a
 log line and a new child starts with the next batch. The child exits when its input closes
 (this process ended or shut tracing down) after exporting what it was sent.
 """
 
-import pickle
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
-from typing import IO, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import IO, NamedTuple
 
 import structlog
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import TraceState
+
+from llmq.otlp_wire import RequestEncoder
 
 log = structlog.get_logger(__name__)
 
-_LENGTH = struct.Struct("!I")  # each frame: its length, then a pickle
-
-Flat = tuple  # a span as plain values (see _flat)
+_LENGTH = struct.Struct("!I")  # each frame: its length, then an export request
+_IS_REMOTE = 0x200  # SpanFlags: the parent (or a link's span) is remote
 
 
 class ChildProcessExporter(SpanExporter):
-    """Hands span batches to a child process that encodes and exports them over OTLP/HTTP."""
+    """Hands span batches, encoded, to a child process that sends them over OTLP/HTTP."""
 
-    def __init__(self, resource: Resource) -> None:
-        self._resource = (dict(resource.attributes), resource.schema_url)
+    def __init__(self) -> None:
+        self._encoder = RequestEncoder()
         self._child: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        frame = pickle.dumps([_flat(span) for span in spans], pickle.HIGHEST_PROTOCOL)
+        request = self._encoder.encode(spans)
         with self._lock:
             try:
-                _write(self._started().stdin, frame)
+                _write(self._started().stdin, request)
                 return SpanExportResult.SUCCESS
             except OSError as exc:  # the child exited: a new one takes the next batch
                 log.warning(
@@ -62,7 +62,6 @@ class ChildProcessExporter(SpanExporter):
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "llmq.span_export"], stdin=subprocess.PIPE
             )
-            _write(self._child.stdin, pickle.dumps(self._resource, pickle.HIGHEST_PROTOCOL))
         return self._child
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -90,36 +89,42 @@ def _write(stream: IO[bytes] | None, frame: bytes) -> None:
     stream.flush()
 
 
-def _context(context: SpanContext | None) -> tuple | None:
-    if context is None:
-        return None
-    state = tuple(context.trace_state.items()) if context.trace_state else ()
-    return (context.trace_id, context.span_id, context.is_remote, int(context.trace_flags), state)
-
-
-def _flat(span: ReadableSpan) -> Flat:
-    scope = span.instrumentation_scope
-    return (
-        span.name,
-        _context(span.context),
-        _context(span.parent),
-        span.kind.value,
-        span.start_time,
-        span.end_time,
-        dict(span.attributes or {}),
-        [(e.name, dict(e.attributes or {}), e.timestamp) for e in span.events],
-        [(_context(link.context), dict(link.attributes or {})) for link in span.links],
-        span.status.status_code.value,
-        span.status.description,
-        None if scope is None else (scope.name, scope.version, scope.schema_url),
-    )
-
-
 # -- the child process --------------------------------------------------------------------------
 
 
+def main() -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    exporter = OTLPSpanExporter()  # reads OTEL_EXPORTER_OTLP_(TRACES_)* itself
+    send = _sender(exporter)
+    try:
+        while (request := _read(sys.stdin.buffer)) is not None:
+            send(request)
+    finally:
+        exporter.shutdown()
+
+
+def _sender(exporter) -> Callable[[bytes], object]:
+    """How the child sends an encoded request: through the exporter's HTTP client (compression,
+    retries, backoff), which takes encoded requests; where an exporter version has no such
+    client, the request's spans go through the exporter's own encoder again."""
+    client = getattr(exporter, "_client", None)
+    if callable(getattr(client, "export", None)):
+        return client.export
+    return lambda request: exporter.export(spans_in(ExportTraceServiceRequest.FromString(request)))
+
+
+def _read(stream: IO[bytes]) -> bytes | None:
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    body = stream.read(length)
+    return None if len(body) < length else body
+
+
 class ExportedContext(NamedTuple):
-    """A span context as the OTLP encoder reads it."""
+    """A span context as the SDK's OTLP encoder reads it."""
 
     trace_id: int
     span_id: int
@@ -127,73 +132,107 @@ class ExportedContext(NamedTuple):
     trace_state: TraceState | None
 
 
-def _exported_context(flat: tuple | None) -> ExportedContext | None:
-    if flat is None:
-        return None
-    trace_id, span_id, is_remote, _flags, state = flat
-    return ExportedContext(trace_id, span_id, is_remote, TraceState(list(state)) if state else None)
+class ExportedSpan(NamedTuple):
+    """A span as the SDK's OTLP encoder (`encode_spans`) reads it."""
 
+    name: str
+    context: ExportedContext
+    parent: ExportedContext | None
+    resource: Resource
+    attributes: dict
+    events: list[Event]
+    links: list[Link]
+    kind: SpanKind
+    status: Status
+    start_time: int
+    end_time: int
+    instrumentation_scope: InstrumentationScope
+    dropped_attributes: int
+    dropped_events: int
+    dropped_links: int
 
-class ExportedSpan:
-    """A span rebuilt for the SDK's OTLP encoder (`encode_spans`), with what it reads and no
-    more: a ReadableSpan would copy and check every attribute again, which the span passed
-    already in the process that made it, at half the child's cost per span."""
-
-    __slots__ = (
-        "name", "context", "parent", "resource", "attributes", "events", "links", "kind",
-        "status", "start_time", "end_time", "instrumentation_scope",
-    )  # fmt: skip
-    dropped_attributes = dropped_events = dropped_links = 0  # the making process's checks
-
-    def __init__(self, flat: Flat, resource: Resource, scope: InstrumentationScope | None):
-        (self.name, context, parent, kind, self.start_time, self.end_time, self.attributes,
-         events, links, code, description, _) = flat  # fmt: skip
-        self.context, self.parent = _exported_context(context), _exported_context(parent)
-        self.resource, self.instrumentation_scope = resource, scope
-        self.kind = SpanKind(kind)
-        self.status = Status(StatusCode(code), description)
-        self.events = [Event(n, a, t) for n, a, t in events]
-        self.links = [Link(_exported_context(c), a) for c, a in links]
-
-    def get_span_context(self) -> ExportedContext | None:
+    def get_span_context(self) -> ExportedContext:
         return self.context
 
 
-def rebuild(
-    flat: Flat, resource: Resource, scopes: dict[tuple, InstrumentationScope]
-) -> ExportedSpan:
-    """The span `_flat` made, for the SDK's OTLP encoder."""
-    scope = flat[-1]
-    if scope is not None and scope not in scopes:
-        scopes[scope] = InstrumentationScope(*scope)
-    return ExportedSpan(flat, resource, None if scope is None else scopes[scope])
+def spans_in(request: ExportTraceServiceRequest) -> list[ExportedSpan]:
+    """The spans of an export request, for the SDK's encoder."""
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = Resource(
+            _attributes(resource_spans.resource.attributes), resource_spans.schema_url or None
+        )
+        for scope_spans in resource_spans.scope_spans:
+            scope = scope_spans.scope
+            instrumentation = InstrumentationScope(
+                scope.name,
+                scope.version or None,
+                scope_spans.schema_url or None,
+                _attributes(scope.attributes),
+            )
+            spans.extend(_span(s, resource, instrumentation) for s in scope_spans.spans)
+    return spans
 
 
-def _read(stream: IO[bytes]) -> Any | None:
-    header = stream.read(_LENGTH.size)
-    if len(header) < _LENGTH.size:
+def _span(span, resource: Resource, scope: InstrumentationScope) -> ExportedSpan:
+    context = ExportedContext(
+        int.from_bytes(span.trace_id, "big"),
+        int.from_bytes(span.span_id, "big"),
+        False,
+        TraceState([tuple(e.split("=", 1)) for e in span.trace_state.split(",")])
+        if span.trace_state
+        else None,
+    )
+    parent = None
+    if span.parent_span_id:
+        remote = bool(span.flags & _IS_REMOTE)
+        parent = ExportedContext(
+            context.trace_id, int.from_bytes(span.parent_span_id, "big"), remote, None
+        )
+    links = [
+        Link(
+            ExportedContext(
+                int.from_bytes(link.trace_id, "big"),
+                int.from_bytes(link.span_id, "big"),
+                bool(link.flags & _IS_REMOTE),
+                None,
+            ),
+            _attributes(link.attributes),
+        )
+        for link in span.links
+    ]
+    return ExportedSpan(
+        span.name,
+        context,
+        parent,
+        resource,
+        _attributes(span.attributes),
+        [Event(e.name, _attributes(e.attributes), e.time_unix_nano) for e in span.events],
+        links,
+        SpanKind(span.kind - 1),
+        Status(StatusCode(span.status.code), span.status.message or None),
+        span.start_time_unix_nano,
+        span.end_time_unix_nano,
+        scope,
+        span.dropped_attributes_count,
+        span.dropped_events_count,
+        span.dropped_links_count,
+    )
+
+
+def _attributes(key_values) -> dict:
+    return {kv.key: _value(kv.value) for kv in key_values}
+
+
+def _value(value: AnyValue):
+    kind = value.WhichOneof("value")
+    if kind is None:
         return None
-    (length,) = _LENGTH.unpack(header)
-    body = stream.read(length)
-    return None if len(body) < length else pickle.loads(body)
-
-
-def main() -> None:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    stream = sys.stdin.buffer
-    first = _read(stream)
-    if first is None:
-        return
-    attributes, schema_url = first
-    resource = Resource(attributes, schema_url)
-    exporter = OTLPSpanExporter()  # reads OTEL_EXPORTER_OTLP_(TRACES_)* itself
-    scopes: dict[tuple, InstrumentationScope] = {}
-    try:
-        while (batch := _read(stream)) is not None:
-            exporter.export([rebuild(flat, resource, scopes) for flat in batch])
-    finally:
-        exporter.shutdown()
+    if kind == "array_value":
+        return tuple(_value(v) for v in value.array_value.values)
+    if kind == "kvlist_value":
+        return _attributes(value.kvlist_value.values)
+    return getattr(value, kind)
 
 
 if __name__ == "__main__":

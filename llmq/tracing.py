@@ -110,7 +110,7 @@ def configure_tracing(service_name: str, libraries: Sequence[str] = API_LIBRARIE
         provider = TracerProvider(
             resource=resource, sampler=_sampler_in_use, id_generator=_IdGenerator()
         )
-        for exporter in _exporters(resource):
+        for exporter in _exporters():
             _processors.append(BatchSpanProcessor(exporter))
             provider.add_span_processor(_processors[-1])
         trace.set_tracer_provider(provider)
@@ -132,17 +132,17 @@ def _sampler() -> sampling.Sampler:
     return sampling.ParentBasedTraceIdRatio(min(max(rate, 0.0), 1.0))
 
 
-def _exporters(resource) -> list:
+def _exporters() -> list:
     names = [e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
     exporters = []
     for name in names:
         if name in ("otlp", "otlp_proto_http"):
             # OTLP over HTTP (protobuf), the protocol the specification defaults to, sent by the
             # SDK's exporter in a child process (llmq/span_export.py), which reads
-            # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _HEADERS and _TIMEOUT itself.
+            # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _HEADERS, _TIMEOUT and the rest itself.
             from llmq.span_export import ChildProcessExporter
 
-            exporters.append(ChildProcessExporter(resource))
+            exporters.append(ChildProcessExporter())
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 

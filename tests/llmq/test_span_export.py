@@ -1,17 +1,30 @@
-"""Span export through a child process (llmq/span_export.py): what reaches an OTLP receiver is
-what the SDK recorded, and a child that dies costs one batch, not tracing."""
+"""Span export through a child process (llmq/span_export.py): spans are encoded as the SDK's
+encoder would encode them (llmq/otlp_wire.py), what reaches an OTLP receiver is what the SDK
+recorded, and a child that dies costs one batch, not tracing."""
 
 import os
 import time
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
+from opentelemetry.trace.span import TraceState
 
-from llmq.span_export import ChildProcessExporter, _flat, rebuild
+from llmq.otlp_wire import RequestEncoder
+from llmq.span_export import ChildProcessExporter, spans_in
 from tests.traces import Receiver
 
 
@@ -60,31 +73,77 @@ class _Keep:
         return True
 
 
-def test_a_span_flattened_and_rebuilt_encodes_as_the_span_itself():
+def every_kind_of_span():
+    """Spans with every field the encoders write: two resources and scopes, each attribute
+    type, events, links, a remote parent with a trace state, each status."""
     kept = _Keep()
     spans_of(kept)
-    assert [s.name for s in kept.spans] == ["elsewhere", "llmq.claim", "llmq.job"]
-    resource = kept.spans[0].resource
-    scopes = {}
-    rebuilt = [rebuild(_flat(span), resource, scopes) for span in kept.spans]
-    # What the child sends for them is what the SDK's exporter would send for the originals.
-    assert encode_spans(rebuilt) == encode_spans(kept.spans)
-    elsewhere, claim, job = rebuilt
-    assert job.context.span_id == kept.spans[2].context.span_id and claim.parent == job.context
-    assert job.kind is SpanKind.CONSUMER
-    assert dict(job.attributes) == {"llmq.job_id": "j1", "llmq.attempt": 2, "flags": (True, False)}
-    events = [(e.name, dict(e.attributes)) for e in job.events]
-    assert events == [("first token", {"token_index": 0})]
-    assert [(link.context.span_id, dict(link.attributes)) for link in job.links] == [
-        (elsewhere.context.span_id, {"why": "collection"})
-    ]
+    provider = TracerProvider(
+        resource=Resource({"service.name": "other", "n": 3, "l": ["a", "b"]}, "https://s/1")
+    )
+    provider.add_span_processor(SimpleSpanProcessor(kept))
+    tracer = provider.get_tracer("lib", "2.0", schema_url="https://s/2", attributes={"a": 1})
+    state = TraceState([("vendor", "v1"), ("other", "x=y")])
+    remote = SpanContext(0xABC, 0xDEF, True, TraceFlags(1), state)
+    attributes = {
+        "negative": -5, "large": 2**62, "zero": 0, "bytes": b"\x00\x01", "empty": "",
+        "float": 0.0, "false": False, "ints": [1, -2], "floats": [1.5], "texts": ["x", ""],
+        "none": [],
+    }  # fmt: skip
+    for kind, code in ((SpanKind.SERVER, StatusCode.OK), (SpanKind.PRODUCER, StatusCode.ERROR)):
+        with tracer.start_as_current_span(
+            f"remote child {kind.name}",
+            context=set_span_in_context(NonRecordingSpan(remote)),
+            kind=kind,
+            attributes=attributes,
+            links=[Link(remote, {"why": "b"})],
+        ) as span:
+            span.add_event("at zero", {"x": 1}, timestamp=0)
+            span.add_event("bare")
+            span.set_status(Status(code, "failed" if code is StatusCode.ERROR else None))
+    return kept.spans
+
+
+def test_a_request_encoded_on_the_wire_is_the_one_the_sdk_encodes():
+    spans = every_kind_of_span()
+    assert [s.name for s in spans][:3] == ["elsewhere", "llmq.claim", "llmq.job"]
+    encoder = RequestEncoder()
+    for _ in range(2):  # the second time from the encoder's resource and scope cache
+        request = ExportTraceServiceRequest.FromString(encoder.encode(spans))
+        assert request == encode_spans(spans)
+    assert [len(r.scope_spans) for r in request.resource_spans] == [1, 1]
+    forgetful = RequestEncoder()
+    forgetful.MAX_KEPT = 1  # every resource and scope encoded anew, even within a batch
+    assert ExportTraceServiceRequest.FromString(forgetful.encode(spans)) == request
+
+
+def test_an_attribute_the_encoders_cannot_encode_is_left_out_of_both():
+    kept = _Keep()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(kept))
+    span = provider.get_tracer("llmq").start_span("s", attributes={"kept": 1})
+    span._attributes._dict["too large"] = 2**64  # what the SDK's checks let through
+    span.end()
+    request = ExportTraceServiceRequest.FromString(RequestEncoder().encode(kept.spans))
+    assert request == encode_spans(kept.spans)
+    [attribute] = request.resource_spans[0].scope_spans[0].spans[0].attributes
+    assert attribute.key == "kept"
+
+
+def test_spans_read_back_from_a_request_encode_as_the_request():
+    """The child's way with an exporter that takes only spans."""
+    spans = every_kind_of_span()
+    request = ExportTraceServiceRequest.FromString(RequestEncoder().encode(spans))
+    read = spans_in(request)
+    assert encode_spans(read) == request
+    job = read[2]
+    assert job.kind is SpanKind.CONSUMER and read[1].parent.span_id == job.context.span_id
+    assert job.attributes == {"llmq.job_id": "j1", "llmq.attempt": 2, "flags": (True, False)}
     assert (job.status.status_code, job.status.description) == (StatusCode.ERROR, "model_error")
-    assert (job.instrumentation_scope.name, job.instrumentation_scope.version) == ("llmq", "1.0")
-    assert (claim.start_time, claim.end_time) == (1_000, 2_000)
 
 
 def test_spans_reach_the_receiver_through_the_child(receiver):
-    exporter = ChildProcessExporter(Resource({"service.name": "llmq-test"}))
+    exporter = ChildProcessExporter()
     provider, linked, job = spans_of(exporter)
     trace_id = f"{job.get_span_context().trace_id:032x}"
     spans = receiver.trace(trace_id, lambda s: "llmq.claim" in s and "llmq.job" in s)
@@ -100,7 +159,7 @@ def test_spans_reach_the_receiver_through_the_child(receiver):
 
 
 def test_a_lost_child_is_replaced_by_the_next_batch(receiver):
-    exporter = ChildProcessExporter(Resource({"service.name": "llmq-test"}))
+    exporter = ChildProcessExporter()
     spans_of(exporter)
     child = exporter._child
     child.kill()
@@ -113,7 +172,7 @@ def test_a_lost_child_is_replaced_by_the_next_batch(receiver):
 
 
 def test_the_child_ends_when_its_parent_stops_writing(receiver):
-    exporter = ChildProcessExporter(Resource({"service.name": "llmq-test"}))
+    exporter = ChildProcessExporter()
     spans_of(exporter)
     child = exporter._child
     child.stdin.close()  # as when the process that made the spans exits
