@@ -79,20 +79,17 @@ def _any_value(value: Any) -> bytes:
     raise TypeError(f"invalid type {type(value).__name__} of value {value!r}")
 
 
-# Attribute names, encoded once: the same few recur in every span.
-_keys: dict[str, bytes] = {}
-MAX_KEYS_KEPT = 4096
+# Attributes as encoded, by tag, name, type and value: most recur request after request (a
+# method, a route, a statement, a queue). The type tells True from 1 and 1.0, which are equal.
+_fields: dict[tuple, bytes] = {}
+MAX_FIELDS_KEPT = 4096
+MAX_TEXT_KEPT = 1024  # characters of a text value kept
 
 
 def _key_value(key: str, value: Any) -> bytes:
-    encoded = _keys.get(key)
-    if encoded is None:
-        encoded = _text(b"\x0a", key)
-        if len(_keys) < MAX_KEYS_KEPT:
-            _keys[key] = encoded
     value = _any_value(value)
     n = len(value)
-    return encoded + b"\x12" + (_BYTE[n] if n < 0x80 else _varint(n)) + value
+    return _text(b"\x0a", key) + b"\x12" + (_BYTE[n] if n < 0x80 else _varint(n)) + value
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -101,13 +98,23 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     out = []
     for key, value in attributes.items():
+        kind = type(value)
+        cacheable = (kind is str and len(value) <= MAX_TEXT_KEPT) or kind in (int, bool, float)
+        if cacheable and (field := _fields.get((tag, key, kind, value))) is not None:
+            out.append(field)
+            continue
         try:
             pair = _key_value(key, value)
         except (TypeError, ValueError) as exc:
             log.error("span attribute %s not exported: %s", key, exc)
             continue
         n = len(pair)
-        out.append(tag + (_BYTE[n] if n < 0x80 else _varint(n)) + pair)
+        field = tag + (_BYTE[n] if n < 0x80 else _varint(n)) + pair
+        if cacheable:
+            if len(_fields) >= MAX_FIELDS_KEPT:
+                _fields.clear()
+            _fields[(tag, key, kind, value)] = field
+        out.append(field)
     return b"".join(out)
 
 
