@@ -24,7 +24,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import TraceState
 
 from llmq.otlp_wire import RequestEncoder
-from llmq.span_export import ChildProcessExporter, spans_in
+from llmq.span_export import ChildProcessExporter, _sender, spans_in
 from tests.traces import Receiver
 
 
@@ -141,6 +141,13 @@ def test_spans_read_back_from_a_request_encode_as_the_request():
     assert job.kind is SpanKind.CONSUMER and read[1].parent.span_id == job.context.span_id
     assert job.attributes == {"llmq.job_id": "j1", "llmq.attempt": 2, "flags": (True, False)}
     assert (job.status.status_code, job.status.description) == (StatusCode.ERROR, "model_error")
+
+
+def test_an_exporter_without_an_http_client_is_given_the_spans():
+    request = RequestEncoder().encode(every_kind_of_span())
+    exporter = _Keep()  # export(spans) only, as an exporter version without `_client` would be
+    _sender(exporter)(request)
+    assert encode_spans(exporter.spans) == ExportTraceServiceRequest.FromString(request)
 
 
 def test_spans_reach_the_receiver_through_the_child(receiver):
