@@ -19,7 +19,8 @@ import uuid
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from rich.console import Console
@@ -39,29 +40,14 @@ INSERT = (
 )
 
 
-class _Keep:
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def export(self, spans):
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
 def api_spans() -> list[ReadableSpan]:
-    kept = _Keep()
+    kept = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource({"service.name": "llmq-api"}))
     provider.add_span_processor(SimpleSpanProcessor(kept))
     fastapi, llmq = provider.get_tracer("fastapi", "0.165"), provider.get_tracer("llmq")
     sqlalchemy = provider.get_tracer("opentelemetry.instrumentation.sqlalchemy", "0.66b2")
     celery = provider.get_tracer("opentelemetry.instrumentation.celery", "0.66b2")
-    while len(kept.spans) < BATCH:
+    while len(kept.get_finished_spans()) < BATCH:
         server = {
             "url.scheme": "http", "http.request.method": "POST",
             "network.protocol.version": "1.1", "server.address": "127.0.0.1",
@@ -89,7 +75,7 @@ def api_spans() -> list[ReadableSpan]:
                     "apply_async/llmq.generate", kind=SpanKind.PRODUCER, attributes=publish
                 ):
                     pass
-    return kept.spans[:BATCH]
+    return list(kept.get_finished_spans()[:BATCH])
 
 
 def worker_spans() -> list[ReadableSpan]:

@@ -10,7 +10,8 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -56,27 +57,10 @@ def spans_of(exporter: ChildProcessExporter):
     return provider, linked, job
 
 
-class _Keep:
-    """An exporter that keeps what it is given (for comparing with what is rebuilt)."""
-
-    def __init__(self) -> None:
-        self.spans = []
-
-    def export(self, spans):
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
 def every_kind_of_span():
     """Spans with every field the encoders write: two resources and scopes, each attribute
     type, events, links, a remote parent with a trace state, each status."""
-    kept = _Keep()
+    kept = InMemorySpanExporter()
     spans_of(kept)
     provider = TracerProvider(
         resource=Resource({"service.name": "other", "n": 3, "l": ["a", "b"]}, "https://s/1")
@@ -102,7 +86,7 @@ def every_kind_of_span():
             span.add_event("at zero", {"x": 1}, timestamp=0)
             span.add_event("bare")
             span.set_status(Status(code, "failed" if code is StatusCode.ERROR else None))
-    return kept.spans
+    return list(kept.get_finished_spans())
 
 
 def test_a_request_encoded_on_the_wire_is_the_one_the_sdk_encodes():
@@ -119,14 +103,15 @@ def test_a_request_encoded_on_the_wire_is_the_one_the_sdk_encodes():
 
 
 def test_an_attribute_the_encoders_cannot_encode_is_left_out_of_both():
-    kept = _Keep()
+    kept = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(kept))
     span = provider.get_tracer("llmq").start_span("s", attributes={"kept": 1})
     span._attributes._dict["too large"] = 2**64  # what the SDK's checks let through
     span.end()
-    request = ExportTraceServiceRequest.FromString(RequestEncoder().encode(kept.spans))
-    assert request == encode_spans(kept.spans)
+    spans = kept.get_finished_spans()
+    request = ExportTraceServiceRequest.FromString(RequestEncoder().encode(spans))
+    assert request == encode_spans(spans)
     [attribute] = request.resource_spans[0].scope_spans[0].spans[0].attributes
     assert attribute.key == "kept"
 
@@ -145,9 +130,10 @@ def test_spans_read_back_from_a_request_encode_as_the_request():
 
 def test_an_exporter_without_an_http_client_is_given_the_spans():
     request = RequestEncoder().encode(every_kind_of_span())
-    exporter = _Keep()  # export(spans) only, as an exporter version without `_client` would be
+    exporter = InMemorySpanExporter()  # export(spans) only, as one without `_client` would be
     _sender(exporter)(request)
-    assert encode_spans(exporter.spans) == ExportTraceServiceRequest.FromString(request)
+    sent = ExportTraceServiceRequest.FromString(request)
+    assert encode_spans(exporter.get_finished_spans()) == sent
 
 
 def test_spans_reach_the_receiver_through_the_child(receiver):
