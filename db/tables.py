@@ -22,6 +22,7 @@ from sqlalchemy import (
     false,
     func,
     text,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -77,6 +78,9 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(String(64))  # the batch this job is a line of
     # The W3C traceparent the job's spans continue (llmq/tracing.py); None when not traced.
     trace_context: Mapped[str | None] = mapped_column(String(64))
+    # Whether its text is published token by token as it is generated (an SSE stream may
+    # watch it); a non-streamed OpenAI request's job publishes it whole when it ends.
+    stream_tokens: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
     result: Mapped["JobResult | None"] = relationship(back_populates="job", lazy="selectin")
     # Never loaded on its own: the queries that answer reads fill it in (db/queries/jobs.py).

@@ -659,7 +659,7 @@ class GenerationEngine:
             final = id(seq) in finished
             if final:
                 seq.detok.finish(self.host.decode(seq.generated))
-            elif seq.background:
+            elif seq.background or not seq.request.stream_tokens:
                 continue
             delta = seq.detok.take_delta(final)
             if delta:

@@ -34,6 +34,8 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value
     priority: int = 0  # lower first: interactive jobs join the batch before batch-API lines
     timed: bool = False  # traced: its output carries EngineTimings for the job's spans
+    # Its text goes to the publisher token by token; False: in one delta when it finishes.
+    stream_tokens: bool = True
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,13 @@ class JobRunner:
         generation = None
         if params.max_tokens > 0:
             request = GenerationRequest(
-                job.id, prompt_ids, params, deadline, job.priority, timed=trace is not None
+                job.id,
+                prompt_ids,
+                params,
+                deadline,
+                job.priority,
+                timed=trace is not None,
+                stream_tokens=job.stream_tokens,
             )
             generation = self.engine.submit(request)
         if params.prompt_logprobs is None:

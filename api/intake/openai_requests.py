@@ -226,6 +226,7 @@ def choice_requests(
                     use_cache=body.cache,
                     prompt_tokens=counted[p],
                     prompt_token_ids=token_ids[p],
+                    stream_tokens=body.stream,
                 )
             )
     return requests

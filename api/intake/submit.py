@@ -84,6 +84,9 @@ class GenerationRequest:
     prompt_tokens: int | None = None  # when the caller has counted them already
     # The prompt as token ids, when the client sent it so (`prompt` is then their text).
     prompt_token_ids: list[int] | None = None
+    # Its text published token by token for streams; False: whole when it ends (a
+    # non-streamed OpenAI request, whose answer waits for the end anyway).
+    stream_tokens: bool = True
 
 
 def resolve_model(registry: Registry, model: str) -> ModelSpec:
@@ -261,6 +264,7 @@ def _new_jobs(
             batch_id=request.batch_id,
             cache_key=key.cache_key if key is not None else None,
             trace_context=trace_context,
+            stream_tokens=request.stream_tokens,
         )
         new_jobs.append((new_job, key))
     return new_jobs

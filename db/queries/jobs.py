@@ -37,6 +37,7 @@ class NewJob:
     cache_key: str | None = None  # deterministic jobs only (llmq/fingerprint.py)
     follows_job_id: uuid.UUID | None = None  # an identical job in flight, whose result it gets
     trace_context: str | None = None  # a W3C traceparent, when the request is traced
+    stream_tokens: bool = True  # its text published token by token, not only whole at its end
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def job_values(new: NewJob) -> dict[str, Any]:
         "cache_key": new.cache_key,
         "follows_job_id": new.follows_job_id,
         "trace_context": new.trace_context,
+        "stream_tokens": new.stream_tokens,
         "attempts": 0,
     }
 
@@ -267,6 +269,7 @@ CLAIMED_COLUMNS = (
     job_table.c.created_at,
     job_table.c.started_at,
     job_table.c.trace_context,
+    job_table.c.stream_tokens,
 )
 
 

@@ -1,6 +1,7 @@
 """The OpenAI-compatible endpoints with the official `openai` client, sync and async."""
 
 import asyncio
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from sqlalchemy import func, select
 
 from db.session import session_scope
 from db.tables import Job
-from llmq.events import ErrorEvent
+from llmq.events import ErrorEvent, events_key
 from llmq.publisher import TokenPublisher
 from tests.factories import ADMIN_KEY, AUTH, start_api, stop_worker
 from tests.faults import CuttableLink
@@ -131,6 +132,40 @@ def test_stream_chunks_follow_openai_format_and_add_up(client):
         extra_body={"ignore_eos": True},
     )
     assert streamed == again.choices[0].message.content
+
+
+def test_a_non_streamed_completion_publishes_its_text_whole_when_it_ends(
+    client, api_server, database_url, redis_url
+):
+    """Nobody watches a non-streamed request's job token by token: its replay buffer gets the
+    text in one token event, then the end, as a stream rebuilt from Postgres would."""
+    prompt = f"Once upon a time {uuid.uuid4().hex[:8]}"
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    body["extra_body"] = {"ignore_eos": True, "cache": False}
+    whole = client.completions.create(**body).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**body, stream=True))
+    assert streamed == whole
+    with session_scope(database_url) as session:
+        jobs = session.execute(
+            select(Job.id, Job.stream_tokens)
+            .where(Job.input["prompt"].astext == prompt)
+            .order_by(Job.created_at)
+        ).all()
+    assert [streams for _, streams in jobs] == [False, True]
+    (quiet, _), (watched, _) = jobs
+    redis = Redis.from_url(redis_url)
+
+    def events(job_id):
+        return [(e[b"type"], json.loads(e[b"data"])) for _, e in redis.xrange(events_key(job_id))]
+
+    quiet_events = events(quiet)
+    assert [kind for kind, _ in quiet_events] == [b"token", b"done"]
+    assert quiet_events[0][1]["text"] == quiet_events[1][1]["text"] == whole
+    tokens = [data["text"] for kind, data in events(watched) if kind == b"token"]
+    assert len(tokens) > 1 and "".join(tokens) == whole
+    replayed = httpx.get(f"{api_server}/v1/jobs/{quiet}/events", headers=AUTH, timeout=30)
+    sent = [json.loads(line[5:]) for line in replayed.text.splitlines() if line.startswith("data:")]
+    assert [(event["type"], event["text"]) for event in sent] == [("token", whole), ("done", whole)]
 
 
 def test_async_client_streams_completions_with_n(async_client):
