@@ -6,8 +6,8 @@
 Two batches of 512 spans: the API's (a request's server span with its attributes, the
 `INSERT`'s span with its statement, Celery's publish span, `llmq.submit`) and the worker's
 (the eight spans llmq makes for a job, as `tracing.finished_span` makes them), each batch with
-its own job ids, message ids and client ports. Each encoder encodes `--batches` batches of
-each; the table shows the median µs per span and the ratio.
+its own job ids, message ids and client ports. The encoders take turns on each of `--batches`
+batches of each; the table shows the median µs per span and the ratio.
 """
 
 import argparse
@@ -111,13 +111,17 @@ def worker_spans() -> list[ReadableSpan]:
     return spans[:BATCH]
 
 
-def median_us_per_span(encode, batches: list[list[ReadableSpan]]) -> float:
-    times = []
-    for spans in batches:
-        started = time.perf_counter()
-        encode(spans)
-        times.append((time.perf_counter() - started) / len(spans))
-    return 1e6 * statistics.median(times)
+def medians_us_per_span(encoders, batches: list[list[ReadableSpan]]) -> list[float]:
+    """Each encoder's median µs per span, the encoders taking turns on each batch (their order
+    alternating), so that the machine's drifting speed falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in encoders]
+    for number, spans in enumerate(batches):
+        turns = list(enumerate(encoders))
+        for index, encode in turns if number % 2 == 0 else reversed(turns):
+            started = time.perf_counter()
+            encode(spans)
+            times[index].append((time.perf_counter() - started) / len(spans))
+    return [1e6 * statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -129,8 +133,9 @@ def main() -> None:
         table.add_column(column, justify="right")
     for name, make in (("API", api_spans), ("worker", worker_spans)):
         batches = [make() for _ in range(args.batches)]
-        sdk = median_us_per_span(lambda s: encode_spans(s).SerializeToString(), batches)
-        wire = median_us_per_span(RequestEncoder().encode, batches)
+        sdk, wire = medians_us_per_span(
+            (lambda s: encode_spans(s).SerializeToString(), RequestEncoder().encode), batches
+        )
         table.add_row(name, f"{sdk:.1f}", f"{wire:.1f}", f"{wire / sdk:.2f}×")
     console.print(table)
 
