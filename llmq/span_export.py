@@ -21,6 +21,7 @@ from typing import IO, NamedTuple
 import structlog
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -33,7 +34,7 @@ from llmq.otlp_wire import RequestEncoder
 log = structlog.get_logger(__name__)
 
 _LENGTH = struct.Struct("!I")  # each frame: its length, then an export request
-_IS_REMOTE = 0x200  # SpanFlags: the parent (or a link's span) is remote
+_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK  # the parent (a link's span) is remote
 
 
 class ChildProcessExporter(SpanExporter):
