@@ -650,16 +650,16 @@ class GenerationEngine:
         return None
 
     def _publish(self, seqs: list[_Sequence], finished: set[int]) -> None:
-        """Hand this step's text deltas to the publisher, all in one call. A background job's
-        text goes out whole when it finishes: nobody watches bulk work token by token, and a
-        delta per row per step would cost the decode loop more than the step."""
+        """Hand this step's text deltas to the publisher, all in one call; a job that does not
+        publish its deltas (GenerationRequest.publishes_deltas) gets its text out whole when it
+        finishes."""
         emissions = []
         created = time.time()
         for seq in seqs:
             final = id(seq) in finished
             if final:
                 seq.detok.finish(self.host.decode(seq.generated))
-            elif seq.background or not seq.request.stream_tokens:
+            elif not seq.request.publishes_deltas:
                 continue
             delta = seq.detok.take_delta(final)
             if delta:

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
-from llmq.protocol import ErrorCategory, FinishReason, SamplingParams
+from llmq.protocol import BATCH_PRIORITY, ErrorCategory, FinishReason, SamplingParams
 
 # A token's log-probability and its best alternatives: (token id, logprob, ((id, logprob), ...)).
 TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
@@ -34,8 +34,19 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value
     priority: int = 0  # lower first: interactive jobs join the batch before batch-API lines
     timed: bool = False  # traced: its output carries EngineTimings for the job's spans
-    # Its text goes to the publisher token by token; False: in one delta when it finishes.
-    stream_tokens: bool = True
+    stream_tokens: bool = True  # the job row's: see publishes_deltas
+
+    @property
+    def publishes_deltas(self) -> bool:
+        return publishes_deltas(self.stream_tokens, self.priority)
+
+
+def publishes_deltas(stream_tokens: bool, priority: int) -> bool:
+    """Whether a job's text goes to the publisher as it is made; otherwise in one delta when it
+    finishes. Nobody watches a background job (a Batch API line, an evaluation item) or a
+    non-streamed request's job (its row's stream_tokens) token by token, and a delta per row per
+    step would cost the decode loop more than the step."""
+    return stream_tokens and priority < BATCH_PRIORITY
 
 
 @dataclass(frozen=True)

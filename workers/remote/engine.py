@@ -30,7 +30,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 from llmq import tracing
 from llmq.circuit_breakers import circuit_breaker
 from llmq.events import TokenEvent
-from llmq.protocol import BATCH_PRIORITY, ErrorCategory, FinishReason, SamplingParams
+from llmq.protocol import ErrorCategory, FinishReason, SamplingParams
 from llmq.publisher import TokenEmission
 from llmq.registry import ModelSpec
 from workers.engine_jobs import (
@@ -39,6 +39,7 @@ from workers.engine_jobs import (
     JobTimeout,
     ScoreOutput,
     ScoreRequest,
+    publishes_deltas,
 )
 from workers.remote import metrics
 from workers.remote.slots import UpstreamSlots
@@ -74,6 +75,7 @@ class UpstreamRequest:
     deadline: float  # time.monotonic() value
     priority: int = 0
     trace_context: str | None = None  # the job's span, when it is traced
+    stream_tokens: bool = True  # the job row's: see engine_jobs.publishes_deltas
 
 
 @dataclass
@@ -89,8 +91,9 @@ class _Call:
     attempt_text: list[str] = field(default_factory=list)  # the attempt's deltas so far
 
     @property
-    def background(self) -> bool:
-        return self.request.priority >= BATCH_PRIORITY
+    def publishes_deltas(self) -> bool:
+        # A scoring call's request has no stream_tokens: it makes no text to publish.
+        return publishes_deltas(getattr(self.request, "stream_tokens", True), self.request.priority)
 
     @property
     def deadline(self) -> float:
@@ -330,7 +333,7 @@ class RemoteEngine:
                 call.first_text_at = call.first_text_at or now
             with self._relay_lock:
                 attempt_text.append(delta)
-                if call.background:
+                if not call.publishes_deltas:
                     pass  # nobody reads its stream as it comes: its text goes at its end
                 elif call.deltas == 0:  # the job's first text
                     text, index = "".join(attempt_text), len(attempt_text) - 1

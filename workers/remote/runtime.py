@@ -75,7 +75,13 @@ class RemoteJobRunner(JobRunner):
         # traces, another llmq, continues the trace from their traceparent header).
         trace_context = trace.traceparent() if trace is not None else None
         request = UpstreamRequest(
-            job.id, job.input, params, deadline, job.priority, trace_context=trace_context
+            job.id,
+            job.input,
+            params,
+            deadline,
+            job.priority,
+            trace_context=trace_context,
+            stream_tokens=job.stream_tokens,
         )
         return self.engine.submit(request)
 
