@@ -10,9 +10,11 @@ that merges the buffer with the live feed drops every id it has already passed.
 """
 
 import uuid
+from datetime import datetime
+from decimal import Decimal
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 EVENTS_PREFIX = "llmq:events:"
 FINAL_PREFIX = "llmq:final:"
@@ -53,6 +55,20 @@ class TokenEvent(BaseModel):
     logprobs: list | None = None
 
 
+class JobEnding(BaseModel):
+    """What a read of a succeeded job shows beside its text and token counts, as the worker
+    stored it: sent with the job's final event on its final channel, so that a request waiting
+    there can answer without reading the job back. Streams and replay buffers do not carry it."""
+
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime
+    time_to_first_token_ms: float | None
+    duration_ms: float
+    cost: Decimal | None  # as its usage row stored it; None: the model had no price
+    currency: str | None
+
+
 class DoneEvent(BaseModel):
     type: Literal["done"] = "done"
     job_id: uuid.UUID
@@ -63,6 +79,8 @@ class DoneEvent(BaseModel):
     completion_tokens: int
     # {"prompt": [...] | None, "completion": [...] | None} when the job asked for them.
     logprobs: dict | None = None
+    # Only on the final channel, from the worker that stored the job (llmq/publisher.py).
+    ending: JobEnding | None = Field(default=None, exclude_if=lambda ending: ending is None)
 
 
 class ErrorEvent(BaseModel):

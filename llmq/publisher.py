@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from llmq.events import (
     REPLAY_MAXLEN,
     REPLAY_TTL_S,
+    DoneEvent,
     JobEvent,
     TokenEvent,
     events_key,
@@ -130,7 +131,10 @@ class TokenPublisher:
             elif isinstance(item, _Final):
                 self._expires_set.pop(item.job_id, None)
                 event_id, data = final_event_id(), item.event.model_dump_json()
-                self._add(pipe, item.job_id, event_id, item.event.type, data, expire=True)
+                streamed = data  # a done event's `ending` is for the final channel only
+                if isinstance(item.event, DoneEvent) and item.event.ending is not None:
+                    streamed = item.event.model_dump_json(exclude={"ending"})
+                self._add(pipe, item.job_id, event_id, item.event.type, streamed, expire=True)
                 # For waiters that need no tokens (non-streamed responses).
                 channel = final_channel(item.job_id)
                 pipe.publish(channel, live_message(event_id, item.event.type, data))

@@ -8,8 +8,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
-from sqlalchemy import Row
-
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.session import session_scope
@@ -22,7 +20,7 @@ Result = tuple[uuid.UUID, job_queries.Outcome]
 
 @dataclass(frozen=True)
 class Stored:
-    job: Row  # id, owner, model, cache_key (job_queries.complete_jobs)
+    job: job_queries.Completed
     followers: list[uuid.UUID]  # jobs that waited on this one's result, now completed with it
 
 

@@ -18,7 +18,7 @@ from db.queries import jobs as job_queries
 from db.session import session_scope
 from llmq import metrics as outcomes
 from llmq import tracing
-from llmq.events import DoneEvent, ErrorEvent, TokenEvent
+from llmq.events import DoneEvent, ErrorEvent, JobEnding, TokenEvent
 from llmq.protocol import (
     PROMPT_TOKEN_IDS_FIELD,
     ErrorCategory,
@@ -257,7 +257,7 @@ class JobRunner:
         worker_metrics.job_succeeded(job.job_id, output)
         outcomes.job_finished(stored.job.model, JobStatus.SUCCEEDED.value, len(stored.followers))
         publish_started_ns = time.time_ns() if trace is not None else 0
-        self._publish_done(job.job_id, output, JobStatus.SUCCEEDED)
+        self._publish_done(job.job_id, output, JobStatus.SUCCEEDED, _ending(stored.job, output))
         self._publish_followers_done(stored.followers, output)
         if trace is not None:
             trace.child("llmq.stream.publish", publish_started_ns, time.time_ns())
@@ -299,7 +299,13 @@ class JobRunner:
             outcomes.job_failed(self.host.spec.id, category.value)
         return failed_followers
 
-    def _publish_done(self, job_id: uuid.UUID, output: GenerationOutput, status: JobStatus):
+    def _publish_done(
+        self,
+        job_id: uuid.UUID,
+        output: GenerationOutput,
+        status: JobStatus,
+        ending: JobEnding | None = None,
+    ):
         event = DoneEvent(
             job_id=job_id,
             status=status.value,
@@ -308,6 +314,7 @@ class JobRunner:
             prompt_tokens=output.prompt_tokens,
             completion_tokens=output.completion_tokens,
             logprobs=stored_logprobs(output),
+            ending=ending,
         )
         self.publisher.publish_final(job_id, event)
 
@@ -331,6 +338,22 @@ class _Running:
     wait_until: float  # time.monotonic(): its deadline plus a grace for a stalled engine
     bound: structlog.stdlib.BoundLogger
     trace: JobTrace | None = None  # its spans, when it is traced
+
+
+def _ending(job: job_queries.Completed, output: GenerationOutput) -> JobEnding | None:
+    """The stored job's end as a read of it would show it (None when its usage row was not
+    this completion's)."""
+    if job.charge is None:
+        return None
+    return JobEnding(
+        attempts=job.attempts,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        time_to_first_token_ms=output.time_to_first_token_ms,
+        duration_ms=output.duration_ms,
+        cost=job.charge.cost,
+        currency=job.charge.currency,
+    )
 
 
 def _outcome(output: GenerationOutput) -> job_queries.Outcome:

@@ -322,10 +322,12 @@ class JobEventReader:
 
     async def wait_final(
         self, job_id: uuid.UUID, timeout_s: float, since: Mark | None = None
-    ) -> None:
+    ) -> StreamedEvent | None:
         """Return once the job has ended, or after `timeout_s` (long polling). Its final event
         is the signal; Postgres is asked each second in case the event was lost, and each
-        quarter second while Redis is away."""
+        quarter second while Redis is away. Returns the final event as its final channel
+        brought it (with the job's `ending` when the worker that stored it sent one), or None
+        when the end was seen elsewhere or not at all."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         published = self.finals.watch(job_id)
@@ -334,17 +336,18 @@ class JobEventReader:
                 if self.finals.may_have_missed(job_id, since):
                     newest = await self._newest_event(events_key(job_id))
                     if newest is not None and newest.final:
-                        return
+                        return None
             except RedisError:
                 pass
             while (remaining := deadline - loop.time()) > 0:
                 slice_s = min(remaining, 1.0 if self.finals.listening else FIRST_IDLE_S)
                 try:
-                    await asyncio.wait_for(asyncio.shield(published), slice_s)
-                    return
+                    message = await asyncio.wait_for(asyncio.shield(published), slice_s)
+                    return _live_final(message)
                 except TimeoutError:
                     if await self.load_finished(job_id) is not None:
-                        return
+                        return None
+            return None
         finally:
             self.finals.unwatch(job_id, published)
 
@@ -371,8 +374,7 @@ class JobEventReader:
                     if not self.finals.listening:  # published meanwhile may have been missed
                         raise RedisError("the final-event listener lost Redis") from None
                 else:
-                    event_id, kind, data = message.split(" ", 2)
-                    return StreamedEvent(event_id, kind, data)
+                    return _live_final(message)
                 idle_s = min(max(idle_s * 2, self.idle_s), MAX_IDLE_S)
                 finished = await self.load_finished(job_id)
                 if finished is not None and newest is None:  # finished, its buffer gone
@@ -397,6 +399,12 @@ class JobEventReader:
             yield StreamedEvent(
                 event_id.decode(), fields[b"type"].decode(), fields[b"data"].decode()
             )
+
+
+def _live_final(message: str) -> StreamedEvent:
+    """A final event as the final channel brought it (publisher.live_message)."""
+    event_id, kind, data = message.split(" ", 2)
+    return StreamedEvent(event_id, kind, data)
 
 
 def relay_span(jobs: int, job_traces: Sequence[str | None] = ()) -> Span | None:

@@ -19,6 +19,7 @@ from api.deps import (
 from api.http.auth import Caller
 from api.http.limits import admit
 from api.intake.submit import resolve_model, submit_generation
+from api.results.events import StreamedEvent
 from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
 from api.schemas.output_formats import resolve_named_schema
 from db.queries import jobs as job_queries
@@ -157,20 +158,20 @@ async def create_job(
             use_cache=body.cache,
         )
         job = submission.job
-        # A job to wait for is answered as read after the wait: nothing to build now.
+        # A job to wait for is answered after the wait: nothing to build now.
         waits = wait > 0 and not JobStatus(job.status).is_final
         public = None if waits else public_job(request, job)
         session.close()  # gives the request's database slot back before any wait
-        return public, job.id, submission.created
+        return public, job, submission.created
 
     event_reader = request.app.state.event_reader
     since = event_reader.mark()
-    public, job_id, created = await run_in_threadpool(store)
+    public, job, created = await run_in_threadpool(store)
     if not created:
         response.status_code = status.HTTP_200_OK
     if public is None:
-        await event_reader.wait_final(job_id, wait, since=since if created else None)
-        public = public_job(request, await _read_job(request, caller, job_id))
+        final = await event_reader.wait_final(job.id, wait, since=since if created else None)
+        public = await _answer_after_wait(request, caller, job, final)
     return public
 
 
@@ -184,9 +185,22 @@ async def read_job(
     """A job with its status and, once finished, its result or error."""
     job = await _read_job(request, caller, job_id)
     if wait > 0 and not JobStatus(job.status).is_final:
-        await request.app.state.event_reader.wait_final(job_id, wait)
-        job = await _read_job(request, caller, job_id)
+        final = await request.app.state.event_reader.wait_final(job_id, wait)
+        return await _answer_after_wait(request, caller, job, final)
     return public_job(request, job)
+
+
+async def _answer_after_wait(
+    request: Request, caller: Caller, job: Job, final: StreamedEvent | None
+) -> JobPublic:
+    """A job the request waited for, as a read shows it now. The final event of the worker
+    that stored the job tells that without a read; any other end (a failure, a cancellation,
+    a follower's, an event seen only in Postgres) or none yet is read back."""
+    if final is not None and final.type == "done":
+        public = JobPublic.from_done_event(job, DoneEvent.model_validate_json(final.data))
+        if public is not None:
+            return public
+    return public_job(request, await _read_job(request, caller, job.id))
 
 
 async def _read_job(request: Request, caller: Caller, job_id: uuid.UUID) -> Job:

@@ -19,6 +19,7 @@ from api.schemas.logprobs import JobLogprobs, TokenTexts, job_logprobs
 from api.schemas.output_formats import OutputFormatFields
 from db.tables import Job
 from db.tables import Usage as UsageRow
+from llmq.events import DoneEvent
 from llmq.pricing import format_amount
 from llmq.protocol import (
     MAX_LOGIT_BIAS,
@@ -436,23 +437,62 @@ class JobPublic(BaseModel):
         if job.error_category is not None:
             error = JobError(category=job.error_category, message=job.error_message or "")
         return cls(
-            id=job.id,
-            kind=job.kind,
-            model=job.model,
-            queue=job.queue,
+            **_submitted(job),
             status=JobStatus(job.status),
-            prompt=job.input.get("prompt", ""),
-            params=job.params,
             attempts=job.attempts,
-            created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
-            request_id=job.request_id,
-            cache_hit=job.cache_hit,
-            follows_job_id=job.follows_job_id,
             result=result,
             error=error,
         )
+
+    @classmethod
+    def from_done_event(cls, job: Job, done: DoneEvent) -> "JobPublic | None":
+        """The job as a read would show it once it has ended, from its row as submitted and
+        the final event of the worker that stored it; None when the event cannot tell it all
+        (no `ending`, or log-probabilities to show as text): read the job then."""
+        ending = done.ending
+        if ending is None or done.logprobs is not None:
+            return None
+        cost = None
+        if ending.cost is not None and ending.currency is not None:
+            cost = CostPublic.of(ending.cost, ending.currency)
+        result = ResultPublic(
+            text=done.text,
+            finish_reason=done.finish_reason,
+            usage=Usage(
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                total_tokens=done.prompt_tokens + done.completion_tokens,
+                cost=cost,
+            ),
+            time_to_first_token_ms=ending.time_to_first_token_ms,
+            duration_ms=ending.duration_ms,
+        )
+        return cls(
+            **_submitted(job),
+            status=JobStatus(done.status),
+            attempts=ending.attempts,
+            started_at=ending.started_at,
+            finished_at=ending.finished_at,
+            result=result,
+        )
+
+
+def _submitted(job: Job) -> dict[str, Any]:
+    """What a job's answer takes from its row as it was submitted."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "model": job.model,
+        "queue": job.queue,
+        "prompt": job.input.get("prompt", ""),
+        "params": job.params,
+        "created_at": job.created_at,
+        "request_id": job.request_id,
+        "cache_hit": job.cache_hit,
+        "follows_job_id": job.follows_job_id,
+    }
 
 
 def _cost_of(job: Job) -> CostPublic | None:

@@ -3,14 +3,14 @@
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from sqlalchemy import Row, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from db.queries.usage import insert_usage
+from db.queries.usage import Charge, insert_usage
 from db.tables import Job, JobResult, ScoreResult, Usage
 from llmq.pricing import Price
 from llmq.protocol import BATCH_PRIORITY, ErrorCategory, JobStatus
@@ -426,9 +426,23 @@ def cancelled_among(session: Session, job_ids: list[uuid.UUID]) -> set[uuid.UUID
     return set(rows)
 
 
+class Completed(NamedTuple):
+    """A job complete_jobs stored: its row as the update left it, and its usage's cost."""
+
+    id: uuid.UUID
+    owner: str | None
+    model: str
+    cache_key: str | None
+    input: dict[str, Any] | None  # only a job with a cache key's (its cache entry's key)
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime
+    charge: Charge | None  # None: a usage row of the job was there already, and stays
+
+
 def complete_job(
     session: Session, job_id: uuid.UUID, worker: str, outcome: Outcome, *, price_of: PriceOf
-) -> Row | None:
+) -> Completed | None:
     """Store the result and usage (priced by `price_of` now) and mark the job succeeded,
     exactly once: only the worker that holds the job may, so a worker that was presumed lost
     and comes back writes nothing. Returns the job, or None when it was not this worker's to
@@ -438,10 +452,9 @@ def complete_job(
 
 def complete_jobs(
     session: Session, worker: str, outcomes: dict[uuid.UUID, Outcome], *, price_of: PriceOf
-) -> dict[uuid.UUID, Row]:
-    """complete_job for many jobs in three statements, whatever their number. Returns the rows
-    (id, owner, model, cache_key, and the input of a job with a cache key) of the jobs that
-    were this worker's to complete."""
+) -> dict[uuid.UUID, Completed]:
+    """complete_job for many jobs in three statements, whatever their number. Returns the jobs
+    that were this worker's to complete."""
     done = session.execute(
         update(job_table)
         .where(
@@ -457,6 +470,10 @@ def complete_jobs(
             job_table.c.cache_key,
             # Only a cached job's input is needed (the cache entry's key): a prompt can be long.
             case((job_table.c.cache_key.is_not(None), job_table.c.input)).label("input"),
+            # What a read of the job would show of its end, for its final event.
+            job_table.c.attempts,
+            job_table.c.started_at,
+            job_table.c.finished_at,
         )
     ).all()
     if not done:
@@ -464,11 +481,11 @@ def complete_jobs(
     # One statement compiled once, whatever the number of rows (SQLAlchemy's insertmanyvalues
     # sends them together); a multi-row VALUES built per call was compiled anew each time.
     session.execute(_INSERT_RESULTS, [_result_values(row.id, outcomes[row.id]) for row in done])
-    insert_usage(
+    charges = insert_usage(
         session,
         [usage_values(row, outcomes[row.id], price_of(row.model), cached=False) for row in done],
     )
-    return {row.id: row for row in done}
+    return {row.id: Completed(*row, charges.get(row.id)) for row in done}
 
 
 _INSERT_RESULTS = pg_insert(_result_table).on_conflict_do_nothing()

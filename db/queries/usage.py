@@ -62,19 +62,34 @@ class Totals:
 _INSERT_USAGE = (
     pg_insert(Usage.__table__)
     .on_conflict_do_nothing()
-    .returning(Usage.__table__.c.model, Usage.__table__.c.currency, Usage.__table__.c.cost)
+    .returning(
+        Usage.__table__.c.job_id,
+        Usage.__table__.c.model,
+        Usage.__table__.c.currency,
+        Usage.__table__.c.cost,
+    )
 )
 
 
-def insert_usage(session: Session, rows: list[dict[str, Any]]) -> None:
+@dataclass(frozen=True)
+class Charge:
+    """A usage row's cost as stored (None: the model had no price)."""
+
+    cost: Decimal | None
+    currency: str | None
+
+
+def insert_usage(session: Session, rows: list[dict[str, Any]]) -> dict[Any, Charge]:
     """Store finished jobs' usage rows (a job's second row is ignored); their cost is counted
-    in the metrics when the session commits."""
+    in the metrics when the session commits. Returns what each stored row was charged, by job
+    id."""
     if not rows:
-        return
+        return {}
     inserted = session.execute(_INSERT_USAGE, rows).all()
-    for model, currency, cost in inserted:
+    for _, model, currency, cost in inserted:
         if cost is not None:
             charged(session, model, currency, cost)
+    return {job_id: Charge(cost, currency) for job_id, _, currency, cost in inserted}
 
 
 def charged(session: Session, model: str, currency: str, cost: Decimal) -> None:

@@ -190,6 +190,20 @@ def test_openai_usage_carries_the_cost_of_the_request(priced):
         assert usage["prompt_tokens"] == job["result"]["usage"]["prompt_tokens"]
 
 
+def test_a_waited_job_shows_its_cost_as_stored(priced):
+    """POST /v1/jobs?wait answers from the job's final event: its cost is the usage row's."""
+    base_url, models, _ = priced
+    with api_client(base_url, timeout=60) as client:
+        key = bearer(create_key(client, "waited cost")["key"])
+        body = {"model": MODEL, "prompt": "a waited job, priced", "max_tokens": 6}
+        job = client.post("/v1/jobs", params={"wait": 30}, json=body, headers=key).json()
+        assert job["status"] == "succeeded", job
+        price = yaml.safe_load(models.read_text())["models"][0]["price"]
+        cost = {"amount": format_amount(cost_at(price, job)), "currency": "USD"}
+        assert job["result"]["usage"]["cost"] == cost
+        assert client.get(f"/v1/jobs/{job['id']}", headers=key).json() == job
+
+
 def assert_spend_limit_reached(response, spent: str, limit: str) -> None:
     assert response.status_code == 429, response.text
     error = response.json()["error"]

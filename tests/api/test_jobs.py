@@ -1,9 +1,14 @@
 """The job API end to end: API → Postgres → Redis queue → real worker → Postgres → poll."""
 
+import json
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 from redis import Redis
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from tests.factories import submit, wait_for_job
 
@@ -155,6 +160,78 @@ def test_submit_with_wait_answers_with_the_finished_job(live_client):
     assert job["status"] == "succeeded", job
     assert job["result"]["usage"]["completion_tokens"] == 10
     assert live_client.get(f"/v1/jobs/{job['id']}").json() == job
+
+
+@contextmanager
+def statements_run():
+    """(statement, parameters) of every SQL statement this process runs meanwhile."""
+    seen = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        seen.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+def reads_of(job_id: str, statements) -> list[str]:
+    """The SELECTs among `statements` that asked for the job by its id."""
+    wanted = uuid.UUID(job_id)
+    return [
+        statement
+        for statement, parameters in statements
+        if statement.lstrip().upper().startswith("SELECT")
+        and isinstance(parameters, dict)
+        and wanted in parameters.values()
+    ]
+
+
+def test_a_waited_job_is_answered_from_its_final_event_as_a_read_would_show_it(live_client):
+    """The worker that stored the job sends what a read shows of its end (attempts, times,
+    timings, cost) with its final event: the waiting request reads nothing back, and its answer
+    is the stored job's, field for field. The stream's done event does not carry it."""
+    body = {"model": "tiny-llama", "prompt": "Answer me whole", "max_tokens": 6}
+    with statements_run() as statements:
+        response = live_client.post("/v1/jobs", params={"wait": 30}, json=body)
+    job = response.json()
+    assert job["status"] == "succeeded", job
+    assert reads_of(job["id"], statements) == []
+    assert live_client.get(f"/v1/jobs/{job['id']}").json() == job
+    assert job["attempts"] == 1 and job["started_at"] <= job["finished_at"]
+    assert job["result"]["duration_ms"] > 0
+
+    lines = live_client.get(f"/v1/jobs/{job['id']}/events").text.splitlines()
+    [done] = [
+        json.loads(data.removeprefix("data: "))
+        for kind, data in zip(lines, lines[1:], strict=False)
+        if kind.strip() == "event: done"
+    ]
+    assert done["status"] == "succeeded" and done["text"] == job["result"]["text"]
+    assert "ending" not in done
+
+
+def test_a_waited_job_that_ends_otherwise_is_read_back(live_client):
+    """A cancellation's final event tells only that it ended: the answer is read back."""
+    body = {"model": "tiny-offline", "prompt": "cancel me while I wait", "max_tokens": 2}
+    job = live_client.post("/v1/jobs", json=body).json()
+    waited: dict = {}
+
+    def wait_for_it():
+        waited["answer"] = live_client.get(f"/v1/jobs/{job['id']}", params={"wait": 30})
+
+    waiter = threading.Thread(target=wait_for_it)
+    with statements_run() as statements:
+        waiter.start()
+        time.sleep(0.5)
+        assert live_client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+        waiter.join(30)
+    answer = waited["answer"].json()
+    assert answer["status"] == "cancelled", answer
+    assert answer == live_client.get(f"/v1/jobs/{job['id']}").json()
+    assert len(reads_of(job["id"], statements)) >= 2  # before the wait, and after it
 
 
 def replay_buffer_reads(redis_url: str) -> int:
