@@ -80,6 +80,10 @@ class FinalEventListener:
         self._waiters[str(job_id)].append(future)
         return future
 
+    def watching(self, job_id: uuid.UUID) -> bool:
+        """Whether a request waits for the job's final event here."""
+        return str(job_id) in self._waiters
+
     def mark(self) -> Mark | None:
         """Take before jobs are sent (None while not subscribed), for `may_have_missed`."""
         if not self.listening:

@@ -16,6 +16,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from decimal import Decimal
 from typing import Annotated
 
 import anyio
@@ -135,21 +136,45 @@ def _costs(database_url: str, job_ids: list[uuid.UUID]):
         return usage_queries.cost_of_jobs(session, job_ids)
 
 
-async def _add_cost(request: Request, choices: list[Choice], model: str, usage: UsageInfo):
+async def _add_cost(
+    request: Request,
+    choices: list[Choice],
+    model: str,
+    usage: UsageInfo,
+    done_events: list[dict] | None = None,
+):
     """Put what the request's jobs were charged (their usage rows, priced as each finished)
-    into its usage, when the model has a price. Without Postgres the answer goes without."""
+    into its usage, when the model has a price: as the jobs' final events tell it when they
+    all do (`done_events`), else read from Postgres. Without Postgres the answer goes without."""
     if get_price_book().price(model) is None:
         return
-    database_url = request.app.state.settings.database_url
-    job_ids = [choice.job_id for choice in choices]
-    try:
-        costs = await anyio.to_thread.run_sync(_costs, database_url, job_ids)
-    except SQLAlchemyError as exc:
-        log.warning("a response's cost could not be read", error=str(exc))
-        return
+    costs = _charged(done_events) if done_events is not None else None
+    if costs is None:
+        database_url = request.app.state.settings.database_url
+        job_ids = [choice.job_id for choice in choices]
+        try:
+            costs = await anyio.to_thread.run_sync(_costs, database_url, job_ids)
+        except SQLAlchemyError as exc:
+            log.warning("a response's cost could not be read", error=str(exc))
+            return
     if len(costs) == 1:  # a deployment charges in one currency
         [(currency, amount)] = costs.items()
         usage.cost = CostPublic.of(amount, currency)
+
+
+def _charged(done_events: list[dict]) -> dict[str, Decimal] | None:
+    """What jobs were charged per currency, as their final events' `ending`s tell it (sent by
+    the workers that stored them, llmq/events.JobEnding); None when one does not tell it (a
+    cache hit's or a follower's event, one found in a replay buffer)."""
+    costs: dict[str, Decimal] = {}
+    for done in done_events:
+        ending = done.get("ending")
+        if ending is None:
+            return None
+        if ending["cost"] is not None and ending["currency"] is not None:
+            currency = ending["currency"]
+            costs[currency] = costs.get(currency, Decimal(0)) + Decimal(ending["cost"])
+    return costs
 
 
 async def _final_event(request: Request, choice: Choice, since: Mark | None) -> StreamedEvent:
@@ -253,7 +278,7 @@ async def _respond(
         done = json.loads(event.data)
         usage.add(done["prompt_tokens"] if choice.counts_prompt else 0, done["completion_tokens"])
         finished.append((choice.index, done))
-    await _add_cost(request, choices, model, usage)
+    await _add_cost(request, choices, model, usage, [done for _, done in finished])
     return build(sorted(finished, key=lambda item: item[0]), usage)
 
 

@@ -182,12 +182,20 @@ def test_openai_usage_carries_the_cost_of_the_request(priced):
     with api_client(base_url, timeout=60) as client:
         key = bearer(create_key(client, "openai cost")["key"])
         body = {"model": MODEL, "prompt": "the cost of a completion", "max_tokens": 5}
+        body["temperature"] = 0  # deterministic: its repeat is a cache hit
         usage = client.post("/v1/completions", json=body, headers=key).json()["usage"]
         [job] = jobs_of(client, key).values()
         price = yaml.safe_load(models.read_text())["models"][0]["price"]
         cost = format_amount(cost_at(price, job))
         assert usage["cost"] == {"amount": cost, "currency": "USD"}
         assert usage["prompt_tokens"] == job["result"]["usage"]["prompt_tokens"]
+
+        # The same request again is answered from the cache, at the cached price: its final
+        # event is rebuilt, not a worker's, and its cost is read from its usage row.
+        again = client.post("/v1/completions", json=body, headers=key).json()["usage"]
+        [hit] = [j for j in jobs_of(client, key).values() if j["id"] != job["id"]]
+        assert hit["cache_hit"]
+        assert again["cost"] == {"amount": format_amount(cost_at(price, hit)), "currency": "USD"}
 
 
 def test_a_waited_job_shows_its_cost_as_stored(priced):

@@ -193,7 +193,14 @@ def test_a_waited_job_is_answered_from_its_final_event_as_a_read_would_show_it(l
     """The worker that stored the job sends what a read shows of its end (attempts, times,
     timings, cost) with its final event: the waiting request reads nothing back, and its answer
     is the stored job's, field for field. The stream's done event does not carry it."""
-    body = {"model": "tiny-llama", "prompt": "Answer me whole", "max_tokens": 6}
+    # Long enough that its final event cannot come before the request watches for it (one that
+    # came unwatched is looked for in the replay buffer, and the job read back).
+    body = {
+        "model": "tiny-llama",
+        "prompt": "Answer me whole",
+        "max_tokens": 48,
+        "ignore_eos": True,
+    }
     with statements_run() as statements:
         response = live_client.post("/v1/jobs", params={"wait": 30}, json=body)
     job = response.json()
@@ -213,7 +220,7 @@ def test_a_waited_job_is_answered_from_its_final_event_as_a_read_would_show_it(l
     assert "ending" not in done
 
 
-def test_a_waited_job_that_ends_otherwise_is_read_back(live_client):
+def test_a_waited_job_that_ends_otherwise_is_read_back(live_client, app):
     """A cancellation's final event tells only that it ended: the answer is read back."""
     body = {"model": "tiny-offline", "prompt": "cancel me while I wait", "max_tokens": 2}
     job = live_client.post("/v1/jobs", json=body).json()
@@ -225,7 +232,10 @@ def test_a_waited_job_that_ends_otherwise_is_read_back(live_client):
     waiter = threading.Thread(target=wait_for_it)
     with statements_run() as statements:
         waiter.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while not app.state.event_reader.finals.watching(uuid.UUID(job["id"])):
+            assert time.monotonic() < deadline, "the request never began to wait"
+            time.sleep(0.02)
         assert live_client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
         waiter.join(30)
     answer = waited["answer"].json()
