@@ -3,7 +3,7 @@
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -18,6 +18,7 @@ from sqlalchemy import inspect as sa_inspect
 from api.schemas.logprobs import JobLogprobs, TokenTexts, job_logprobs
 from api.schemas.output_formats import OutputFormatFields
 from db.tables import Job
+from db.tables import JobResult as JobResultRow
 from db.tables import Usage as UsageRow
 from llmq.events import DoneEvent
 from llmq.pricing import format_amount
@@ -420,19 +421,7 @@ class JobPublic(BaseModel):
             logprobs = None
             if r.logprobs is not None and texts is not None:
                 logprobs = job_logprobs(texts, r.logprobs)
-            result = ResultPublic(
-                text=r.text,
-                finish_reason=r.finish_reason,
-                usage=Usage(
-                    prompt_tokens=r.prompt_tokens,
-                    completion_tokens=r.completion_tokens,
-                    total_tokens=r.prompt_tokens + r.completion_tokens,
-                    cost=_cost_of(job),
-                ),
-                time_to_first_token_ms=r.time_to_first_token_ms,
-                duration_ms=r.duration_ms,
-                logprobs=logprobs,
-            )
+            result = _result_public(r, _cost_of(job), logprobs)
         error = None
         if job.error_category is not None:
             error = JobError(category=job.error_category, message=job.error_message or "")
@@ -454,20 +443,16 @@ class JobPublic(BaseModel):
         ending = done.ending
         if ending is None or done.logprobs is not None:
             return None
-        cost = None
-        if ending.cost is not None and ending.currency is not None:
-            cost = CostPublic.of(ending.cost, ending.currency)
-        result = ResultPublic(
-            text=done.text,
-            finish_reason=done.finish_reason,
-            usage=Usage(
-                prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
-                total_tokens=done.prompt_tokens + done.completion_tokens,
-                cost=cost,
+        result = _result_public(
+            _Result(
+                done.text,
+                done.finish_reason,
+                done.prompt_tokens,
+                done.completion_tokens,
+                ending.time_to_first_token_ms,
+                ending.duration_ms,
             ),
-            time_to_first_token_ms=ending.time_to_first_token_ms,
-            duration_ms=ending.duration_ms,
+            _cost_public(ending.cost, ending.currency),
         )
         return cls(
             **_submitted(job),
@@ -477,6 +462,39 @@ class JobPublic(BaseModel):
             finished_at=ending.finished_at,
             result=result,
         )
+
+
+class _Result(NamedTuple):
+    """A result's fields, as its row (db.tables.JobResult) or a final event gives them."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float | None
+    duration_ms: float
+
+
+def _result_public(
+    r: "_Result | JobResultRow", cost: CostPublic | None, logprobs: JobLogprobs | None = None
+) -> ResultPublic:
+    return ResultPublic(
+        text=r.text,
+        finish_reason=r.finish_reason,
+        usage=Usage(
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            total_tokens=r.prompt_tokens + r.completion_tokens,
+            cost=cost,
+        ),
+        time_to_first_token_ms=r.time_to_first_token_ms,
+        duration_ms=r.duration_ms,
+        logprobs=logprobs,
+    )
+
+
+def _cost_public(cost: Decimal | None, currency: str | None) -> CostPublic | None:
+    return CostPublic.of(cost, currency) if cost is not None and currency is not None else None
 
 
 def _submitted(job: Job) -> dict[str, Any]:
@@ -498,9 +516,9 @@ def _submitted(job: Job) -> dict[str, Any]:
 def _cost_of(job: Job) -> CostPublic | None:
     # Filled in by the queries that answer reads; never loaded here (a query per job).
     usage = sa_inspect(job).attrs.usage.loaded_value
-    if not isinstance(usage, UsageRow) or usage.cost is None or usage.currency is None:
+    if not isinstance(usage, UsageRow):
         return None
-    return CostPublic.of(usage.cost, usage.currency)
+    return _cost_public(usage.cost, usage.currency)
 
 
 class JobsPublic(BaseModel):
