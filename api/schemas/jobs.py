@@ -3,7 +3,7 @@
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -17,6 +17,7 @@ from sqlalchemy import inspect as sa_inspect
 
 from api.schemas.logprobs import JobLogprobs, TokenTexts, job_logprobs
 from api.schemas.output_formats import OutputFormatFields
+from db.queries.jobs import Outcome
 from db.tables import Job
 from db.tables import JobResult as JobResultRow
 from db.tables import Usage as UsageRow
@@ -444,7 +445,7 @@ class JobPublic(BaseModel):
         if ending is None or done.logprobs is not None:
             return None
         result = _result_public(
-            _Result(
+            Outcome(
                 done.text,
                 done.finish_reason,
                 done.prompt_tokens,
@@ -464,19 +465,8 @@ class JobPublic(BaseModel):
         )
 
 
-class _Result(NamedTuple):
-    """A result's fields, as its row (db.tables.JobResult) or a final event gives them."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token_ms: float | None
-    duration_ms: float
-
-
 def _result_public(
-    r: "_Result | JobResultRow", cost: CostPublic | None, logprobs: JobLogprobs | None = None
+    r: Outcome | JobResultRow, cost: CostPublic | None, logprobs: JobLogprobs | None = None
 ) -> ResultPublic:
     return ResultPublic(
         text=r.text,
