@@ -95,6 +95,22 @@ class Choice:
     new: bool = False  # stored by this request (not an earlier one's, by its idempotency key)
 
 
+# Text prompts this short, with no output constraint to check, are planned on the event loop:
+# tokenizing them costs less than the thread hop that keeps long ones off it.
+INLINE_PLAN_CHARS = 2_000
+
+
+def plans_inline(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    """Whether `plan_request` is cheap enough for the event loop: a completion of short text
+    prompts, no constraint. A chat's template and a constraint's check run in a thread."""
+    if not isinstance(body, CompletionRequest) or body.asks_constraint():
+        return False
+    prompts = body.prompts
+    return all(isinstance(p, str) for p in prompts) and (
+        sum(len(p) for p in prompts) <= INLINE_PLAN_CHARS
+    )
+
+
 def plan_request(state: Any, body: CompletionRequest | ChatCompletionRequest) -> PlannedRequest:
     """Resolve the model and render the prompts (a chat's through the model's template), once
     they are known to be within the server's size (400 otherwise). CPU-heavy for long prompts:

@@ -37,6 +37,7 @@ from api.intake.openai_requests import (
     ResponseShape,
     build_response,
     plan_request,
+    plans_inline,
     submit_choices,
 )
 from api.results.events import (
@@ -381,9 +382,12 @@ async def _serve(
     state = request.app.state
     if body.named_schema() is not None:  # its content, from Postgres, before planning
         body = await anyio.to_thread.run_sync(_with_named_schema, request, body, caller)
-    # Rendering and tokenizing: CPU in proportion to the prompt, off the event loop, and
-    # before the request takes its turn at the database.
-    planned = await anyio.to_thread.run_sync(plan_request, state, body)
+    # Rendering and tokenizing: CPU in proportion to the prompt, off the event loop unless
+    # short, and before the request takes its turn at the database.
+    if plans_inline(body):
+        planned = plan_request(state, body)
+    else:
+        planned = await anyio.to_thread.run_sync(plan_request, state, body)
     slot = await database_slots(request).acquire()
     since = state.event_reader.mark()
     try:
