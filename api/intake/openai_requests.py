@@ -103,7 +103,12 @@ INLINE_PLAN_CHARS = 2_000
 def plans_inline(body: CompletionRequest | ChatCompletionRequest) -> bool:
     """Whether `plan_request` is cheap enough for the event loop: a completion of short text
     prompts, no constraint. A chat's template and a constraint's check run in a thread."""
-    if not isinstance(body, CompletionRequest) or body.asks_constraint():
+    if not isinstance(body, CompletionRequest):
+        return False
+    try:
+        if body.output_constraint() is not None:  # its check may compile it
+            return False
+    except ValueError:  # refused by plan_request, in a thread like any other constraint
         return False
     prompts = body.prompts
     return all(isinstance(p, str) for p in prompts) and (

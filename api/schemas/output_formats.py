@@ -150,12 +150,6 @@ class OutputFormatFields(BaseModel):
         formatted = self.response_format.model_copy(update={"json_schema": spec})
         return self.model_copy(update={"response_format": formatted})
 
-    def asks_constraint(self) -> bool:
-        """Whether the request asks for any output constraint (checking one may compile it)."""
-        return self.structured_outputs is not None or not (
-            self.response_format is None or isinstance(self.response_format, TextFormat)
-        )
-
     def constraint_param(self) -> str:
         """The field a constraint came from, for error messages."""
         return "structured_outputs" if self.structured_outputs else "response_format"

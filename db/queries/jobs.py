@@ -485,7 +485,7 @@ def complete_jobs(
         session,
         [usage_values(row, outcomes[row.id], price_of(row.model), cached=False) for row in done],
     )
-    return {row.id: Completed(*row, charges.get(row.id)) for row in done}
+    return {row.id: Completed(**row._mapping, charge=charges.get(row.id)) for row in done}
 
 
 _INSERT_RESULTS = pg_insert(_result_table).on_conflict_do_nothing()

@@ -92,8 +92,10 @@ class _Call:
 
     @property
     def publishes_deltas(self) -> bool:
-        # A scoring call's request has no stream_tokens: it makes no text to publish.
-        return publishes_deltas(getattr(self.request, "stream_tokens", True), self.request.priority)
+        request = self.request  # a scoring call makes no text to publish
+        return isinstance(request, UpstreamRequest) and publishes_deltas(
+            request.stream_tokens, request.priority
+        )
 
     @property
     def deadline(self) -> float:
