@@ -39,12 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -56,6 +55,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from bench.models import benchmark_models
+from bench.raw_http import Connection
 from bench.run import fmt, percentile
 from bench.servers import free_port, wait_for
 from bench.stack import ROOT, baseline_server, bench_urls, llmq_stack
@@ -93,67 +93,6 @@ class Run:
     @property
     def jobs_per_s(self) -> float:
         return self.jobs / self.wall_s
-
-
-@dataclass(frozen=True)
-class Connection:
-    """One keep-alive HTTP/1.1 connection, requests and answers handled by hand, so that the
-    load generator costs little beside the servers it measures."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    host: str
-
-    @classmethod
-    async def open(cls, base: str) -> "Connection":
-        url = urlsplit(base)
-        reader, writer = await asyncio.open_connection(url.hostname, url.port)
-        return cls(reader, writer, url.netloc)
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        status, length, chunked = await self._exchange(method, path, body)
-        if not chunked:
-            return status, await self.reader.readexactly(length)
-        return status, b"".join([part async for part in self._chunks()])
-
-    async def stream(
-        self, method: str, path: str, body: bytes = b""
-    ) -> tuple[int, AsyncIterator[bytes]]:
-        """The status, then the body as it comes: a chunked answer (a Server-Sent Events
-        stream) chunk by chunk, which the body must be read to the end of before the next
-        request."""
-        status, length, chunked = await self._exchange(method, path, body)
-        return status, self._chunks() if chunked else self._whole(length)
-
-    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, int, bool]:
-        """Send a request; its answer's status, Content-Length, and whether it is chunked."""
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-        if body:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + body)
-        status = int((await self.reader.readline()).split(b" ", 2)[1])
-        length, chunked = 0, False
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-        return status, length, chunked
-
-    async def _whole(self, length: int) -> AsyncIterator[bytes]:
-        yield await self.reader.readexactly(length)
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        while size := int((await self.reader.readline()).split(b";")[0], 16):
-            yield await self.reader.readexactly(size)
-            await self.reader.readline()
-        while (await self.reader.readline()) not in (b"\r\n", b""):
-            pass  # trailers
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def expect(ok: bool, answer: object) -> None:

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.models import STORIES, ensure_llama_25m
-from bench.run import Request, Sample, make_workload, run_clients
+from bench.run import Client, Request, Sample, make_workload, post_json, run_clients
 from bench.stack import llmq_stack
 from llmq.tiny_model import ensure_tiny_model
 
@@ -74,7 +74,7 @@ def mixed_request(base: str):
     """One /v1/completions request; its model in turn from MIX."""
     turn = iter(range(10**9))
 
-    async def one(http: httpx.AsyncClient, request: Request) -> Sample:
+    async def one(client: Client, request: Request) -> Sample:
         body = {
             "model": MIX[next(turn) % len(MIX)],
             "prompt": request.prompt,
@@ -83,9 +83,9 @@ def mixed_request(base: str):
             "ignore_eos": True,
         }
         started = time.perf_counter()
-        response = await http.post(f"{base}/v1/completions", json=body)
-        response.raise_for_status()
-        tokens = response.json()["usage"]["completion_tokens"]
+        tokens = (await post_json(client, base, "/v1/completions", body))["usage"][
+            "completion_tokens"
+        ]
         return Sample(time.perf_counter() - started, None, tokens, request.max_tokens)
 
     return one

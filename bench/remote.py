@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.jobpath import (
-    Connection,
     Probes,
     Run,
     Seconds,
@@ -51,6 +49,7 @@ from bench.jobpath import (
     tree_seconds,
 )
 from bench.models import STORIES
+from bench.raw_http import Connection, read_completion
 from bench.run import percentile
 from bench.servers import PrivatePostgres, PrivateRedis, free_port
 from bench.stack import bench_urls, llmq_stack
@@ -106,28 +105,6 @@ def one_round(base: str, model: str, args, round_number: int, requests: int):
         return firsts
 
     return lambda: asyncio.run(run())
-
-
-async def read_completion(connection: Connection, body: bytes) -> tuple[float | None, int]:
-    """A streamed /v1/completions request: seconds to its first text, and its completion tokens
-    (the usage chunk's). Only chunks that may hold them are decoded: until the first text, and
-    the usage chunk."""
-    started = time.perf_counter()
-    first, tokens = None, 0
-    status, chunks = await connection.stream("POST", "/v1/completions", body)
-    async for chunk in chunks:
-        if status != 200:
-            raise RuntimeError(f"answered {status}: {chunk[:400]!r}")
-        for line in chunk.splitlines():
-            if not line.startswith(b"data: {"):
-                continue
-            if first is None:
-                choices = json.loads(line[6:]).get("choices") or []
-                if any(choice.get("text") for choice in choices):
-                    first = time.perf_counter() - started
-            if b'"completion_tokens"' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    return first, tokens
 
 
 class BothStacks:

@@ -5,13 +5,15 @@ and one in-process batched `generate` (ceiling), on the same model and workload,
 
 Workloads: (a) every request asks for exactly 64 new tokens; (b) output lengths mixed from 8 to
 256 tokens, where continuous batching matters (llmq is run with continuous and with static
-micro-batching). Figures are medians over the repeats.
+micro-batching). Figures are medians over the repeats; the ceiling and llmq's non-streamed runs
+alternate, round after round, and their ratio is also given round by round.
 """
 
 import argparse
 import asyncio
 import json
 import random
+import statistics
 import tempfile
 import time
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.models import benchmark_models
+from bench.raw_http import Connection, read_completion
 from bench.stack import baseline_server, llmq_stack
 
 console = Console(width=180)
@@ -88,14 +91,37 @@ def make_workload(kind: str, count: int, seed: int = 0) -> list[Request]:
     return requests
 
 
+@dataclass
+class Client:
+    """One load client: the run's shared httpx client, for what needs a full client (the job
+    API's SSE stream), and a keep-alive connection of its own by the hand-written client, for
+    the requests that are timed by the hundred."""
+
+    http: httpx.AsyncClient
+    _connection: Connection | None = None
+
+    async def connection(self, base: str) -> Connection:
+        if self._connection is None:
+            self._connection = await Connection.open(base)
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+
 async def run_clients(requests: list[Request], clients: int, one_request) -> RunResult:
     """`clients` concurrent clients, each sending its share of the requests one after another."""
     pending = list(requests)
     samples: list[Sample] = []
 
     async def client(http: httpx.AsyncClient) -> None:
-        while pending:
-            samples.append(await one_request(http, pending.pop()))
+        own = Client(http)
+        try:
+            while pending:
+                samples.append(await one_request(own, pending.pop()))
+        finally:
+            own.close()
 
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -104,49 +130,39 @@ async def run_clients(requests: list[Request], clients: int, one_request) -> Run
         return RunResult(time.perf_counter() - started, samples)
 
 
+async def post_json(client: Client, base: str, path: str, body: dict) -> dict:
+    """POST `body` on the client's own connection; the answer, which must be a 200."""
+    status, answer = await (await client.connection(base)).request(
+        "POST", path, json.dumps(body).encode()
+    )
+    if status != 200:
+        raise RuntimeError(f"{path} answered {status}: {answer[:400]!r}")
+    return json.loads(answer)
+
+
 def llmq_request(base: str, model: str, stream: bool):
     """One request to llmq's OpenAI-compatible /v1/completions, streamed or not."""
 
-    async def one(http: httpx.AsyncClient, request: Request) -> Sample:
+    async def one(client: Client, request: Request) -> Sample:
         body = {
             "model": model,
             "prompt": request.prompt,
             "max_tokens": request.max_tokens,
             "temperature": 0,
             "ignore_eos": True,
-            "stream": stream,
         }
         started = time.perf_counter()
         if not stream:
-            response = await http.post(f"{base}/v1/completions", json=body)
-            response.raise_for_status()
-            tokens = response.json()["usage"]["completion_tokens"]
+            tokens = (await post_json(client, base, "/v1/completions", body))["usage"][
+                "completion_tokens"
+            ]
             return Sample(time.perf_counter() - started, None, tokens, request.max_tokens)
-        first, tokens = await stream_completion(http, base, body)
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        connection = await client.connection(base)
+        first, tokens = await read_completion(connection, json.dumps(body).encode())
         return Sample(time.perf_counter() - started, first, tokens, request.max_tokens)
 
     return one
-
-
-async def stream_completion(
-    http: httpx.AsyncClient, base: str, body: dict
-) -> tuple[float | None, int]:
-    """A streamed /v1/completions request: seconds to its first text, and its completion
-    tokens (the usage chunk's)."""
-    started = time.perf_counter()
-    first, tokens = None, 0
-    body = body | {"stream": True, "stream_options": {"include_usage": True}}
-    async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and any(c.get("text") for c in chunk.get("choices", [])):
-                first = time.perf_counter() - started
-    return first, tokens
 
 
 @dataclass
@@ -161,7 +177,8 @@ def sse_overhead_request(base: str, model: str, delivery: Delivery):
     """Job API + SSE: when the client saw a token minus when the worker made it (the token
     event's `created`; same machine, same clock)."""
 
-    async def one(http: httpx.AsyncClient, request: Request) -> Sample:
+    async def one(client: Client, request: Request) -> Sample:
+        http = client.http
         body = {
             "model": model,
             "prompt": request.prompt,
@@ -193,13 +210,11 @@ def sse_overhead_request(base: str, model: str, delivery: Delivery):
 
 
 def baseline_request(base: str):
-    async def one(http: httpx.AsyncClient, request: Request) -> Sample:
+    async def one(client: Client, request: Request) -> Sample:
         started = time.perf_counter()
         body = {"prompt": request.prompt, "max_tokens": request.max_tokens, "ignore_eos": True}
-        response = await http.post(f"{base}/generate", json=body)
-        response.raise_for_status()
-        latency = time.perf_counter() - started
-        return Sample(latency, None, response.json()["tokens"], request.max_tokens)
+        tokens = (await post_json(client, base, "/generate", body))["tokens"]
+        return Sample(time.perf_counter() - started, None, tokens, request.max_tokens)
 
     return one
 
@@ -229,7 +244,8 @@ def run_ceiling(model_dir: Path, requests: list[Request]) -> RunResult:
 
 @contextmanager
 def cpu_accounting(processes, shares: dict[str, float]):
-    """CPU seconds spent by the API, the worker and this load generator while the block runs."""
+    """CPU seconds spent by the API, the worker and this load generator while the block runs,
+    added to `shares`."""
     named = {
         "api": psutil.Process(processes[0].pid),
         "worker": psutil.Process(processes[1].pid),
@@ -242,8 +258,9 @@ def cpu_accounting(processes, shares: dict[str, float]):
     before, wall = seconds(), time.perf_counter()
     yield
     after = seconds()
-    shares.update({k: after[k] - before[k] for k in named})
-    shares["wall"] = time.perf_counter() - wall
+    for k in named:
+        shares[k] = shares.get(k, 0.0) + after[k] - before[k]
+    shares["wall"] = shares.get("wall", 0.0) + time.perf_counter() - wall
 
 
 def median_result(results: list[Measured]) -> Measured:
@@ -313,8 +330,6 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         for _ in range(runs):
             results[workload].setdefault(system, []).append(fn())
 
-    for w, requests in workloads.items():
-        repeat(w, "ceiling", args.repeats, lambda r=requests: run_ceiling(model_dir, r))
     loaded_delivery, light_delivery = Delivery(), Delivery()
 
     def llmq(requests, model, stream=False, client=None):
@@ -329,10 +344,15 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         for requests in workloads.values():  # warm-up, not counted
             llmq(requests[: args.clients], name)()
             llmq(requests[: args.clients], f"{name}-static")()
+        # The ceiling and llmq alternate, round after round, so that a change in the machine's
+        # speed during the run (other tenants of a shared host) weighs on both alike.
+        for w, requests in workloads.items():
+            for _ in range(args.repeats):
+                repeat(w, "ceiling", 1, lambda r=requests: run_ceiling(model_dir, r))
+                with cpu_accounting(processes[:2], cpu_shares if w == "a" else {}):
+                    repeat(w, "llmq", 1, llmq(requests, name))
         if "a" in workloads:
             a = workloads["a"]
-            with cpu_accounting(processes[:2], cpu_shares):
-                repeat("a", "llmq", args.repeats, llmq(a, name))
             repeat("a", "llmq, streamed", args.repeats, llmq(a, name, stream=True))
             repeat(
                 "a",
@@ -344,7 +364,6 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
             asyncio.run(run_clients(light, 1, sse_overhead_request(base, name, light_delivery)))
         if "b" in workloads:
             b = workloads["b"]
-            repeat("b", "llmq", args.repeats, llmq(b, name))
             repeat("b", "llmq static", args.repeats, llmq(b, f"{name}-static"))
             shorts = [r for r in b if r.max_tokens <= SHORT_JOB_TOKENS]
             repeat("b", "llmq, short jobs alone", args.repeats, llmq(shorts, name))
@@ -374,6 +393,16 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
             reference["llmq static"] = "static"
         report(
             f"{name}: {title}, {args.clients} clients, median of {args.repeats}", rows, reference
+        )
+    for w in workloads:
+        by_round = [
+            llmq.tokens_per_s / ceiling.tokens_per_s
+            for llmq, ceiling in zip(results[w]["llmq"], results[w]["ceiling"], strict=True)
+        ]
+        console.print(
+            f"{name}: ({w}) llmq ÷ ceiling, round by round: "
+            + ", ".join(f"{r:.2f}×" for r in by_round)
+            + f" (median {statistics.median(by_round):.2f}×)"
         )
     for label, delivery in [
         ("one client at a time", light_delivery),
