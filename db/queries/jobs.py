@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Row, case, func, insert, or_, select, update
+from sqlalchemy import Row, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -57,19 +57,14 @@ def find_by_idempotency_key(session: Session, owner: str | None, key: str) -> Jo
     return session.scalars(stmt).first()
 
 
-def job_values(new: NewJob) -> dict[str, Any]:
-    """The columns of a new queued job's row."""
+def job_parameters(new: NewJob) -> dict[str, Any]:
+    """The columns of a new queued job's row that come from the job: all but its times."""
     return {
         "id": uuid.uuid4(),
         "kind": new.kind,
         "model": new.model,
         "queue": new.queue,
         "status": JobStatus.QUEUED.value,
-        # The send follows the commit; the reconciler covers a failure. A follower is not sent.
-        "enqueued_at": None if new.follows_job_id else func.now(),
-        # The row's own time, not its transaction's: the jobs of one request (an OpenAI
-        # request's choices) are stored in one transaction and keep their order.
-        "created_at": func.clock_timestamp(),
         "input": new.input,
         "params": new.params,
         "owner": new.owner,
@@ -84,6 +79,31 @@ def job_values(new: NewJob) -> dict[str, Any]:
         "stream_tokens": new.stream_tokens,
         "attempts": 0,
     }
+
+
+def job_values(new: NewJob) -> dict[str, Any]:
+    """The columns of a new queued job's row."""
+    return job_parameters(new) | {
+        # The send follows the commit; the reconciler covers a failure. A follower is not sent.
+        "enqueued_at": None if new.follows_job_id else func.now(),
+        # The row's own time, not its transaction's: the jobs of one request (an OpenAI
+        # request's choices) are stored in one transaction and keep their order.
+        "created_at": func.clock_timestamp(),
+    }
+
+
+# insert_job's statements, built once and given each job's columns as parameters: SQLAlchemy
+# then finds the compiled statement by a key it computes once, where a statement built per job
+# with its values inline costs a key over all of them each time (about 540 against 230 µs of
+# the API's CPU an insert, measured by hand).
+_INSERT_QUEUED = (
+    insert(job_table)
+    .values(enqueued_at=func.now(), created_at=func.clock_timestamp())
+    .returning(*job_table.c)
+)
+_INSERT_FOLLOWER = (
+    insert(job_table).values(created_at=func.clock_timestamp()).returning(*job_table.c)
+)
 
 
 def job_row(new: NewJob) -> Job:
@@ -102,7 +122,8 @@ def insert_job(session: Session, new: NewJob) -> Job:
     """create_job in one round trip, for the submit path: the columns Postgres fills in come
     back with the INSERT, and the job is built in memory, outside the session, with no result
     yet, so that answering the request after the commit needs no Postgres."""
-    row = session.execute(insert(job_table).values(job_values(new)).returning(*job_table.c)).one()
+    statement = _INSERT_FOLLOWER if new.follows_job_id else _INSERT_QUEUED
+    row = session.execute(statement, job_parameters(new)).one()
     job = Job(**row._mapping)
     job.result = None
     return job
@@ -273,21 +294,29 @@ CLAIMED_COLUMNS = (
 )
 
 
+# Built once, like the other statements on every job's path, with the jobs and the worker as
+# parameters: SQLAlchemy finds its compiled form by a key computed once, where a statement
+# built per call costs its construction and a key over it each time (about 430 against 180 µs
+# of the worker's CPU a claim of four jobs, measured by hand).
+_CLAIM = (
+    update(job_table)
+    .where(
+        job_table.c.id.in_(bindparam("job_ids", expanding=True)),
+        job_table.c.status == JobStatus.QUEUED.value,
+    )
+    .values(
+        status=JobStatus.RUNNING.value,
+        started_at=func.coalesce(job_table.c.started_at, func.now()),
+        attempts=job_table.c.attempts + 1,
+        worker=bindparam("claimer"),
+    )
+    .returning(*CLAIMED_COLUMNS)
+)
+
+
 def claim_jobs(session: Session, job_ids: list[uuid.UUID], worker: str) -> list[Row]:
     """claim_job for several jobs in one statement: those of them that are queued."""
-    return list(
-        session.execute(
-            update(job_table)
-            .where(job_table.c.id.in_(job_ids), job_table.c.status == JobStatus.QUEUED.value)
-            .values(
-                status=JobStatus.RUNNING.value,
-                started_at=func.coalesce(job_table.c.started_at, func.now()),
-                attempts=job_table.c.attempts + 1,
-                worker=worker,
-            )
-            .returning(*CLAIMED_COLUMNS)
-        )
-    )
+    return list(session.execute(_CLAIM, {"job_ids": job_ids, "claimer": worker}))
 
 
 @dataclass(frozen=True)
@@ -450,32 +479,36 @@ def complete_job(
     return complete_jobs(session, worker, {job_id: outcome}, price_of=price_of).get(job_id)
 
 
+# complete_jobs' first statement, built once (see _CLAIM).
+_COMPLETE = (
+    update(job_table)
+    .where(
+        job_table.c.id.in_(bindparam("job_ids", expanding=True)),
+        job_table.c.status == JobStatus.RUNNING.value,
+        job_table.c.worker == bindparam("holder"),
+    )
+    .values(status=JobStatus.SUCCEEDED.value, finished_at=func.now())
+    .returning(
+        job_table.c.id,
+        job_table.c.owner,
+        job_table.c.model,
+        job_table.c.cache_key,
+        # Only a cached job's input is needed (the cache entry's key): a prompt can be long.
+        case((job_table.c.cache_key.is_not(None), job_table.c.input)).label("input"),
+        # What a read of the job would show of its end, for its final event.
+        job_table.c.attempts,
+        job_table.c.started_at,
+        job_table.c.finished_at,
+    )
+)
+
+
 def complete_jobs(
     session: Session, worker: str, outcomes: dict[uuid.UUID, Outcome], *, price_of: PriceOf
 ) -> dict[uuid.UUID, Completed]:
     """complete_job for many jobs in three statements, whatever their number. Returns the jobs
     that were this worker's to complete."""
-    done = session.execute(
-        update(job_table)
-        .where(
-            job_table.c.id.in_(list(outcomes)),
-            job_table.c.status == JobStatus.RUNNING.value,
-            job_table.c.worker == worker,
-        )
-        .values(status=JobStatus.SUCCEEDED.value, finished_at=func.now())
-        .returning(
-            job_table.c.id,
-            job_table.c.owner,
-            job_table.c.model,
-            job_table.c.cache_key,
-            # Only a cached job's input is needed (the cache entry's key): a prompt can be long.
-            case((job_table.c.cache_key.is_not(None), job_table.c.input)).label("input"),
-            # What a read of the job would show of its end, for its final event.
-            job_table.c.attempts,
-            job_table.c.started_at,
-            job_table.c.finished_at,
-        )
-    ).all()
+    done = session.execute(_COMPLETE, {"job_ids": list(outcomes), "holder": worker}).all()
     if not done:
         return {}
     # One statement compiled once, whatever the number of rows (SQLAlchemy's insertmanyvalues
