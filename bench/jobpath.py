@@ -19,9 +19,10 @@ HTTP clients each hold one keep-alive connection of a hand-written HTTP/1.1 clie
 jobs/s over the measured window; p50/p99 ms where a client waits for each job; "÷ celery" and
 "÷ seed", the ratio to that reference; CPU ms per job from /proc: api (llmq's API or the seed
 server), worker (llmq's or Celery's), postgres (the postmaster, its auxiliary processes and the
-benchmark database's backends), redis (redis-server), client (this process); PG commits
-(pg_stat_database.xact_commit of the benchmark's database) and Redis cmds (INFO
-total_commands_processed) per job. Each figure is the median over the repeats.
+benchmark database's backends), redis (redis-server), client (this process); PG commits and
+PG sessions (pg_stat_database.xact_commit and sessions of the benchmark's database: Postgres
+connections opened) and Redis cmds (INFO total_commands_processed) per job. Each figure is the
+median over the repeats.
 
 Approximations: a Postgres backend that exits during a window counts whatever database it
 served (the postmaster's reaped children), and one that starts and still runs at the end counts
@@ -45,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import psutil
@@ -88,8 +90,7 @@ class Run:
     wall_s: float
     latencies: list[float]
     cpu_ms: dict[str, float]  # by process group
-    commits: int
-    redis_commands: int
+    counted: "Counters"  # during the window
 
     @property
     def jobs_per_s(self) -> float:
@@ -241,18 +242,35 @@ def own_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+def reaped_seconds(process: psutil.Process) -> dict[int, float]:
+    """The CPU seconds of a process's children that have exited and been reaped, under its
+    negated pid."""
+    times = process.cpu_times()
+    return {-process.pid: times.children_user + times.children_system}
+
+
 def tree_seconds(root: psutil.Process) -> Seconds:
     """A process, its live descendants, and under its negated pid the children it has reaped."""
 
     def seconds() -> dict[int, float]:
-        times = root.cpu_times()
-        found = {-root.pid: times.children_user + times.children_system}
+        found = reaped_seconds(root)
         for process in [root, *root.children(recursive=True)]:
             with suppress(psutil.Error):  # it exited meanwhile
                 found[process.pid] = own_seconds(process)
         return found
 
     return seconds
+
+
+class Counters(NamedTuple):
+    """Server counters: Postgres's for the benchmark's database, Redis's for the whole server."""
+
+    commits: int
+    sessions: int  # connections opened (pg_stat_database.sessions)
+    redis_commands: int
+
+    def __sub__(self, earlier: "Counters") -> "Counters":
+        return Counters(*(now - then for now, then in zip(self, earlier, strict=True)))
 
 
 class Probes:
@@ -270,21 +288,19 @@ class Probes:
         self.redis = Redis.from_url(redis_url)
         self.redis_server = psutil.Process(self.redis.info("server")["process_id"])
 
-    def counters(self) -> tuple[int, int]:
-        query = "SELECT xact_commit FROM pg_stat_database WHERE datname = %s"
-        row = self.stats.execute(query, (self.database,)).fetchone()
-        return (row[0] if row else 0), self.redis.info("stats")["total_commands_processed"]
+    def counters(self) -> Counters:
+        query = "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = %s"
+        commits, sessions = self.stats.execute(query, (self.database,)).fetchone() or (0, 0)
+        commands = self.redis.info("stats")["total_commands_processed"]
+        return Counters(commits, sessions, commands)
 
     def postgres_seconds(self) -> dict[int, float]:
         """The postmaster, its auxiliary processes and this database's backends, not those of
         other databases (tests and other benchmarks share the server); and, under the
         postmaster's negated pid, the backends that have exited (a connection opened and closed
-        within the window costs Postgres a backend's start, about 3 ms of CPU)."""
-        times = self.postmaster.cpu_times()
-        found = {
-            self.postmaster.pid: times.user + times.system,
-            -self.postmaster.pid: times.children_user + times.children_system,
-        }
+        within the window costs Postgres a backend's start)."""
+        postmaster = self.postmaster
+        found = {postmaster.pid: own_seconds(postmaster), **reaped_seconds(postmaster)}
         for process in self.postmaster.children():
             with suppress(psutil.Error):
                 title = " ".join(process.cmdline())
@@ -303,7 +319,7 @@ class Probes:
 
 def measure(probes: Probes, groups: dict[str, Seconds], jobs: int, run: Timed) -> Run:
     time.sleep(SETTLE_S)  # what came before reaches pg_stat_database first
-    commits, commands = probes.counters()
+    before = probes.counters()
     cpu = {group: seconds() for group, seconds in groups.items()}
     started = time.perf_counter()
     latencies = run()
@@ -313,8 +329,7 @@ def measure(probes: Probes, groups: dict[str, Seconds], jobs: int, run: Timed) -
         for group, seconds in groups.items()
     }
     time.sleep(SETTLE_S)
-    commits_after, commands_after = probes.counters()
-    return Run(jobs, wall_s, latencies, used, commits_after - commits, commands_after - commands)
+    return Run(jobs, wall_s, latencies, used, probes.counters() - before)
 
 
 def warm_and_repeat(system: str, prepare: Prepare, groups, probes: Probes, args) -> list[Run]:
@@ -407,8 +422,10 @@ def report(results: dict[str, list[Run]], args) -> None:
     title = f"{args.clients} clients, {args.jobs} one-token jobs a run, median of {args.repeats}"
     speed = Table("system", "jobs/s", "p50 ms", "p99 ms", "÷ celery", "÷ seed", title=title)
     cost = Table(
-        *("system", *GROUPS, "total", "÷ celery", "÷ seed", "PG commits", "Redis cmds"),
-        title=f"Per job: CPU ms by process, Postgres commits, Redis commands; {title}",
+        *("system", *GROUPS, "total", "÷ celery", "÷ seed", "PG commits", "PG sessions"),
+        "Redis cmds",
+        title=f"Per job: CPU ms by process, Postgres commits and sessions opened, Redis commands; "
+        f"{title}",
     )
     for system, runs in results.items():
         latency = [
@@ -423,8 +440,9 @@ def report(results: dict[str, list[Run]], args) -> None:
             median(runs, lambda r, g=g: r.cpu_ms[g] / r.jobs) if g in runs[0].cpu_ms else "–"
             for g in GROUPS
         ]
-        counts = [median(runs, lambda r: r.commits / r.jobs)]
-        counts.append(median(runs, lambda r: r.redis_commands / r.jobs))
+        counts = [
+            median(runs, lambda r, c=c: getattr(r.counted, c) / r.jobs) for c in Counters._fields
+        ]
         cost.add_row(
             system, *cpu, median(runs, total_ms), *ratios(results, system, total_ms), *counts
         )

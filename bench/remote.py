@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.jobpath import (
+    Counters,
     Probes,
     Run,
     Seconds,
@@ -115,11 +116,14 @@ class BothStacks:
         self.probes = probes
         self.redis_servers = list({p.redis_server.pid: p for p in probes}.values())
 
-    def counters(self) -> tuple[int, int]:
+    def counters(self) -> Counters:
         """Each stack's counters read once; a shared Redis server's commands counted once."""
         read = {id(p): p.counters() for p in self.probes}
-        commits = sum(commits for commits, _ in read.values())
-        return commits, sum(read[id(p)][1] for p in self.redis_servers)
+        return Counters(
+            sum(counted.commits for counted in read.values()),
+            sum(counted.sessions for counted in read.values()),
+            sum(read[id(p)].redis_commands for p in self.redis_servers),
+        )
 
     def groups(self) -> dict[str, Seconds]:
         def postgres() -> dict[int, float]:  # the server's own processes count once (by pid)
@@ -311,7 +315,7 @@ def report(runs: dict[str, list[Run]], args, model_id: str, placement: dict[str,
             f"{median(name, ttft_ms):.1f}",
             f"{median(name, ttft_ms) - base_ttft:+.1f}",
             *(f"{ms:.1f}" for ms in cpu),
-            f"{median(name, lambda r: r.redis_commands / r.jobs):.0f}",
+            f"{median(name, lambda r: r.counted.redis_commands / r.jobs):.0f}",
         )
     console.print(table)
 

@@ -336,7 +336,7 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         make = client or llmq_request(base, model, stream)
         return lambda: asyncio.run(run_clients(requests, args.clients, make))
 
-    cpu_shares: dict[str, float] = {}
+    cpu_shares: dict[str, dict[str, float]] = {w: {} for w in workloads}
     # The workloads repeat greedy requests: with the completion cache on, every run after the
     # first would measure cache hits, not the engine.
     stack = llmq_stack(models, workdir, [name, f"{name}-static"], LLMQ_CACHE="off")
@@ -349,7 +349,7 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
         for w, requests in workloads.items():
             for _ in range(args.repeats):
                 repeat(w, "ceiling", 1, lambda r=requests: run_ceiling(model_dir, r))
-                with cpu_accounting(processes[:2], cpu_shares if w == "a" else {}):
+                with cpu_accounting(processes[:2], cpu_shares[w]):
                     repeat(w, "llmq", 1, llmq(requests, name))
         if "a" in workloads:
             a = workloads["a"]
@@ -418,10 +418,10 @@ def bench_model(name: str, model_dir: Path, args, workdir: Path) -> None:
                     f"{len(values)}: p50 {percentile(values, 50) * 1000:.1f} ms, "
                     f"p99 {percentile(values, 99) * 1000:.1f} ms"
                 )
-    if cpu_shares:
+    for w, shares in cpu_shares.items():
         console.print(
-            f"{name}: CPU seconds during the llmq (a) runs, by process: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in cpu_shares.items())
+            f"{name}: CPU seconds during the llmq ({w}) runs, by process: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in shares.items())
         )
 
 
