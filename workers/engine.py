@@ -72,13 +72,6 @@ _IDLE_BACKGROUND_TURN_S = 0.1
 _INTERACTIVE_RECENT_S = 1.0
 # A background scoring job waiting this long is scored before longer ones (_score_some).
 _SCORE_AGED_S = 30.0
-# A prefill of fewer tokens (rows × longest prompt) runs on a decode pass's torch threads
-# ("small_prefill", workers/engine_main.py): its operations are small, so more threads gain
-# little on an idle host (a 16 × 12-token stories260K prefill took 3.6 ms on two against 4.6 on
-# one) and lose much on a busy one, where each operation waits for the thread whose core is
-# taken (11–15 against 14–22 ms a pass while workload (a)'s requests arrive; the workload's
-# median wall time 516 against 535 ms, 10 waves each, measured by hand).
-SMALL_PREFILL_TOKENS = 256
 
 
 @dataclass
@@ -507,7 +500,7 @@ class GenerationEngine:
         began = time.monotonic()
         started = time.perf_counter()
         out = self.host.forward(
-            "prefill" if ids.numel() >= SMALL_PREFILL_TOKENS else "small_prefill",
+            "prefill",
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,

@@ -125,15 +125,14 @@ def default_torch_threads() -> int | None:
 
 def pass_threads() -> dict[str, int] | None:
     """Torch threads per kind of forward pass (ModelHost.forward); None where OMP_NUM_THREADS
-    is set. A small prefill runs like a decode pass (workers.engine.SMALL_PREFILL_TOKENS says
-    why). Prefill and scoring passes are large operations, long enough that every core pays:
+    is set. Prefill and scoring passes are large operations, long enough that every core pays:
     on the 2-core machine an 855-item MMLU run alone (bench.interactive's run, repeated in one
     stack) took 12.0-12.8 s with scoring passes on both cores against 14.5-15.4 s on one
     (OMP_NUM_THREADS=1; three runs each, the machine otherwise idle)."""
     decode = default_torch_threads()
     if decode is None:
         return None
-    return {"decode": decode, "small_prefill": decode, "prefill": _cores(), "score": _cores()}
+    return {"decode": decode, "prefill": _cores(), "score": _cores()}
 
 
 def _portable(error: BaseException) -> BaseException:

@@ -92,9 +92,8 @@ class ModelHost:
     model: PreTrainedModel
     tokenizer: object
     load_seconds: float
-    # Torch threads per kind of forward pass ("prefill", "small_prefill", "decode", "score");
-    # None: leave torch's setting alone (workers.engine_main.pass_threads says why an engine
-    # process sets them).
+    # Torch threads per kind of forward pass ("prefill", "decode", "score"); None: leave torch's
+    # setting alone (workers.engine_main.pass_threads says why an engine process sets them).
     pass_threads: dict[str, int] | None = None
 
     @classmethod

@@ -9,19 +9,9 @@ def test_pass_threads_keep_a_core_for_decode_and_use_all_for_prompts(monkeypatch
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(engine_main, "_cores", lambda: 4)
-    assert engine_main.pass_threads() == {
-        "decode": 3,
-        "small_prefill": 3,
-        "prefill": 4,
-        "score": 4,
-    }
+    assert engine_main.pass_threads() == {"decode": 3, "prefill": 4, "score": 4}
     monkeypatch.setattr(engine_main, "_cores", lambda: 1)
-    assert engine_main.pass_threads() == {
-        "decode": 1,
-        "small_prefill": 1,
-        "prefill": 1,
-        "score": 1,
-    }
+    assert engine_main.pass_threads() == {"decode": 1, "prefill": 1, "score": 1}
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the operator's choice stands
     assert engine_main.pass_threads() is None
 
@@ -52,33 +42,3 @@ def test_each_pass_runs_on_the_threads_of_its_kind(host):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-
-
-def test_a_small_prefill_runs_on_the_decode_threads_and_a_large_one_on_the_prefill_threads(host):
-    import uuid
-
-    from llmq.protocol import SamplingParams
-    from workers.engine import SMALL_PREFILL_TOKENS, GenerationEngine, GenerationRequest
-
-    prefills = []  # (tokens fed, torch threads) of each prefill pass, as the model runs it
-
-    def record(module, args, kwargs):
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1:  # a decode pass feeds one token a row
-            prefills.append((ids.numel(), torch.get_num_threads()))
-
-    hook = host.model.register_forward_pre_hook(record, with_kwargs=True)
-    host.pass_threads = {"decode": 1, "small_prefill": 1, "prefill": 2, "score": 2}
-    engine = GenerationEngine(host, max_batch_size=4, max_batch_tokens=100_000, max_wait_ms=5)
-    engine.start()
-    try:
-        for text in ("Once upon a time", "x " * SMALL_PREFILL_TOKENS):
-            prompt = host.encode(text)
-            params = SamplingParams(max_tokens=2, ignore_eos=True)
-            engine.submit(GenerationRequest(uuid.uuid4(), prompt, params)).result(timeout=60)
-    finally:
-        engine.stop()
-        hook.remove()
-    (small, small_threads), (large, large_threads) = prefills
-    assert small < SMALL_PREFILL_TOKENS <= large
-    assert (small_threads, large_threads) == (1, 2)
