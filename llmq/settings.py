@@ -29,9 +29,9 @@ class Settings(BaseSettings):
     # Postgres connections of one process (db/session.py), and how long a thread waits for one
     # before the request answers 503. A request holds one connection at most, at one time. The
     # pool keeps db_pool_size connections open once used, enough for db_request_slots and the
-    # background threads: one returned beyond it is closed, and a busy API that overflowed a
-    # pool of 10 opened and closed about 12 connections per 64 requests, each new one costing
-    # Postgres a backend's start (about 3 ms of CPU). The overflow is for bursts beyond that.
+    # background threads: one returned beyond it is closed, and the next opened costs Postgres
+    # a backend's start (bench.jobpath's "PG sessions" column counts them; a pool of 10 opened
+    # 0.18 a one-token job). The overflow is for bursts beyond that.
     db_pool_size: int = Field(default=25, ge=1)
     db_max_overflow: int = Field(default=5, ge=0)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
