@@ -1,6 +1,7 @@
 """The one module that owns queue routing and puts jobs on the broker."""
 
 import threading
+import time
 import uuid
 from collections import defaultdict
 from functools import lru_cache
@@ -20,6 +21,7 @@ from llmq.protocol import (
     JobKind,
 )
 from llmq.registry import ModelSpec
+from llmq.settings import get_settings
 from llmq.tracing import attached, quiet_unless_traced
 
 log = structlog.get_logger(__name__)
@@ -55,6 +57,8 @@ GROUP_TASK_FOR_KIND = {
 # in its engine; past a few jobs a message costs each of them little more, while larger groups
 # would spread a burst over several workers less evenly.
 MAX_JOBS_PER_MESSAGE = 16
+# The wait for more jobs of a burst (see _Sender._linger): the gap that ends a burst.
+LINGER_GAP_S = 0.001
 
 
 def enqueue_job(
@@ -103,7 +107,8 @@ class _Sender:
     a send is on its way go out together, in one message per kind, queue and priority. One
     message per job cost the API, the broker and the worker more than a job's whole run."""
 
-    def __init__(self) -> None:
+    def __init__(self, linger_s: float, gap_s: float = LINGER_GAP_S) -> None:
+        self.linger_s, self.gap_s = linger_s, gap_s
         self._waiting: SimpleQueue[Delivery] = SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="llmq-sender", daemon=True)
         self._thread.start()
@@ -114,21 +119,38 @@ class _Sender:
     def _run(self) -> None:
         while True:
             jobs = [self._waiting.get()]
-            while len(jobs) < MAX_JOBS_PER_MESSAGE * 16:
-                try:
-                    jobs.append(self._waiting.get_nowait())
-                except Empty:
-                    break
+            self._take_waiting(jobs)
+            self._linger(jobs)
             try:
                 send_jobs(jobs)
             except Exception:  # a failed send is the reconciler's; the thread must live on
                 send_failed.set()
                 log.exception("sending jobs failed; they stay queued", jobs=len(jobs))
 
+    def _take_waiting(self, jobs: list[Delivery]) -> None:
+        while len(jobs) < MAX_JOBS_PER_MESSAGE * 16:
+            try:
+                jobs.append(self._waiting.get_nowait())
+            except Empty:
+                return
+
+    def _linger(self, jobs: list[Delivery]) -> None:
+        """While jobs arrive together (the clients of a batch that just finished send their next
+        ones), wait for the rest of the burst, a gap at a time, up to `linger_s`: each message
+        costs the API, the broker and the worker (its delivery, claim, acknowledgement and
+        events) the same whatever its jobs. A lone job goes at once."""
+        deadline = time.monotonic() + self.linger_s
+        while 1 < len(jobs) < MAX_JOBS_PER_MESSAGE and time.monotonic() < deadline:
+            before = len(jobs)
+            time.sleep(self.gap_s)
+            self._take_waiting(jobs)
+            if len(jobs) == before:
+                return
+
 
 @lru_cache
 def _sender() -> _Sender:
-    return _Sender()
+    return _Sender(get_settings().send_linger_ms / 1000)
 
 
 def _send_group(kind: str, job_ids: list[uuid.UUID], queue: str, priority: int) -> bool:

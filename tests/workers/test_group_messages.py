@@ -12,7 +12,7 @@ from sqlalchemy import select
 from api.background.reconciler import waiting_job_ids
 from api.fleet.live_workers import task_job_ids
 from api.fleet.queues import priority_lists
-from api.intake.enqueue import MAX_JOBS_PER_MESSAGE, send_jobs
+from api.intake.enqueue import MAX_JOBS_PER_MESSAGE, _Sender, send_jobs
 from db.queries import jobs as job_queries
 from db.session import session_scope
 from db.tables import Job, JobResult
@@ -100,3 +100,38 @@ def test_a_worker_runs_each_job_of_a_group_to_its_own_end(database_url, worker):
     assert ended[long].completion_tokens == 24
     # Each job is stored as soon as it finishes, not when the group's last one does.
     assert max(ended[j].finished_at for j in short) < ended[long].finished_at
+
+
+def _jobs_per_message(redis: Redis, queue: str) -> list[int]:
+    headers = [json.loads(raw)["headers"] for raw in redis.lrange(queue, 0, -1)]
+    return [len(h.get(JOB_IDS_HEADER, [h["id"]])) for h in headers]
+
+
+def test_a_burst_of_jobs_waits_for_its_last_job_and_a_lone_job_goes_at_once(redis_url):
+    """Jobs that keep arriving within the sender's gap of each other go in one message; a job
+    that arrives alone is sent without waiting."""
+    queue = f"llmq.nobody-{uuid.uuid4().hex[:8]}.cpu"
+    redis = Redis.from_url(redis_url)
+    sender = _Sender(linger_s=5.0, gap_s=0.3)
+    try:
+        sender.put(delivery(uuid.uuid4(), queue))
+        sender.put(delivery(uuid.uuid4(), queue))
+        for _ in range(3):  # the rest of the burst, each well within the gap of the last
+            time.sleep(0.05)
+            for _ in range(2):
+                sender.put(delivery(uuid.uuid4(), queue))
+        deadline = time.monotonic() + 10
+        while not redis.exists(queue) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _jobs_per_message(redis, queue) == [8]
+
+        redis.delete(queue)
+        time.sleep(0.5)  # the burst is long over
+        started = time.monotonic()
+        sender.put(delivery(uuid.uuid4(), queue))
+        while not redis.exists(queue) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _jobs_per_message(redis, queue) == [1]
+        assert time.monotonic() - started < 0.3  # it did not wait out a gap
+    finally:
+        redis.delete(*priority_lists(queue))
