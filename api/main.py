@@ -100,7 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.eval_driver = EvalDriver(
         settings, app.state.registry, app.state.prompt_counter, app.state.live_queues
     )
-    app.state.batch_driver = BatchDriver(app.state, settings.batch_interval_s)
+    app.state.batch_driver = BatchDriver(
+        app.state, settings.batch_interval_s, settings.background_idle_interval_s
+    )
     app.state.scrape_registry = scrape_registry(
         app.state.registry,
         app.state.live_queues,

@@ -12,8 +12,9 @@ log = structlog.get_logger(__name__)
 class PeriodicTask:
     """Calls `tick` every `interval_s` on a daemon thread until stopped. A tick that raises is
     logged and tried again after `retry_s` (at most `interval_s`): Postgres or Redis may be away
-    for a while, and what the task does is most needed the moment they are back. `wake()` runs
-    the next tick at once."""
+    for a while, and what the task does is most needed the moment they are back. With
+    `idle_interval_s`, a tick that returns False (it found nothing to do) is followed by the
+    next one after that longer interval. `wake()` runs the next tick at once."""
 
     def __init__(
         self,
@@ -23,11 +24,14 @@ class PeriodicTask:
         *,
         at_start: bool = False,
         retry_s: float | None = None,
+        idle_interval_s: float | None = None,
     ) -> None:
         self.name = name
         self.interval_s = interval_s
         self.retry_s = min(retry_s, interval_s) if retry_s is not None else interval_s
+        self.idle_interval_s = idle_interval_s
         self.tick = tick
+        self.idle = False
         self.at_start = at_start  # tick once right away, rather than after the first interval
         self.failing = False
         self._stop = threading.Event()
@@ -50,14 +54,21 @@ class PeriodicTask:
         if self.at_start:
             self._tick_once()
         while not self._stop.is_set():
-            self._wake.wait(self.retry_s if self.failing else self.interval_s)
+            self._wake.wait(self._next_wait())
             self._wake.clear()
             if not self._stop.is_set():
                 self._tick_once()
 
+    def _next_wait(self) -> float:
+        if self.failing:
+            return self.retry_s
+        if self.idle and self.idle_interval_s is not None:
+            return max(self.idle_interval_s, self.interval_s)
+        return self.interval_s
+
     def _tick_once(self) -> None:
         try:
-            self.tick()
+            self.idle = self.tick() is False
         except Exception as exc:
             # The first failure is a warning; repeats while it stays down are not news.
             (log.debug if self.failing else log.warning)(

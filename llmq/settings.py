@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # How often the Batch API's driver moves batches along and refills its windows
     # (api/background/batch_driver.py).
     batch_interval_s: float = Field(default=0.25, gt=0)
+    # How often the Batch API's and the evaluation runs' drivers look for new work while they
+    # have none (a batch or run created through this process starts at once).
+    background_idle_interval_s: float = Field(default=2.0, gt=0)
     # How long the API may hold jobs that arrive together to send them in one message
     # (api/intake/enqueue.py); 0 sends each burst as it stands.
     send_linger_ms: float = Field(default=5.0, ge=0, le=100)

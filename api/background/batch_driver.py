@@ -47,9 +47,11 @@ WINDOWS = {"24h": timedelta(hours=24)}
 
 
 class BatchDriver:
-    def __init__(self, state, interval_s: float) -> None:
+    def __init__(self, state, interval_s: float, idle_interval_s: float | None = None) -> None:
         self.state = state  # the app's state: settings, registry, prompt counter, live queues
-        self._sweeper = PeriodicTask("llmq-batch-driver", interval_s, self.sweep)
+        self._sweeper = PeriodicTask(
+            "llmq-batch-driver", interval_s, self.sweep, idle_interval_s=idle_interval_s
+        )
         self._valid: dict[str, list[RequestLine]] = {}  # a running batch's checked input lines
 
     def start(self) -> None:
@@ -58,11 +60,16 @@ class BatchDriver:
     def stop(self) -> None:
         self._sweeper.stop()
 
+    def wake(self) -> None:
+        """Sweep now: a batch was created or cancelled."""
+        self._sweeper.wake()
+
     @property
     def database_url(self) -> str:
         return self.state.settings.database_url
 
-    def sweep(self) -> None:
+    def sweep(self) -> bool:
+        """Drive every open batch; False when there was none."""
         with session_scope(self.database_url) as session:
             validating = batch_queries.batches_with_status(session, BatchStatus.VALIDATING)
             running = batch_queries.batches_with_status(
@@ -72,6 +79,7 @@ class BatchDriver:
             self.start_batch(batch_id)
         for batch_id in running:
             self.advance(batch_id)
+        return bool(validating or running)
 
     def start_batch(self, batch_id: str) -> None:
         """Validate the input; the valid lines are then queued by `advance`."""

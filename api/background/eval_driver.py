@@ -56,7 +56,12 @@ class EvalDriver:
         self.registry = registry
         self.counter = counter
         self.live = live
-        self._sweeper = PeriodicTask("llmq-eval-driver", settings.eval_interval_s, self._sweep)
+        self._sweeper = PeriodicTask(
+            "llmq-eval-driver",
+            settings.eval_interval_s,
+            self._sweep,
+            idle_interval_s=settings.background_idle_interval_s,
+        )
 
     def start(self) -> None:
         self._sweeper.start()
@@ -64,7 +69,12 @@ class EvalDriver:
     def stop(self) -> None:
         self._sweeper.stop()
 
-    def sweep(self) -> None:
+    def wake(self) -> None:
+        """Sweep now: a run was created or cancelled."""
+        self._sweeper.wake()
+
+    def sweep(self) -> bool:
+        """Advance every open run; False when there was none."""
         url = self.settings.database_url
         with session_scope(url) as session:
             queued = eval_queries.runs_with_status(session, eval_queries.RunStatus.QUEUED)
@@ -75,6 +85,7 @@ class EvalDriver:
             self.grade(run_id)
             self.feed(run_id)
             self.finish_if_done(run_id)
+        return bool(queued or running)
 
     def plan(self, run_id: uuid.UUID) -> None:
         with session_scope(self.settings.database_url) as session:
@@ -258,8 +269,9 @@ class EvalDriver:
                     failed_items=progress.failed,
                 )
 
-    def _sweep(self) -> None:
+    def _sweep(self) -> bool:
         started = time.monotonic()
-        self.sweep()
+        active = self.sweep()
         if time.monotonic() - started > 5:
             log.info("slow evaluation sweep", seconds=round(time.monotonic() - started, 1))
+        return active

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from api.background.batch_driver import expires_at
 from api.deps import ApiKeyDep, SessionDep
@@ -34,7 +34,9 @@ def _owned_batch(session, caller: Caller, batch_id: str) -> Batch:
 
 
 @router.post("", response_model=BatchPublic)
-def create_batch(body: BatchCreate, session: SessionDep, caller: ApiKeyDep) -> BatchPublic:
+def create_batch(
+    body: BatchCreate, session: SessionDep, caller: ApiKeyDep, request: Request
+) -> BatchPublic:
     """Create a batch from an uploaded file; it is validated, then its lines are queued.
 
     A batch counts against its key's token quota, not its limit of jobs at once: its lines
@@ -59,6 +61,7 @@ def create_batch(body: BatchCreate, session: SessionDep, caller: ApiKeyDep) -> B
     # Built before the commit: once the batch is stored, answering must not need Postgres.
     public = batch_public(session, batch)
     session.commit()
+    request.app.state.batch_driver.wake()  # validate it now, not at the idle driver's next look
     return public
 
 
@@ -87,7 +90,9 @@ def read_batch(batch_id: str, session: SessionDep, caller: ApiKeyDep) -> BatchPu
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchPublic)
-def cancel_batch(batch_id: str, session: SessionDep, caller: ApiKeyDep) -> BatchPublic:
+def cancel_batch(
+    batch_id: str, session: SessionDep, caller: ApiKeyDep, request: Request
+) -> BatchPublic:
     """Cancel a batch: queued lines are dropped, finished ones are kept in the output."""
     batch = _owned_batch(session, caller, batch_id)
     if batch.status in BatchStatus.ENDED:
@@ -95,5 +100,6 @@ def cancel_batch(batch_id: str, session: SessionDep, caller: ApiKeyDep) -> Batch
     if batch.status != BatchStatus.CANCELLING:
         batch_queries.set_status(session, batch_id, BatchStatus.CANCELLING)
         session.commit()
+        request.app.state.batch_driver.wake()
         session.refresh(batch)
     return batch_public(session, batch)

@@ -148,6 +148,7 @@ def create_eval_run(
     # Built before the commit: once the run is stored, answering must not need Postgres.
     public = run_public(session, request, run)
     session.commit()
+    request.app.state.eval_driver.wake()  # plan it now, not at the idle driver's next look
     return public
 
 
