@@ -5,6 +5,7 @@ import io
 import json
 import time
 
+import httpx
 import openai
 import pytest
 from sqlalchemy import update
@@ -243,3 +244,58 @@ def test_files_and_batches_belong_to_their_key(oai, api_server):
     assert batch.input_file_id not in {f.id for f in bob.files.list()}
     assert oai.batches.retrieve(batch.id).id == batch.id  # admins see every key's
     alice.batches.cancel(batch.id)
+
+
+def test_an_idle_driver_takes_up_a_new_batch_and_its_cancel_at_once(database_url, redis_url):
+    """Its API process wakes the batch driver when a batch is created or cancelled: with the
+    driver's intervals an hour long, both still move at once."""
+    from redis import Redis
+
+    from api.fleet.queues import priority_lists
+    from tests.factories import AUTH, start_api
+
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "tiny-offline", "prompt": "Hi", "max_tokens": 1},  # never runs here
+    }
+    process, base_url = start_api(
+        LLMQ_BATCH_INTERVAL_S="3600", LLMQ_BACKGROUND_IDLE_INTERVAL_S="3600"
+    )
+    batch_id = None
+    try:
+        with httpx.Client(base_url=base_url, headers=AUTH, timeout=30) as http:
+            files = {"file": ("idle.jsonl", (json.dumps(line) + "\n").encode(), "text/plain")}
+            uploaded = http.post("/v1/files", files=files, data={"purpose": "batch"})
+            assert uploaded.status_code == 200, uploaded.text
+            body = {
+                "input_file_id": uploaded.json()["id"],
+                "endpoint": "/v1/completions",
+                "completion_window": "24h",
+            }
+            created = http.post("/v1/batches", json=body)
+            assert created.status_code == 200, created.text
+            batch_id = created.json()["id"]
+
+            def status_within(statuses: set[str], timeout_s: float = 15) -> str:
+                deadline = time.monotonic() + timeout_s
+                while (status := http.get(f"/v1/batches/{batch_id}").json()["status"]) not in (
+                    statuses
+                ) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                return status
+
+            assert status_within({"in_progress"}) == "in_progress"
+            assert http.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
+            assert status_within({"cancelled"}) == "cancelled"
+    finally:
+        stop_worker(process)
+        if batch_id is not None:
+            with session_scope(database_url) as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.batch_id == batch_id, Job.status == "queued")
+                    .values(status="cancelled")
+                )
+        Redis.from_url(redis_url).delete(*priority_lists("llmq.tiny-offline.cpu"))

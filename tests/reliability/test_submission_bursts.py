@@ -171,8 +171,9 @@ def stored_files(database_url: str, marker: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def burst_api(database_url, redis_url, tiny_model_path):
-    """An API process of its own; its batch and evaluation drivers wait an hour between
-    sweeps, so that nothing but the bursts keeps it busy."""
+    """An API process of its own; its batch and evaluation drivers sweep when a created batch
+    or run wakes them and wait an hour otherwise, so that nothing but the bursts keeps it
+    busy."""
     process, base_url = start_api(
         LLMQ_BATCH_INTERVAL_S="3600",
         LLMQ_EVAL_INTERVAL_S="3600",
