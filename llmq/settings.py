@@ -30,8 +30,9 @@ class Settings(BaseSettings):
     # before the request answers 503. A request holds one connection at most, at one time. The
     # pool keeps db_pool_size connections open once used, enough for db_request_slots and the
     # background threads: one returned beyond it is closed, and the next opened costs Postgres
-    # a backend's start (bench.jobpath's "PG sessions" column counts them; a pool of 10 opened
-    # 0.18 a one-token job). The overflow is for bursts beyond that.
+    # a backend's start (bench.jobpath's "PG sessions" column counts them; `python -m
+    # bench.side_by_side LLMQ_DB_POOL_SIZE=10 LLMQ_DB_MAX_OVERFLOW=20` measures a smaller
+    # pool). The overflow is for bursts beyond that.
     db_pool_size: int = Field(default=25, ge=1)
     db_max_overflow: int = Field(default=5, ge=0)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
