@@ -45,26 +45,24 @@ class Round(NamedTuple):
     cpu_ms: dict[str, float]  # per job, by process
 
 
-class Stacks(NamedTuple):
-    """What each side's rounds need: the extra CPU probes of a side's processes, by name, and a
-    hook run after each of a side's rounds."""
+class Extras(NamedTuple):
+    """What a caller adds to each side: CPU probes of its API and worker processes' children,
+    by name, and a hook run after each of its rounds (side, jobs)."""
 
-    probes: Callable[[str, list[psutil.Process]], dict[str, Seconds]]
-    after_round: Callable[[str, int], None]
+    probes: Callable[[str, list[psutil.Process]], dict[str, Seconds]] = lambda side, procs: {}
+    after_round: Callable[[str, int], None] = lambda side, jobs: None
 
 
-def no_extras() -> Stacks:
-    return Stacks(lambda side, processes: {}, lambda side, jobs: None)
+NO_EXTRAS = Extras()
 
 
 def alternate(
-    sides: dict[str, dict[str, str]], args, extras: Stacks | None = None
+    sides: dict[str, dict[str, str]], args, extras: Extras = NO_EXTRAS
 ) -> dict[str, list[Round]]:
     """Start a stack for each of the two sides (their extra environment), warm each with one
     job per client, then measure `args.rounds` rounds of `args.jobs` jobs on each, the two
     sides' order swapped every round. CPU by process: the API (its children included), the
     worker's Celery process, its children (the engine), this process, and `extras.probes`."""
-    extras = extras or no_extras()
     workdir = Path(tempfile.mkdtemp(prefix="llmq-side-by-side-"))
     model, model_dir = next(benchmark_models("stories260K", workdir, console.print), (None, None))
     if model_dir is None:

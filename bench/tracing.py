@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from bench.jobpath import Seconds, own_seconds
 from bench.otlp import OtlpReceiver
-from bench.side_by_side import Stacks, add_arguments, alternate, console, table
+from bench.side_by_side import Extras, add_arguments, alternate, console, table
 
 
 class SpanSink:
@@ -79,7 +79,7 @@ def main() -> None:
         api, worker = processes
         return {"API export": _span_export(api), "worker export": _span_export(worker)}
 
-    rounds = alternate({"off": {}, "on": traced}, args, Stacks(probes, after_round))
+    rounds = alternate({"off": {}, "on": traced}, args, Extras(probes, after_round))
     for side in rounds.values():
         for cpu in (r.cpu_ms for r in side):
             # The export processes are children of the API and of the worker: shown apart.

@@ -5,7 +5,6 @@ import io
 import json
 import time
 
-import httpx
 import openai
 import pytest
 from sqlalchemy import update
@@ -17,6 +16,7 @@ from tests.factories import (
     ADMIN_KEY,
     api_client,
     create_key,
+    start_api,
     start_worker,
     stop_worker,
     submit,
@@ -47,8 +47,13 @@ def chat_line(custom_id: str, content: str, model: str = "tiny-llama", **body) -
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
-def wait_for_batch(oai, batch_id: str, until=("completed", "failed", "cancelled", "expired")):
-    deadline = time.monotonic() + 120
+def wait_for_batch(
+    oai,
+    batch_id: str,
+    until=("completed", "failed", "cancelled", "expired"),
+    timeout_s: float = 120,
+):
+    deadline = time.monotonic() + timeout_s
     while (batch := oai.batches.retrieve(batch_id)).status not in until:
         assert time.monotonic() < deadline, f"batch still {batch.status}"
         time.sleep(0.3)
@@ -133,11 +138,11 @@ def create_batch(oai, lines: list[dict], name: str = "requests.jsonl"):
     )
 
 
-def offline_batch(oai, count: int):
-    """A batch in progress whose lines wait on a model no worker serves."""
+def offline_batch(oai, count: int, timeout_s: float = 120):
+    """A batch in progress (within `timeout_s`) whose lines wait on a model no worker serves."""
     lines = [chat_line(f"w{i}", "never runs", model="tiny-offline") for i in range(count)]
     batch = create_batch(oai, lines)
-    wait_for_batch(oai, batch.id, until=("in_progress",))
+    wait_for_batch(oai, batch.id, until=("in_progress",), timeout_s=timeout_s)
     return batch
 
 
@@ -246,56 +251,17 @@ def test_files_and_batches_belong_to_their_key(oai, api_server):
     alice.batches.cancel(batch.id)
 
 
-def test_an_idle_driver_takes_up_a_new_batch_and_its_cancel_at_once(database_url, redis_url):
+@pytest.mark.usefixtures("database_url", "redis_url", "tiny_model_path")
+def test_an_idle_driver_takes_up_a_new_batch_and_its_cancel_at_once():
     """Its API process wakes the batch driver when a batch is created or cancelled: with the
     driver's intervals an hour long, both still move at once."""
-    from redis import Redis
-
-    from api.fleet.queues import priority_lists
-    from tests.factories import AUTH, start_api
-
-    line = {
-        "custom_id": "a",
-        "method": "POST",
-        "url": "/v1/completions",
-        "body": {"model": "tiny-offline", "prompt": "Hi", "max_tokens": 1},  # never runs here
-    }
     process, base_url = start_api(
         LLMQ_BATCH_INTERVAL_S="3600", LLMQ_BACKGROUND_IDLE_INTERVAL_S="3600"
     )
-    batch_id = None
     try:
-        with httpx.Client(base_url=base_url, headers=AUTH, timeout=30) as http:
-            files = {"file": ("idle.jsonl", (json.dumps(line) + "\n").encode(), "text/plain")}
-            uploaded = http.post("/v1/files", files=files, data={"purpose": "batch"})
-            assert uploaded.status_code == 200, uploaded.text
-            body = {
-                "input_file_id": uploaded.json()["id"],
-                "endpoint": "/v1/completions",
-                "completion_window": "24h",
-            }
-            created = http.post("/v1/batches", json=body)
-            assert created.status_code == 200, created.text
-            batch_id = created.json()["id"]
-
-            def status_within(statuses: set[str], timeout_s: float = 15) -> str:
-                deadline = time.monotonic() + timeout_s
-                while (status := http.get(f"/v1/batches/{batch_id}").json()["status"]) not in (
-                    statuses
-                ) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                return status
-
-            assert status_within({"in_progress"}) == "in_progress"
-            assert http.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
-            assert status_within({"cancelled"}) == "cancelled"
+        oai = openai.OpenAI(base_url=f"{base_url}/v1", api_key=ADMIN_KEY, max_retries=0)
+        batch = offline_batch(oai, 1, timeout_s=15)
+        oai.batches.cancel(batch.id)
+        assert wait_for_batch(oai, batch.id, timeout_s=15).status == "cancelled"
     finally:
         stop_worker(process)
-        if batch_id is not None:
-            with session_scope(database_url) as session:
-                session.execute(
-                    update(Job)
-                    .where(Job.batch_id == batch_id, Job.status == "queued")
-                    .values(status="cancelled")
-                )
-        Redis.from_url(redis_url).delete(*priority_lists("llmq.tiny-offline.cpu"))
