@@ -121,9 +121,10 @@ def test_a_burst_of_jobs_waits_for_its_last_job_and_a_lone_job_goes_at_once(redi
             for _ in range(2):
                 sender.put(delivery(uuid.uuid4(), queue))
         deadline = time.monotonic() + 10
-        while not redis.exists(queue) and time.monotonic() < deadline:
+        while sum(_jobs_per_message(redis, queue)) < 8 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _jobs_per_message(redis, queue) == [8]
+        # The sender may take the first job before the second is put: it then goes alone.
+        assert sorted(_jobs_per_message(redis, queue)) in ([8], [1, 7])
 
         redis.delete(queue)
         time.sleep(0.5)  # the burst is long over
