@@ -111,7 +111,10 @@ class _Sender:
         self.linger_s, self.gap_s = linger_s, gap_s
         self._waiting: SimpleQueue[Delivery] = SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="llmq-sender", daemon=True)
+
+    def start(self) -> "_Sender":
         self._thread.start()
+        return self
 
     def put(self, job: Delivery) -> None:
         self._waiting.put(job)
@@ -150,7 +153,7 @@ class _Sender:
 
 @lru_cache
 def _sender() -> _Sender:
-    return _Sender(get_settings().send_linger_ms / 1000)
+    return _Sender(get_settings().send_linger_ms / 1000).start()
 
 
 def _send_group(kind: str, job_ids: list[uuid.UUID], queue: str, priority: int) -> bool:
