@@ -33,6 +33,7 @@ test: venv ## Run the test suite against real Postgres and Redis
 
 lint: venv ## Check the code with ruff and the layout's import contracts
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
 # The API reference is generated from api.main:app (docs/hooks/openapi.py), hence the venv.
