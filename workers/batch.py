@@ -2,10 +2,12 @@
 
 Rows that join together (one prefill) form a group. A join adds a group and a leave copies only
 the groups that lose rows; a decode step attends group by group (workers/ragged.py), so a row
-never attends over another group's longer past. When the groups exceed the engine's limit, the
-two neighbours whose lengths are closest merge: within a group, merging and leaving follow
-TGI's CausalLMBatch.concatenate and filter (rows of different lengths aligned by padding on the
-left; columns that are padding in every remaining row dropped when rows leave).
+never attends over another group's longer past. When the groups exceed the engine's limit, or
+when two neighbours' merge would pad less than keeping them apart costs (an attention call per
+layer and step, GROUP_COST_VALUES), the two whose lengths are closest merge: within a group,
+merging and leaving follow TGI's CausalLMBatch.concatenate and filter (rows of different lengths
+aligned by padding on the left; columns that are padding in every remaining row dropped when
+rows leave).
 
 Each layer's keys and values live in buffers with free columns after the used ones
 (`GrowingLayer`), so a decode step writes its one new column in place. Transformers'
@@ -205,6 +207,19 @@ class Group:
         return Group(self.layers, torch.cat([self.mask, ones], dim=-1))
 
 
+# A cache group kept apart costs one more attention call per model layer and decode step. On a
+# CPU that call's fixed part costs about as much as attending over this many more padded values
+# (cells, rows × columns, times the model's hidden size): 512 cells of stories260K (64 wide), 64
+# of a 512-wide model. Neighbouring groups whose merge pads less merge (group_cost_cells).
+GROUP_COST_VALUES = 32_768
+
+
+def group_cost_cells(hidden_size: int) -> int:
+    """Padding cells that cost a model of this width about what one more cache group costs (0
+    for an unknown width: groups then merge only past their limit)."""
+    return GROUP_COST_VALUES // hidden_size if hidden_size > 0 else 0
+
+
 def merge_padding(a: Group, b: Group) -> int:
     """Padding cells that stacking two groups into one adds."""
     length = max(a.length, b.length)
@@ -236,12 +251,18 @@ class Batch(Generic[Row]):
         cache = ragged_cache([g.layers for g in self.groups], [g.mask for g in self.groups])
         return None, cache
 
-    def concat(self, other: "Batch[Row]", max_groups: int) -> "Batch[Row]":
-        """Both batches' rows; their groups stay apart, except that while there are more than
-        `max_groups` the neighbouring two whose merge pads least become one."""
+    def concat(
+        self, other: "Batch[Row]", max_groups: int, group_cost_cells: int = 0
+    ) -> "Batch[Row]":
+        """Both batches' rows; their groups stay apart, except that the neighbouring two whose
+        merge pads least become one while there are more than `max_groups`, or while that merge
+        pads fewer than `group_cost_cells` cells (what keeping them apart would cost)."""
         groups = self.groups + other.groups
-        while len(groups) > max_groups:
+        while len(groups) > 1:
             pair = min(range(len(groups) - 1), key=lambda i: merge_padding(*groups[i : i + 2]))
+            cheap = merge_padding(*groups[pair : pair + 2]) < group_cost_cells
+            if len(groups) <= max_groups and not cheap:
+                break
             groups[pair : pair + 2] = [Group.stacked(groups[pair : pair + 2])]
         return Batch(self.seqs + other.seqs, groups, torch.cat([self.logits, other.logits]))
 

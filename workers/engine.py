@@ -32,7 +32,7 @@ from transformers import Cache
 from llmq.events import TokenEvent
 from llmq.protocol import BATCH_PRIORITY, FinishReason
 from llmq.publisher import TokenEmission
-from workers.batch import ROOM, Batch, Group, GrowingLayer, length_groups
+from workers.batch import ROOM, Batch, Group, GrowingLayer, group_cost_cells, length_groups
 from workers.constraints import COMPILE_LIMIT_S, ConstraintFailed, Constraints, mask_rows
 from workers.detokenize import TextState, advance_texts
 from workers.engine_jobs import (
@@ -143,6 +143,7 @@ class GenerationEngine:
         self.join_every_steps = join_every_steps
         # A model without ragged attention keeps its running batch in one cache.
         self.max_cache_groups = max_cache_groups if host.ragged_attention else 1
+        self.group_cost_cells = group_cost_cells(host.hidden_size)
         self.on_tokens = on_tokens
         # Called by the engine thread after each cycle (one decode step per lane at most): an
         # engine process sends the cycle's report to the worker process from it.
@@ -451,7 +452,7 @@ class GenerationEngine:
                         lane.rows_total,
                     )
             if lane.batch is not None:
-                fresh = lane.batch.concat(fresh, self.max_cache_groups)
+                fresh = lane.batch.concat(fresh, self.max_cache_groups, self.group_cost_cells)
             lane.batch = fresh
             lane.steps_since_join = 0
 
@@ -480,7 +481,11 @@ class GenerationEngine:
                 seq.future.set_exception(exc)
         merged: Batch | None = None
         for batch in batches:
-            merged = batch if merged is None else merged.concat(batch, self.max_cache_groups)
+            merged = (
+                batch
+                if merged is None
+                else merged.concat(batch, self.max_cache_groups, self.group_cost_cells)
+            )
         return merged
 
     def _forward_prompts(self, seqs: list[_Sequence]) -> Batch:

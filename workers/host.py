@@ -116,6 +116,8 @@ class ModelHost:
         self._backend = self.tokenizer.backend_tokenizer  # type: ignore[attr-defined]
         forget_split_words(self.tokenizer)  # also for a tokenizer that did not come from load()
         self.ragged_attention = enable_ragged_attention(self.model)
+        # 0 where the config does not say: the engine then merges cache groups only at its limit.
+        self.hidden_size: int = getattr(self.model.config, "hidden_size", None) or 0
         # Transformers renamed the forward pass's KV cache argument from past_key_values to cache
         # and will drop the old name.
         forward = inspect.signature(self.model.forward).parameters

@@ -73,8 +73,9 @@ def test_a_merge_right_aligns_the_shorter_rows_with_zeros_and_a_leave_drops_padd
 
 def test_a_join_adds_a_group_and_a_leave_copies_only_the_groups_that_lose_rows():
     first, second, third = group(2, 6, 0), group(3, 3, 1000), group(1, 2, 2000)
-    joined = batch(first).concat(batch(second, first=2), max_groups=4)
-    joined = joined.concat(batch(third, first=5), max_groups=4)
+    apart = {"max_groups": 4, "group_cost_cells": 0}  # however little a merge would pad
+    joined = batch(first).concat(batch(second, first=2), **apart)
+    joined = joined.concat(batch(third, first=5), **apart)
     assert all(a is b for a, b in zip(joined.groups, [first, second, third], strict=True))
     assert joined.positions().flatten().tolist() == [6, 6, 3, 3, 3, 2]
 
@@ -87,10 +88,23 @@ def test_a_join_adds_a_group_and_a_leave_copies_only_the_groups_that_lose_rows()
 
 def test_past_the_limit_the_neighbouring_groups_that_pad_least_merge():
     groups = [group(2, 10, 0), group(2, 9, 1000), group(2, 3, 2000)]
-    joined = batch(groups[0]).concat(batch(*groups[1:], first=2), max_groups=2)
+    joined = batch(groups[0]).concat(batch(*groups[1:], first=2), max_groups=2, group_cost_cells=0)
     assert [(g.rows, g.length) for g in joined.groups] == [(4, 10), (2, 3)]
     assert joined.groups[1] is groups[2]
     assert joined.groups[0].mask[2:].tolist() == [[0] + [1] * 9] * 2
+
+
+def test_groups_whose_merge_pads_less_than_a_groups_cost_merge_below_the_limit():
+    # Rows that joined a few steps apart: 16 rows of 40 columns and 16 of 36 pad 64 cells as
+    # one group; a group of 16 rows of 9 would pad 16 × 31 = 496 cells to join them.
+    near, nearer, far = group(16, 40, 0), group(16, 36, 1e5), group(16, 9, 2e5)
+    joined = batch(near).concat(batch(nearer, far, first=16), max_groups=4, group_cost_cells=400)
+    assert [(g.rows, g.length) for g in joined.groups] == [(32, 40), (16, 9)]
+    assert joined.groups[1] is far
+    assert joined.groups[0].mask[16:].tolist() == [[0] * 4 + [1] * 36] * 16
+    # With merges costing nothing less than a group, the limit alone merges.
+    kept_apart = batch(near).concat(batch(nearer, far, first=16), max_groups=4, group_cost_cells=0)
+    assert len(kept_apart.groups) == 3
 
 
 def test_prompts_prefill_in_groups_of_similar_lengths_only_where_it_saves_padding():
