@@ -259,9 +259,10 @@ class Batch(Generic[Row]):
         pads fewer than `group_cost_cells` cells (what keeping them apart would cost)."""
         groups = self.groups + other.groups
         while len(groups) > 1:
-            pair = min(range(len(groups) - 1), key=lambda i: merge_padding(*groups[i : i + 2]))
-            cheap = merge_padding(*groups[pair : pair + 2]) < group_cost_cells
-            if len(groups) <= max_groups and not cheap:
+            padding, pair = min(
+                (merge_padding(*groups[i : i + 2]), i) for i in range(len(groups) - 1)
+            )
+            if len(groups) <= max_groups and padding >= group_cost_cells:
                 break
             groups[pair : pair + 2] = [Group.stacked(groups[pair : pair + 2])]
         return Batch(self.seqs + other.seqs, groups, torch.cat([self.logits, other.logits]))
