@@ -1,11 +1,13 @@
 """Engines and session factories, one per database URL, created once per process."""
 
+import select
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from llmq.settings import get_settings
@@ -30,7 +32,6 @@ def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
             # Looked up when called: tracing (llmq/tracing.py) wraps it after this import.
             engine = sqlalchemy.create_engine(
                 database_url,
-                pool_pre_ping=True,
                 pool_size=settings.db_pool_size,
                 max_overflow=settings.db_max_overflow,
                 # A bounded wait: past it the caller fails (the API answers 503) instead of
@@ -38,8 +39,31 @@ def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
                 pool_timeout=settings.db_pool_timeout_s,
                 connect_args={"options": IDLE_TIMEOUT_OPTION},
             )
+            event.listen(engine, "checkout", _replace_if_closed(engine))
             factory = _factories[database_url] = sessionmaker(engine, expire_on_commit=False)
         return factory
+
+
+def _replace_if_closed(engine: Engine):
+    """A pool checkout hook that hands out no connection the server has closed (a restart, a
+    terminated backend, an idle timeout), without a round trip for every checkout as SQLAlchemy's
+    pre-ping makes (a job's path checks out two or three connections). An idle connection has
+    nothing to read; one that does has the server's goodbye, or rarely a notice, so only then
+    is it pinged. A connection found dead is replaced by a fresh one (DisconnectionError)."""
+
+    def checkout(dbapi_connection, _record, _proxy) -> None:
+        if dbapi_connection.closed:
+            raise DisconnectionError("the connection was closed")
+        readable = select.poll()
+        readable.register(dbapi_connection.fileno(), select.POLLIN)
+        if not readable.poll(0):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"the server closed the connection: {exc}") from exc
+
+    return checkout
 
 
 def get_engine(database_url: str) -> Engine:
