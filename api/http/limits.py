@@ -190,8 +190,12 @@ class Slot:
         # client's) has nobody left to wake.
         if semaphore is None or self._loop.is_closed():
             return
-        if asyncio._get_running_loop() is self._loop:
-            semaphore.release()  # on the loop's own thread: no need to wake it
+        try:
+            on_its_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # a thread without a loop: a worker thread closing a session
+            on_its_loop = False
+        if on_its_loop:
+            semaphore.release()  # no need to wake the loop from its own thread
         else:
             self._loop.call_soon_threadsafe(semaphore.release)
 

@@ -78,5 +78,6 @@ def test_connection_with_unread_input_is_pinged_and_kept(pooled, other):
     other.execute(text("NOTIFY llmq_pool_test"))
     assert wait_readable(driver)  # the notification, unread while the connection is pooled
     with pooled.connect() as connection:
+        # Checked out, no statement run yet: the checkout's round trip read it.
+        assert not wait_readable(driver, timeout_s=0)
         assert connection.execute(text("SELECT pg_backend_pid()")).scalar_one() == pid
-    assert not wait_readable(driver, timeout_s=0)  # the round trip read it
