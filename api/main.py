@@ -20,6 +20,7 @@ from api.http.request_size import RequestSizeLimit
 from api.intake.batch_input import MAX_FILE_BYTES
 from api.intake.enqueue import producer
 from api.intake.prompts import PromptCounter
+from api.intake.store_groups import StoreGroups
 from api.metrics import scrape_registry
 from api.results.events import JobEventReader, postgres_loader
 from api.results.final_events import FinalEventListener
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reconciler.stop()
         app.state.eval_driver.stop()
         app.state.batch_driver.stop()
+        app.state.store_groups.stop()
         await redis.aclose()
         await app.state.rate_limiter.close()
 
@@ -95,6 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.prompt_counter = PromptCounter(settings.data_dir)
     app.state.live_queues = LiveQueues(producer(), interval_s=settings.workers_cache_s)
     app.state.publisher = TokenPublisher(settings.redis_url)
+    app.state.store_groups = StoreGroups(
+        settings.database_url, app.state.prompt_counter, app.state.live_queues
+    )
     app.state.upstream_breakers = UpstreamBreakers(app.state.registry, settings.redis_url)
     app.state.authenticator = Authenticator(settings)
     app.state.eval_driver = EvalDriver(

@@ -279,7 +279,7 @@ def attached(traceparent: str | None) -> Iterator[None]:
     quiet_unless_traced)."""
     ctx = context_of(traceparent)
     if ctx is None:
-        with _quiet():
+        with quiet():
             yield
         return
     token = otel_context.attach(ctx)
@@ -299,11 +299,13 @@ def quiet_unless_traced() -> Iterator[None]:
     if not _enabled or trace.get_current_span().is_recording():
         yield
         return
-    with _quiet():
+    with quiet():
         yield
 
 
-def _quiet():
+def quiet():
+    """A context in which the library instrumentations start no spans (nothing when tracing
+    is off): for work done for several traces at once, which gets llmq's own spans instead."""
     if not _enabled:
         return nullcontext()
     from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -364,6 +366,25 @@ def finished_span(
     )
     for processor in _processors:
         processor.on_end(span)
+
+
+def record_child(
+    traceparent: str | None,
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict[str, Any] | None = None,
+) -> None:
+    """A finished span under a stored trace context, when its trace is sampled: each of the
+    traces that one piece of work served (a transaction storing several requests' jobs) gets
+    its own span of it."""
+    ctx = context_of(traceparent)
+    if ctx is None:
+        return
+    parent = trace.get_current_span(ctx).get_span_context()
+    child = sampled_child(parent, name)
+    if child is not None:
+        finished_span(name, child, parent, start_ns, end_ns, attributes)
 
 
 def link_to(traceparent: str | None) -> list[Link]:

@@ -39,7 +39,7 @@ from db.tables import Batch, BatchLine, Job
 from llmq.errors import LlmqError
 from llmq.periodic import PeriodicTask
 from llmq.protocol import BATCH_PRIORITY, JobStatus
-from llmq.tracing import collection_trace, linked_trace
+from llmq.tracing import collection_trace, current_traceparent, linked_trace
 
 log = structlog.get_logger(__name__)
 
@@ -190,7 +190,11 @@ class BatchDriver:
                 planned, owner=batch.owner, priority=BATCH_PRIORITY, batch_id=batch.id
             )
             state = self.state
-            return prepare_generations(requests, state.prompt_counter, state.live_queues), None
+            # The line's own trace (linked_trace), current here: its jobs' rows keep it.
+            prepared = prepare_generations(
+                requests, state.prompt_counter, state.live_queues, current_traceparent()
+            )
+            return prepared, None
         except LlmqError as exc:  # e.g. the prompt does not fit the model's context
             return [], {"code": exc.code or exc.error_type, "message": exc.message}
 

@@ -165,15 +165,19 @@ def job_room(session: Session, owner: str | None, limits: KeyLimits) -> int | No
     return max(0, limits.max_concurrent_jobs - load.jobs_in_flight)
 
 
-def admit(session: Session, owner: str | None, limits: KeyLimits, jobs: int) -> None:
+def admit(
+    session: Session, owner: str | None, limits: KeyLimits, jobs: int, not_yet_stored: int = 0
+) -> None:
     """Refuse new work (429) once the key has spent its monthly tokens or reached its monthly
     spend limit, or when `jobs` more would take it past its jobs queued or running at once.
-    `jobs=0` checks the quota and spend limit only."""
+    `jobs=0` checks the quota and spend limit only. `not_yet_stored`: the key's jobs admitted
+    in this transaction but not inserted yet (store_groups.py), in flight all the same."""
     count_jobs = bool(limits.max_concurrent_jobs) and jobs > 0
     load = _load(session, owner, limits, count_jobs)
     if load is not None and count_jobs:
-        if load.jobs_in_flight + jobs > limits.max_concurrent_jobs:
-            raise TooManyConcurrentJobs(load.jobs_in_flight, jobs, limits.max_concurrent_jobs)
+        in_flight = load.jobs_in_flight + not_yet_stored
+        if in_flight + jobs > limits.max_concurrent_jobs:
+            raise TooManyConcurrentJobs(in_flight, jobs, limits.max_concurrent_jobs)
 
 
 class Slot:

@@ -161,10 +161,10 @@ def _submit_generations(
         earlier = _earlier(session, requests)
         if earlier is not None:
             return earlier
-    new_jobs = _new_jobs(requests, counter, live)
+    new_jobs = _new_jobs(requests, counter, live, current_traceparent())
     try:
         stored = _store_all(session, new_jobs)
-        _commit(session, [job.id for job, _ in stored])
+        commit_or_confirm(session, [job.id for job, _ in stored])
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
         earlier = _earlier(session, requests)
@@ -180,12 +180,16 @@ PreparedJob = tuple[job_queries.NewJob, Fingerprint | None]
 
 
 def prepare_generations(
-    requests: list[GenerationRequest], counter: PromptCounter, live: LiveQueues
+    requests: list[GenerationRequest],
+    counter: PromptCounter,
+    live: LiveQueues,
+    trace_context: str | None = None,
 ) -> list[PreparedJob]:
     """The requests' jobs once every prompt is known to fit (an LlmqError if not), stored by
-    `store_prepared`: a caller that stores many requests' jobs together (the Batch driver)
-    checks each request on its own first."""
-    return _new_jobs(requests, counter, live)
+    `store_prepared`: a caller that stores many requests' jobs together (the Batch driver,
+    store_groups.py) checks each request on its own first. `trace_context`: the traceparent
+    the jobs' rows keep, whose span the worker's spans for them are children of."""
+    return _new_jobs(requests, counter, live, trace_context)
 
 
 def store_prepared(session: Session, prepared: list[PreparedJob]) -> list[tuple[Job, Placement]]:
@@ -221,11 +225,13 @@ def _earlier(session: Session, requests: list[GenerationRequest]) -> list[Submis
 
 
 def _new_jobs(
-    requests: list[GenerationRequest], counter: PromptCounter, live: LiveQueues
+    requests: list[GenerationRequest],
+    counter: PromptCounter,
+    live: LiveQueues,
+    trace_context: str | None,
 ) -> list[PreparedJob]:
     """Each request's job row and cache key, once every prompt is known to fit (400 if not)."""
     limit = get_settings().max_prompt_chars
-    trace_context = current_traceparent()
     counted: dict[tuple[str, str], int] = {}  # n choices of one prompt are tokenized once
     new_jobs = []
     for request in requests:
@@ -289,7 +295,7 @@ def _store_all(session: Session, new_jobs: list[PreparedJob]) -> list[tuple[Job,
     ]
 
 
-def _commit(session: Session, job_ids: list[uuid.UUID]) -> None:
+def commit_or_confirm(session: Session, job_ids: list[uuid.UUID]) -> None:
     """Commit; if the connection broke on the way, ask Postgres on a new one whether the
     COMMIT took effect, and raise only if it did not, or if Postgres cannot say in time."""
     try:

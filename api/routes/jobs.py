@@ -18,7 +18,8 @@ from api.deps import (
 )
 from api.http.auth import Caller
 from api.http.limits import admit
-from api.intake.submit import resolve_model, submit_generation
+from api.intake.openai_requests import INLINE_PLAN_CHARS
+from api.intake.submit import GenerationRequest, resolve_model, submit_generation
 from api.results.events import StreamedEvent
 from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
 from api.schemas.output_formats import resolve_named_schema
@@ -164,15 +165,52 @@ async def create_job(
         session.close()  # gives the request's database slot back before any wait
         return public, job, submission.created
 
+    async def store_with_others() -> tuple[JobPublic | None, Job, bool]:
+        counter.check_token_ids(spec, body.token_ids_used())
+        job_request = GenerationRequest(
+            spec=spec,
+            prompt=body.prompt,
+            params=sampling_params(body, spec.defaults),
+            owner=caller.owner,
+            request_id=request_id,
+            timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
+            use_cache=body.cache,
+            prompt_tokens=counter.count(spec, body.prompt),
+        )
+        try:
+            store_groups = request.app.state.store_groups
+            [submission] = await store_groups.store([job_request], caller.owner, caller.limits)
+        finally:
+            session.close()  # gives the request's database slot back before any wait
+        job = submission.job
+        waits = wait > 0 and not JobStatus(job.status).is_final
+        return None if waits else public_job(request, job), job, True
+
     event_reader = request.app.state.event_reader
     since = event_reader.mark()
-    public, job, created = await run_in_threadpool(store)
+    if idempotency_key is None and _checked_inline(body):
+        public, job, created = await store_with_others()
+    else:
+        public, job, created = await run_in_threadpool(store)
     if not created:
         response.status_code = status.HTTP_200_OK
     if public is None:
         final = await event_reader.wait_final(job.id, wait, since=since if created else None)
         public = await _answer_after_wait(request, caller, job, final)
     return public
+
+
+def _checked_inline(body: JobCreate) -> bool:
+    """Whether the job is checked on the event loop and stored with the requests beside it
+    (api/intake/store_groups.py): a short text prompt, no constraint to compile, no stored
+    schema to read. Others take a thread and a transaction of their own, as does a request
+    with an Idempotency-Key."""
+    if not isinstance(body.prompt, str) or len(body.prompt) > INLINE_PLAN_CHARS:
+        return False
+    try:
+        return body.output_constraint() is None
+    except ValueError:  # refused in the thread, as any constraint is checked
+        return False
 
 
 @router.get("/{job_id}", response_model=JobPublic)

@@ -36,6 +36,8 @@ from api.intake.openai_requests import (
     PlannedRequest,
     ResponseShape,
     build_response,
+    choice_requests,
+    choices_of,
     plan_request,
     plans_inline,
     submit_choices,
@@ -115,9 +117,24 @@ def _submit_choices(
             request_id=request_id_of(request),
             idempotency_key=idempotency_key,
         )
+    _log_queued(planned, choices)
+    return choices
+
+
+async def _store_choices(request: Request, planned: PlannedRequest, caller: Caller) -> list[Choice]:
+    """The request's jobs, stored in one transaction with those of the requests beside it
+    (api/intake/store_groups.py)."""
+    requests = choice_requests(planned, owner=caller.owner, request_id=request_id_of(request))
+    store_groups = request.app.state.store_groups
+    submissions = await store_groups.store(requests, caller.owner, caller.limits)
+    choices = choices_of(planned, [submission.job for submission in submissions], new=True)
+    _log_queued(planned, choices)
+    return choices
+
+
+def _log_queued(planned: PlannedRequest, choices: list[Choice]) -> None:
     endpoint = "chat" if planned.chat else "completions"
     log.info("openai request queued", model=planned.spec.id, jobs=len(choices), endpoint=endpoint)
-    return choices
 
 
 def _with_named_schema(request: Request, body, caller: Caller):
@@ -391,9 +408,12 @@ async def _serve(
     slot = await database_slots(request).acquire()
     since = state.event_reader.mark()
     try:
-        choices = await anyio.to_thread.run_sync(
-            _submit_choices, request, planned, caller, idempotency_key
-        )
+        if idempotency_key is None:
+            choices = await _store_choices(request, planned, caller)
+        else:
+            choices = await anyio.to_thread.run_sync(
+                _submit_choices, request, planned, caller, idempotency_key
+            )
     finally:
         slot.release()
     response_id, created = new_response_id("chatcmpl" if planned.chat else "cmpl")

@@ -154,9 +154,12 @@ def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, traced_dat
     submit = only(spans, "llmq.submit")
     assert submit["parent"] == server["span_id"]
     assert submit["attributes"]["llmq.job_ids"] == [job["id"]]
-    # The row's INSERT is the submit span's child (the SQLAlchemy instrumentation).
-    inserts = [s for name, group in spans.items() if name.startswith("INSERT") for s in group]
-    assert any(s["parent"] == submit["span_id"] for s in inserts), sorted(spans)
+    # The row's INSERT and COMMIT, shared with the requests beside it (one span in each of
+    # their traces), are the submit span's child.
+    store = only(spans, "llmq.store")
+    assert store["parent"] == submit["span_id"]
+    assert store["attributes"]["llmq.group_jobs"] >= 1
+    assert submit["start"] <= store["start"] <= store["end"] <= submit["end"]
     # The message carried the context too: the Celery spans are in this trace.
     publish = only(spans, "apply_async/llmq.generate")
     assert publish["parent"] == submit["span_id"]
@@ -185,6 +188,22 @@ def test_one_job_is_one_trace_across_api_and_worker(traced, receiver, traced_dat
         if line.startswith("{") and trace_id in line
     ]
     assert any(line.get("event") == "request served" for line in api_lines)
+
+
+def test_a_job_with_an_idempotency_key_traces_its_own_insert(traced, receiver):
+    body = {"model": MODEL, "prompt": "trace my insert", "max_tokens": 1}
+    headers = AUTH | {"Idempotency-Key": f"trace-{uuid.uuid4()}"}
+    response = httpx.post(f"{traced}/v1/jobs", json=body, headers=headers, timeout=30)
+    assert response.status_code == 202, response.text
+
+    # Its transaction is its own: the SQLAlchemy instrumentation's INSERT span is in its trace.
+    spans = receiver.trace(
+        trace_id_of(response),
+        lambda s: "llmq.submit" in s and any(name.startswith("INSERT") for name in s),
+    )
+    submit = only(spans, "llmq.submit")
+    inserts = [s for name, group in spans.items() if name.startswith("INSERT") for s in group]
+    assert any(s["parent"] == submit["span_id"] for s in inserts), sorted(spans)
 
 
 def test_a_job_sent_again_by_the_reconciler_continues_its_trace(
@@ -254,6 +273,7 @@ def test_a_streamed_openai_request_traces_its_relay(traced, receiver):
     assert relay["attributes"]["llmq.events"] >= 2  # at least a token and the end
     submit = only(spans, "llmq.submit")
     assert submit["parent"] == server["span_id"]
+    assert only(spans, "llmq.store")["parent"] == submit["span_id"]
     # The relay begins once the job is queued (the worker may already be running it: the
     # stream's replay buffer keeps what came before) and ends after the publish began.
     assert relay["start"] >= submit["end"]
