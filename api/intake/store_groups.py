@@ -16,6 +16,7 @@ stored first rolls back its transaction.
 """
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections import Counter, defaultdict
@@ -57,6 +58,8 @@ class _Waiting:
     trace_context: str | None
     loop: asyncio.AbstractEventLoop
     answer: asyncio.Future
+    # The request's context (its request id and span for log lines), as a thread of its own had.
+    context: contextvars.Context
     outcome: list[Submission] | Exception | None = None
     prepared: list[PreparedJob] = field(default_factory=list)
 
@@ -95,7 +98,15 @@ class StoreGroups:
 
     async def _stored(self, requests, owner, limits, trace_context) -> list[Submission]:
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(requests, owner, limits, trace_context, loop, loop.create_future())
+        waiting = _Waiting(
+            requests,
+            owner,
+            limits,
+            trace_context,
+            loop,
+            loop.create_future(),
+            contextvars.copy_context(),
+        )
         self._started()
         self._waiting.put(waiting)
         return await waiting.answer
@@ -180,11 +191,11 @@ class StoreGroups:
             _failed(admitted, exc)
             return
         ended_ns = time.time_ns()
-        announce(stored, [job for waiting in admitted for job in waiting.prepared])
         place = 0
         for waiting in admitted:
             mine = stored[place : place + len(waiting.prepared)]
             place += len(mine)
+            waiting.context.run(announce, mine, waiting.prepared)
             waiting.outcome = [Submission(job, True, placement) for job, placement in mine]
             record_child(
                 waiting.trace_context,
