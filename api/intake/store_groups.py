@@ -9,10 +9,11 @@ answers each request on its event loop.
 
 Nothing changes for the client: the commit still comes before the answer and before the send,
 and an error before the commit fails only the requests it concerns: a refused key's request
-alone, an INSERT or COMMIT that fails (Postgres away) every request of the group, none of whose
-jobs is stored; each is answered as it would have been alone. A request with an
-Idempotency-Key keeps a transaction of its own (submit.py), since a key that another request
-stored first rolls back its transaction.
+alone; a value that Postgres refuses fails the group's INSERT, after which each request is
+stored in a transaction of its own, so that only that one fails; Postgres away (an
+OperationalError) fails every request of the group, none of whose jobs is stored, as it would
+have failed each alone. A request with an Idempotency-Key keeps a transaction of its own
+(submit.py), since a key that another request stored first rolls back its transaction.
 """
 
 import asyncio
