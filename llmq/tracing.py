@@ -378,13 +378,20 @@ def record_child(
     """A finished span under a stored trace context, when its trace is sampled: each of the
     traces that one piece of work served (a transaction storing several requests' jobs) gets
     its own span of it."""
+    if (contexts := sampled_child_of(traceparent, name)) is not None:
+        parent, child = contexts
+        finished_span(name, child, parent, start_ns, end_ns, attributes)
+
+
+def sampled_child_of(traceparent: str | None, name: str) -> tuple[SpanContext, SpanContext] | None:
+    """The span context a stored traceparent names and a new child's under it, when the
+    sampler records the child; else None (no context stored, or tracing off)."""
     ctx = context_of(traceparent)
     if ctx is None:
-        return
+        return None
     parent = trace.get_current_span(ctx).get_span_context()
     child = sampled_child(parent, name)
-    if child is not None:
-        finished_span(name, child, parent, start_ns, end_ns, attributes)
+    return None if child is None else (parent, child)
 
 
 def link_to(traceparent: str | None) -> list[Link]:

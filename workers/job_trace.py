@@ -60,14 +60,10 @@ class JobTrace:
         process's sampler records it."""
         if not tracing.enabled() or not job.trace_context:
             return None
-        parent_context = tracing.context_of(job.trace_context)
-        if parent_context is None:
+        contexts = tracing.sampled_child_of(job.trace_context, "llmq.job")
+        if contexts is None:
             return None
-        parent = trace.get_current_span(parent_context).get_span_context()
-        context = tracing.sampled_child(parent, "llmq.job")
-        if context is None:
-            return None
-        return cls(job, parent, context, claim_started_ns, claimed_ns)
+        return cls(job, *contexts, claim_started_ns, claimed_ns)
 
     def traceparent(self) -> str | None:
         """The job's span as a W3C traceparent: work done for the job elsewhere (a remote
