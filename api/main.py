@@ -61,6 +61,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reconciler.start()
         app.state.eval_driver.start()
         app.state.batch_driver.start()
+        store_groups = app.state.store_groups = StoreGroups(
+            settings.database_url, app.state.prompt_counter, app.state.live_queues
+        )
+        store_groups.start()
         redis = aioredis.Redis.from_url(settings.redis_url, max_connections=1000)
         finals = FinalEventListener(redis)
         finals.start()
@@ -78,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reconciler.stop()
         app.state.eval_driver.stop()
         app.state.batch_driver.stop()
-        app.state.store_groups.stop()
+        store_groups.stop()
         await redis.aclose()
         await app.state.rate_limiter.close()
 
@@ -97,9 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.prompt_counter = PromptCounter(settings.data_dir)
     app.state.live_queues = LiveQueues(producer(), interval_s=settings.workers_cache_s)
     app.state.publisher = TokenPublisher(settings.redis_url)
-    app.state.store_groups = StoreGroups(
-        settings.database_url, app.state.prompt_counter, app.state.live_queues
-    )
     app.state.upstream_breakers = UpstreamBreakers(app.state.registry, settings.redis_url)
     app.state.authenticator = Authenticator(settings)
     app.state.eval_driver = EvalDriver(

@@ -1,16 +1,19 @@
 """One thread writes what many threads hand over, many items per transaction (group commit).
 
 The jobs of a micro-batch are delivered together and often finish at the same decode step;
-each Celery thread then wanted a transaction of its own, one after another. A group commit
-takes every item that is waiting and writes them in one transaction of a few statements; each
-waiting thread gets its own item's answer. A group that fails is written again item by item,
-so that an item Postgres refuses fails alone.
+each Celery thread then wanted a transaction of its own, one after another; the API's requests
+that arrive together did the same with their jobs. A group commit takes every item that is
+waiting and writes them in one transaction of a few statements; each waiter gets its own
+item's answer. A group that fails is written again item by item, so that an item Postgres
+refuses fails alone, unless its error would meet every item alone as well (`group_errors`:
+Postgres away). An item whose waiter gave up (a cancelled future) is written all the same.
 """
 
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -34,8 +37,14 @@ class _Waiting(Generic[Item, Answer]):
 class GroupCommit(Generic[Item, Answer]):
     """`write(items)` stores a group in one transaction and returns one answer per item."""
 
-    def __init__(self, name: str, write: Callable[[list[Item]], list[Answer]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[list[Item]], list[Answer]],
+        group_errors: tuple[type[Exception], ...] = (),
+    ) -> None:
         self._write_group = write
+        self._group_errors = group_errors
         self._inbox: queue.Queue[_Waiting | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopped = threading.Event()
@@ -82,8 +91,9 @@ class GroupCommit(Generic[Item, Answer]):
         try:
             answers = self._write_group([waiting.item for waiting in group])
         except Exception as exc:
-            if len(group) == 1:
-                group[0].future.set_exception(exc)
+            if len(group) == 1 or isinstance(exc, self._group_errors):
+                for waiting in group:
+                    _settle(waiting.future.set_exception, exc)
             else:
                 name = self._thread.name
                 log.warning("a group failed to commit; writing each alone", writer=name)
@@ -91,4 +101,10 @@ class GroupCommit(Generic[Item, Answer]):
                     self._write([waiting])
             return
         for waiting, answer in zip(group, answers, strict=True):
-            waiting.future.set_result(answer)
+            _settle(waiting.future.set_result, answer)
+
+
+def _settle(setter: Callable[[object], None], outcome: object) -> None:
+    """Answer a waiter, unless it cancelled its future (its item is written all the same)."""
+    with suppress(InvalidStateError):
+        setter(outcome)

@@ -1,5 +1,5 @@
 """Claiming generation jobs many per transaction: the messages of a micro-batch arrive
-together, and each Celery thread wanted a transaction of its own (workers/group_commit.py)."""
+together, and each Celery thread wanted a transaction of its own (llmq/group_commit.py)."""
 
 import uuid
 from functools import partial
@@ -8,8 +8,8 @@ from sqlalchemy import Row
 
 from db.queries import jobs as job_queries
 from db.session import session_scope
+from llmq.group_commit import GroupCommit
 from workers.db_retry import db_retry
-from workers.group_commit import GroupCommit
 
 
 class JobClaimer(GroupCommit[uuid.UUID, "Row | None"]):

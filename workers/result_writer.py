@@ -1,5 +1,5 @@
 """Finished generation jobs' results go to Postgres many per transaction (a group commit: see
-workers/group_commit.py), in a fixed number of statements per group. Their usage rows are
+llmq/group_commit.py), in a fixed number of statements per group. Their usage rows are
 priced as they are written: at the price in force when the job finished."""
 
 import uuid
@@ -11,9 +11,9 @@ from functools import partial
 from db.queries import cache as cache_queries
 from db.queries import jobs as job_queries
 from db.session import session_scope
+from llmq.group_commit import GroupCommit
 from llmq.price_book import get_price_book
 from workers.db_retry import db_retry
-from workers.group_commit import GroupCommit
 
 Result = tuple[uuid.UUID, job_queries.Outcome]
 

@@ -12,10 +12,12 @@ choices) are stored in one transaction: all of them, or none.
 
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import structlog
+from opentelemetry.trace import INVALID_SPAN, Span
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -96,42 +98,6 @@ def resolve_model(registry: Registry, model: str) -> ModelSpec:
     return spec
 
 
-def submit_generation(
-    session: Session,
-    *,
-    spec: ModelSpec,
-    prompt: str,
-    params: SamplingParams,
-    counter: PromptCounter,
-    live: LiveQueues,
-    idempotency_key: str | None = None,
-    owner: str | None = None,
-    request_id: str | None = None,
-    timeout_s: float | None = None,
-    priority: int = INTERACTIVE_PRIORITY,
-    batch_id: str | None = None,
-    use_cache: bool = True,
-    prompt_token_ids: list[int] | None = None,
-) -> Submission:
-    """Check the prompt fits, commit the job row, then enqueue it (in that order). A
-    deterministic request is answered from the cache, or follows an identical job in flight,
-    unless `use_cache` is False."""
-    request = GenerationRequest(
-        spec=spec,
-        prompt=prompt,
-        params=params,
-        idempotency_key=idempotency_key,
-        owner=owner,
-        request_id=request_id,
-        timeout_s=timeout_s,
-        priority=priority,
-        batch_id=batch_id,
-        use_cache=use_cache,
-        prompt_token_ids=prompt_token_ids,
-    )
-    return submit_generations(session, [request], counter, live)[0]
-
-
 def submit_generations(
     session: Session,
     requests: list[GenerationRequest],
@@ -140,15 +106,25 @@ def submit_generations(
 ) -> list[Submission]:
     """Check every prompt, store all the jobs in one transaction, then enqueue them. An error
     before the commit stores none of them; once the commit has returned, none fails."""
-    if not request_traced():
-        return _submit_generations(session, requests, counter, live)
-    # The jobs' rows keep this span's context: the worker's spans for them are its children.
-    with tracer().start_as_current_span("llmq.submit") as span:
+    with submit_span() as span:
         submissions = _submit_generations(session, requests, counter, live)
-        if span.is_recording():
-            span.set_attribute("llmq.jobs", len(submissions))
-            span.set_attribute("llmq.job_ids", [str(s.job.id) for s in submissions])
+        describe_submit(span, submissions)
         return submissions
+
+
+def submit_span():
+    """The `llmq.submit` span of a request's jobs, current inside the block; the jobs' rows keep
+    its context, so the worker's spans for them are its children. A non-recording span when
+    the request is not traced."""
+    if not request_traced():
+        return nullcontext(INVALID_SPAN)
+    return tracer().start_as_current_span("llmq.submit")
+
+
+def describe_submit(span: Span, submissions: list["Submission"]) -> None:
+    if span.is_recording():
+        span.set_attribute("llmq.jobs", len(submissions))
+        span.set_attribute("llmq.job_ids", [str(s.job.id) for s in submissions])
 
 
 def _submit_generations(

@@ -19,7 +19,12 @@ from api.deps import (
 from api.http.auth import Caller
 from api.http.limits import admit
 from api.intake.openai_requests import INLINE_PLAN_CHARS
-from api.intake.submit import GenerationRequest, resolve_model, submit_generation
+from api.intake.submit import (
+    GenerationRequest,
+    Submission,
+    resolve_model,
+    submit_generations,
+)
 from api.results.events import StreamedEvent
 from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
 from api.schemas.output_formats import resolve_named_schema
@@ -138,60 +143,51 @@ async def create_job(
     long-polling read); the status code stays 202 for a new job either way."""
     spec = resolve_model(registry, body.model)
 
-    def store() -> tuple[JobPublic | None, uuid.UUID, bool]:
-        counter.check_token_ids(spec, body.token_ids_used())
-        given = resolve_named_schema(session, caller.owner, body)
-        token_ids = body.prompt if isinstance(body.prompt, list) else None
-        prompt = body.prompt if token_ids is None else counter.decode(spec, token_ids)
-        admit(session, caller.owner, caller.limits, jobs=1)
-        submission = submit_generation(
-            session,
+    def job_request(given: JobCreate, prompt: str, **counted) -> GenerationRequest:
+        return GenerationRequest(
             spec=spec,
             prompt=prompt,
-            prompt_token_ids=token_ids,
             params=sampling_params(given, spec.defaults),
-            counter=counter,
-            live=live,
             idempotency_key=idempotency_key,
             owner=caller.owner,
             request_id=request_id,
             timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
             use_cache=body.cache,
+            **counted,
         )
-        job = submission.job
-        # A job to wait for is answered after the wait: nothing to build now.
-        waits = wait > 0 and not JobStatus(job.status).is_final
-        public = None if waits else public_job(request, job)
-        session.close()  # gives the request's database slot back before any wait
-        return public, job, submission.created
 
-    async def store_with_others() -> tuple[JobPublic | None, Job, bool]:
+    def store() -> Submission:
         counter.check_token_ids(spec, body.token_ids_used())
-        job_request = GenerationRequest(
-            spec=spec,
-            prompt=body.prompt,
-            params=sampling_params(body, spec.defaults),
-            owner=caller.owner,
-            request_id=request_id,
-            timeout_s=job_timeout(body.timeout_s or spec.timeout_s, settings.job_time_limit_s),
-            use_cache=body.cache,
-            prompt_tokens=counter.count(spec, body.prompt),
-        )
+        given = resolve_named_schema(session, caller.owner, body)
+        token_ids = body.prompt if isinstance(body.prompt, list) else None
+        prompt = body.prompt if token_ids is None else counter.decode(spec, token_ids)
+        admit(session, caller.owner, caller.limits, jobs=1)
+        job = job_request(given, prompt, prompt_token_ids=token_ids)
         try:
-            store_groups = request.app.state.store_groups
-            [submission] = await store_groups.store([job_request], caller.owner, caller.limits)
+            return submit_generations(session, [job], counter, live)[0]
         finally:
             session.close()  # gives the request's database slot back before any wait
-        job = submission.job
-        waits = wait > 0 and not JobStatus(job.status).is_final
-        return None if waits else public_job(request, job), job, True
+
+    async def store_with_others() -> Submission:
+        counter.check_token_ids(spec, body.token_ids_used())
+        job = job_request(body, body.prompt, prompt_tokens=counter.count(spec, body.prompt))
+        try:
+            [submission] = await request.app.state.store_groups.store(
+                [job], caller.owner, caller.limits
+            )
+        finally:
+            session.close()  # gives the request's database slot back before any wait
+        return submission
 
     event_reader = request.app.state.event_reader
     since = event_reader.mark()
     if idempotency_key is None and _checked_inline(body):
-        public, job, created = await store_with_others()
+        submission = await store_with_others()
     else:
-        public, job, created = await run_in_threadpool(store)
+        submission = await run_in_threadpool(store)
+    job, created = submission.job, submission.created
+    # A job to wait for is answered after the wait: nothing to build now.
+    public = None if wait > 0 and not JobStatus(job.status).is_final else public_job(request, job)
     if not created:
         response.status_code = status.HTTP_200_OK
     if public is None:

@@ -27,6 +27,7 @@ NO_LIMITS = KeyLimits()
 @pytest.fixture
 def groups(app, database_url):
     store = StoreGroups(database_url, app.state.prompt_counter, app.state.live_queues)
+    store.start()
     yield store
     store.stop()
 
@@ -142,7 +143,7 @@ def test_a_cancelled_requests_jobs_are_stored_all_the_same(app, groups, postgres
         with pytest.raises(asyncio.CancelledError):
             await request
         # The next request is answered: the thread went on.
-        return await groups.store(job_requests(app, "next"), None, NO_LIMITS)
+        return await asyncio.wait_for(groups.store(job_requests(app, "next"), None, NO_LIMITS), 30)
 
     (next_submission,) = asyncio.run(scenario())
     assert next_submission.job.input["prompt"] == "next"
