@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     # collections and its young generation is collected every gc_young_threshold allocations
     # rather than CPython's 700 (llmq/heap.py); 0 leaves the collector as CPython sets it.
     gc_young_threshold: int = Field(default=10_000, ge=0)
+    # A prefill or scoring pass of fewer tokens (rows x columns) than this runs on the decode
+    # pass's torch threads (workers/engine_main.py, pass_threads): a small pass gains too little
+    # wall time from every core to pay for the CPU the other work on the host needs; 0: every
+    # such pass on every core.
+    small_pass_tokens: int = Field(default=1024, ge=0)
 
     # The longest a job may run; the broker redelivers unacknowledged messages after
     # visibility_timeout, so it must stay well above this.

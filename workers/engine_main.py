@@ -128,7 +128,10 @@ def pass_threads() -> dict[str, int] | None:
     is set. Prefill and scoring passes are large operations, long enough that every core pays:
     on the 2-core machine an 855-item MMLU run alone (bench.interactive's run, repeated in one
     stack) took 12.0-12.8 s with scoring passes on both cores against 14.5-15.4 s on one
-    (OMP_NUM_THREADS=1; three runs each, the machine otherwise idle)."""
+    (OMP_NUM_THREADS=1; three runs each, the machine otherwise idle). A small pass gains little
+    from them and costs CPU the rest of the host needs: a 256-token stories260K prefill took
+    4.2 ms on two threads against 4.9 on one (8.4 against 4.9 ms of CPU), a 4,096-token one 25
+    against 42 ms; passes under `small_pass_tokens` run on the decode pass's threads."""
     decode = default_torch_threads()
     if decode is None:
         return None
@@ -174,6 +177,7 @@ def run_engine_process(
         reporter.send_message(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     host.pass_threads = threads
+    host.small_pass_tokens = get_settings().small_pass_tokens
     engine = GenerationEngine(
         host,
         **config.engine_options,

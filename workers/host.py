@@ -95,6 +95,8 @@ class ModelHost:
     # Torch threads per kind of forward pass ("prefill", "decode", "score"); None: leave torch's
     # setting alone (workers.engine_main.pass_threads says why an engine process sets them).
     pass_threads: dict[str, int] | None = None
+    # A prefill or scoring pass of fewer tokens than this runs on the decode pass's threads.
+    small_pass_tokens: int = 0
 
     @classmethod
     def load(cls, spec: ModelSpec, device: Device, data_dir: Path) -> "ModelHost":
@@ -124,7 +126,10 @@ class ModelHost:
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"
 
     def forward(self, kind: str, **inputs):
-        """One forward pass of the model; `kind` picks its torch threads (pass_threads)."""
+        """One forward pass of the model; `kind` picks its torch threads (pass_threads), a small
+        pass those of a decode pass (small_pass_tokens)."""
+        if inputs["input_ids"].numel() < self.small_pass_tokens:
+            kind = "decode"
         threads = self.pass_threads.get(kind) if self.pass_threads else None
         if threads is not None and threads != torch.get_num_threads():
             torch.set_num_threads(threads)

@@ -42,3 +42,24 @@ def test_each_pass_runs_on_the_threads_of_its_kind(host):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_small_pass_runs_on_the_decode_threads(host):
+    before = torch.get_num_threads()
+    small = torch.tensor([host.encode("Once upon a time")])
+    large = small.repeat(4, 1)
+    try:
+        host.pass_threads = {"decode": 1, "prefill": 2, "score": 2}
+        host.small_pass_tokens = large.numel()
+        host.forward("prefill", input_ids=small, use_cache=False)
+        assert torch.get_num_threads() == 1
+        host.forward("score", input_ids=large, use_cache=False)  # not below the bound
+        assert torch.get_num_threads() == 2
+        host.forward("score", input_ids=small, use_cache=False)
+        assert torch.get_num_threads() == 1
+        host.small_pass_tokens = 0
+        host.forward("prefill", input_ids=small, use_cache=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        host.pass_threads = None
+        torch.set_num_threads(before)
