@@ -261,12 +261,9 @@ def _store_all(session: Session, new_jobs: list[PreparedJob]) -> list[tuple[Job,
             cache_queries.lock_key(session, cache_key)
     # Jobs that cannot meet the cache go in one statement (a request's choices, a sweep's
     # Batch API lines); the others one by one, each after its look at the cache.
-    plain = [new for new, key in new_jobs if key is None]
-    inserted = iter(job_queries.insert_jobs(session, plain) if len(plain) > 1 else [])
+    inserted = iter(job_queries.insert_jobs(session, [new for new, key in new_jobs if key is None]))
     return [
-        (next(inserted), Placement.QUEUED)
-        if key is None and len(plain) > 1
-        else _store(session, new, key)
+        (next(inserted), Placement.QUEUED) if key is None else _store(session, new, key)
         for new, key in new_jobs
     ]
 

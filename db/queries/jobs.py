@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Row, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import Boolean, Interval, Row, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -92,18 +92,17 @@ def job_values(new: NewJob) -> dict[str, Any]:
     }
 
 
-# insert_job's statements, built once and given each job's columns as parameters: SQLAlchemy
-# then finds the compiled statement by a key it computes once, where a statement built per job
-# with its values inline costs a key over all of them each time (about 540 against 230 µs of
-# the API's CPU an insert, measured by hand).
-_INSERT_QUEUED = (
-    insert(job_table)
-    .values(enqueued_at=func.now(), created_at=func.clock_timestamp())
-    .returning(*job_table.c)
+# The statement that stores new jobs, built once and given each job's columns as parameters.
+# Given a list of them, SQLAlchemy renders one multi-row INSERT from the statement it compiled
+# once ("insertmanyvalues"), where a statement built with a group's rows inline is compiled
+# again for every group: 2.7 against 10.3 ms of CPU for 30 jobs, measured by hand. Its rows
+# may read the same microsecond from the clock: each is set its place later, so they keep their
+# order as separate inserts would. A follower is not sent, so it has no enqueued_at.
+_INSERT = insert(job_table).values(
+    enqueued_at=case((bindparam("sent", type_=Boolean), func.now())),
+    created_at=func.clock_timestamp() + bindparam("place", type_=Interval),
 )
-_INSERT_FOLLOWER = (
-    insert(job_table).values(created_at=func.clock_timestamp()).returning(*job_table.c)
-)
+_INSERT_RETURNING = _INSERT.returning(*job_table.c, sort_by_parameter_order=True)
 
 
 def job_row(new: NewJob) -> Job:
@@ -122,21 +121,16 @@ def insert_job(session: Session, new: NewJob) -> Job:
     """create_job in one round trip, for the submit path: the columns Postgres fills in come
     back with the INSERT, and the job is built in memory, outside the session, with no result
     yet, so that answering the request after the commit needs no Postgres."""
-    statement = _INSERT_FOLLOWER if new.follows_job_id else _INSERT_QUEUED
-    row = session.execute(statement, job_parameters(new)).one()
-    job = Job(**row._mapping)
-    job.result = None
-    return job
+    return insert_jobs(session, [new])[0]
 
 
 def insert_jobs(session: Session, new_jobs: list[NewJob]) -> list[Job]:
     """insert_job for many jobs in one statement, in order."""
-    rows = _ordered_rows(new_jobs)
-    returned = session.execute(insert(job_table).values(rows).returning(*job_table.c))
-    by_id = {row.id: row for row in returned}
+    if not new_jobs:
+        return []
     jobs = []
-    for row in rows:
-        job = Job(**by_id[row["id"]]._mapping)
+    for row in session.execute(_INSERT_RETURNING, _insert_parameters(new_jobs)):
+        job = Job(**row._mapping)
         job.result = None
         jobs.append(job)
     return jobs
@@ -146,19 +140,17 @@ def insert_job_ids(session: Session, new_jobs: list[NewJob]) -> list[uuid.UUID]:
     """Many jobs in one statement; their ids, in order."""
     if not new_jobs:
         return []
-    rows = _ordered_rows(new_jobs)
-    session.execute(insert(job_table).values(rows))
-    return [row["id"] for row in rows]
+    parameters = _insert_parameters(new_jobs)
+    session.execute(_INSERT, parameters)
+    return [row["id"] for row in parameters]
 
 
-def _ordered_rows(new_jobs: list[NewJob]) -> list[dict[str, Any]]:
-    """The rows of new jobs stored by one statement. Its rows may read the same microsecond
-    from the clock: each is set its place later, so they keep their order as separate inserts
-    would."""
-    rows = [job_values(new) for new in new_jobs]
-    for place, row in enumerate(rows):
-        row["created_at"] = func.clock_timestamp() + timedelta(microseconds=place)
-    return rows
+def _insert_parameters(new_jobs: list[NewJob]) -> list[dict[str, Any]]:
+    return [
+        job_parameters(new)
+        | {"sent": new.follows_job_id is None, "place": timedelta(microseconds=place)}
+        for place, new in enumerate(new_jobs)
+    ]
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
