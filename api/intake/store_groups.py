@@ -35,14 +35,13 @@ from api.intake.submit import (
     Submission,
     announce,
     commit_or_confirm,
-    describe_submit,
     prepare_generations,
     store_prepared,
-    submit_span,
+    submit_attributes,
 )
 from db.session import get_sessionmaker
 from llmq.group_commit import GroupCommit
-from llmq.tracing import current_traceparent, quiet, record_child
+from llmq.tracing import later_span, quiet, record_child
 
 
 @dataclass(frozen=True)
@@ -69,14 +68,16 @@ class StoreGroups(GroupCommit[_Request, "list[Submission] | Exception"]):
     ) -> list[Submission]:
         """Admit, store and send the jobs of one request, in one transaction with those of the
         requests beside it; the same errors as submit_generations after admit."""
-        with submit_span() as span:
-            request = _Request(
-                requests, owner, limits, current_traceparent(), contextvars.copy_context()
-            )
+        # The request's `llmq.submit` span is recorded once its jobs are stored: nothing starts
+        # a span inside it (the group's statements run quiet; llmq.store is recorded later too).
+        with later_span("llmq.submit") as submit:
+            trace_context = submit.traceparent if submit is not None else None
+            request = _Request(requests, owner, limits, trace_context, contextvars.copy_context())
             answer = await asyncio.wrap_future(self.submit_async(request))
             if isinstance(answer, Exception):
                 raise answer
-            describe_submit(span, answer)
+            if submit is not None:
+                submit.attributes.update(submit_attributes(answer))
             return answer
 
 

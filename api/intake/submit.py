@@ -15,6 +15,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 import structlog
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -123,8 +124,12 @@ def submit_span():
 
 def describe_submit(span: Span, submissions: list["Submission"]) -> None:
     if span.is_recording():
-        span.set_attribute("llmq.jobs", len(submissions))
-        span.set_attribute("llmq.job_ids", [str(s.job.id) for s in submissions])
+        span.set_attributes(submit_attributes(submissions))
+
+
+def submit_attributes(submissions: list["Submission"]) -> dict[str, Any]:
+    """The `llmq.submit` span's attributes: the jobs it stored."""
+    return {"llmq.jobs": len(submissions), "llmq.job_ids": [str(s.job.id) for s in submissions]}
 
 
 def _submit_generations(

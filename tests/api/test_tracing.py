@@ -468,6 +468,87 @@ def test_a_request_is_sampled_as_it_arrives_and_its_server_span_keeps_the_verdic
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
 
 
+LATER_SPAN_CHECK = """
+import contextvars
+from opentelemetry.trace import SpanKind
+from llmq import tracing
+assert tracing.configure_tracing("llmq-test", ())
+ended = []
+
+class Collect:
+    def on_end(self, span):
+        ended.append(span)
+
+tracing._processors.append(Collect())
+
+def request(work, headers=()):
+    def arrives():
+        tracing._head_sampled({"type": "http", "headers": list(headers)})
+        return work()
+    return contextvars.copy_context().run(arrives)
+
+def under_the_server_span():
+    with tracing.tracer().start_as_current_span("POST /v1/jobs", kind=SpanKind.SERVER) as server:
+        with tracing.later_span("llmq.submit") as submit:
+            submit.attributes["llmq.jobs"] = 1
+            assert not any(s.name == "llmq.submit" for s in ended)  # recorded when it ends
+        return server.get_span_context(), submit
+
+server, submit = request(under_the_server_span)
+[span] = [s for s in ended if s.name == "llmq.submit"]
+assert span.parent.span_id == server.span_id and span.context.trace_id == server.trace_id
+assert span.attributes["llmq.jobs"] == 1 and span.end_time >= span.start_time
+assert submit.traceparent == f"00-{server.trace_id:032x}-{span.context.span_id:016x}-01"
+
+def without_a_server_span():  # FastAPI's telemetry turned off
+    drawn = tracing._head_trace_id.get()
+    with tracing.later_span("llmq.submit"):
+        pass
+    return drawn
+
+ended.clear()
+drawn = request(without_a_server_span)
+[span] = ended
+assert span.parent is None and span.context.trace_id == drawn  # the request's own trace
+
+def refused():
+    try:
+        with tracing.later_span("llmq.submit"):
+            raise ValueError("over the limit")
+    except ValueError:
+        pass
+
+ended.clear()
+request(refused)
+[span] = ended
+assert span.status.status_code.name == "ERROR" and "over the limit" in span.status.description
+
+def dropped():
+    with tracing.later_span("llmq.submit") as submit:
+        return submit
+
+ended.clear()
+unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+assert request(dropped, [(b"traceparent", unsampled.encode())]) is None and ended == []
+print("ok")
+"""
+
+
+def test_a_span_recorded_when_its_work_ends_keeps_its_place_in_the_trace(receiver):
+    """`llmq.submit` of a request stored with others is recorded after the fact: under the
+    request's span, or a trace's root where FastAPI's telemetry is off, with the block's
+    attributes or its error, and not at all for a request dropped as it arrived."""
+    env = os.environ | traced_env(receiver) | {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    done = subprocess.run(
+        [sys.executable, "-c", LATER_SPAN_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
+
+
 def test_a_dropped_request_makes_no_spans_and_a_callers_sampled_trace_is_continued(
     receiver, traced_database
 ):
