@@ -91,6 +91,16 @@ def traced(receiver, traced_database, redis_url, tiny_model_path):
         stop_worker(api)
 
 
+def run_traced_check(script: str, receiver: Receiver, **env: str) -> None:
+    """Run a check script in a traced process of its own (tracing is set up once per process);
+    it prints "ok" last when every assertion held."""
+    env = os.environ | traced_env(receiver) | env
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
+
+
 def job_complete(spans: dict) -> bool:
     return all(name in spans for name in ("llmq.job", "llmq.queue_wait", *WORKER_SPANS))
 
@@ -411,11 +421,7 @@ print("ok")
 def test_work_outside_a_recorded_trace_runs_the_instrumentations_quiet(receiver):
     """The library instrumentations build a span's name and attributes before the sampler
     decides; outside a recorded trace they are switched off instead."""
-    env = os.environ | traced_env(receiver) | {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
-    done = subprocess.run(
-        [sys.executable, "-c", QUIET_CHECK], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
+    run_traced_check(QUIET_CHECK, receiver, OTEL_TRACES_SAMPLER="parentbased_always_on")
 
 
 HEAD_SAMPLING_CHECK = """
@@ -456,16 +462,12 @@ print("ok")
 def test_a_request_is_sampled_as_it_arrives_and_its_server_span_keeps_the_verdict(receiver):
     """A dropped request pays for none of FastAPI's telemetry: the sampler decides before it,
     on the trace id the server span then takes, so that a ratio holds for whole requests."""
-    env = os.environ | traced_env(receiver)
-    env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
-    done = subprocess.run(
-        [sys.executable, "-c", HEAD_SAMPLING_CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    run_traced_check(
+        HEAD_SAMPLING_CHECK,
+        receiver,
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0.5",
     )
-    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
 
 
 LATER_SPAN_CHECK = """
@@ -538,15 +540,7 @@ def test_a_span_recorded_when_its_work_ends_keeps_its_place_in_the_trace(receive
     """`llmq.submit` of a request stored with others is recorded after the fact: under the
     request's span, or a trace's root where FastAPI's telemetry is off, with the block's
     attributes or its error, and not at all for a request dropped as it arrived."""
-    env = os.environ | traced_env(receiver) | {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
-    done = subprocess.run(
-        [sys.executable, "-c", LATER_SPAN_CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr
+    run_traced_check(LATER_SPAN_CHECK, receiver, OTEL_TRACES_SAMPLER="parentbased_always_on")
 
 
 def test_a_dropped_request_makes_no_spans_and_a_callers_sampled_trace_is_continued(
