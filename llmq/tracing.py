@@ -422,9 +422,8 @@ def _later_span(name: str) -> LaterSpan | None:
         trace_id = _ids.generate_trace_id()
     else:
         _head_trace_id.set(None)
-    if not _sampler_in_use.should_sample(
-        otel_context.Context(), trace_id, name
-    ).decision.is_sampled():
+    decision = _sampler_in_use.should_sample(otel_context.Context(), trace_id, name).decision
+    if not decision.is_sampled():
         return None
     root = SpanContext(trace_id, _ids.generate_span_id(), False, TraceFlags(TraceFlags.SAMPLED))
     return LaterSpan(name, root, None)
