@@ -109,7 +109,7 @@ def configure_tracing(service_name: str, libraries: Sequence[str] = API_LIBRARIE
         global _resource, _sampler_in_use
         _resource, _sampler_in_use = resource, QuietBackground(_sampler())
         provider = TracerProvider(
-            resource=resource, sampler=_sampler_in_use, id_generator=_IdGenerator()
+            resource=resource, sampler=_sampler_in_use, id_generator=_root_ids
         )
         for exporter in _exporters():
             _processors.append(BatchSpanProcessor(exporter))
@@ -417,11 +417,8 @@ def _later_span(name: str) -> LaterSpan | None:
     if parent.is_valid:
         child = sampled_child(parent, name)
         return None if child is None else LaterSpan(name, child, parent)
-    trace_id = _head_trace_id.get()  # drawn and sampled as the request arrived
-    if trace_id is None:
-        trace_id = _ids.generate_trace_id()
-    else:
-        _head_trace_id.set(None)
+    # The trace id drawn and sampled as the request arrived, as a live root span would take it.
+    trace_id = _root_ids.generate_trace_id()
     decision = _sampler_in_use.should_sample(otel_context.Context(), trace_id, name).decision
     if not decision.is_sampled():
         return None
@@ -537,6 +534,7 @@ class _IdGenerator(IdGenerator):
 
 
 _ids = RandomIdGenerator()
+_root_ids = _IdGenerator()  # the provider's: a root span takes a collection's or request's id
 
 
 class QuietBackground(sampling.Sampler):

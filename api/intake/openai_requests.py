@@ -103,17 +103,22 @@ INLINE_PLAN_CHARS = 2_000
 def plans_inline(body: CompletionRequest | ChatCompletionRequest) -> bool:
     """Whether `plan_request` is cheap enough for the event loop: a completion of short text
     prompts, no constraint. A chat's template and a constraint's check run in a thread."""
-    if not isinstance(body, CompletionRequest):
+    return isinstance(body, CompletionRequest) and checks_inline(body.prompts, body)
+
+
+def checks_inline(prompts: list, body: Any) -> bool:
+    """Whether a request's prompts and output constraint are cheap enough to check on the event
+    loop: text prompts of INLINE_PLAN_CHARS in all, and no constraint, whose check may compile
+    it (one the request's fields refuse is refused in the thread, as any constraint is
+    checked)."""
+    if not all(isinstance(p, str) for p in prompts):
+        return False
+    if sum(len(p) for p in prompts) > INLINE_PLAN_CHARS:
         return False
     try:
-        if body.output_constraint() is not None:  # its check may compile it
-            return False
-    except ValueError:  # refused by plan_request, in a thread like any other constraint
+        return body.output_constraint() is None
+    except ValueError:
         return False
-    prompts = body.prompts
-    return all(isinstance(p, str) for p in prompts) and (
-        sum(len(p) for p in prompts) <= INLINE_PLAN_CHARS
-    )
 
 
 def plan_request(state: Any, body: CompletionRequest | ChatCompletionRequest) -> PlannedRequest:

@@ -10,7 +10,7 @@ from api.deps import ApiKeyDep, SessionDep, database_slots
 from api.http.auth import Caller
 from api.http.limits import admit
 from api.http.middleware import request_id_of
-from api.intake.openai_requests import INLINE_PLAN_CHARS
+from api.intake.openai_requests import checks_inline
 from api.intake.submit import (
     GenerationRequest,
     Submission,
@@ -188,12 +188,7 @@ def _checked_inline(body: JobCreate) -> bool:
     (api/intake/store_groups.py): a short text prompt, no constraint to compile, no stored
     schema to read. Others take a thread and a transaction of their own, as does a request
     with an Idempotency-Key."""
-    if not isinstance(body.prompt, str) or len(body.prompt) > INLINE_PLAN_CHARS:
-        return False
-    try:
-        return body.output_constraint() is None
-    except ValueError:  # refused in the thread, as any constraint is checked
-        return False
+    return checks_inline([body.prompt], body)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
